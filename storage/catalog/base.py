@@ -1,0 +1,174 @@
+"""Catalog records and the interface every catalog backend implements.
+
+Callers never see SQL. Every method is atomic on its own; the multi-record ones (create_volume,
+finish_intent, delete_volume) are what makes multi-step operations crash-safe together with intents.
+A second backend (etcd, for disk groups spanning hosts) implements the same interface and must pass
+the same contract tests (tests/unit/test_catalog_contract.py).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class DiskGroupRec:
+    name: str
+    uuid: str
+    imported_on: str | None
+    created: float
+
+
+@dataclass(frozen=True)
+class DiskRec:
+    """A disk of the group: an XFS filesystem on ``source`` (an image file or a block device)."""
+
+    name: str
+    source: str
+    kind: str  # "file" | "block"
+    size: int
+    state: str = "online"  # "online" | "missing"
+
+
+@dataclass(frozen=True)
+class VolumeRec:
+    name: str
+    size: int
+    layout: str
+    fstype: str
+    nmirror: int = 1
+    ncol: int = 1
+    maxiops: int = 0
+    snapshot_of: str | None = None
+    cachesize: int = 0
+    state: str = "ok"  # "creating" | "ok" | "removing"
+    created: float = 0.0
+    protect: bool = False
+
+
+@dataclass(frozen=True)
+class SubdiskRec:
+    """One image file of a volume on one disk; ``reserved`` is what it counts against the disk."""
+
+    volume: str
+    idx: int
+    disk: str
+    size: int
+    reserved: int
+
+
+@dataclass(frozen=True)
+class MountRec:
+    volume: str
+    node: str
+    mount_id: str
+    created: float
+
+
+@dataclass(frozen=True)
+class IntentRec:
+    """A multi-step operation in progress on ``key`` (a volume name, or ``@dg``)."""
+
+    key: str
+    op: str
+    data: Mapping[str, Any] = field(default_factory=dict)
+    created: float = 0.0
+
+
+class Catalog(abc.ABC):
+    """One disk group's catalog. Raises storage.errors types, never backend exceptions."""
+
+    @abc.abstractmethod
+    def init(self, dg: DiskGroupRec) -> None:
+        """Create the catalog for ``dg``. :raises AlreadyExists: if it already holds a disk group."""
+
+    @abc.abstractmethod
+    def diskgroup(self) -> DiskGroupRec:
+        """:raises NoSuchDiskGroup: if the catalog was never initialised."""
+
+    @abc.abstractmethod
+    def set_imported(self, node: str | None) -> None: ...
+
+    @abc.abstractmethod
+    def add_disk(self, disk: DiskRec) -> None:
+        """:raises AlreadyExists: if a disk of that name or source is in the group."""
+
+    @abc.abstractmethod
+    def disks(self) -> list[DiskRec]: ...
+
+    @abc.abstractmethod
+    def set_disk_state(self, name: str, state: str) -> None: ...
+
+    @abc.abstractmethod
+    def remove_disk(self, name: str) -> None:
+        """:raises InUse: if a subdisk still lives on it."""
+
+    @abc.abstractmethod
+    def create_volume(self, vol: VolumeRec, subdisks: list[SubdiskRec], intent: IntentRec,
+                      capacity: Mapping[str, int]) -> None:
+        """Record a new volume, its subdisks and its intent at once.
+
+        :raises AlreadyExists: if the name is taken.
+        :raises NoSpace: if a disk's reservations would exceed ``capacity[disk]``.
+        """
+
+    @abc.abstractmethod
+    def volume(self, name: str) -> VolumeRec | None: ...
+
+    @abc.abstractmethod
+    def volumes(self) -> list[VolumeRec]: ...
+
+    @abc.abstractmethod
+    def subdisks(self, volume: str | None = None) -> list[SubdiskRec]:
+        """Subdisks of ``volume`` ordered by idx, or of every volume."""
+
+    @abc.abstractmethod
+    def update_volume(self, name: str, **fields: Any) -> None:
+        """:raises NoSuchVolume: if absent."""
+
+    @abc.abstractmethod
+    def update_subdisk(self, volume: str, idx: int, capacity: Mapping[str, int] | None = None,
+                       **fields: Any) -> None:
+        """Change a subdisk (move it to another disk, grow it); checks ``capacity`` when given.
+
+        :raises NoSpace: if the new reservation does not fit.
+        """
+
+    @abc.abstractmethod
+    def delete_volume(self, name: str) -> None:
+        """Remove the volume with its subdisks, mounts and intent; absent is not an error."""
+
+    @abc.abstractmethod
+    def add_mount(self, mount: MountRec) -> bool:
+        """Record a mount ID; False if that ID was already recorded."""
+
+    @abc.abstractmethod
+    def remove_mount(self, volume: str, node: str, mount_id: str) -> bool:
+        """Forget a mount ID; False if it was not recorded."""
+
+    @abc.abstractmethod
+    def mounts(self, volume: str | None = None) -> list[MountRec]: ...
+
+    @abc.abstractmethod
+    def put_intent(self, intent: IntentRec) -> None:
+        """Record (or replace) the pending operation on ``intent.key``."""
+
+    @abc.abstractmethod
+    def finish_intent(self, key: str, update: Mapping[str, Any] | None = None) -> None:
+        """Clear the intent on ``key`` and apply ``update`` to volume ``key`` in one step."""
+
+    @abc.abstractmethod
+    def intents(self) -> list[IntentRec]: ...
+
+    def reserved(self) -> dict[str, int]:
+        """Bytes reserved on each disk by all subdisks."""
+        out: dict[str, int] = {}
+        for sd in self.subdisks():
+            out[sd.disk] = out.get(sd.disk, 0) + sd.reserved
+        return out
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release backend resources."""

@@ -1,0 +1,263 @@
+"""SQLite catalog backend: one WAL database in the disk group root, shared by every process."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from storage.catalog.base import (
+    Catalog,
+    DiskGroupRec,
+    DiskRec,
+    IntentRec,
+    MountRec,
+    SubdiskRec,
+    VolumeRec,
+)
+from storage.errors import AlreadyExists, InUse, NoSpace, NoSuchDiskGroup, NoSuchVolume, VeritasError
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS diskgroup (
+  name TEXT PRIMARY KEY, uuid TEXT NOT NULL, imported_on TEXT, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS disk (
+  name TEXT PRIMARY KEY, source TEXT NOT NULL UNIQUE, kind TEXT NOT NULL, size INTEGER NOT NULL,
+  state TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS volume (
+  name TEXT PRIMARY KEY, size INTEGER NOT NULL, layout TEXT NOT NULL, fstype TEXT NOT NULL,
+  nmirror INTEGER NOT NULL, ncol INTEGER NOT NULL, maxiops INTEGER NOT NULL, snapshot_of TEXT,
+  cachesize INTEGER NOT NULL, state TEXT NOT NULL, created REAL NOT NULL, protect INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS subdisk (
+  volume TEXT NOT NULL REFERENCES volume(name), idx INTEGER NOT NULL,
+  disk TEXT NOT NULL REFERENCES disk(name), size INTEGER NOT NULL, reserved INTEGER NOT NULL,
+  PRIMARY KEY (volume, idx));
+CREATE INDEX IF NOT EXISTS subdisk_disk ON subdisk(disk);
+CREATE TABLE IF NOT EXISTS mount (
+  volume TEXT NOT NULL, node TEXT NOT NULL, mount_id TEXT NOT NULL, created REAL NOT NULL,
+  PRIMARY KEY (volume, node, mount_id));
+CREATE TABLE IF NOT EXISTS intent (
+  key TEXT PRIMARY KEY, op TEXT NOT NULL, data TEXT NOT NULL, created REAL NOT NULL);
+"""
+
+_VOL_FIELDS = {f for f in VolumeRec.__dataclass_fields__ if f != "name"}
+_SD_FIELDS = {"disk", "size", "reserved"}
+
+
+class SqliteCatalog(Catalog):
+    """Catalog in ``path`` (WAL). Writers take the database lock up front (BEGIN IMMEDIATE)."""
+
+    def __init__(self, path: Path, timeout: float = 60.0) -> None:
+        self.path = path
+        # one connection shared by this object's threads: serialise its transactions and reads
+        self._lock = threading.RLock()
+        try:
+            self._db = sqlite3.connect(str(path), timeout=timeout, isolation_level=None,
+                                       check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise VeritasError(f"cannot open catalog {path}: {exc}") from None
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            else:
+                db.execute("COMMIT")
+
+    def _q(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            cur = self._db.execute(sql, args)
+            return list(cur.fetchall())
+
+    # disk group
+    def init(self, dg: DiskGroupRec) -> None:
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM diskgroup").fetchone():
+                raise AlreadyExists(f"disk group catalog {self.path} already exists")
+            db.execute("INSERT INTO diskgroup VALUES (?,?,?,?)", (dg.name, dg.uuid, dg.imported_on, dg.created))
+
+    def diskgroup(self) -> DiskGroupRec:
+        rows = self._q("SELECT name, uuid, imported_on, created FROM diskgroup")
+        if not rows:
+            raise NoSuchDiskGroup(f"catalog {self.path} holds no disk group")
+        return DiskGroupRec(*rows[0])
+
+    def set_imported(self, node: str | None) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE diskgroup SET imported_on=?", (node,))
+
+    # disks
+    def add_disk(self, disk: DiskRec) -> None:
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM disk WHERE name=? OR source=?", (disk.name, disk.source)).fetchone():
+                raise AlreadyExists(f"disk {disk.name} ({disk.source}) is already in the disk group")
+            db.execute("INSERT INTO disk VALUES (?,?,?,?,?)",
+                       (disk.name, disk.source, disk.kind, disk.size, disk.state))
+
+    def disks(self) -> list[DiskRec]:
+        return [DiskRec(*r) for r in self._q("SELECT name, source, kind, size, state FROM disk ORDER BY name")]
+
+    def set_disk_state(self, name: str, state: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE disk SET state=? WHERE name=?", (state, name))
+
+    def remove_disk(self, name: str) -> None:
+        with self._tx() as db:
+            row = db.execute("SELECT volume FROM subdisk WHERE disk=? LIMIT 1", (name,)).fetchone()
+            if row:
+                raise InUse(f"disk {name} still holds volume {row[0]}; remove or repair it first")
+            db.execute("DELETE FROM disk WHERE name=?", (name,))
+
+    # volumes
+    def create_volume(self, vol: VolumeRec, subdisks: list[SubdiskRec], intent: IntentRec,
+                      capacity: Mapping[str, int]) -> None:
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM volume WHERE name=?", (vol.name,)).fetchone():
+                raise AlreadyExists(f"volume {vol.name} already exists")
+            used = dict(db.execute("SELECT disk, SUM(reserved) FROM subdisk GROUP BY disk").fetchall())
+            _check_space(used, subdisks, capacity)
+            db.execute("INSERT INTO volume VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", _vol_row(vol))
+            db.executemany("INSERT INTO subdisk VALUES (?,?,?,?,?)",
+                           [(s.volume, s.idx, s.disk, s.size, s.reserved) for s in subdisks])
+            db.execute("INSERT OR REPLACE INTO intent VALUES (?,?,?,?)", _intent_row(intent))
+
+    def volume(self, name: str) -> VolumeRec | None:
+        rows = self._q("SELECT * FROM volume WHERE name=?", (name,))
+        return _vol(rows[0]) if rows else None
+
+    def volumes(self) -> list[VolumeRec]:
+        return [_vol(r) for r in self._q("SELECT * FROM volume ORDER BY name")]
+
+    def subdisks(self, volume: str | None = None) -> list[SubdiskRec]:
+        if volume is None:
+            rows = self._q("SELECT * FROM subdisk ORDER BY volume, idx")
+        else:
+            rows = self._q("SELECT * FROM subdisk WHERE volume=? ORDER BY idx", (volume,))
+        return [SubdiskRec(*r) for r in rows]
+
+    def update_volume(self, name: str, **fields: Any) -> None:
+        with self._tx() as db:
+            _update_volume(db, name, fields)
+
+    def update_subdisk(self, volume: str, idx: int, capacity: Mapping[str, int] | None = None,
+                       **fields: Any) -> None:
+        bad = set(fields) - _SD_FIELDS
+        if bad:
+            raise ValueError(f"unknown subdisk fields {sorted(bad)}")
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM subdisk WHERE volume=? AND idx=?", (volume, idx)).fetchone()
+            if row is None:
+                raise NoSuchVolume(f"volume {volume} has no subdisk {idx}")
+            old = SubdiskRec(*row)
+            new = SubdiskRec(volume, idx, fields.get("disk", old.disk), fields.get("size", old.size),
+                             fields.get("reserved", old.reserved))
+            if capacity is not None:
+                used = dict(db.execute("SELECT disk, SUM(reserved) FROM subdisk GROUP BY disk").fetchall())
+                used[old.disk] = used.get(old.disk, 0) - old.reserved
+                _check_space(used, [new], capacity)
+            db.execute("UPDATE subdisk SET disk=?, size=?, reserved=? WHERE volume=? AND idx=?",
+                       (new.disk, new.size, new.reserved, volume, idx))
+
+    def delete_volume(self, name: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM subdisk WHERE volume=?", (name,))
+            db.execute("DELETE FROM mount WHERE volume=?", (name,))
+            db.execute("DELETE FROM intent WHERE key=?", (name,))
+            db.execute("DELETE FROM volume WHERE name=?", (name,))
+
+    # mounts
+    def add_mount(self, mount: MountRec) -> bool:
+        with self._tx() as db:
+            cur = db.execute("INSERT OR IGNORE INTO mount VALUES (?,?,?,?)",
+                             (mount.volume, mount.node, mount.mount_id, mount.created))
+            return cur.rowcount == 1
+
+    def remove_mount(self, volume: str, node: str, mount_id: str) -> bool:
+        with self._tx() as db:
+            cur = db.execute("DELETE FROM mount WHERE volume=? AND node=? AND mount_id=?",
+                             (volume, node, mount_id))
+            return cur.rowcount == 1
+
+    def mounts(self, volume: str | None = None) -> list[MountRec]:
+        if volume is None:
+            rows = self._q("SELECT * FROM mount ORDER BY volume, created")
+        else:
+            rows = self._q("SELECT * FROM mount WHERE volume=? ORDER BY created", (volume,))
+        return [MountRec(*r) for r in rows]
+
+    # intents
+    def put_intent(self, intent: IntentRec) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO intent VALUES (?,?,?,?)", _intent_row(intent))
+
+    def finish_intent(self, key: str, update: Mapping[str, Any] | None = None) -> None:
+        with self._tx() as db:
+            if update:
+                _update_volume(db, key, dict(update))
+            db.execute("DELETE FROM intent WHERE key=?", (key,))
+
+    def intents(self) -> list[IntentRec]:
+        return [IntentRec(k, op, json.loads(d), c)
+                for k, op, d, c in self._q("SELECT key, op, data, created FROM intent ORDER BY created")]
+
+    def reserved(self) -> dict[str, int]:
+        return {d: int(n) for d, n in self._q("SELECT disk, SUM(reserved) FROM subdisk GROUP BY disk")}
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def _check_space(used: Mapping[str, int], subdisks: list[SubdiskRec], capacity: Mapping[str, int]) -> None:
+    want: dict[str, int] = {}
+    for s in subdisks:
+        want[s.disk] = want.get(s.disk, 0) + s.reserved
+    for disk, n in want.items():
+        have = capacity.get(disk, 0) - used.get(disk, 0)
+        if n > have:
+            raise NoSpace(
+                f"disk {disk} has {max(have, 0) // 2**20} MiB free, {-(-n // 2**20)} MiB needed;"
+                " add a disk (veritas dg adddisk) or choose a smaller size"
+            )
+
+
+def _update_volume(db: sqlite3.Connection, name: str, fields: dict[str, Any]) -> None:
+    bad = set(fields) - _VOL_FIELDS
+    if bad:
+        raise ValueError(f"unknown volume fields {sorted(bad)}")
+    if not fields:
+        return
+    cols = ", ".join(f"{k}=?" for k in fields)
+    vals = [int(v) if isinstance(v, bool) else v for v in fields.values()]
+    cur = db.execute(f"UPDATE volume SET {cols} WHERE name=?", (*vals, name))  # noqa: S608 - keys checked
+    if cur.rowcount == 0:
+        raise NoSuchVolume(f"no such volume: {name}")
+
+
+def _vol_row(v: VolumeRec) -> tuple[Any, ...]:
+    return (v.name, v.size, v.layout, v.fstype, v.nmirror, v.ncol, v.maxiops, v.snapshot_of,
+            v.cachesize, v.state, v.created or time.time(), int(v.protect))
+
+
+def _vol(r: sqlite3.Row | tuple[Any, ...]) -> VolumeRec:
+    (name, size, layout, fstype, nmirror, ncol, maxiops, snap, cache, state, created, protect) = r
+    return VolumeRec(name, size, layout, fstype, nmirror, ncol, maxiops, snap, cache, state, created,
+                     bool(protect))
+
+
+def _intent_row(i: IntentRec) -> tuple[Any, ...]:
+    return (i.key, i.op, json.dumps(dict(i.data)), i.created or time.time())

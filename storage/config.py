@@ -1,0 +1,120 @@
+"""Configuration: one INI file (``vxinfoscale-default.conf``) selected by --config or VERITAS_CONFIG.
+
+Tests and benchmarks point this at a file of their own so they use their own state root, mount root
+and disk group, never the host's.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from storage.errors import InvalidArgument
+from storage.units import check_name, parse_size
+
+DEFAULT_CONFIG = Path("/etc/vx/docker/vxinfoscale-default.conf")
+_REPO_DEFAULT = Path(__file__).resolve().parent.parent / "etc" / "vxinfoscale-default.conf"
+
+
+@dataclass(frozen=True)
+class VolumeDefaults:
+    size: int = 1024**3
+    layout: str = "concat"
+    fstype: str = "xfs"
+    nmirror: int = 2
+    ncol: int = 2
+    maxiops: int = 0
+    cache_percent: int = 30
+    protect: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    diskgroup: str = "dockerdg"
+    state_root: Path = Path("/var/lib/veritas")
+    mount_root: Path = Path("/dockerfs")
+    default_disk_size: int = 20 * 1024**3
+    default_disk_count: int = 2
+    node: str = field(default_factory=socket.gethostname)
+    volume: VolumeDefaults = field(default_factory=VolumeDefaults)
+    source: Path | None = None
+
+    @property
+    def dg_parent(self) -> Path:
+        return self.state_root / "dg"
+
+
+def _int(section: configparser.SectionProxy, key: str, default: int) -> int:
+    raw = section.get(key, fallback="").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidArgument(f"config: {section.name}.{key} = {raw!r} is not an integer") from None
+    if value < 0:
+        raise InvalidArgument(f"config: {section.name}.{key} must not be negative")
+    return value
+
+
+def _bool(section: configparser.SectionProxy, key: str, default: bool) -> bool:
+    raw = section.get(key, fallback="").strip()
+    if not raw:
+        return default
+    if raw.lower() not in section.parser.BOOLEAN_STATES:
+        raise InvalidArgument(f"config: {section.name}.{key} = {raw!r} is not a boolean (use yes or no)")
+    return section.parser.BOOLEAN_STATES[raw.lower()]
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load the configuration from ``path``, $VERITAS_CONFIG, /etc/vx/docker, or the repository copy."""
+    candidates: list[Path]
+    if path is not None:
+        candidates = [Path(path)]
+    elif os.environ.get("VERITAS_CONFIG"):
+        candidates = [Path(os.environ["VERITAS_CONFIG"])]
+    else:
+        candidates = [DEFAULT_CONFIG, _REPO_DEFAULT]
+    chosen = next((p for p in candidates if p.is_file()), None)
+    if chosen is None:
+        if path is not None or os.environ.get("VERITAS_CONFIG"):
+            raise InvalidArgument(f"config file {candidates[0]} does not exist")
+        return Config()
+    parser = configparser.ConfigParser()
+    try:
+        parser.read(chosen)
+    except configparser.Error as exc:
+        raise InvalidArgument(f"config file {chosen} is malformed: {exc}") from None
+    for sec in ("storage", "volume", "node"):
+        if not parser.has_section(sec):
+            parser.add_section(sec)
+    st, vol, node = parser["storage"], parser["volume"], parser["node"]
+    d = VolumeDefaults()
+    defaults = VolumeDefaults(
+        size=parse_size(vol.get("size", fallback="1g"), "config volume.size"),
+        layout=vol.get("layout", fallback=d.layout).strip() or d.layout,
+        fstype=vol.get("fstype", fallback=d.fstype).strip() or d.fstype,
+        nmirror=_int(vol, "nmirror", d.nmirror),
+        ncol=_int(vol, "ncol", d.ncol),
+        maxiops=_int(vol, "maxiops", d.maxiops),
+        cache_percent=_int(vol, "cache_percent", d.cache_percent),
+        protect=_bool(vol, "protect", False),
+    )
+    state_root = Path(st.get("state_root", fallback="/var/lib/veritas"))
+    mount_root = Path(st.get("mount_root", fallback="/dockerfs"))
+    for p, key in ((state_root, "state_root"), (mount_root, "mount_root")):
+        if not p.is_absolute():
+            raise InvalidArgument(f"config: storage.{key} must be an absolute path, got {str(p)!r}")
+    return Config(
+        diskgroup=check_name(st.get("diskgroup", fallback="dockerdg").strip(), "disk group name"),
+        state_root=state_root,
+        mount_root=mount_root,
+        default_disk_size=parse_size(st.get("default_disk_size", fallback="20g"), "default_disk_size"),
+        default_disk_count=max(1, _int(st, "default_disk_count", 2)),
+        node=node.get("name", fallback="").strip() or socket.gethostname(),
+        volume=defaults,
+        source=chosen,
+    )

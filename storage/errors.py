@@ -1,0 +1,100 @@
+"""Typed errors of the storage core.
+
+Every error a user can cause or meet derives from VeritasError and carries a message that says what
+went wrong and what to do; callers translate them at one boundary (CLI exit code, plugin ``Err``).
+"""
+
+from __future__ import annotations
+
+
+class VeritasError(Exception):
+    """Root of all storage-core errors; ``exit_code`` is what the CLI exits with."""
+
+    exit_code = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidArgument(VeritasError):
+    """The request is malformed: a bad size, name, option or layout."""
+
+    exit_code = 2
+
+
+class BadName(InvalidArgument):
+    pass
+
+
+class BadSize(InvalidArgument):
+    pass
+
+
+class UnknownOption(InvalidArgument):
+    pass
+
+
+class Unsupported(InvalidArgument):
+    """A valid-looking request the product refuses on purpose (e.g. raid5)."""
+
+
+class NotFound(VeritasError):
+    exit_code = 3
+
+
+class NoSuchDiskGroup(NotFound):
+    pass
+
+
+class NoSuchDisk(NotFound):
+    pass
+
+
+class NoSuchVolume(NotFound):
+    pass
+
+
+class AlreadyExists(VeritasError):
+    exit_code = 4
+
+
+class InUse(VeritasError):
+    """The object is busy: mounted, has snapshots, holds volumes, or is imported elsewhere."""
+
+    exit_code = 5
+
+
+class NoSpace(VeritasError):
+    """Not enough free space or not enough disks with room for the requested layout."""
+
+    exit_code = 6
+
+
+class Degraded(VeritasError):
+    """A redundant volume lost a disk; it can still be mounted degraded and repaired."""
+
+    exit_code = 7
+
+
+class CommandFailed(VeritasError):
+    """A system command failed; the message carries the command and its stderr."""
+
+    exit_code = 8
+
+    def __init__(self, argv: list[str], returncode: int, stderr: str) -> None:
+        detail = stderr.strip().splitlines()[-3:] if stderr.strip() else []
+        msg = f"{argv[0]} failed (exit {returncode})"
+        if detail:
+            msg += ": " + " / ".join(detail)
+        super().__init__(msg)
+        self.argv = argv
+        self.returncode = returncode
+        self.stderr = stderr
+
+
+class LockTimeout(VeritasError):
+    exit_code = 9

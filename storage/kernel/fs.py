@@ -1,0 +1,125 @@
+"""Filesystem operations on block devices: make, mount, unmount, freeze, grow, new identity."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from storage.errors import CommandFailed, InUse
+from storage.kernel import mounts
+from storage.runner import Runner, run
+
+XFS_MIN = 300 * 1024 * 1024
+BTRFS_MIN_DEVICE = 131072000
+
+
+def mkfs(fstype: str, devices: Sequence[str], *, profile: str | None = None, meta_profile: str | None = None,
+         label: str = "", runner: Runner = run, reflink: bool = False) -> None:
+    """Make ``fstype`` on ``devices`` (several only for btrfs, with data/metadata profiles)."""
+    if fstype == "xfs":
+        argv = ["mkfs.xfs", "-q", "-f"]
+        if reflink:
+            argv += ["-m", "reflink=1"]
+        if label:
+            argv += ["-L", label[:12]]
+        runner([*argv, devices[0]])
+    elif fstype == "ext4":
+        argv = ["mkfs.ext4", "-q", "-F", "-b", "4096", "-E", "lazy_itable_init=1,lazy_journal_init=1"]
+        if label:
+            argv += ["-L", label[:16]]
+        runner([*argv, devices[0]])
+    elif fstype == "btrfs":
+        argv = ["mkfs.btrfs", "-q", "-f"]
+        if profile:
+            argv += ["-d", profile, "-m", meta_profile or ("dup" if profile == "single" else profile)]
+        if label:
+            argv += ["-L", label[:255]]
+        runner([*argv, *devices])
+    else:  # pragma: no cover - callers validate fstype
+        raise ValueError(fstype)
+
+
+def mount(devices: Sequence[str], target: Path, fstype: str, *, options: Sequence[str] = (),
+          runner: Runner = run) -> None:
+    """Mount ``devices`` at ``target``; btrfs members are scanned first (there is no udev here)."""
+    if fstype == "btrfs":
+        for dev in devices:
+            runner(["btrfs", "device", "scan", dev])
+    opts = list(options)
+    argv = ["mount", "-t", fstype]
+    if opts:
+        argv += ["-o", ",".join(opts)]
+    runner([*argv, devices[0], str(target)])
+
+
+def umount(target: Path, runner: Runner = run) -> None:
+    """Unmount ``target``; not mounted is success, busy is a typed InUse error."""
+    if mounts.mounted_at(target) is None:
+        return
+    proc = runner(["umount", str(target)], check=False)
+    if proc.returncode != 0 and mounts.mounted_at(target) is not None:
+        if "busy" in (proc.stderr or "").lower():
+            raise InUse(f"{target} is busy: a process still uses files on it; stop it and retry")
+        raise CommandFailed(["umount", str(target)], proc.returncode, proc.stderr)
+
+
+def forget_btrfs(devices: Sequence[str], runner: Runner = run) -> None:
+    """Drop the kernel's btrfs registration of unmounted ``devices`` so a reused loop device is clean."""
+    for dev in devices:
+        runner(["btrfs", "device", "scan", "--forget", dev], check=False)
+
+
+def freeze(target: Path, runner: Runner = run) -> None:
+    runner(["fsfreeze", "--freeze", str(target)])
+
+
+def thaw(target: Path, runner: Runner = run) -> None:
+    """Thaw ``target``; a filesystem that is not frozen is not an error (used in recovery)."""
+    proc = runner(["fsfreeze", "--unfreeze", str(target)], check=False)
+    if proc.returncode != 0 and "Invalid argument" not in proc.stderr:
+        raise CommandFailed(["fsfreeze", "--unfreeze", str(target)], proc.returncode, proc.stderr)
+
+
+def grow(fstype: str, devices: Sequence[str], target: Path | None, runner: Runner = run) -> None:
+    """Grow the filesystem to fill its (already grown) devices; XFS/btrfs online, ext4 offline."""
+    if fstype == "xfs":
+        assert target is not None, "xfs grows only while mounted"
+        runner(["xfs_growfs", str(target)])
+    elif fstype == "btrfs":
+        assert target is not None, "btrfs grows only while mounted"
+        for devid in range(1, len(devices) + 1):
+            runner(["btrfs", "filesystem", "resize", f"{devid}:max", str(target)])
+    elif fstype == "ext4":
+        if target is not None:
+            raise InUse(
+                "ext4 cannot grow while mounted on this host (online resize needs CAP_SYS_RESOURCE);"
+                " unmount the volume and grow it again, or use fstype=xfs"
+            )
+        runner(["e2fsck", "-f", "-y", "-p", devices[0]], check=False)
+        runner(["resize2fs", devices[0]])
+
+
+def new_uuid(fstype: str, devices: Sequence[str], scratch: Path, runner: Runner = run) -> None:
+    """Give a cloned filesystem its own identity so it mounts beside its source.
+
+    The clone of a frozen XFS has a dirty log: mount it once (nouuid) to replay, then change the UUID.
+    """
+    if fstype == "xfs":
+        scratch.mkdir(parents=True, exist_ok=True)
+        runner(["mount", "-t", "xfs", "-o", "nouuid", devices[0], str(scratch)])
+        runner(["umount", str(scratch)])
+        proc = runner(["xfs_admin", "-U", "generate", devices[0]])
+        if "ERROR" in proc.stderr or "ERROR" in proc.stdout:
+            raise CommandFailed(["xfs_admin", "-U", "generate", devices[0]], 1, proc.stderr + proc.stdout)
+    elif fstype == "ext4":
+        runner(["e2fsck", "-f", "-y", devices[0]], check=False)
+        runner(["tune2fs", "-f", "-U", "random", devices[0]])
+    elif fstype == "btrfs":
+        raise ValueError("btrfs clones get their identity from btrfs_super.new_fsid on the image files")
+
+
+def statvfs_size(path: Path) -> tuple[int, int]:
+    """(total bytes, free bytes) of the filesystem holding ``path``."""
+    st = os.statvfs(path)
+    return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize

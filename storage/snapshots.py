@@ -1,0 +1,94 @@
+"""Space-optimised snapshots: freeze, reflink-clone every image, thaw; then a new filesystem identity.
+
+A snapshot is a volume in its own right (mount, grow, remove). Its images share every unchanged extent
+with the source; ``cachesize`` (default a percentage of the source) is what it reserves in the disk
+group's accounting, and the bytes it no longer shares are reported as its cache use.
+"""
+
+from __future__ import annotations
+
+import time
+
+from storage import crash
+from storage.catalog.base import IntentRec, SubdiskRec, VolumeRec
+from storage.diskgroup import DiskGroup
+from storage.errors import AlreadyExists, InvalidArgument, NoSuchVolume
+from storage.kernel import btrfs_super, fs, loop, reflink
+from storage.units import MiB, check_name, parse_size, round_up
+from storage.volumes import _detach, _get, _ready, images, is_mounted, teardown
+
+
+def make(dg: DiskGroup, source: str, name: str, cachesize: str | int | None = None) -> VolumeRec:
+    """Snapshot ``source`` as volume ``name``; consistent even while the source is mounted and written."""
+    check_name(name, "snapshot name")
+    check_name(source, "source volume name")
+    with dg.locks.hold(source, name):
+        src = dg.catalog.volume(source)
+        if src is None:
+            raise NoSuchVolume(f"no such source volume: {source} in disk group {dg.name}")
+        src = _ready(dg, source)
+        if dg.catalog.volume(name) is not None:
+            raise AlreadyExists(f"volume {name} already exists in disk group {dg.name}")
+        if cachesize is None:
+            cache = round_up(src.size * dg.config.volume.cache_percent // 100, MiB)
+        else:
+            cache = parse_size(cachesize, "cachesize")
+        if cache > src.size:
+            raise InvalidArgument(f"cachesize {cache} is larger than the source volume ({src.size} bytes)")
+        src_sds = dg.catalog.subdisks(source)
+        missing = [sd.disk for sd in src_sds if not dg.image(sd.disk, source, sd.idx).exists()]
+        if missing:
+            raise InvalidArgument(f"source {source} is degraded (disks {', '.join(missing)});"
+                                  f" repair it before taking a snapshot")
+        per = -(-cache // len(src_sds))
+        sds = [SubdiskRec(name, sd.idx, sd.disk, sd.size, per) for sd in src_sds]
+        vol = VolumeRec(name, src.size, src.layout, src.fstype, src.nmirror, src.ncol, src.maxiops,
+                        source, cache, "creating", time.time(), False)
+        frozen = str(dg.mountpoint(source)) if is_mounted(dg, source) else None
+        dg.catalog.create_volume(vol, sds, IntentRec(name, "snap", {"frozen": frozen}, time.time()),
+                                 dg.capacity())
+        crash.point("snap.recorded")
+        try:
+            _clone(dg, source, name, src_sds, frozen)
+            crash.point("snap.cloned")
+            _new_identity(dg, vol)
+            crash.point("snap.identity")
+        except BaseException:
+            if frozen:
+                fs.thaw(dg.mountpoint(source), dg.runner)
+            teardown(dg, name)
+            raise
+        dg.catalog.finish_intent(name, {"state": "ok"})
+        crash.point("snap.done")
+    return _get(dg, name)
+
+
+def _clone(dg: DiskGroup, source: str, name: str, src_sds: list[SubdiskRec], frozen: str | None) -> None:
+    pairs = [(dg.image(sd.disk, source, sd.idx), dg.image(sd.disk, name, sd.idx)) for sd in src_sds]
+    if frozen:
+        fs.freeze(dg.mountpoint(source), dg.runner)
+        crash.point("snap.frozen")
+    try:
+        for src, dst in pairs:
+            reflink.clone(src, dst)
+    finally:
+        if frozen:
+            fs.thaw(dg.mountpoint(source), dg.runner)
+
+
+def _new_identity(dg: DiskGroup, vol: VolumeRec) -> None:
+    paths = images(dg, vol)
+    if vol.fstype == "btrfs":
+        btrfs_super.new_fsid(paths)
+        return
+    devs = [loop.attach(p, dg.runner) for p in paths]
+    scratch = dg.scratch(f"snap-{vol.name}")
+    try:
+        fs.new_uuid(vol.fstype, devs, scratch, dg.runner)
+    finally:
+        fs.umount(scratch, dg.runner)
+        try:
+            scratch.rmdir()
+        except OSError:
+            pass
+        _detach(dg, vol, paths)

@@ -1,0 +1,529 @@
+"""Volumes: make, list, info, grow, mount, unmount, remove, repair, IOPS limits.
+
+Every multi-step operation records an intent in the catalog before it touches the kernel, passes
+named crash points, and on failure undoes its own steps; storage.recovery finishes what a killed
+process left. Each volume's operations are serialised by its lock stripe.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from storage import crash, qos
+from storage.catalog.base import IntentRec, MountRec, SubdiskRec, VolumeRec
+from storage.diskgroup import DiskGroup
+from storage.errors import (
+    AlreadyExists,
+    Degraded,
+    InUse,
+    InvalidArgument,
+    NoSuchVolume,
+    UnknownOption,
+    VeritasError,
+)
+from storage.kernel import btrfs, fs, loop, mounts, reflink
+from storage.layouts import ENGINES, LAYOUTS, engine
+from storage.layouts.base import LayoutEngine, Shape
+from storage.units import check_name, parse_size
+
+MAKE_OPTIONS = ("size", "layout", "fstype", "nmirror", "ncol", "maxiops", "protect")
+ADMIN_MOUNT_ID = "admin"
+
+
+def _int_opt(opts: Mapping[str, Any], key: str) -> int | None:
+    if key not in opts or opts[key] is None:
+        return None
+    raw = opts[key]
+    try:
+        if isinstance(raw, bool):
+            raise ValueError
+        value = int(raw)
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"option {key} must be an integer, got {raw!r}") from None
+    if value < 0 or (key != "maxiops" and value == 0):
+        raise InvalidArgument(f"option {key} must be a positive integer, got {raw!r}")
+    return value
+
+
+def _bool_opt(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise InvalidArgument(f"option protect must be true or false, got {raw!r}")
+
+
+def shape_of(v: VolumeRec) -> Shape:
+    return Shape(v.fstype, v.nmirror, v.ncol)
+
+
+def _get(dg: DiskGroup, name: str) -> VolumeRec:
+    v = dg.catalog.volume(name)
+    if v is None:
+        raise NoSuchVolume(f"no such volume: {name} in disk group {dg.name}")
+    return v
+
+
+def _ready(dg: DiskGroup, name: str) -> VolumeRec:
+    v = _get(dg, name)
+    if v.state != "ok":
+        raise InUse(f"volume {name} is being {'created' if v.state == 'creating' else 'removed'}; retry shortly")
+    return v
+
+
+def images(dg: DiskGroup, v: VolumeRec) -> list[Path]:
+    return [dg.image(sd.disk, v.name, sd.idx) for sd in dg.catalog.subdisks(v.name)]
+
+
+def is_mounted(dg: DiskGroup, name: str) -> bool:
+    return mounts.mounted_at(dg.mountpoint(name)) is not None
+
+
+def devices(dg: DiskGroup, v: VolumeRec) -> list[str]:
+    """Loop devices currently attached to the volume's images (those present)."""
+    return [d for img in images(dg, v) for d in loop.find(img)]
+
+
+# ---------------------------------------------------------------- make
+
+
+def make(dg: DiskGroup, name: str, size: str | int | None = None, **opts: Any) -> VolumeRec:
+    """Create volume ``name``; returns its record. Options: see MAKE_OPTIONS."""
+    check_name(name, "volume name")
+    unknown = set(opts) - set(MAKE_OPTIONS)
+    if unknown:
+        raise UnknownOption(f"unknown option(s) {', '.join(sorted(unknown))}; valid options: "
+                            f"{', '.join(MAKE_OPTIONS)}")
+    d = dg.config.volume
+    nbytes = parse_size(size if size is not None else d.size)
+    layout = str(opts.get("layout") or d.layout)
+    fstype = opts.get("fstype") or None
+    if fstype is not None:
+        fstype = str(fstype)
+    nmirror, ncol = _int_opt(opts, "nmirror"), _int_opt(opts, "ncol")
+    maxiops = _int_opt(opts, "maxiops")
+    maxiops = d.maxiops if maxiops is None else maxiops
+    protect = _bool_opt(opts["protect"]) if "protect" in opts else d.protect
+    if layout not in LAYOUTS:
+        raise UnknownOption(f"unknown layout {layout!r}; valid layouts: {', '.join(LAYOUTS)}")
+
+    with dg.locks.hold(name):
+        if dg.catalog.volume(name) is not None:
+            raise AlreadyExists(f"volume {name} already exists in disk group {dg.name}")
+        eng, shape, sizes, disks = _plan(dg, layout, nbytes, fstype, nmirror, ncol)
+        vol = VolumeRec(name, nbytes, eng.name, shape.fstype, shape.nmirror, shape.ncol, maxiops,
+                        None, 0, "creating", time.time(), protect)
+        sds = [SubdiskRec(name, i, disk, sz, sz) for i, (disk, sz) in enumerate(zip(disks, sizes, strict=True))]
+        dg.catalog.create_volume(vol, sds, IntentRec(name, "make", {}, time.time()), dg.capacity())
+        crash.point("make.recorded")
+        try:
+            paths = [dg.image(sd.disk, name, sd.idx) for sd in sds]
+            for p, sd in zip(paths, sds, strict=True):
+                with open(p, "xb") as fh:
+                    fh.truncate(sd.size)
+            crash.point("make.images")
+            devs = [loop.attach(p, dg.runner) for p in paths]
+            crash.point("make.attached")
+            eng.mkfs(devs, shape, name, dg.runner)
+            crash.point("make.mkfs")
+            _detach(dg, vol, paths)
+            crash.point("make.detached")
+        except BaseException:
+            teardown(dg, name)
+            raise
+        dg.catalog.finish_intent(name, {"state": "ok"})
+        crash.point("make.done")
+    return _get(dg, name)
+
+
+def _plan(dg: DiskGroup, layout: str, size: int, fstype: str | None, nmirror: int | None,
+          ncol: int | None) -> tuple[LayoutEngine, Shape, list[int], list[str]]:
+    free = dg.free()
+    if layout == "auto":
+        mirror = ENGINES["mirror"]
+        try:
+            shape = mirror.shape(size, fstype, nmirror, ncol)
+            sizes = mirror.subdisk_sizes(size, shape)
+            return mirror, shape, sizes, LayoutEngine.place(sizes, free, "mirror")
+        except VeritasError:
+            layout = "concat"
+            nmirror = ncol = None
+    eng = engine(layout)
+    shape = eng.shape(size, fstype, nmirror, ncol)
+    sizes = eng.subdisk_sizes(size, shape)
+    return eng, shape, sizes, LayoutEngine.place(sizes, free, eng.name)
+
+
+def _detach(dg: DiskGroup, v: VolumeRec, paths: list[Path]) -> None:
+    devs = [d for p in paths for d in loop.find(p)]
+    if v.fstype == "btrfs" and devs:
+        fs.forget_btrfs(devs, dg.runner)
+    for d in devs:
+        loop.detach(d, dg.runner)
+
+
+def teardown(dg: DiskGroup, name: str) -> None:
+    """Remove every trace of volume ``name``: mount, loop devices, images, catalog rows. Idempotent."""
+    v = dg.catalog.volume(name)
+    if v is None:
+        return
+    mp = dg.mountpoint(name)
+    fs.umount(mp, dg.runner)
+    try:
+        mp.rmdir()
+    except OSError:
+        pass
+    paths = images(dg, v)
+    _detach(dg, v, paths)
+    for p in paths:
+        p.unlink(missing_ok=True)
+    dg.catalog.delete_volume(name)
+
+
+# ---------------------------------------------------------------- queries
+
+
+def list_volumes(dg: DiskGroup) -> list[dict[str, Any]]:
+    """One row per volume; cheap (one catalog query and one read of the mount table)."""
+    mounted = {e.target for e in mounts.table()}
+    root = str(dg.config.mount_root)
+    rows = []
+    for v in dg.catalog.volumes():
+        mp = f"{root}/{v.name}_{dg.name}"
+        rows.append({"name": v.name, "size": v.size, "layout": v.layout, "fstype": v.fstype,
+                     "maxiops": v.maxiops, "snapshot_of": v.snapshot_of, "state": v.state,
+                     "mountpoint": mp, "mounted": mp in mounted})
+    return rows
+
+
+def health(dg: DiskGroup, v: VolumeRec) -> tuple[str, list[str]]:
+    """("ok" | "degraded" | "failed", names of disks the volume lost)."""
+    online = {d.name for d in dg.catalog.disks() if d.state == "online"}
+    lost = [sd.disk for sd in dg.catalog.subdisks(v.name)
+            if sd.disk not in online or not dg.image(sd.disk, v.name, sd.idx).exists()]
+    if not lost:
+        return "ok", []
+    if len(lost) <= engine(v.layout).missing_allowed(shape_of(v)):
+        return "degraded", lost
+    return "failed", lost
+
+
+def info(dg: DiskGroup, name: str) -> dict[str, Any]:
+    v = _get(dg, name)
+    out: dict[str, Any] = asdict(v)
+    mp = dg.mountpoint(name)
+    sds = dg.catalog.subdisks(name)
+    out["mountpoint"] = str(mp)
+    out["mounted"] = mounts.mounted_at(mp) is not None
+    out["mounts"] = [asdict(m) for m in dg.catalog.mounts(name)]
+    out["diskgroup"] = dg.name
+    out["subdisks"] = [{"idx": s.idx, "disk": s.disk, "size": s.size, "reserved": s.reserved,
+                        "image": str(dg.image(s.disk, name, s.idx))} for s in sds]
+    out["devices"] = devices(dg, v)
+    out["health"], out["lost_disks"] = health(dg, v)
+    out["snapshots"] = [s.name for s in dg.catalog.volumes() if s.snapshot_of == name]
+    if out["mounted"]:
+        total, free = fs.statvfs_size(mp)
+        out["used"] = total - free
+    else:
+        out["used"] = None
+    if v.snapshot_of is not None:
+        out["cache_used"] = sum(reflink.unshared_bytes(p) for p in images(dg, v) if p.exists())
+    return out
+
+
+# ---------------------------------------------------------------- mount / unmount
+
+
+def mount(dg: DiskGroup, name: str, mount_id: str = ADMIN_MOUNT_ID, degraded: bool = False) -> Path:
+    """Mount the volume at its mount point (once), and count ``mount_id`` as a user of it."""
+    with dg.locks.hold(name):
+        v = _ready(dg, name)
+        mp = dg.mountpoint(name)
+        if is_mounted(dg, name):
+            dg.catalog.add_mount(MountRec(name, dg.node, mount_id, time.time()))
+            return mp
+        foreign = [m for m in dg.catalog.mounts(name) if m.node != dg.node]
+        if foreign:
+            raise InUse(f"volume {name} is mounted on node {foreign[0].node}; unmount it there first")
+        state, lost = health(dg, v)
+        if state == "failed":
+            raise Degraded(f"volume {name} lost disk(s) {', '.join(lost)} and its layout {v.layout} cannot"
+                           " survive that; its data is unavailable")
+        if state == "degraded" and not degraded:
+            raise Degraded(f"volume {name} is degraded (lost disk(s) {', '.join(lost)}); mount it with"
+                           f" --degraded, then run veritas vol repair {name}")
+        dg.catalog.put_intent(IntentRec(name, "mount", {"mount_id": mount_id}, time.time()))
+        crash.point("mount.recorded")
+        try:
+            paths = [p for p in images(dg, v) if p.exists()]
+            devs = [loop.attach(p, dg.runner) for p in paths]
+            crash.point("mount.attached")
+            mp.mkdir(parents=True, exist_ok=True)
+            engine(v.layout).mount(devs, shape_of(v), mp, degraded=state == "degraded", runner=dg.runner)
+            crash.point("mount.mounted")
+            if v.maxiops:
+                qos.apply_writeback(qos.Hierarchy.detect(), [loop.devnum(d) for d in devs], v.maxiops)
+            dg.catalog.add_mount(MountRec(name, dg.node, mount_id, time.time()))
+        except BaseException:
+            _unmount_kernel(dg, v)
+            dg.catalog.finish_intent(name)
+            raise
+        dg.catalog.finish_intent(name)
+        crash.point("mount.done")
+        return mp
+
+
+def _unmount_kernel(dg: DiskGroup, v: VolumeRec) -> None:
+    mp = dg.mountpoint(v.name)
+    fs.umount(mp, dg.runner)
+    paths = images(dg, v)
+    devs = [d for p in paths for d in loop.find(p)]
+    if devs and v.maxiops:
+        try:
+            qos.apply_writeback(qos.Hierarchy.detect(), [loop.devnum(d) for d in devs], 0)
+        except (OSError, VeritasError):
+            pass
+    _detach(dg, v, paths)
+    try:
+        mp.rmdir()
+    except OSError:
+        pass
+
+
+def umount(dg: DiskGroup, name: str, mount_id: str = ADMIN_MOUNT_ID, force: bool = False) -> bool:
+    """Forget ``mount_id``; unmount and detach when it was the last user (or ``force``).
+
+    Returns True when the filesystem was unmounted.
+    """
+    with dg.locks.hold(name):
+        v = _get(dg, name)
+        dg.catalog.remove_mount(name, dg.node, mount_id)
+        left = [m for m in dg.catalog.mounts(name) if m.node == dg.node]
+        if left and not force:
+            return False
+        dg.catalog.put_intent(IntentRec(name, "umount", {}, time.time()))
+        crash.point("umount.recorded")
+        try:
+            _unmount_kernel(dg, v)
+        except InUse:
+            dg.catalog.add_mount(MountRec(name, dg.node, mount_id, time.time()))
+            dg.catalog.finish_intent(name)
+            raise
+        crash.point("umount.unmounted")
+        for m in left:
+            dg.catalog.remove_mount(name, m.node, m.mount_id)
+        dg.catalog.finish_intent(name)
+        return True
+
+
+# ---------------------------------------------------------------- remove
+
+
+def remove(dg: DiskGroup, name: str, force: bool = False, _cascade: bool = False) -> None:
+    """Remove the volume and free its space. Refused while mounted or snapshotted, unless ``force``."""
+    with dg.locks.hold(name):
+        v = _get(dg, name)
+        snaps = [s.name for s in dg.catalog.volumes() if s.snapshot_of == name]
+        if snaps:
+            raise InUse(f"volume {name} has snapshots ({', '.join(snaps)}); remove them first")
+        if v.protect and not force:
+            raise InUse(f"volume {name} is protected; use --force to remove it and its data")
+        in_use = dg.catalog.mounts(name)
+        if (in_use or is_mounted(dg, name)) and not force:
+            where = sorted({m.node for m in in_use}) or [dg.node]
+            raise InUse(f"volume {name} is mounted on {', '.join(where)}; unmount it first")
+        dg.catalog.put_intent(IntentRec(name, "rm", {}, time.time()))
+        dg.catalog.update_volume(name, state="removing")
+        crash.point("rm.recorded")
+        mp = dg.mountpoint(name)
+        fs.umount(mp, dg.runner)
+        crash.point("rm.unmounted")
+        paths = images(dg, v)
+        _detach(dg, v, paths)
+        crash.point("rm.detached")
+        for p in paths:
+            p.unlink(missing_ok=True)
+        crash.point("rm.images")
+        dg.catalog.delete_volume(name)
+        try:
+            mp.rmdir()
+        except OSError:
+            pass
+        crash.point("rm.done")
+
+
+# ---------------------------------------------------------------- grow
+
+
+def grow(dg: DiskGroup, name: str, size: str | int) -> VolumeRec:
+    """Grow the volume to ``size`` (online for XFS and btrfs)."""
+    new = parse_size(size)
+    with dg.locks.hold(name):
+        v = _ready(dg, name)
+        if new < v.size:
+            raise InvalidArgument(f"volume {name} is {v.size} bytes; it cannot shrink to {new}")
+        if new == v.size:
+            return v
+        eng = engine(v.layout)
+        if v.fstype == "ext4" and is_mounted(dg, name):
+            raise InUse("ext4 cannot grow while mounted on this host (online resize needs CAP_SYS_RESOURCE);"
+                        " unmount the volume and grow it again, or use fstype=xfs")
+        if health(dg, v)[0] != "ok":
+            raise Degraded(f"volume {name} is degraded; run veritas vol repair {name} before growing it")
+        sizes = eng.subdisk_sizes(new, shape_of(v))
+        sds = dg.catalog.subdisks(name)
+        dg.catalog.put_intent(IntentRec(name, "grow", {"size": new, "sizes": sizes}, time.time()))
+        crash.point("grow.recorded")
+        done: list[SubdiskRec] = []
+        try:
+            for sd, sz in zip(sds, sizes, strict=True):
+                extra = max(sz - sd.size, 0)
+                dg.catalog.update_subdisk(name, sd.idx, capacity=dg.capacity(), size=max(sz, sd.size),
+                                          reserved=sd.reserved + extra)
+                done.append(sd)
+        except BaseException:
+            for sd in done:
+                dg.catalog.update_subdisk(name, sd.idx, size=sd.size, reserved=sd.reserved)
+            dg.catalog.finish_intent(name)
+            raise
+        crash.point("grow.reserved")
+        _grow_steps(dg, v, new)
+        return _get(dg, name)
+
+
+def _grow_steps(dg: DiskGroup, v: VolumeRec, new: int) -> None:
+    """Extend images and filesystem to the recorded subdisk sizes; idempotent (recovery reruns it)."""
+    sds = dg.catalog.subdisks(v.name)
+    for sd in sds:
+        p = dg.image(sd.disk, v.name, sd.idx)
+        if p.stat().st_size < sd.size:
+            with open(p, "r+b") as fh:
+                fh.truncate(sd.size)
+    crash.point("grow.images")
+    mp = dg.mountpoint(v.name)
+    if is_mounted(dg, v.name):
+        devs = devices(dg, v)
+        for d in devs:
+            loop.refresh_size(d, dg.runner)
+        fs.grow(v.fstype, devs, mp, dg.runner)
+    else:
+        paths = images(dg, v)
+        devs = [loop.attach(p, dg.runner) for p in paths]
+        try:
+            for d in devs:
+                loop.refresh_size(d, dg.runner)
+            if v.fstype == "ext4":
+                fs.grow("ext4", devs, None, dg.runner)
+            else:
+                scratch = dg.scratch(f"grow-{v.name}")
+                engine(v.layout).mount(devs, shape_of(v), scratch, runner=dg.runner)
+                try:
+                    fs.grow(v.fstype, devs, scratch, dg.runner)
+                finally:
+                    fs.umount(scratch, dg.runner)
+                    scratch.rmdir()
+        finally:
+            _detach(dg, v, paths)
+    crash.point("grow.fs")
+    dg.catalog.finish_intent(v.name, {"size": new})
+
+
+# ---------------------------------------------------------------- IOPS
+
+
+def set_maxiops(dg: DiskGroup, name: str, iops: int | str) -> VolumeRec:
+    """Change the volume's IOPS limit, live in every cgroup that already limits it."""
+    value = _int_opt({"maxiops": iops}, "maxiops")
+    assert value is not None
+    with dg.locks.hold(name):
+        v = _ready(dg, name)
+        dg.catalog.update_volume(name, maxiops=value)
+        devs = devices(dg, v)
+        if devs:
+            h = qos.Hierarchy.detect()
+            nums = [loop.devnum(d) for d in devs]
+            targets = set(qos.cgroups_limiting(h, nums))
+            if is_mounted(dg, name) and h.version == 1:
+                targets.add(h.root)  # the writeback path
+            for cg in targets:
+                qos.set_limit(h, cg, nums, value)
+        return _get(dg, name)
+
+
+def apply_maxiops(dg: DiskGroup, name: str, cgroup: str) -> list[tuple[int, int]]:
+    """Write the volume's IOPS limit for its loop devices into ``cgroup`` (e.g. a container's)."""
+    v = _ready(dg, name)
+    devs = devices(dg, v)
+    if not devs:
+        raise InvalidArgument(f"volume {name} is not attached on this node; mount it first")
+    h = qos.Hierarchy.detect()
+    nums = [loop.devnum(d) for d in devs]
+    qos.set_limit(h, h.resolve(cgroup), nums, v.maxiops)
+    return nums
+
+
+# ---------------------------------------------------------------- repair
+
+
+def repair(dg: DiskGroup, name: str) -> VolumeRec:
+    """Restore a degraded redundant volume: rebuild each lost subdisk on another disk."""
+    with dg.locks.hold(name):
+        v = _ready(dg, name)
+        eng = engine(v.layout)
+        if not eng.redundant:
+            raise InvalidArgument(f"volume {name} has layout {v.layout}, which keeps no redundancy to repair")
+        state, lost = health(dg, v)
+        if state == "ok":
+            return v
+        if state == "failed":
+            raise Degraded(f"volume {name} lost more disks ({', '.join(lost)}) than layout {v.layout}"
+                           " survives; its data cannot be rebuilt")
+        sds = dg.catalog.subdisks(name)
+        used_disks = {sd.disk for sd in sds}
+        free = {d: n for d, n in dg.free().items() if d not in used_disks}
+        online = {d.name for d in dg.catalog.disks() if d.state == "online"}
+        broken = [sd for sd in sds if sd.disk not in online or not dg.image(sd.disk, name, sd.idx).exists()]
+        targets = LayoutEngine.place([sd.size for sd in broken], free, v.layout)
+        mp = dg.mountpoint(name)
+        was_mounted = is_mounted(dg, name)
+        target = mp if was_mounted else dg.scratch(f"repair-{name}")
+        dg.catalog.put_intent(IntentRec(name, "repair", {"scratch": None if was_mounted else str(target)},
+                                        time.time()))
+        crash.point("repair.recorded")
+        try:
+            if not was_mounted:
+                paths = [p for p in images(dg, v) if p.exists()]
+                devs = [loop.attach(p, dg.runner) for p in paths]
+                eng.mount(devs, shape_of(v), target, degraded=True, runner=dg.runner)
+            for sd, disk in zip(broken, targets, strict=True):
+                img = dg.image(disk, name, sd.idx)
+                img.unlink(missing_ok=True)
+                with open(img, "xb") as fh:
+                    fh.truncate(sd.size)
+                dev = loop.attach(img, dg.runner)
+                btrfs.replace(sd.idx + 1, dev, target, dg.runner)
+                crash.point("repair.replaced")
+                dg.catalog.update_subdisk(name, sd.idx, capacity=dg.capacity(), disk=disk)
+            btrfs.convert(eng.profile(shape_of(v)) or "raid1", target, dg.runner)
+        finally:
+            if not was_mounted:
+                _unmount_at(dg, v, target)
+        dg.catalog.finish_intent(name)
+        return _get(dg, name)
+
+
+def _unmount_at(dg: DiskGroup, v: VolumeRec, target: Path) -> None:
+    fs.umount(target, dg.runner)
+    _detach(dg, v, images(dg, v))
+    try:
+        target.rmdir()
+    except OSError:
+        pass

@@ -1,0 +1,726 @@
+"""Contract tests every Catalog backend must pass (SqliteCatalog and MemoryCatalog today).
+
+The ``catalog`` fixture is parametrized over the backends; every test in the contract section runs
+against each of them. SQLite-only behaviour (persistence, several processes on one file) is tested
+separately at the end.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from storage.catalog import (
+    Catalog,
+    DiskGroupRec,
+    DiskRec,
+    IntentRec,
+    MountRec,
+    SubdiskRec,
+    VolumeRec,
+)
+from storage.catalog.memory import MemoryCatalog
+from storage.catalog.sqlite import SqliteCatalog
+from storage.errors import AlreadyExists, InUse, NoSpace, NoSuchDiskGroup, NoSuchVolume
+from storage.units import GiB, MiB
+
+DG = DiskGroupRec(name="testdg", uuid="0f8e2c3a-1111-2222-3333-444455556666", imported_on=None,
+                  created=1700000000.25)
+D1 = DiskRec(name="d1", source="/srv/img/d1.img", kind="file", size=10 * GiB)
+D2 = DiskRec(name="d2", source="/dev/sdb", kind="block", size=20 * GiB, state="online")
+CAP = {"d1": 1000 * MiB, "d2": 2000 * MiB}
+
+
+def vol(name: str, size: int = 100 * MiB, **kw: object) -> VolumeRec:
+    fields: dict[str, object] = {"layout": "concat", "fstype": "xfs", "created": 1700000100.5}
+    fields.update(kw)
+    return VolumeRec(name, size, **fields)  # type: ignore[arg-type]
+
+
+def sd(volume: str, idx: int, disk: str, reserved: int, size: int | None = None) -> SubdiskRec:
+    return SubdiskRec(volume=volume, idx=idx, disk=disk, size=reserved if size is None else size,
+                      reserved=reserved)
+
+
+def intent(key: str, op: str = "create", created: float = 1700000200.0, **data: object) -> IntentRec:
+    return IntentRec(key=key, op=op, data=data, created=created)
+
+
+def _make(kind: str, tmp_path: Path) -> Catalog:
+    if kind == "sqlite":
+        return SqliteCatalog(tmp_path / "catalog.db")
+    return MemoryCatalog()
+
+
+@pytest.fixture(params=["sqlite", "memory"])
+def catalog(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Catalog]:
+    cat = _make(request.param, tmp_path)
+    try:
+        yield cat
+    finally:
+        cat.close()
+
+
+@pytest.fixture
+def ready(catalog: Catalog) -> Catalog:
+    """An initialised catalog with disks d1 and d2."""
+    catalog.init(DG)
+    catalog.add_disk(D1)
+    catalog.add_disk(D2)
+    return catalog
+
+
+def create(cat: Catalog, v: VolumeRec, sds: list[SubdiskRec], capacity: dict[str, int] | None = None,
+           it: IntentRec | None = None) -> None:
+    cat.create_volume(v, sds, it or intent(v.name), CAP if capacity is None else capacity)
+
+
+def snapshot(cat: Catalog) -> tuple[object, ...]:
+    """Everything a caller can read, to prove a failed call changed nothing."""
+    return (cat.volumes(), cat.subdisks(), cat.mounts(), cat.intents(), cat.reserved(), cat.disks())
+
+
+# ---------------------------------------------------------------------------------------- disk group
+
+
+def test_diskgroup_before_init_raises(catalog: Catalog) -> None:
+    with pytest.raises(NoSuchDiskGroup):
+        catalog.diskgroup()
+
+
+def test_init_records_diskgroup(catalog: Catalog) -> None:
+    catalog.init(DG)
+    assert catalog.diskgroup() == DG
+
+
+def test_init_twice_raises_already_exists_and_keeps_first(catalog: Catalog) -> None:
+    catalog.init(DG)
+    other = DiskGroupRec(name="otherdg", uuid="different", imported_on="nodeX", created=5.0)
+    with pytest.raises(AlreadyExists):
+        catalog.init(other)
+    with pytest.raises(AlreadyExists):
+        catalog.init(DG)
+    assert catalog.diskgroup() == DG
+
+
+def test_set_imported_round_trip(catalog: Catalog) -> None:
+    catalog.init(DG)
+    catalog.set_imported("node-a")
+    got = catalog.diskgroup()
+    assert got.imported_on == "node-a"
+    assert got == DiskGroupRec(DG.name, DG.uuid, "node-a", DG.created)
+    catalog.set_imported("node-b")
+    assert catalog.diskgroup().imported_on == "node-b"
+    catalog.set_imported(None)
+    assert catalog.diskgroup() == DG
+
+
+# --------------------------------------------------------------------------------------------- disks
+
+
+def test_disks_empty_then_round_trip(catalog: Catalog) -> None:
+    catalog.init(DG)
+    assert catalog.disks() == []
+    missing = DiskRec(name="d0", source="/srv/img/d0.img", kind="file", size=123456789, state="missing")
+    for d in (D2, missing, D1):
+        catalog.add_disk(d)
+    assert sorted(catalog.disks(), key=lambda d: d.name) == [missing, D1, D2]
+
+
+@pytest.mark.parametrize(
+    "dup",
+    [
+        DiskRec(name="d1", source="/srv/img/new.img", kind="file", size=GiB),  # same name
+        DiskRec(name="dnew", source="/srv/img/d1.img", kind="file", size=GiB),  # same source
+        DiskRec(name="d1", source="/srv/img/d1.img", kind="file", size=GiB),  # both
+    ],
+    ids=["name", "source", "both"],
+)
+def test_add_disk_duplicate_raises_already_exists(ready: Catalog, dup: DiskRec) -> None:
+    before = ready.disks()
+    with pytest.raises(AlreadyExists):
+        ready.add_disk(dup)
+    assert ready.disks() == before
+
+
+def test_set_disk_state(ready: Catalog) -> None:
+    ready.set_disk_state("d1", "missing")
+    by_name = {d.name: d for d in ready.disks()}
+    assert by_name["d1"].state == "missing"
+    assert by_name["d1"] == DiskRec(D1.name, D1.source, D1.kind, D1.size, "missing")
+    assert by_name["d2"] == D2
+    ready.set_disk_state("d1", "online")
+    assert {d.name: d for d in ready.disks()}["d1"] == D1
+
+
+def test_remove_disk(ready: Catalog) -> None:
+    ready.remove_disk("d2")
+    assert ready.disks() == [D1]
+    # the freed name and source can be added again
+    ready.add_disk(D2)
+    assert sorted(ready.disks(), key=lambda d: d.name) == [D1, D2]
+
+
+def test_remove_disk_refused_while_subdisk_lives_on_it(ready: Catalog) -> None:
+    create(ready, vol("v1"), [sd("v1", 0, "d1", 100 * MiB)])
+    with pytest.raises(InUse):
+        ready.remove_disk("d1")
+    assert D1 in ready.disks()
+    assert ready.subdisks("v1") == [sd("v1", 0, "d1", 100 * MiB)]
+    # d2 holds nothing and can go
+    ready.remove_disk("d2")
+    assert ready.disks() == [D1]
+    # once the volume is gone, d1 can go too
+    ready.delete_volume("v1")
+    ready.remove_disk("d1")
+    assert ready.disks() == []
+
+
+def test_remove_disk_refused_after_subdisk_moved_onto_it(ready: Catalog) -> None:
+    create(ready, vol("v1"), [sd("v1", 0, "d1", 100 * MiB)])
+    ready.update_subdisk("v1", 0, CAP, disk="d2")
+    ready.remove_disk("d1")  # nothing on d1 any more
+    with pytest.raises(InUse):
+        ready.remove_disk("d2")
+    assert ready.disks() == [D2]
+
+
+# ------------------------------------------------------------------------------------------- volumes
+
+
+def test_volume_absent_is_none(ready: Catalog) -> None:
+    assert ready.volume("nope") is None
+    assert ready.volumes() == []
+    assert ready.subdisks() == []
+    assert ready.subdisks("nope") == []
+    assert ready.reserved() == {}
+
+
+def test_create_volume_records_volume_subdisks_and_intent(ready: Catalog) -> None:
+    v = vol("v1", 300 * MiB, layout="mirror", nmirror=2, ncol=1, maxiops=500, cachesize=7 * MiB,
+            state="creating", protect=True)
+    sds = [sd("v1", 1, "d2", 300 * MiB, 299 * MiB), sd("v1", 0, "d1", 300 * MiB, 299 * MiB)]
+    it = intent("v1", "create", disks=["d1", "d2"], step=0)
+    create(ready, v, sds, it=it)
+    got = ready.volume("v1")
+    assert got == v
+    assert got is not None and got.protect is True and got.snapshot_of is None
+    assert ready.volumes() == [v]
+    # ordered by idx, whatever the insertion order
+    assert ready.subdisks("v1") == [sds[1], sds[0]]
+    assert ready.intents() == [it]
+
+
+def test_volume_fields_round_trip_snapshot(ready: Catalog) -> None:
+    src = vol("src", 200 * MiB)
+    snap = vol("snap1", 200 * MiB, layout="snapshot", snapshot_of="src", cachesize=60 * MiB,
+               protect=False, state="ok", created=1700000999.75)
+    create(ready, src, [sd("src", 0, "d1", 200 * MiB)])
+    create(ready, snap, [sd("snap1", 0, "d1", 60 * MiB)])
+    assert ready.volume("snap1") == snap
+    got = ready.volume("snap1")
+    assert got is not None and got.protect is False and got.snapshot_of == "src"
+    assert ready.volumes() == [snap, src]  # by name
+
+
+def test_create_volume_duplicate_name_changes_nothing(ready: Catalog) -> None:
+    v = vol("v1", 100 * MiB)
+    create(ready, v, [sd("v1", 0, "d1", 100 * MiB)], it=intent("v1", "create", step=1))
+    before = snapshot(ready)
+    again = vol("v1", 500 * MiB, layout="stripe", state="creating")
+    with pytest.raises(AlreadyExists):
+        create(ready, again, [sd("v1", 0, "d2", 500 * MiB), sd("v1", 1, "d1", 50 * MiB)],
+               it=intent("v1", "other", step=9))
+    assert snapshot(ready) == before
+    assert ready.volume("v1") == v
+
+
+def test_create_volume_no_space_records_nothing(ready: Catalog) -> None:
+    with pytest.raises(NoSpace):
+        create(ready, vol("big", 1001 * MiB), [sd("big", 0, "d1", 1001 * MiB)])
+    assert ready.volume("big") is None
+    assert ready.volumes() == []
+    assert ready.subdisks() == []
+    assert ready.subdisks("big") == []
+    assert ready.intents() == []
+    assert ready.reserved() == {}
+
+
+def test_create_volume_no_space_on_second_disk_records_nothing(ready: Catalog) -> None:
+    create(ready, vol("keep"), [sd("keep", 0, "d2", 1500 * MiB)])
+    before = snapshot(ready)
+    # the first subdisk fits on d1, the second does not fit on d2: all or nothing
+    with pytest.raises(NoSpace):
+        create(ready, vol("m", 600 * MiB), [sd("m", 0, "d1", 600 * MiB), sd("m", 1, "d2", 600 * MiB)])
+    assert snapshot(ready) == before
+    assert ready.volume("m") is None
+
+
+def test_create_volume_sums_subdisks_on_same_disk(ready: Catalog) -> None:
+    # each subdisk fits alone, together they exceed d1
+    with pytest.raises(NoSpace):
+        create(ready, vol("s", 1000 * MiB), [sd("s", 0, "d1", 600 * MiB), sd("s", 1, "d1", 600 * MiB)])
+    assert ready.volumes() == [] and ready.subdisks() == [] and ready.intents() == []
+
+
+def test_create_volume_counts_existing_reservations(ready: Catalog) -> None:
+    create(ready, vol("a"), [sd("a", 0, "d1", 700 * MiB)])
+    with pytest.raises(NoSpace):
+        create(ready, vol("b"), [sd("b", 0, "d1", 301 * MiB)])
+    assert ready.volume("b") is None
+    # exactly filling the disk is allowed
+    create(ready, vol("c"), [sd("c", 0, "d1", 300 * MiB)])
+    assert ready.reserved() == {"d1": 1000 * MiB}
+    with pytest.raises(NoSpace):
+        create(ready, vol("d"), [sd("d", 0, "d1", 1)])
+
+
+def test_create_volume_disk_without_capacity_is_no_space(ready: Catalog) -> None:
+    with pytest.raises(NoSpace):
+        create(ready, vol("v"), [sd("v", 0, "d2", MiB)], capacity={"d1": 1000 * MiB})
+    assert ready.volumes() == [] and ready.intents() == []
+
+
+def test_reserved_sums_per_disk(ready: Catalog) -> None:
+    # reserved, not size, is what counts
+    create(ready, vol("a"), [sd("a", 0, "d1", 100 * MiB, 90 * MiB), sd("a", 1, "d2", 200 * MiB, 10 * MiB)])
+    create(ready, vol("b"), [sd("b", 0, "d1", 50 * MiB), sd("b", 1, "d1", 25 * MiB)])
+    assert ready.reserved() == {"d1": 175 * MiB, "d2": 200 * MiB}
+    ready.delete_volume("a")
+    assert ready.reserved() == {"d1": 75 * MiB}
+
+
+def test_subdisks_all_volumes_ordered(ready: Catalog) -> None:
+    create(ready, vol("b"), [sd("b", 1, "d2", 10 * MiB), sd("b", 0, "d1", 10 * MiB)])
+    create(ready, vol("a"), [sd("a", 0, "d2", 20 * MiB)])
+    assert ready.subdisks() == [sd("a", 0, "d2", 20 * MiB), sd("b", 0, "d1", 10 * MiB),
+                                sd("b", 1, "d2", 10 * MiB)]
+    assert ready.subdisks("b") == [sd("b", 0, "d1", 10 * MiB), sd("b", 1, "d2", 10 * MiB)]
+
+
+def test_update_volume(ready: Catalog) -> None:
+    v = vol("v1", state="creating")
+    create(ready, v, [sd("v1", 0, "d1", 100 * MiB)])
+    create(ready, vol("other"), [sd("other", 0, "d1", 10 * MiB)])
+    ready.update_volume("v1", state="ok", protect=True, size=200 * MiB, maxiops=42)
+    got = ready.volume("v1")
+    assert got == vol("v1", 200 * MiB, state="ok", protect=True, maxiops=42)
+    assert got is not None and got.protect is True
+    ready.update_volume("v1", protect=False, snapshot_of="other")
+    assert ready.volume("v1") == vol("v1", 200 * MiB, state="ok", maxiops=42, snapshot_of="other")
+    ready.update_volume("v1", snapshot_of=None)
+    assert ready.volume("v1") == vol("v1", 200 * MiB, state="ok", maxiops=42)
+    assert ready.volume("other") == vol("other")
+
+
+def test_update_volume_missing_raises(ready: Catalog) -> None:
+    with pytest.raises(NoSuchVolume):
+        ready.update_volume("ghost", state="ok")
+    assert ready.volume("ghost") is None
+
+
+def test_update_volume_unknown_field_is_refused(ready: Catalog) -> None:
+    create(ready, vol("v1"), [sd("v1", 0, "d1", 100 * MiB)])
+    with pytest.raises(ValueError):
+        ready.update_volume("v1", bogus=1)
+    with pytest.raises(ValueError):
+        ready.update_volume("v1", state="ok", volume="renamed")
+    assert ready.volume("v1") == vol("v1")
+
+
+def test_update_subdisk_moves_to_other_disk(ready: Catalog) -> None:
+    create(ready, vol("v1"), [sd("v1", 0, "d1", 100 * MiB), sd("v1", 1, "d1", 50 * MiB)])
+    ready.update_subdisk("v1", 1, CAP, disk="d2")
+    assert ready.subdisks("v1") == [sd("v1", 0, "d1", 100 * MiB), sd("v1", 1, "d2", 50 * MiB)]
+    assert ready.reserved() == {"d1": 100 * MiB, "d2": 50 * MiB}
+
+
+def test_update_subdisk_no_space_leaves_it_unchanged(ready: Catalog) -> None:
+    create(ready, vol("fill"), [sd("fill", 0, "d2", 1900 * MiB)])
+    create(ready, vol("v1"), [sd("v1", 0, "d1", 200 * MiB)])
+    before = snapshot(ready)
+    with pytest.raises(NoSpace):
+        ready.update_subdisk("v1", 0, CAP, disk="d2")
+    with pytest.raises(NoSpace):
+        ready.update_subdisk("v1", 0, CAP, size=1001 * MiB, reserved=1001 * MiB)
+    assert snapshot(ready) == before
+    assert ready.subdisks("v1") == [sd("v1", 0, "d1", 200 * MiB)]
+
+
+def test_update_subdisk_grow_counts_only_the_difference(ready: Catalog) -> None:
+    create(ready, vol("v1"), [sd("v1", 0, "d1", 600 * MiB)])
+    # 600 -> 1000 on a 1000 MiB disk fits because the old 600 is given back
+    ready.update_subdisk("v1", 0, CAP, size=1000 * MiB, reserved=1000 * MiB)
+    assert ready.subdisks("v1") == [sd("v1", 0, "d1", 1000 * MiB)]
+    assert ready.reserved() == {"d1": 1000 * MiB}
+    with pytest.raises(NoSpace):
+        ready.update_subdisk("v1", 0, CAP, reserved=1000 * MiB + 1)
+    assert ready.subdisks("v1") == [sd("v1", 0, "d1", 1000 * MiB)]
+
+
+def test_update_subdisk_move_frees_old_disk(ready: Catalog) -> None:
+    create(ready, vol("v1"), [sd("v1", 0, "d1", 800 * MiB)])
+    with pytest.raises(NoSpace):
+        create(ready, vol("v2"), [sd("v2", 0, "d1", 800 * MiB)])
+    ready.update_subdisk("v1", 0, CAP, disk="d2")
+    assert ready.reserved() == {"d2": 800 * MiB}
+    create(ready, vol("v2"), [sd("v2", 0, "d1", 1000 * MiB)])
+    assert ready.reserved() == {"d1": 1000 * MiB, "d2": 800 * MiB}
+
+
+def test_update_subdisk_without_capacity_skips_the_check(ready: Catalog) -> None:
+    create(ready, vol("v1"), [sd("v1", 0, "d1", 100 * MiB)])
+    ready.update_subdisk("v1", 0, reserved=5000 * MiB)
+    assert ready.reserved() == {"d1": 5000 * MiB}
+
+
+def test_update_subdisk_missing_raises(ready: Catalog) -> None:
+    create(ready, vol("v1"), [sd("v1", 0, "d1", 100 * MiB)])
+    with pytest.raises(NoSuchVolume):
+        ready.update_subdisk("v1", 7, CAP, disk="d2")
+    with pytest.raises(NoSuchVolume):
+        ready.update_subdisk("ghost", 0, CAP, disk="d2")
+    assert ready.subdisks() == [sd("v1", 0, "d1", 100 * MiB)]
+
+
+def test_delete_volume_removes_subdisks_mounts_and_intent(ready: Catalog) -> None:
+    create(ready, vol("v1"), [sd("v1", 0, "d1", 100 * MiB), sd("v1", 1, "d2", 100 * MiB)])
+    create(ready, vol("v2"), [sd("v2", 0, "d1", 10 * MiB)], it=intent("v2", "grow"))
+    ready.add_mount(MountRec("v1", "n1", "m1", 1.0))
+    ready.add_mount(MountRec("v1", "n2", "m2", 2.0))
+    keep_mount = MountRec("v2", "n1", "m3", 3.0)
+    ready.add_mount(keep_mount)
+    ready.delete_volume("v1")
+    assert ready.volume("v1") is None
+    assert ready.subdisks("v1") == []
+    assert ready.mounts("v1") == []
+    assert [i.key for i in ready.intents()] == ["v2"]
+    # the other volume is untouched
+    assert ready.volumes() == [vol("v2")]
+    assert ready.subdisks() == [sd("v2", 0, "d1", 10 * MiB)]
+    assert ready.mounts() == [keep_mount]
+    assert ready.reserved() == {"d1": 10 * MiB}
+
+
+def test_delete_volume_absent_is_fine(ready: Catalog) -> None:
+    create(ready, vol("v1"), [sd("v1", 0, "d1", 100 * MiB)])
+    before = snapshot(ready)
+    ready.delete_volume("ghost")
+    assert snapshot(ready) == before
+    ready.delete_volume("v1")
+    ready.delete_volume("v1")
+    assert ready.volumes() == []
+
+
+def test_volume_name_reusable_after_delete(ready: Catalog) -> None:
+    create(ready, vol("v1"), [sd("v1", 0, "d1", 1000 * MiB)])
+    ready.delete_volume("v1")
+    v = vol("v1", 50 * MiB, layout="stripe")
+    create(ready, v, [sd("v1", 0, "d1", 1000 * MiB)])
+    assert ready.volume("v1") == v
+
+
+# -------------------------------------------------------------------------------------------- mounts
+
+
+def test_add_mount_true_then_false(ready: Catalog) -> None:
+    create(ready, vol("v1"), [sd("v1", 0, "d1", 100 * MiB)])
+    m = MountRec("v1", "node1", "abc123", 1700000300.5)
+    assert ready.add_mount(m) is True
+    assert ready.add_mount(m) is False
+    # same ID recorded again with another timestamp is still a duplicate; the first record stays
+    assert ready.add_mount(MountRec("v1", "node1", "abc123", 1700000999.0)) is False
+    assert ready.mounts() == [m]
+
+
+def test_same_mount_id_on_other_node_is_a_different_mount(ready: Catalog) -> None:
+    create(ready, vol("v1"), [sd("v1", 0, "d1", 100 * MiB)])
+    assert ready.add_mount(MountRec("v1", "node1", "id", 1.0)) is True
+    assert ready.add_mount(MountRec("v1", "node2", "id", 2.0)) is True
+    assert len(ready.mounts("v1")) == 2
+
+
+def test_remove_mount_true_then_false(ready: Catalog) -> None:
+    create(ready, vol("v1"), [sd("v1", 0, "d1", 100 * MiB)])
+    m1 = MountRec("v1", "node1", "m1", 1.0)
+    m2 = MountRec("v1", "node1", "m2", 2.0)
+    ready.add_mount(m1)
+    ready.add_mount(m2)
+    assert ready.remove_mount("v1", "node1", "m1") is True
+    assert ready.remove_mount("v1", "node1", "m1") is False
+    assert ready.remove_mount("v1", "node2", "m2") is False  # wrong node
+    assert ready.remove_mount("other", "node1", "m2") is False  # wrong volume
+    assert ready.mounts() == [m2]
+    assert ready.remove_mount("v1", "node1", "never") is False
+    # the removed ID can be recorded again
+    assert ready.add_mount(m1) is True
+
+
+def test_mounts_filter_by_volume(ready: Catalog) -> None:
+    create(ready, vol("a"), [sd("a", 0, "d1", 10 * MiB)])
+    create(ready, vol("b"), [sd("b", 0, "d1", 10 * MiB)])
+    a2 = MountRec("a", "n2", "a2", 20.0)
+    a1 = MountRec("a", "n1", "a1", 10.0)
+    b1 = MountRec("b", "n1", "b1", 15.0)
+    for m in (a2, b1, a1):
+        assert ready.add_mount(m) is True
+    assert ready.mounts("a") == [a1, a2]  # ordered by creation
+    assert ready.mounts("b") == [b1]
+    assert ready.mounts("c") == []
+    assert sorted(ready.mounts(), key=lambda m: m.mount_id) == [a1, a2, b1]
+
+
+# ------------------------------------------------------------------------------------------- intents
+
+
+def test_put_intent_records_and_replaces(ready: Catalog) -> None:
+    assert ready.intents() == []
+    first = intent("@dg", "adddisk", created=10.0, disk="d3")
+    ready.put_intent(first)
+    assert ready.intents() == [first]
+    second = intent("@dg", "rmdisk", created=11.0, disk="d1", step=2)
+    ready.put_intent(second)
+    assert ready.intents() == [second]
+    other = intent("v9", "create", created=12.0)
+    ready.put_intent(other)
+    assert sorted(ready.intents(), key=lambda i: i.key) == [second, other]
+
+
+def test_intents_data_round_trips_nested(ready: Catalog) -> None:
+    data = {
+        "disks": ["d1", "d2"],
+        "plan": {"subdisks": [{"idx": 0, "disk": "d1", "size": 100 * MiB}], "ncol": 2},
+        "done": False,
+        "ratio": 0.5,
+        "note": None,
+        "unicode": "vol\u00e9",
+        "empty": {},
+    }
+    it = IntentRec(key="v1", op="create", data=data, created=1700000400.0)
+    ready.put_intent(it)
+    (got,) = ready.intents()
+    assert got == it
+    assert dict(got.data) == data
+    assert got.data["plan"]["subdisks"][0]["size"] == 100 * MiB
+
+
+def test_intent_data_is_a_snapshot(ready: Catalog) -> None:
+    data: dict[str, object] = {"step": 1, "disks": ["d1"]}
+    ready.put_intent(IntentRec(key="v1", op="create", data=data, created=1.0))
+    data["step"] = 2
+    data["disks"].append("d2")  # type: ignore[attr-defined]
+    (got,) = ready.intents()
+    assert dict(got.data) == {"step": 1, "disks": ["d1"]}
+    # mutating what was read does not change what is stored either
+    got.data["disks"].append("dX")  # type: ignore[index]
+    (again,) = ready.intents()
+    assert dict(again.data) == {"step": 1, "disks": ["d1"]}
+
+
+def test_intents_ordered_by_creation(ready: Catalog) -> None:
+    late = intent("b", created=30.0)
+    early = intent("c", created=10.0)
+    mid = intent("a", created=20.0)
+    for it in (late, early, mid):
+        ready.put_intent(it)
+    assert ready.intents() == [early, mid, late]
+
+
+def test_finish_intent_clears_intent_and_applies_update(ready: Catalog) -> None:
+    create(ready, vol("v1", state="creating"), [sd("v1", 0, "d1", 100 * MiB)], it=intent("v1", "create"))
+    create(ready, vol("v2", state="creating"), [sd("v2", 0, "d1", 100 * MiB)], it=intent("v2", "create"))
+    ready.finish_intent("v1", {"state": "ok", "protect": True})
+    assert ready.volume("v1") == vol("v1", state="ok", protect=True)
+    assert [i.key for i in ready.intents()] == ["v2"]
+    assert ready.volume("v2") == vol("v2", state="creating")
+
+
+def test_finish_intent_without_update(ready: Catalog) -> None:
+    ready.put_intent(intent("@dg", "adddisk", disk="d3"))
+    create(ready, vol("v1", state="creating"), [sd("v1", 0, "d1", 100 * MiB)])
+    ready.finish_intent("@dg")
+    assert [i.key for i in ready.intents()] == ["v1"]
+    ready.finish_intent("v1", {})
+    assert ready.intents() == []
+    assert ready.volume("v1") == vol("v1", state="creating")
+
+
+def test_finish_intent_update_of_missing_volume_keeps_intent(ready: Catalog) -> None:
+    it = intent("ghost", "create", step=3)
+    ready.put_intent(it)
+    with pytest.raises(NoSuchVolume):
+        ready.finish_intent("ghost", {"state": "ok"})
+    assert ready.intents() == [it]
+    assert ready.volume("ghost") is None
+
+
+def test_finish_intent_bad_update_keeps_intent_and_volume(ready: Catalog) -> None:
+    v = vol("v1", state="creating")
+    it = intent("v1", "create")
+    create(ready, v, [sd("v1", 0, "d1", 100 * MiB)], it=it)
+    with pytest.raises(ValueError):
+        ready.finish_intent("v1", {"state": "ok", "bogus": 1})
+    assert ready.intents() == [it]
+    assert ready.volume("v1") == v
+
+
+# ----------------------------------------------------------------------------------------- sqlite only
+
+
+def test_sqlite_persists_across_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "cat.db"
+    cat = SqliteCatalog(path)
+    cat.init(DG)
+    cat.add_disk(D1)
+    v = vol("v1", protect=True)
+    it = intent("v1", "create", plan={"a": [1, 2]})
+    cat.create_volume(v, [sd("v1", 0, "d1", 100 * MiB)], it, CAP)
+    cat.add_mount(MountRec("v1", "n1", "m1", 5.0))
+    cat.close()
+    again = SqliteCatalog(path)
+    try:
+        assert again.diskgroup() == DG
+        assert again.disks() == [D1]
+        assert again.volume("v1") == v
+        assert again.subdisks() == [sd("v1", 0, "d1", 100 * MiB)]
+        assert again.mounts() == [MountRec("v1", "n1", "m1", 5.0)]
+        assert again.intents() == [it]
+        with pytest.raises(AlreadyExists):
+            again.init(DG)
+    finally:
+        again.close()
+
+
+SLOT = 10 * MiB
+WORKERS = 8
+PER_WORKER = 10
+FIT = 50
+
+
+def _prepare_shared(path: Path) -> None:
+    cat = SqliteCatalog(path)
+    cat.init(DG)
+    cat.add_disk(D1)
+    cat.close()
+
+
+def _create_many(path: str, worker: int, barrier: object,
+                 out: object = None) -> tuple[int, int, list[str]]:
+    """Top-level so multiprocessing can run it: create PER_WORKER volumes, count the outcomes."""
+    cat = SqliteCatalog(Path(path), timeout=30.0)
+    ok = nospace = 0
+    other: list[str] = []
+    try:
+        barrier.wait()  # type: ignore[attr-defined]
+        for i in range(PER_WORKER):
+            name = f"w{worker}v{i}"
+            try:
+                cat.create_volume(vol(name, SLOT), [sd(name, 0, "d1", SLOT)], intent(name),
+                                  {"d1": FIT * SLOT})
+                ok += 1
+            except NoSpace:
+                nospace += 1
+            except Exception as exc:  # reported to the parent, which fails the test
+                other.append(f"{type(exc).__name__}: {exc}")
+    finally:
+        cat.close()
+    if out is not None:
+        out.put((worker, (ok, nospace, other)))  # type: ignore[attr-defined]
+    return ok, nospace, other
+
+
+def _check_shared(path: Path, results: list[tuple[int, int, list[str]]]) -> None:
+    assert [r[2] for r in results] == [[]] * WORKERS
+    assert sum(r[0] for r in results) == FIT
+    assert sum(r[1] for r in results) == WORKERS * PER_WORKER - FIT
+    cat = SqliteCatalog(path)
+    try:
+        assert cat.reserved() == {"d1": FIT * SLOT}
+        assert len(cat.volumes()) == FIT
+        assert len(cat.subdisks()) == FIT
+        assert len(cat.intents()) == FIT
+    finally:
+        cat.close()
+
+
+def test_sqlite_concurrent_processes_never_overcommit(tmp_path: Path) -> None:
+    path = tmp_path / "shared.db"
+    _prepare_shared(path)
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(WORKERS)
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_create_many, args=(str(path), w, barrier, out)) for w in range(WORKERS)]
+    for p in procs:
+        p.start()
+    try:
+        got = dict(out.get(timeout=30) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert [p.exitcode for p in procs] == [0] * WORKERS
+    _check_shared(path, [got[w] for w in range(WORKERS)])
+
+
+def test_sqlite_concurrent_threads_never_overcommit(tmp_path: Path) -> None:
+    path = tmp_path / "shared.db"
+    _prepare_shared(path)
+    barrier = threading.Barrier(WORKERS)
+    results: list[tuple[int, int, list[str]]] = [(0, 0, ["not run"])] * WORKERS
+
+    def run(w: int) -> None:
+        results[w] = _create_many(str(path), w, barrier)
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in range(WORKERS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    _check_shared(path, results)
+
+
+def test_sqlite_one_catalog_shared_by_threads(tmp_path: Path) -> None:
+    """A single SqliteCatalog object (as a threaded plugin server holds it) used by many threads."""
+    path = tmp_path / "shared.db"
+    _prepare_shared(path)
+    cat = SqliteCatalog(path)
+    barrier = threading.Barrier(WORKERS)
+    errors: list[str] = []
+    counts = {"ok": 0, "nospace": 0}
+    lock = threading.Lock()
+
+    def run(w: int) -> None:
+        barrier.wait()
+        for i in range(PER_WORKER):
+            name = f"t{w}v{i}"
+            try:
+                cat.create_volume(vol(name, SLOT), [sd(name, 0, "d1", SLOT)], intent(name),
+                                  {"d1": FIT * SLOT})
+                key = "ok"
+            except NoSpace:
+                key = "nospace"
+            except Exception as exc:
+                with lock:
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                continue
+            with lock:
+                counts[key] += 1
+            cat.volumes()
+            cat.reserved()
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in range(WORKERS)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert errors == []
+        assert counts == {"ok": FIT, "nospace": WORKERS * PER_WORKER - FIT}
+        assert cat.reserved() == {"d1": FIT * SLOT}
+    finally:
+        cat.close()

@@ -1,0 +1,218 @@
+"""load_config: explicit file, $VERITAS_CONFIG, the repository default, and refusal of bad values."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+import storage.config as config_mod
+from storage.config import Config, VolumeDefaults, load_config
+from storage.errors import BadName, BadSize, InvalidArgument
+from storage.units import GiB, MiB
+
+REPO_DEFAULT = Path(__file__).resolve().parents[2] / "etc" / "vxinfoscale-default.conf"
+
+FULL = """\
+[storage]
+diskgroup = testdg
+state_root = {root}/state
+mount_root = {root}/mnt
+default_disk_size = 512m
+default_disk_count = 3
+
+[volume]
+size = 2g
+layout = mirror
+fstype = ext4
+nmirror = 3
+ncol = 4
+maxiops = 250
+cache_percent = 15
+protect = yes
+
+[node]
+name = node-7
+"""
+
+
+@pytest.fixture(autouse=True)
+def _no_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VERITAS_CONFIG", raising=False)
+
+
+def write(tmp_path: Path, text: str, name: str = "veritas.conf") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def minimal(tmp_path: Path, storage: str = "", volume: str = "", node: str = "") -> Path:
+    root = tmp_path.as_posix()
+    text = (f"[storage]\nstate_root = {root}/state\nmount_root = {root}/mnt\n{storage}\n"
+            f"[volume]\n{volume}\n[node]\n{node}\n")
+    return write(tmp_path, text)
+
+
+def test_load_all_keys(tmp_path: Path) -> None:
+    path = write(tmp_path, FULL.format(root=tmp_path.as_posix()))
+    cfg = load_config(path)
+    assert cfg == Config(
+        diskgroup="testdg",
+        state_root=tmp_path / "state",
+        mount_root=tmp_path / "mnt",
+        default_disk_size=512 * MiB,
+        default_disk_count=3,
+        node="node-7",
+        volume=VolumeDefaults(size=2 * GiB, layout="mirror", fstype="ext4", nmirror=3, ncol=4,
+                              maxiops=250, cache_percent=15, protect=True),
+        source=path,
+    )
+    assert cfg.dg_parent == tmp_path / "state" / "dg"
+
+
+def test_load_accepts_str_path(tmp_path: Path) -> None:
+    path = write(tmp_path, FULL.format(root=tmp_path.as_posix()))
+    assert load_config(str(path)).diskgroup == "testdg"
+
+
+def test_repository_default_file_loads() -> None:
+    assert REPO_DEFAULT.is_file()
+    cfg = load_config(REPO_DEFAULT)
+    assert cfg.source == REPO_DEFAULT
+    assert cfg.diskgroup == "dockerdg"
+    assert cfg.state_root == Path("/var/lib/veritas")
+    assert cfg.mount_root == Path("/dockerfs")
+    assert cfg.default_disk_size == 20 * GiB
+    assert cfg.default_disk_count == 2
+    assert cfg.node == socket.gethostname()  # empty name means the host name
+    assert cfg.volume == VolumeDefaults(size=GiB, layout="concat", fstype="xfs", nmirror=2, ncol=2,
+                                        maxiops=0, cache_percent=30, protect=False)
+
+
+def test_without_path_or_env_falls_back_to_repository_default(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(config_mod, "DEFAULT_CONFIG", tmp_path / "absent.conf")
+    assert load_config().source == REPO_DEFAULT
+
+
+def test_without_path_or_env_prefers_installed_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    installed = minimal(tmp_path, storage="diskgroup = installeddg")
+    monkeypatch.setattr(config_mod, "DEFAULT_CONFIG", installed)
+    cfg = load_config()
+    assert cfg.source == installed
+    assert cfg.diskgroup == "installeddg"
+
+
+def test_veritas_config_env_is_honoured(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    path = minimal(tmp_path, storage="diskgroup = envdg")
+    monkeypatch.setenv("VERITAS_CONFIG", str(path))
+    cfg = load_config()
+    assert cfg.source == path
+    assert cfg.diskgroup == "envdg"
+    assert cfg.state_root == tmp_path / "state"
+
+
+def test_explicit_path_beats_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    env_file = write(tmp_path, "[storage]\ndiskgroup = envdg\n", "env.conf")
+    explicit = write(tmp_path, "[storage]\ndiskgroup = explicitdg\n", "explicit.conf")
+    monkeypatch.setenv("VERITAS_CONFIG", str(env_file))
+    assert load_config(explicit).diskgroup == "explicitdg"
+
+
+def test_missing_explicit_file_raises(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match="does not exist"):
+        load_config(tmp_path / "nope.conf")
+
+
+def test_missing_env_file_raises(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("VERITAS_CONFIG", str(tmp_path / "nope.conf"))
+    with pytest.raises(InvalidArgument, match="does not exist"):
+        load_config()
+
+
+def test_directory_is_not_a_config_file(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument):
+        load_config(tmp_path)
+
+
+def test_empty_file_gives_defaults(tmp_path: Path) -> None:
+    path = write(tmp_path, "")
+    cfg = load_config(path)
+    assert cfg == Config(node=socket.gethostname(), source=path)
+    assert cfg.volume == VolumeDefaults()
+
+
+def test_empty_values_fall_back_to_defaults(tmp_path: Path) -> None:
+    cfg = load_config(minimal(tmp_path, storage="default_disk_count =",
+                              volume="layout =\nfstype =\nnmirror =\nprotect =", node="name ="))
+    assert cfg.default_disk_count == 2
+    assert cfg.volume.layout == "concat"
+    assert cfg.volume.fstype == "xfs"
+    assert cfg.volume.nmirror == 2
+    assert cfg.volume.protect is False
+    assert cfg.node == socket.gethostname()
+
+
+def test_malformed_file_raises(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match="malformed"):
+        load_config(write(tmp_path, "diskgroup = nosection\n"))
+
+
+@pytest.mark.parametrize("key", ["state_root", "mount_root"])
+def test_relative_roots_raise(tmp_path: Path, key: str) -> None:
+    roots = {"state_root": f"{tmp_path.as_posix()}/state", "mount_root": f"{tmp_path.as_posix()}/mnt"}
+    roots[key] = "relative/dir"
+    text = "[storage]\n" + "".join(f"{k} = {v}\n" for k, v in roots.items())
+    with pytest.raises(InvalidArgument, match=key):
+        load_config(write(tmp_path, text))
+
+
+@pytest.mark.parametrize("value", ["two", "2.5", "0x2", "-1"])
+def test_bad_nmirror_raises(tmp_path: Path, value: str) -> None:
+    with pytest.raises(InvalidArgument, match="nmirror"):
+        load_config(minimal(tmp_path, volume=f"nmirror = {value}"))
+
+
+@pytest.mark.parametrize(("section", "key"), [("storage", "default_disk_count"), ("volume", "ncol"),
+                                              ("volume", "maxiops"), ("volume", "cache_percent")])
+def test_other_bad_integers_raise(tmp_path: Path, section: str, key: str) -> None:
+    kw = {section: f"{key} = lots"}
+    with pytest.raises(InvalidArgument, match=key):
+        load_config(minimal(tmp_path, **kw))
+
+
+@pytest.mark.parametrize("name", ["bad/name", "..", "has space", "-dash", "x" * 65])
+def test_bad_diskgroup_name_raises(tmp_path: Path, name: str) -> None:
+    with pytest.raises(BadName):
+        load_config(minimal(tmp_path, storage=f"diskgroup = {name}"))
+
+
+@pytest.mark.parametrize(("section", "line"), [
+    ("volume", "size = huge"),
+    ("volume", "size = 0"),
+    ("volume", "size = -1g"),
+    ("volume", "size ="),
+    ("storage", "default_disk_size = 20q"),
+    ("storage", "default_disk_size = 0g"),
+])
+def test_bad_size_raises(tmp_path: Path, section: str, line: str) -> None:
+    kw = {section: line}
+    with pytest.raises(BadSize):
+        load_config(minimal(tmp_path, **kw))
+
+
+@pytest.mark.parametrize(("value", "expected"), [("yes", True), ("true", True), ("1", True), ("on", True),
+                                                 ("no", False), ("false", False), ("0", False)])
+def test_protect_values(tmp_path: Path, value: str, expected: bool) -> None:
+    assert load_config(minimal(tmp_path, volume=f"protect = {value}")).volume.protect is expected
+
+
+def test_bad_protect_raises_invalid_argument(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match="protect"):
+        load_config(minimal(tmp_path, volume="protect = maybe"))
+
+
+def test_disk_count_at_least_one(tmp_path: Path) -> None:
+    assert load_config(minimal(tmp_path, storage="default_disk_count = 0")).default_disk_count == 1
