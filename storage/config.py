@@ -32,6 +32,16 @@ class VolumeDefaults:
 
 
 @dataclass(frozen=True)
+class PluginSettings:
+    """Settings of the Docker volume plugin (read here so one file configures the whole product)."""
+
+    socket: Path = Path("/run/docker/plugins/veritas.sock")
+    workers: int = 3
+    docker_host: str = "unix:///var/run/docker.sock"
+    driver: str = "veritas"
+
+
+@dataclass(frozen=True)
 class Config:
     diskgroup: str = "dockerdg"
     state_root: Path = Path("/var/lib/veritas")
@@ -40,6 +50,7 @@ class Config:
     default_disk_count: int = 2
     node: str = field(default_factory=socket.gethostname)
     volume: VolumeDefaults = field(default_factory=VolumeDefaults)
+    plugin: PluginSettings = field(default_factory=PluginSettings)
     source: Path | None = None
 
     @property
@@ -88,10 +99,17 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         parser.read(chosen)
     except configparser.Error as exc:
         raise InvalidArgument(f"config file {chosen} is malformed: {exc}") from None
-    for sec in ("storage", "volume", "node"):
+    for sec in ("storage", "volume", "node", "plugin"):
         if not parser.has_section(sec):
             parser.add_section(sec)
-    st, vol, node = parser["storage"], parser["volume"], parser["node"]
+    st, vol, node, plug = parser["storage"], parser["volume"], parser["node"], parser["plugin"]
+    p = PluginSettings()
+    plugin = PluginSettings(
+        socket=Path(plug.get("socket", fallback="").strip() or p.socket),
+        workers=max(1, _int(plug, "workers", p.workers)),
+        docker_host=plug.get("docker_host", fallback="").strip() or p.docker_host,
+        driver=check_name(plug.get("driver", fallback="").strip() or p.driver, "plugin driver name"),
+    )
     d = VolumeDefaults()
     defaults = VolumeDefaults(
         size=parse_size(vol.get("size", fallback="1g"), "config volume.size"),
@@ -105,9 +123,9 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     )
     state_root = Path(st.get("state_root", fallback="/var/lib/veritas"))
     mount_root = Path(st.get("mount_root", fallback="/dockerfs"))
-    for p, key in ((state_root, "state_root"), (mount_root, "mount_root")):
-        if not p.is_absolute():
-            raise InvalidArgument(f"config: storage.{key} must be an absolute path, got {str(p)!r}")
+    for path, key in ((state_root, "state_root"), (mount_root, "mount_root")):
+        if not path.is_absolute():
+            raise InvalidArgument(f"config: storage.{key} must be an absolute path, got {str(path)!r}")
     return Config(
         diskgroup=check_name(st.get("diskgroup", fallback="dockerdg").strip(), "disk group name"),
         state_root=state_root,
@@ -116,5 +134,6 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         default_disk_count=max(1, _int(st, "default_disk_count", 2)),
         node=node.get("name", fallback="").strip() or socket.gethostname(),
         volume=defaults,
+        plugin=plugin,
         source=chosen,
     )

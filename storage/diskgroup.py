@@ -58,12 +58,13 @@ class DiskSpec:
 class DiskGroup:
     """An imported disk group on this node: its catalog, locks, paths and disks."""
 
-    def __init__(self, config: Config, name: str, runner: Runner = run) -> None:
+    def __init__(self, config: Config, name: str, runner: Runner = run, _creating: bool = False) -> None:
         self.config = config
         self.name = check_name(name, "disk group name")
         self.runner = runner
         self.root = config.dg_parent / name
-        self.catalog_path = self.root / "catalog.db"
+        # a disk group being created keeps its catalog under another name until its disks are ready
+        self.catalog_path = self.root / ("catalog.db.new" if _creating else "catalog.db")
         if not self.catalog_path.exists():
             raise NoSuchDiskGroup(f"no such disk group: {name} (create it with veritas dg init {name} DISK...)")
         self.catalog = SqliteCatalog(self.catalog_path)
@@ -250,6 +251,12 @@ def init(config: Config, name: str, specs: Sequence[DiskSpec], force: bool = Fal
          runner: Runner = run) -> DiskGroup:
     """Create disk group ``name`` on ``specs`` and import it on this node."""
     check_name(name, "disk group name")
+    config.state_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with LockDir(config.state_root).hold(exclusive_dg=True):  # one disk group creation at a time
+        return _init(config, name, specs, force, runner)
+
+
+def _init(config: Config, name: str, specs: Sequence[DiskSpec], force: bool, runner: Runner) -> DiskGroup:
     if not specs:
         raise InvalidArgument("a disk group needs at least one disk")
     root = config.dg_parent / name
@@ -262,22 +269,42 @@ def init(config: Config, name: str, specs: Sequence[DiskSpec], force: bool = Fal
         seen.add(s.source)
         if not s.source.exists() and s.size is None:
             raise InvalidArgument(f"disk {s.source} does not exist; give its size (PATH=SIZE or --size)")
+    created = [s.source for s in specs if not s.source.exists()]  # removed again if init fails
+    if root.exists():
+        _discard_partial(config, root, runner)
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     cat = SqliteCatalog(root / "catalog.db.new")
     try:
         cat.init(DiskGroupRec(name, str(uuid.uuid4()), config.node, time.time()))
     finally:
         cat.close()
-    os.replace(root / "catalog.db.new", root / "catalog.db")
-    for suffix in ("-wal", "-shm"):
-        (root / f"catalog.db.new{suffix}").unlink(missing_ok=True)
-    dg = DiskGroup(config, name, runner)
+    dg = DiskGroup(config, name, runner, _creating=True)
     try:
         dg.add_disks(specs, force)
+        crash.point("init.disks")
+        dg.close()
+        # the rename publishes the disk group: killed before it, the next init discards the remains
+        os.replace(root / "catalog.db.new", root / "catalog.db")
+        for suffix in ("-wal", "-shm"):
+            (root / f"catalog.db.new{suffix}").unlink(missing_ok=True)
     except BaseException:
         destroy(dg, force=True)
+        for path in created:
+            path.unlink(missing_ok=True)
         raise
-    return dg
+    return DiskGroup(config, name, runner)
+
+
+def _discard_partial(config: Config, root: Path, runner: Runner) -> None:
+    """Remove what an init killed before it published its catalog left: disk mounts, loop devices."""
+    disks = root / "disks"
+    if disks.is_dir():
+        for d in disks.iterdir():
+            entry = mounts.mounted_at(d)
+            fs.umount(d, runner)
+            if entry is not None and entry.source.startswith("/dev/loop"):
+                loop.detach(entry.source, runner)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def open_dg(config: Config, name: str, runner: Runner = run, recover: bool = True) -> DiskGroup:
@@ -369,5 +396,5 @@ def default_dg(config: Config, runner: Runner = run) -> DiskGroup:
                     img = images / f"{name}-disk{i}.img"
                     img.unlink(missing_ok=True)  # left by an interrupted earlier attempt
                     specs.append(DiskSpec(img, config.default_disk_size))
-                init(config, name, specs, force=True, runner=runner).close()
+                _init(config, name, specs, True, runner).close()
     return open_dg(config, name, runner)

@@ -79,10 +79,10 @@ def _check(dg: DiskGroup, repair: bool) -> list[Finding]:
     for dev, back in loop.attached().items():
         if not back.startswith(prefix):
             continue
-        owner = wanted.get(Path(back))
-        if owner in mounted_vols or owner in busy:
+        holder = wanted.get(Path(back))
+        if holder in mounted_vols or holder in busy:
             continue
-        if owner is None and Path(back).name.rsplit(".", 2)[0] in busy:
+        if holder is None and Path(back).name.rsplit(".", 2)[0] in busy:
             continue
         fixed = False
         if repair and not mounts.targets_of({dev}):

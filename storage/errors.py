@@ -86,7 +86,8 @@ class CommandFailed(VeritasError):
     exit_code = 8
 
     def __init__(self, argv: list[str], returncode: int, stderr: str) -> None:
-        detail = stderr.strip().splitlines()[-3:] if stderr.strip() else []
+        lines = [" ".join(ln.split()) for ln in stderr.strip().splitlines()]
+        detail = [ln for ln in lines if ln][-3:]
         msg = f"{argv[0]} failed (exit {returncode})"
         if detail:
             msg += ": " + " / ".join(detail)

@@ -25,7 +25,7 @@ from storage.errors import (
     UnknownOption,
     VeritasError,
 )
-from storage.kernel import btrfs, fs, loop, mounts, reflink
+from storage.kernel import btrfs, btrfs_super, fs, loop, mounts, reflink
 from storage.layouts import ENGINES, LAYOUTS, engine
 from storage.layouts.base import LayoutEngine, Shape
 from storage.units import check_name, parse_size
@@ -263,6 +263,7 @@ def mount(dg: DiskGroup, name: str, mount_id: str = ADMIN_MOUNT_ID, degraded: bo
         dg.catalog.put_intent(IntentRec(name, "mount", {"mount_id": mount_id}, time.time()))
         crash.point("mount.recorded")
         try:
+            v = ensure_identity(dg, v)
             paths = [p for p in images(dg, v) if p.exists()]
             devs = [loop.attach(p, dg.runner) for p in paths]
             crash.point("mount.attached")
@@ -271,6 +272,8 @@ def mount(dg: DiskGroup, name: str, mount_id: str = ADMIN_MOUNT_ID, degraded: bo
             crash.point("mount.mounted")
             if v.maxiops:
                 qos.apply_writeback(qos.Hierarchy.detect(), [loop.devnum(d) for d in devs], v.maxiops)
+            else:
+                _drop_writeback(devs)
             dg.catalog.add_mount(MountRec(name, dg.node, mount_id, time.time()))
         except BaseException:
             _unmount_kernel(dg, v)
@@ -281,12 +284,48 @@ def mount(dg: DiskGroup, name: str, mount_id: str = ADMIN_MOUNT_ID, degraded: bo
         return mp
 
 
+def _drop_writeback(devs: list[str]) -> None:
+    """Remove any root-cgroup limit on ``devs``: a loop device keeps its cgroup rules across detach and
+    reattach, so one leaked by an earlier user of the device would throttle an unlimited volume."""
+    try:
+        qos.apply_writeback(qos.Hierarchy.detect(), [loop.devnum(d) for d in devs], 0)
+    except (OSError, VeritasError):
+        pass
+
+
+def ensure_identity(dg: DiskGroup, v: VolumeRec) -> VolumeRec:
+    """Give a snapshot its own filesystem identity before its first attach, so it mounts beside its source.
+
+    Redone after a crash until it completes: the catalog flag is cleared only afterwards.
+    """
+    if not v.identity_pending:
+        return v
+    paths = images(dg, v)
+    if v.fstype == "btrfs":
+        btrfs_super.new_fsid(paths)  # on the image files: no device with the source's fsid appears
+    else:
+        devs = [loop.attach(p, dg.runner) for p in paths]
+        scratch = dg.scratch(f"identity-{v.name}")
+        try:
+            fs.new_uuid(v.fstype, devs, scratch, dg.runner)
+        finally:
+            fs.umount(scratch, dg.runner)
+            try:
+                scratch.rmdir()
+            except OSError:
+                pass
+            _detach(dg, v, paths)
+    crash.point("identity.done")
+    dg.catalog.update_volume(v.name, identity_pending=False)
+    return _get(dg, v.name)
+
+
 def _unmount_kernel(dg: DiskGroup, v: VolumeRec) -> None:
     mp = dg.mountpoint(v.name)
     fs.umount(mp, dg.runner)
     paths = images(dg, v)
     devs = [d for p in paths for d in loop.find(p)]
-    if devs and v.maxiops:
+    if devs:  # whatever the catalog says now: a loop device keeps its rules after detach
         try:
             qos.apply_writeback(qos.Hierarchy.detect(), [loop.devnum(d) for d in devs], 0)
         except (OSError, VeritasError):
@@ -335,15 +374,21 @@ def remove(dg: DiskGroup, name: str, force: bool = False, _cascade: bool = False
         if snaps:
             raise InUse(f"volume {name} has snapshots ({', '.join(snaps)}); remove them first")
         if v.protect and not force:
-            raise InUse(f"volume {name} is protected; use --force to remove it and its data")
+            raise InUse(f"volume {name} is protected: its data is kept; `veritas vol rm --force {name}`"
+                        " removes it and its data")
         in_use = dg.catalog.mounts(name)
         if (in_use or is_mounted(dg, name)) and not force:
             where = sorted({m.node for m in in_use}) or [dg.node]
             raise InUse(f"volume {name} is mounted on {', '.join(where)}; unmount it first")
+        mp = dg.mountpoint(name)
+        if force:
+            # unmount before recording anything, so a busy mount fails cleanly and changes nothing
+            _unmount_kernel(dg, v)
+            for m in in_use:
+                dg.catalog.remove_mount(name, m.node, m.mount_id)
         dg.catalog.put_intent(IntentRec(name, "rm", {}, time.time()))
         dg.catalog.update_volume(name, state="removing")
         crash.point("rm.recorded")
-        mp = dg.mountpoint(name)
         fs.umount(mp, dg.runner)
         crash.point("rm.unmounted")
         paths = images(dg, v)
@@ -415,6 +460,7 @@ def _grow_steps(dg: DiskGroup, v: VolumeRec, new: int) -> None:
             loop.refresh_size(d, dg.runner)
         fs.grow(v.fstype, devs, mp, dg.runner)
     else:
+        v = ensure_identity(dg, v)
         paths = images(dg, v)
         devs = [loop.attach(p, dg.runner) for p in paths]
         try:
@@ -500,6 +546,7 @@ def repair(dg: DiskGroup, name: str) -> VolumeRec:
         crash.point("repair.recorded")
         try:
             if not was_mounted:
+                v = ensure_identity(dg, v)
                 paths = [p for p in images(dg, v) if p.exists()]
                 devs = [loop.attach(p, dg.runner) for p in paths]
                 eng.mount(devs, shape_of(v), target, degraded=True, runner=dg.runner)

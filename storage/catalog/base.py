@@ -47,6 +47,7 @@ class VolumeRec:
     state: str = "ok"  # "creating" | "ok" | "removing"
     created: float = 0.0
     protect: bool = False
+    identity_pending: bool = False  # a snapshot whose filesystem still carries its source's UUID
 
 
 @dataclass(frozen=True)

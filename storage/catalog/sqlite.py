@@ -31,7 +31,8 @@ CREATE TABLE IF NOT EXISTS disk (
 CREATE TABLE IF NOT EXISTS volume (
   name TEXT PRIMARY KEY, size INTEGER NOT NULL, layout TEXT NOT NULL, fstype TEXT NOT NULL,
   nmirror INTEGER NOT NULL, ncol INTEGER NOT NULL, maxiops INTEGER NOT NULL, snapshot_of TEXT,
-  cachesize INTEGER NOT NULL, state TEXT NOT NULL, created REAL NOT NULL, protect INTEGER NOT NULL);
+  cachesize INTEGER NOT NULL, state TEXT NOT NULL, created REAL NOT NULL, protect INTEGER NOT NULL,
+  identity_pending INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS subdisk (
   volume TEXT NOT NULL REFERENCES volume(name), idx INTEGER NOT NULL,
   disk TEXT NOT NULL REFERENCES disk(name), size INTEGER NOT NULL, reserved INTEGER NOT NULL,
@@ -130,7 +131,7 @@ class SqliteCatalog(Catalog):
                 raise AlreadyExists(f"volume {vol.name} already exists")
             used = dict(db.execute("SELECT disk, SUM(reserved) FROM subdisk GROUP BY disk").fetchall())
             _check_space(used, subdisks, capacity)
-            db.execute("INSERT INTO volume VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", _vol_row(vol))
+            db.execute("INSERT INTO volume VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", _vol_row(vol))
             db.executemany("INSERT INTO subdisk VALUES (?,?,?,?,?)",
                            [(s.volume, s.idx, s.disk, s.size, s.reserved) for s in subdisks])
             db.execute("INSERT OR REPLACE INTO intent VALUES (?,?,?,?)", _intent_row(intent))
@@ -243,20 +244,20 @@ def _update_volume(db: sqlite3.Connection, name: str, fields: dict[str, Any]) ->
         return
     cols = ", ".join(f"{k}=?" for k in fields)
     vals = [int(v) if isinstance(v, bool) else v for v in fields.values()]
-    cur = db.execute(f"UPDATE volume SET {cols} WHERE name=?", (*vals, name))  # noqa: S608 - keys checked
+    cur = db.execute(f"UPDATE volume SET {cols} WHERE name=?", (*vals, name))
     if cur.rowcount == 0:
         raise NoSuchVolume(f"no such volume: {name}")
 
 
 def _vol_row(v: VolumeRec) -> tuple[Any, ...]:
     return (v.name, v.size, v.layout, v.fstype, v.nmirror, v.ncol, v.maxiops, v.snapshot_of,
-            v.cachesize, v.state, v.created or time.time(), int(v.protect))
+            v.cachesize, v.state, v.created or time.time(), int(v.protect), int(v.identity_pending))
 
 
 def _vol(r: sqlite3.Row | tuple[Any, ...]) -> VolumeRec:
-    (name, size, layout, fstype, nmirror, ncol, maxiops, snap, cache, state, created, protect) = r
+    (name, size, layout, fstype, nmirror, ncol, maxiops, snap, cache, state, created, protect, pending) = r
     return VolumeRec(name, size, layout, fstype, nmirror, ncol, maxiops, snap, cache, state, created,
-                     bool(protect))
+                     bool(protect), bool(pending))
 
 
 def _intent_row(i: IntentRec) -> tuple[Any, ...]:

@@ -96,7 +96,7 @@ def grow(fstype: str, devices: Sequence[str], target: Path | None, runner: Runne
                 "ext4 cannot grow while mounted on this host (online resize needs CAP_SYS_RESOURCE);"
                 " unmount the volume and grow it again, or use fstype=xfs"
             )
-        runner(["e2fsck", "-f", "-y", "-p", devices[0]], check=False)
+        runner(["e2fsck", "-f", "-y", devices[0]], check=False)  # -y with -p is a usage error
         runner(["resize2fs", devices[0]])
 
 

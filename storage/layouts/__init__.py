@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from storage.errors import Unsupported, UnknownOption
+from storage.errors import UnknownOption, Unsupported
 from storage.layouts.base import LayoutEngine, Shape
 from storage.layouts.concat import ConcatEngine
 from storage.layouts.raid import MirrorEngine, MirrorStripeEngine, StripeEngine

@@ -1,0 +1,463 @@
+#!/usr/bin/env python3
+"""Storage benchmark: the veritas storage API against the bare kernel steps it wraps, in the same run.
+
+Prints one JSON object per figure on stdout (progress goes to stderr)::
+
+    {"metric": ..., "value": ..., "unit": ..., "baseline": ..., "ratio": ..., "target": ...}
+
+``ratio`` is always value / baseline. ``target`` is a condition on ``ratio`` ("<=1.5", ">=0.8"), a condition
+on ``value`` when it starts with "value" ("value<100": the value itself, in ``unit``), or "info" for
+figures reported without a target. Times are medians (p50) of interleaved runs (ours, then bare, then
+bare, then ours, ...), so load from other processes lands on both sides alike.
+
+Figures:
+  make_mount_1g / umount_rm_1g   volumes.make + mount of a 1 GiB concat volume vs truncate, losetup,
+                                 mkfs.xfs, mount of an image in the same disk group disk (and the reverse)
+  snapshot_1g_500m               snapshots.make of a mounted 1 GiB volume holding 500 MB vs
+                                 fsfreeze -f, cp --reflink=always, fsfreeze -u of its image
+  vol_list_1000                  volumes.list_volumes with 1,000 volumes (baseline: the bare catalog
+                                 query plus one read of the mount table)
+  make_cost_1000th_vs_1st        p50 make time of the last 20 volumes vs the first 20
+  cli_vol_list_1000              `python -m storage.cli vol list` (baseline: interpreter start-up and
+                                 import of storage.cli)
+  fio_randwrite_4k_qd32 / fio_seqwrite_1m_qd8
+                                 fio direct I/O on a mounted concat volume vs on the disk group disk's own
+                                 filesystem (median of 3)
+
+Runs as root. It makes its own config, state root, mount root and disk group (3 sparse disks) under a
+fresh /tmp directory and removes all of it at the end, also on error or SIGTERM. ``--quick`` (fewer
+repetitions, 200 volumes, shorter fio runs) is for smoke tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+# this file is named storage.py: keep its directory off the path so `storage` is the package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(REPO))
+
+from storage import diskgroup, snapshots, volumes  # noqa: E402
+from storage.config import load_config  # noqa: E402
+from storage.diskgroup import DiskGroup, DiskSpec  # noqa: E402
+from storage.kernel import loop, mounts  # noqa: E402
+
+DG_NAME = "benchdg"
+GiB = 1024**3
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def emit(metric: str, value: float, unit: str, baseline: float, target: str) -> None:
+    ratio = value / baseline if baseline else float("inf")
+    print(json.dumps({"metric": metric, "value": round(value, 3), "unit": unit,
+                      "baseline": round(baseline, 3), "ratio": round(ratio, 3), "target": target}),
+          flush=True)
+
+
+def sh(*argv: str | Path) -> str:
+    proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True, check=False, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, argv))} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    """Seconds ``fn`` took."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def p50(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def ms(x: float) -> float:
+    return x * 1000.0
+
+
+class Bench:
+    def __init__(self, root: Path, quick: bool) -> None:
+        self.root = root
+        self.quick = quick
+        self.config_path = root / "veritas.conf"
+        self.config_path.write_text(
+            "[storage]\n"
+            f"diskgroup = {DG_NAME}\n"
+            f"state_root = {root}/state\n"
+            f"mount_root = {root}/mnt\n"
+            "default_disk_size = 40g\n"
+            "default_disk_count = 3\n"
+            "[node]\nname = benchnode\n"
+        )
+        self.config = load_config(self.config_path)
+        self.dg: DiskGroup | None = None
+        self.bare_mp = root / "bare-mnt"
+
+    # ------------------------------------------------------------ set-up / clean-up
+
+    def setup(self) -> DiskGroup:
+        disks = self.root / "disks"
+        disks.mkdir()
+        log(f"root {self.root}")
+        log("creating disk group on 3 sparse 40 GiB disks")
+        specs = [DiskSpec(disks / f"d{i}.img", 40 * GiB) for i in (1, 2, 3)]
+        self.dg = diskgroup.init(self.config, DG_NAME, specs)
+        self.bare_mp.mkdir()
+        return self.dg
+
+    def bare_dir(self, disk: str) -> Path:
+        assert self.dg is not None
+        d = self.dg.disk_dir(disk) / "bench-bare"
+        d.mkdir(exist_ok=True)
+        return d
+
+    def next_disk(self) -> str:
+        """The disk volumes.make places the next single-image volume on (emptiest first)."""
+        assert self.dg is not None
+        free = self.dg.free()
+        return sorted(free, key=lambda d: (-free[d], d))[0]
+
+    def cleanup(self) -> None:
+        log("cleaning up")
+        prefix = str(self.root) + "/"
+        for e in mounts.table():  # a frozen filesystem would hang every umount below
+            if e.target.startswith(prefix) and "/disks/" not in e.target:
+                subprocess.run(["fsfreeze", "-u", e.target], capture_output=True, check=False)
+        if mounts.mounted_at(self.bare_mp):
+            subprocess.run(["umount", str(self.bare_mp)], capture_output=True, check=False)
+        for dev, back in loop.attached().items():
+            if back.startswith(prefix) and "/bench-bare/" in back:
+                subprocess.run(["losetup", "-d", dev], capture_output=True, check=False)
+        for attempt in range(3):  # a process killed a moment ago may still hold a file open briefly
+            try:
+                dg = self.dg
+                if dg is None:
+                    if not (self.config.dg_parent / DG_NAME / "catalog.db").exists():
+                        break
+                    dg = self.dg = diskgroup.DiskGroup(self.config, DG_NAME)
+                for v in dg.catalog.volumes():
+                    for m in dg.catalog.mounts(v.name):
+                        dg.catalog.remove_mount(v.name, m.node, m.mount_id)
+                diskgroup.destroy(dg, force=True)
+                break
+            except Exception as exc:  # go on: the forced clean-up below still runs
+                log(f"destroy failed (attempt {attempt + 1}): {exc!r}")
+                time.sleep(1)
+        self._force_clean(prefix)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _force_clean(self, prefix: str) -> None:
+        """Whatever destroy left: volume mounts, volume loops, then disk mounts, then disk loops (a lazily
+        unmounted disk would hide the paths of the loop devices still backed by files inside it)."""
+        disks = str(self.config.dg_parent) + "/"
+        left: list[str] = []
+
+        def is_disk(target: str) -> bool:  # <dg_parent>/<dg>/disks/<disk>
+            return target.startswith(disks) and Path(target).parent.name == "disks"
+
+        def umount(inner: bool) -> None:
+            for e in sorted(mounts.table(), key=lambda e: -len(e.target)):
+                if e.target.startswith(prefix) and is_disk(e.target) != inner:
+                    left.append(f"mount {e.target}")
+                    if subprocess.run(["umount", e.target], capture_output=True, check=False).returncode:
+                        subprocess.run(["umount", "-l", e.target], capture_output=True, check=False)
+
+        def detach(inner: bool) -> None:
+            for dev, back in loop.attached().items():
+                if back.startswith(prefix) and (back.startswith(disks) == inner):
+                    left.append(f"loop {dev}")
+                    subprocess.run(["btrfs", "device", "scan", "--forget", dev], capture_output=True, check=False)
+                    subprocess.run(["losetup", "-d", dev], capture_output=True, check=False)
+
+        umount(inner=True)  # volume and scratch mounts (outside the disk mounts)
+        detach(inner=True)  # loop devices on images inside the disks
+        umount(inner=False)  # the disks
+        detach(inner=False)  # the disks' own loop devices
+        if left:
+            log(f"forced clean-up of leftovers: {', '.join(left)}")
+
+    # ------------------------------------------------------------ a. make + mount
+
+    def make_mount(self) -> None:
+        dg = self.dg
+        assert dg is not None
+        runs = 5 if self.quick else 15
+        disk = self.next_disk()
+        bdir = self.bare_dir(disk)
+        log(f"make+mount of a 1 GiB concat volume, {runs} runs (+1 warm-up) each, bare image on {disk}")
+        ours_up: list[float] = []
+        ours_down: list[float] = []
+        bare_up: list[float] = []
+        bare_down: list[float] = []
+
+        def ours(i: int) -> None:
+            name = f"mm{i}"
+            up = timed(lambda: (volumes.make(dg, name, "1g", layout="concat"), volumes.mount(dg, name)))
+            sd = dg.catalog.subdisks(name)
+            assert sd[0].disk == disk, f"volume placed on {sd[0].disk}, bare image on {disk}"
+            down = timed(lambda: (volumes.umount(dg, name), volumes.remove(dg, name)))
+            if i >= 0:
+                ours_up.append(up)
+                ours_down.append(down)
+
+        def bare(i: int) -> None:
+            img = bdir / f"mm{i}.img"
+            dev = ""
+
+            def up() -> None:
+                nonlocal dev
+                sh("truncate", "-s", "1G", img)
+                dev = sh("losetup", "--find", "--show", "--direct-io=on", "--sector-size=4096", img).strip()
+                sh("mkfs.xfs", "-q", dev)
+                sh("mount", dev, self.bare_mp)
+
+            def down() -> None:
+                sh("umount", self.bare_mp)
+                sh("losetup", "-d", dev)
+                img.unlink()
+
+            tu = timed(up)
+            td = timed(down)
+            if i >= 0:
+                bare_up.append(tu)
+                bare_down.append(td)
+
+        ours(-1)
+        bare(-1)
+        for i in range(runs):
+            if i % 2 == 0:
+                ours(i)
+                bare(i)
+            else:
+                bare(i)
+                ours(i)
+        v, b = p50(ours_up), p50(bare_up)
+        log(f"  make+mount p50 {ms(v):.1f} ms, bare {ms(b):.1f} ms")
+        emit("make_mount_1g_p50", ms(v), "ms", ms(b), "<=1.5")
+        v, b = p50(ours_down), p50(bare_down)
+        log(f"  umount+rm p50 {ms(v):.1f} ms, bare {ms(b):.1f} ms")
+        emit("umount_rm_1g_p50", ms(v), "ms", ms(b), "info")
+
+    # ------------------------------------------------------------ b. snapshot
+
+    def snapshot(self) -> None:
+        dg = self.dg
+        assert dg is not None
+        runs = 3 if self.quick else 7
+        written = 500 * 1000 * 1000
+        volumes.make(dg, "snapsrc", "1g", layout="concat")
+        mp = volumes.mount(dg, "snapsrc")
+        log(f"snapshot of a mounted 1 GiB volume: writing {written // 10**6} MB")
+        block = os.urandom(1024 * 1024)
+        with open(mp / "data", "wb") as fh:
+            left = written
+            while left > 0:
+                n = min(left, len(block))
+                fh.write(block[:n])
+                left -= n
+            fh.flush()
+            os.fsync(fh.fileno())
+        src_img = volumes.images(dg, dg.catalog.volume("snapsrc"))[0]  # type: ignore[arg-type]
+        bdir = src_img.parent.parent / "bench-bare"
+        bdir.mkdir(exist_ok=True)
+        ours_t: list[float] = []
+        bare_t: list[float] = []
+
+        def ours(i: int) -> None:
+            name = f"snap{i + 1}"
+            t = timed(lambda: snapshots.make(dg, "snapsrc", name))
+            volumes.remove(dg, name)
+            if i >= 0:
+                ours_t.append(t)
+
+        def bare(i: int) -> None:
+            dst = bdir / f"clone{i + 1}.img"
+
+            def run() -> None:
+                sh("fsfreeze", "-f", mp)
+                try:
+                    sh("cp", "--reflink=always", src_img, dst)
+                finally:
+                    sh("fsfreeze", "-u", mp)
+
+            t = timed(run)
+            dst.unlink()
+            if i >= 0:
+                bare_t.append(t)
+
+        log(f"  {runs} snapshots (+1 warm-up) each way")
+        ours(-1)
+        bare(-1)
+        for i in range(runs):
+            if i % 2 == 0:
+                ours(i)
+                bare(i)
+            else:
+                bare(i)
+                ours(i)
+        v, b = p50(ours_t), p50(bare_t)
+        log(f"  snapshot p50 {ms(v):.1f} ms, bare {ms(b):.1f} ms")
+        emit("snapshot_1g_500m_p50", ms(v), "ms", ms(b), "<=1.5")
+        volumes.umount(dg, "snapsrc")
+        volumes.remove(dg, "snapsrc")
+
+    # ------------------------------------------------------------ c. listing
+
+    def listing(self) -> None:
+        dg = self.dg
+        assert dg is not None
+        n = 200 if self.quick else 1000
+        edge = 20
+        for i in range(3):  # warm-up, so the first timed makes do not pay for cold caches
+            volumes.make(dg, f"warm{i}", "32m", layout="concat", fstype="ext4")
+            volumes.remove(dg, f"warm{i}")
+        log(f"making {n} ext4 concat volumes of 32 MiB")
+        t_start = time.perf_counter()
+        cost: list[float] = []
+        for i in range(n):
+            cost.append(timed(lambda i=i: volumes.make(dg, f"l{i:04d}", "32m", layout="concat", fstype="ext4")))
+            if (i + 1) % 100 == 0:
+                log(f"  {i + 1} volumes, {time.perf_counter() - t_start:.1f} s")
+        assert len(dg.catalog.volumes()) == n
+        first, last = p50(cost[:edge]), p50(cost[-edge:])
+        log(f"  make p50 first {edge}: {ms(first):.1f} ms, last {edge}: {ms(last):.1f} ms")
+        emit(f"make_cost_{n}th_vs_1st_p50", ms(last), "ms", ms(first), "<=1.2")
+
+        reps = 10 if self.quick else 30
+        ours_t: list[float] = []
+        bare_t: list[float] = []
+        db = sqlite3.connect(f"file:{dg.catalog_path}?mode=ro", uri=True)
+
+        def bare() -> None:
+            db.execute("SELECT * FROM volume ORDER BY name").fetchall()
+            with open("/proc/self/mountinfo") as fh:
+                fh.read()
+
+        rows = volumes.list_volumes(dg)
+        assert len(rows) == n, len(rows)
+        bare()
+        for _ in range(reps):
+            ours_t.append(timed(lambda: volumes.list_volumes(dg)))
+            bare_t.append(timed(bare))
+        db.close()
+        v, b = p50(ours_t), p50(bare_t)
+        log(f"  list_volumes p50 {ms(v):.2f} ms, bare query {ms(b):.2f} ms")
+        emit(f"vol_list_{n}_p50", ms(v), "ms", ms(b), "value<100")
+
+        env = {**os.environ, "VERITAS_CONFIG": str(self.config_path)}
+        cli = [sys.executable, "-m", "storage.cli", "vol", "list"]
+        imp = [sys.executable, "-c", "import storage.cli"]
+
+        def run(argv: list[str], check_lines: int | None = None) -> None:
+            proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=env, check=False,
+                                  timeout=120)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{' '.join(argv)} failed: {proc.stderr.strip()}")
+            if check_lines is not None and len(proc.stdout.splitlines()) != check_lines:
+                raise RuntimeError(f"vol list printed {len(proc.stdout.splitlines())} lines, not {check_lines}")
+
+        run(cli, n + 1)
+        run(imp)
+        cli_t: list[float] = []
+        imp_t: list[float] = []
+        for _ in range(3 if self.quick else 7):
+            cli_t.append(timed(lambda: run(cli, n + 1)))
+            imp_t.append(timed(lambda: run(imp)))
+        v, b = p50(cli_t), p50(imp_t)
+        log(f"  CLI vol list p50 {ms(v):.1f} ms, python + import storage.cli {ms(b):.1f} ms")
+        emit(f"cli_vol_list_{n}_p50", ms(v), "ms", ms(b), "info")
+
+    # ------------------------------------------------------------ d. fio
+
+    def fio(self) -> None:
+        dg = self.dg
+        assert dg is not None
+        reps = 1 if self.quick else 3
+        runtime = 2 if self.quick else 5
+        size = "256m" if self.quick else "1g"
+        volumes.make(dg, "fiovol", "2g", layout="concat")
+        mp = volumes.mount(dg, "fiovol")
+        disk = dg.catalog.subdisks("fiovol")[0].disk
+        targets = {"volume": mp / "fio.dat", "disk": self.bare_dir(disk) / "fio.dat"}
+        common = ["--thread", "--direct=1", "--ioengine=libaio", f"--size={size}", "--output-format=json"]
+        log(f"fio on volume fiovol vs disk {disk}'s filesystem: laying out {size} files")
+        for path in targets.values():
+            sh("fio", "--name=fill", f"--filename={path}", "--rw=write", "--bs=1m", "--iodepth=8", *common)
+        jobs = {
+            "fio_randwrite_4k_qd32": (["--rw=randwrite", "--bs=4k", "--iodepth=32"], "iops", "IOPS", ">=0.8"),
+            "fio_seqwrite_1m_qd8": (["--rw=write", "--bs=1m", "--iodepth=8"], "bw_bytes", "MB/s", ">=0.9"),
+        }
+        for metric, (args, field, unit, target) in jobs.items():
+            res: dict[str, list[float]] = {"volume": [], "disk": []}
+            for i in range(reps):
+                order = ["volume", "disk"] if i % 2 == 0 else ["disk", "volume"]
+                for where in order:
+                    out = sh("fio", f"--name={metric}", f"--filename={targets[where]}", *args, *common,
+                             f"--runtime={runtime}", "--time_based")
+                    job = json.loads(out[out.index("{"):])["jobs"][0]
+                    val = float(job["write"][field])
+                    res[where].append(val / 1e6 if field == "bw_bytes" else val)
+            v, b = p50(res["volume"]), p50(res["disk"])
+            log(f"  {metric}: volume {v:.0f} {unit}, disk {b:.0f} {unit} (runs {res})")
+            emit(metric, v, unit, b, target)
+        (mp / "fio.dat").unlink()
+        targets["disk"].unlink()
+        volumes.umount(dg, "fiovol")
+        volumes.remove(dg, "fiovol")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions and 200 volumes (smoke test)")
+    ap.add_argument("--only", nargs="*", choices=["make", "snapshot", "fio", "list"],
+                    help="run only these figure groups")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench/storage.py needs root (loop devices, mounts)", file=sys.stderr)
+        return 2
+    for tool in ("fio", "mkfs.xfs", "mkfs.ext4", "losetup", "fsfreeze", "xfs_admin"):
+        if shutil.which(tool) is None:
+            print(f"bench/storage.py needs {tool}", file=sys.stderr)
+            return 2
+
+    def on_term(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_term)
+    root = Path(tempfile.mkdtemp(prefix="vbench-", dir="/tmp"))
+    bench = Bench(root, args.quick)
+    groups = args.only or ["make", "snapshot", "fio", "list"]
+    t0 = time.perf_counter()
+    try:
+        bench.setup()
+        for g in groups:
+            {"make": bench.make_mount, "snapshot": bench.snapshot, "fio": bench.fio, "list": bench.listing}[g]()
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let clean-up finish
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        bench.cleanup()
+        log(f"done in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
