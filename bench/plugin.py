@@ -1,0 +1,365 @@
+#!/usr/bin/env python3
+"""Docker volume plugin benchmark: the veritas driver against bare storage commands and Docker's local driver.
+
+Prints one JSON object per figure on stdout (progress goes to stderr)::
+
+    {"metric": ..., "value": ..., "unit": ..., "baseline": ..., "ratio": ..., "target": ...}
+
+``ratio`` is always value / baseline; ``target`` is a condition on ``ratio`` ("<=1.5", ">=0.9") or "info".
+Runs of the two sides are interleaved (ours, bare, bare, ours, ...) so load from other processes lands on
+both alike.
+
+Figures:
+  plugin_create_1g_p50          VolumeDriver.Create of a 1 GiB volume (defaults: concat, xfs) timed at the
+                                plugin's socket, Remove between runs; baseline: the bare commands it runs
+                                (truncate, losetup --find --show --direct-io=on --sector-size=4096,
+                                mkfs.xfs -q, losetup -d) on an image inside the disk group's disk
+  docker_volume_create_p50/_p95 `docker volume create` end to end, veritas vs the local driver
+  docker_run_true_p50           `docker run --rm -v VOL:/data localbusybox true`, veritas vs local volume
+  fio_seqwrite_1m               direct sequential 1 MiB writes (fio, psync) inside a container,
+                                veritas vs local volume (MB/s)
+  fio_randwrite_4k              direct 4k random writes (fio, psync, QD1) inside a container (IOPS)
+                                (fio: the host's binary bind-mounted; files written once before; medians
+                                of 5 interleaved 3 s runs)
+
+Runs as root. It starts its own dockerd (own mount namespace) and ``veritas plugin serve`` under a fresh
+/tmp directory with the helpers of tests/integration/dockerstack.py, and removes everything at the end
+(processes by PID, containers, volumes, the disk group, mounts, loop devices), also on error or SIGTERM.
+``--quick`` runs a few repetitions of each (smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+# this file is named plugin.py: keep its directory off the path so `plugin` is the package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(REPO))
+
+import requests_unixsocket  # noqa: E402
+
+from storage import diskgroup  # noqa: E402
+from storage.config import load_config  # noqa: E402
+from storage.kernel import loop, mounts  # noqa: E402
+from tests.integration.dockerstack import (  # noqa: E402
+    IMAGE,
+    DockerNode,
+    PluginProcess,
+    share_mount_root,
+    unshare_mount_root,
+    write_plugin_config,
+)
+
+FIO_MOUNTS = ("-v", "/usr/bin/fio:/fio:ro", "-v", "/usr/lib:/usr/lib:ro", "-v", "/usr/lib:/lib:ro",
+              "-v", "/usr/lib64:/lib64:ro")
+
+
+def log(msg: str) -> None:
+    print(f"[bench-plugin {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def emit(metric: str, value: float, unit: str, baseline: float, target: str) -> None:
+    ratio = value / baseline if baseline else float("inf")
+    print(json.dumps({"metric": metric, "value": round(value, 3), "unit": unit,
+                      "baseline": round(baseline, 3), "ratio": round(ratio, 3), "target": target}),
+          flush=True)
+
+
+def sh(*argv: str | Path, timeout: float = 300) -> str:
+    proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True, check=False, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, argv))} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def pct(xs: list[float], q: float) -> float:
+    """The q-quantile (0..1) of xs, by the nearest-rank method."""
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, round(q * len(s) + 0.5) - 1))]
+
+
+def interleaved(n: int, ours: Callable[[int], float],
+                theirs: Callable[[int], float]) -> tuple[list[float], list[float]]:
+    a: list[float] = []
+    b: list[float] = []
+    for i in range(n):
+        if i % 2 == 0:
+            a.append(ours(i))
+            b.append(theirs(i))
+        else:
+            b.append(theirs(i))
+            a.append(ours(i))
+    return a, b
+
+
+class Bench:
+    def __init__(self, root: Path, quick: bool) -> None:
+        self.root = root
+        self.quick = quick
+        self.node = DockerNode(root / "node1")
+        self.plugin: PluginProcess | None = None
+        self.config_path = root / "veritas.conf"
+        self.config = None
+        self.session = requests_unixsocket.Session()
+        self.shared = False
+
+    # ------------------------------------------------------------ set-up / clean-up
+
+    def setup(self) -> None:
+        share_mount_root(self.root / "mnt")  # before dockerd's namespace exists, so it sees volume mounts
+        self.shared = True
+        log("starting dockerd")
+        self.node.start()
+        write_plugin_config(self.root, self.node)
+        self.config = load_config(self.config_path)
+        self.plugin = PluginProcess(self.config_path, self.node.plugins / "veritas.sock", self.root / "plugin.log")
+        log("starting the plugin")
+        self.plugin.start()
+
+    def cleanup(self) -> None:
+        log("cleaning up")
+        try:
+            self.node.stop()  # removes containers and volumes through Docker (and so through the plugin)
+        except Exception as exc:  # go on with the rest
+            log(f"stopping dockerd: {exc!r}")
+        if self.plugin is not None:
+            try:
+                self.plugin.stop()
+            except Exception as exc:  # go on with the rest
+                log(f"stopping the plugin: {exc!r}")
+        if self.config is not None:
+            for name in diskgroup.list_names(self.config):
+                for attempt in range(3):
+                    try:
+                        dg = diskgroup.open_dg(self.config, name)
+                        for v in dg.catalog.volumes():
+                            for m in dg.catalog.mounts(v.name):
+                                dg.catalog.remove_mount(v.name, m.node, m.mount_id)
+                        diskgroup.destroy(dg, force=True)
+                        break
+                    except Exception as exc:  # the forced clean-up below still runs
+                        log(f"destroying disk group {name} (attempt {attempt + 1}): {exc!r}")
+                        time.sleep(1)
+        if self.shared:
+            unshare_mount_root(self.root / "mnt")
+        self._force_clean()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _force_clean(self) -> None:
+        prefix = str(self.root) + "/"
+        left = []
+        for e in sorted(mounts.table(), key=lambda e: -len(e.target)):
+            if e.target.startswith(prefix):
+                left.append(f"mount {e.target}")
+                subprocess.run(["umount", "-l", e.target], capture_output=True, check=False)
+        for _ in range(2):  # loops inside the disks first show as backed by paths under the root too
+            for dev, back in loop.attached().items():
+                if back.startswith(prefix):
+                    left.append(f"loop {dev}")
+                    subprocess.run(["losetup", "-d", dev], capture_output=True, check=False)
+        if left:
+            log(f"forced clean-up of leftovers: {', '.join(left)}")
+
+    # ------------------------------------------------------------ helpers
+
+    def call(self, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
+        assert self.plugin is not None
+        url = "http+unix://" + str(self.plugin.socket).replace("/", "%2F") + "/" + endpoint
+        resp = self.session.post(url, data=json.dumps(body),
+                                 headers={"Content-Type": "application/vnd.docker.plugins.v1+json"}, timeout=150)
+        out = resp.json()
+        if out.get("Err"):
+            raise RuntimeError(f"{endpoint}: {out['Err']}")
+        return out
+
+    def docker(self, *args: str, timeout: float = 300) -> str:
+        return sh("docker", "-H", self.node.url, *args, timeout=timeout)
+
+    def disk_dir(self) -> Path:
+        assert self.config is not None
+        disks = sorted((self.config.dg_parent / self.config.diskgroup / "disks").iterdir())
+        return disks[0]
+
+    # ------------------------------------------------------------ a. Create at the socket
+
+    def create_at_socket(self) -> None:
+        n = 5 if self.quick else 21
+        log(f"a. VolumeDriver.Create of 1 GiB x{n} vs bare truncate + losetup + mkfs.xfs + losetup -d")
+        bare_dir = self.disk_dir() / "bench-bare"
+        bare_dir.mkdir(exist_ok=True)
+
+        def ours(i: int) -> float:
+            name = f"cb{i}"
+            t = timed(lambda: self.call("VolumeDriver.Create", {"Name": name, "Opts": {}}))
+            self.call("VolumeDriver.Remove", {"Name": name})
+            return t
+
+        def bare(i: int) -> float:
+            img = bare_dir / f"b{i}.img"
+
+            def run() -> None:
+                sh("truncate", "-s", "1G", img)
+                for attempt in range(5):  # --find races with other processes attaching loop devices
+                    try:
+                        dev = sh("losetup", "--find", "--show", "--direct-io=on", "--sector-size=4096",
+                                 img).strip()
+                        break
+                    except RuntimeError:
+                        if attempt == 4:
+                            raise
+                try:
+                    sh("mkfs.xfs", "-q", dev)
+                finally:
+                    sh("losetup", "-d", dev)
+
+            try:
+                return timed(run)
+            finally:
+                img.unlink(missing_ok=True)
+
+        ours(99)  # warm-up: the workers' first disk group open and imports
+        a, b = interleaved(n, ours, bare)
+        log(f"   plugin p50 {statistics.median(a) * 1e3:.1f} ms, bare p50 {statistics.median(b) * 1e3:.1f} ms")
+        emit("plugin_create_1g_p50", statistics.median(a) * 1e3, "ms", statistics.median(b) * 1e3, "<=1.5")
+        bare_dir.rmdir()
+
+    # ------------------------------------------------------------ b. docker volume create
+
+    def docker_volume_create(self) -> None:
+        n = 6 if self.quick else 50
+        log(f"b. docker volume create x{n}: veritas vs local")
+
+        def with_driver(driver: str) -> Callable[[int], float]:
+            def run(i: int) -> float:
+                name = f"dv{driver[0]}{i}"
+                t = timed(lambda: self.docker("volume", "create", "-d", driver, "--name", name))
+                self.docker("volume", "rm", name)
+                return t
+            return run
+
+        a, b = interleaved(n, with_driver("veritas"), with_driver("local"))
+        for q, label in ((0.5, "p50"), (0.95, "p95")):
+            v, base = pct(a, q) * 1e3, pct(b, q) * 1e3
+            log(f"   {label}: veritas {v:.1f} ms, local {base:.1f} ms")
+            emit(f"docker_volume_create_{label}", v, "ms", base, "info")
+
+    # ------------------------------------------------------------ c. docker run --rm true
+
+    def docker_run(self) -> None:
+        n = 3 if self.quick else 20
+        log(f"c. docker run --rm -v VOL:/data {IMAGE} true x{n}: veritas vs local volume")
+        self.docker("volume", "create", "-d", "veritas", "--name", "runvol")
+        self.docker("volume", "create", "-d", "local", "--name", "runlocal")
+
+        def run_with(vol: str) -> Callable[[int], float]:
+            return lambda i: timed(lambda: self.docker("run", "--rm", "--network", "none", "-v", f"{vol}:/data",
+                                                       IMAGE, "true"))
+
+        run_with("runvol")(0)  # warm-up
+        run_with("runlocal")(0)
+        a, b = interleaved(n, run_with("runvol"), run_with("runlocal"))
+        log(f"   veritas p50 {statistics.median(a) * 1e3:.1f} ms, local p50 {statistics.median(b) * 1e3:.1f} ms")
+        emit("docker_run_true_p50", statistics.median(a) * 1e3, "ms", statistics.median(b) * 1e3, "<=1.3")
+        self.docker("volume", "rm", "runvol", "runlocal")
+
+    # ------------------------------------------------------------ d. fio inside containers
+
+    def fio(self) -> None:
+        runtime = 1 if self.quick else 3
+        reps = 1 if self.quick else 5
+        log(f"d. fio in containers ({reps} x {runtime} s each): veritas vs local volume")
+        self.docker("volume", "create", "-d", "veritas", "--name", "fiovol")
+        self.docker("volume", "create", "-d", "local", "--name", "fiolocal")
+        ctrs = {}
+        try:
+            for vol in ("fiovol", "fiolocal"):
+                ctrs[vol] = self.docker("run", "-d", "--network", "none", "-v", f"{vol}:/data", *FIO_MOUNTS,
+                                        IMAGE, "sleep", "3600").strip()
+
+            def job(vol: str, rw: str, bs: str, size: str) -> dict[str, Any]:
+                out = self.docker("exec", ctrs[vol], "/fio", "--name=b", f"--filename=/data/fio-{rw}.dat",
+                                  f"--rw={rw}", f"--bs={bs}", "--direct=1", "--ioengine=psync", f"--size={size}",
+                                  f"--runtime={runtime}", "--time_based", "--output-format=json",
+                                  timeout=runtime + 120)
+                data = json.loads(out[out.index("{"):])
+                w = data["jobs"][0]["write"]
+                return {"MB/s": w["bw_bytes"] / 1e6, "IOPS": w["iops"]}
+
+            # steady state: write every file once first, so that neither side counts first-write block
+            # allocation (in the volume's filesystem, and for veritas in the disk holding its image too)
+            for vol in ctrs:
+                for rw, size in (("write", "512m"), ("randwrite", "64m")):
+                    self.docker("exec", ctrs[vol], "/fio", "--name=fill", f"--filename=/data/fio-{rw}.dat",
+                                "--rw=write", "--bs=1m", "--direct=1", "--ioengine=psync", f"--size={size}",
+                                "--output-format=json", timeout=300)
+
+            for metric, rw, bs, size, unit, target in (
+                    ("fio_seqwrite_1m", "write", "1m", "512m", "MB/s", ">=0.9"),
+                    ("fio_randwrite_4k", "randwrite", "4k", "64m", "IOPS", ">=0.7")):
+                a, b = interleaved(reps, lambda i, a=(rw, bs, size, unit): job("fiovol", *a[:3])[a[3]],
+                                   lambda i, a=(rw, bs, size, unit): job("fiolocal", *a[:3])[a[3]])
+                log(f"   {metric}: veritas {a}, local {b}")
+                emit(metric, statistics.median(a), unit, statistics.median(b), target)
+        finally:
+            for c in ctrs.values():
+                subprocess.run(["docker", "-H", self.node.url, "rm", "-f", c], capture_output=True, check=False)
+            subprocess.run(["docker", "-H", self.node.url, "volume", "rm", "fiovol", "fiolocal"],
+                           capture_output=True, check=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
+    ap.add_argument("--quick", action="store_true", help="a few repetitions of each figure (smoke test)")
+    ap.add_argument("--only", nargs="*", choices=["create", "volume", "run", "fio"], help="run only these figures")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench/plugin.py needs root (dockerd, loop devices, mounts)", file=sys.stderr)
+        return 2
+    for tool in ("dockerd", "docker", "fio", "mkfs.xfs", "losetup", "truncate"):
+        if shutil.which(tool) is None:
+            print(f"bench/plugin.py needs {tool}", file=sys.stderr)
+            return 2
+
+    def on_term(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_term)
+    root = Path(tempfile.mkdtemp(prefix="vbenchp-", dir="/tmp"))
+    bench = Bench(root, args.quick)
+    groups = args.only or ["create", "volume", "run", "fio"]
+    t0 = time.perf_counter()
+    try:
+        bench.setup()
+        for g in groups:
+            {"create": bench.create_at_socket, "volume": bench.docker_volume_create, "run": bench.docker_run,
+             "fio": bench.fio}[g]()
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let clean-up finish
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        bench.cleanup()
+        log(f"done in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""VolumeDriver operations on the storage core, one method per Docker call, named after it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from plugin.docker_api import Engine
+from storage import diskgroup, qos, snapshots, volumes
+from storage.catalog.base import VolumeRec
+from storage.config import Config
+from storage.diskgroup import DiskGroup
+from storage.errors import AlreadyExists, InvalidArgument, NoSuchVolume, UnknownOption, VeritasError
+from storage.kernel import loop
+from storage.units import check_name, format_size, parse_size
+
+log = logging.getLogger("veritas.plugin")
+
+VOLUME_OPTIONS = ("size", "layout", "fstype", "nmirror", "ncol", "maxiops", "protect")
+SNAPSHOT_OPTIONS = ("sourcevol", "cachesize", "maxiops")
+ALL_OPTIONS = tuple(dict.fromkeys(VOLUME_OPTIONS + SNAPSHOT_OPTIONS))
+
+
+@dataclass
+class Driver:
+    config: Config
+    engine: Engine | None = None
+
+    def __post_init__(self) -> None:
+        self._dg: DiskGroup | None = None
+        self._pid = -1
+        self._lock = threading.Lock()
+
+    @property
+    def dg(self) -> DiskGroup:
+        """The disk group, opened once per process (gunicorn forks workers after import)."""
+        with self._lock:
+            if self._dg is None or self._pid != os.getpid():
+                self._dg = diskgroup.default_dg(self.config)
+                self._pid = os.getpid()
+            return self._dg
+
+    def _name(self, name: str) -> str:
+        return check_name(name, "volume name")
+
+    def _get(self, name: str) -> VolumeRec:
+        v = self.dg.catalog.volume(self._name(name))
+        if v is None or v.state == "removing":
+            raise NoSuchVolume(f"no such volume: {name}")
+        return v
+
+    # ------------------------------------------------------------ calls
+
+    def create(self, name: str, opts: dict[str, str]) -> None:
+        self._name(name)
+        unknown = set(opts) - set(ALL_OPTIONS)
+        if unknown:
+            raise UnknownOption(f"unknown option(s) {', '.join(sorted(unknown))}; valid options: "
+                                f"{', '.join(ALL_OPTIONS)}")
+        if "sourcevol" in opts:
+            bad = set(opts) - set(SNAPSHOT_OPTIONS)
+            if bad:
+                raise InvalidArgument(f"a snapshot (sourcevol) takes only {', '.join(SNAPSHOT_OPTIONS)};"
+                                      f" drop {', '.join(sorted(bad))}")
+        elif "cachesize" in opts:
+            raise InvalidArgument("cachesize applies only to snapshots: give sourcevol=VOLUME too")
+        existing = self.dg.catalog.volume(name)
+        if existing is not None and existing.state == "ok":
+            self._same(existing, opts)
+            return
+        try:
+            if "sourcevol" in opts:
+                snapshots.make(self.dg, opts["sourcevol"], name, opts.get("cachesize"))
+                if "maxiops" in opts:
+                    volumes.set_maxiops(self.dg, name, opts["maxiops"])
+            else:
+                volumes.make(self.dg, name, opts.get("size"), **{k: v for k, v in opts.items() if k != "size"})
+        except AlreadyExists:
+            # a concurrent identical Create (swarm, several workers) won the race
+            winner = self.dg.catalog.volume(name)
+            if winner is None:
+                raise
+            self._same(winner, opts)
+
+    def _same(self, v: VolumeRec, opts: dict[str, str]) -> None:
+        """Create of an existing volume succeeds when the options agree, and is refused when they don't."""
+        wanted: dict[str, Any] = {}
+        have: dict[str, Any] = {}
+        for key, raw in opts.items():
+            if key == "size":
+                wanted[key], have[key] = parse_size(raw), v.size
+            elif key == "layout":
+                if raw != "auto":
+                    wanted[key], have[key] = raw, v.layout
+            elif key in ("nmirror", "ncol", "maxiops"):
+                try:
+                    wanted[key] = int(raw)
+                except ValueError:
+                    raise InvalidArgument(f"option {key} must be an integer, got {raw!r}") from None
+                have[key] = getattr(v, key)
+            elif key == "fstype":
+                wanted[key], have[key] = raw, v.fstype
+            elif key == "protect":
+                wanted[key], have[key] = raw.lower() in ("1", "true", "yes", "on"), v.protect
+            elif key == "sourcevol":
+                wanted[key], have[key] = raw, v.snapshot_of
+            elif key == "cachesize":
+                wanted[key], have[key] = parse_size(raw, "cachesize"), v.cachesize
+        diff = [k for k in wanted if wanted[k] != have[k]]
+        if diff:
+            desc = ", ".join(f"{k}={have[k]} (asked {opts[k]})" for k in diff)
+            raise AlreadyExists(f"volume {v.name} already exists with different options: {desc};"
+                                " remove it first or use another name")
+
+    def remove(self, name: str) -> None:
+        v = self._get(name)
+        volumes.remove(self.dg, v.name)
+
+    def mount(self, name: str, mount_id: str) -> str:
+        v = self._get(name)
+        mp = volumes.mount(self.dg, v.name, mount_id)
+        if v.maxiops:
+            self._limit_created_containers(v)
+        return str(mp)
+
+    def unmount(self, name: str, mount_id: str) -> None:
+        v = self._get(name)
+        volumes.umount(self.dg, v.name, mount_id)
+
+    def path(self, name: str) -> str:
+        v = self._get(name)
+        return str(self.dg.mountpoint(v.name)) if volumes.is_mounted(self.dg, v.name) else ""
+
+    def get(self, name: str) -> dict[str, Any]:
+        v = self._get(name)
+        info = volumes.info(self.dg, v.name)
+        status: dict[str, Any] = {
+            "diskgroup": self.dg.name,
+            "size": format_size(v.size),
+            "layout": v.layout,
+            "fstype": v.fstype,
+            "maxiops": v.maxiops,
+            "protect": v.protect,
+            "health": info["health"],
+            "attached": sorted({m["node"] for m in info["mounts"]}),
+            "mounts": len(info["mounts"]),
+        }
+        if info["used"] is not None:
+            status["used"] = format_size(info["used"])
+        if v.snapshot_of:
+            status["sourcevol"] = v.snapshot_of
+            status["cachesize"] = format_size(v.cachesize)
+            status["cache_used"] = format_size(info.get("cache_used") or 0)
+        if info["snapshots"]:
+            status["snapshots"] = info["snapshots"]
+        created = datetime.fromtimestamp(v.created, tz=UTC).isoformat(timespec="seconds")
+        return {"Name": v.name, "Mountpoint": str(self.dg.mountpoint(v.name)), "CreatedAt": created,
+                "Status": status}
+
+    def list(self) -> list[dict[str, str]]:
+        return [{"Name": r["name"], "Mountpoint": r["mountpoint"]}
+                for r in volumes.list_volumes(self.dg) if r["state"] == "ok"]
+
+    # ------------------------------------------------------------ maxiops
+
+    def _limit_created_containers(self, v: VolumeRec) -> None:
+        """Write the limit into the cgroups of containers about to start with this volume.
+
+        Docker mounts volumes before it starts the container's process, so a cgroup made now binds
+        from the first I/O; the event follower covers containers whose cgroup lives elsewhere.
+        """
+        if self.engine is None:
+            return
+        try:
+            users = self.engine.listed(v.name, states=("created",))
+        except Engine.ERRORS as exc:
+            log.warning("cannot list containers of %s for maxiops: %s", v.name, exc)
+            return
+        try:
+            h = qos.Hierarchy.detect()
+            devs = [loop.devnum(d) for d in volumes.devices(self.dg, v)]
+            for u in users:
+                parent = (u.cgroup_parent or "docker").strip("/")
+                cg = h.root / parent / u.id
+                cg.mkdir(parents=True, exist_ok=True)
+                qos.set_limit(h, cg, devs, v.maxiops)
+        except (OSError, VeritasError) as exc:
+            log.warning("cannot pre-limit containers of %s: %s", v.name, exc)
+
+
+def apply_container_limits(driver: Driver, container: str | None = None) -> int:
+    """Apply maxiops of our volumes to running containers (one, or all); returns cgroups written."""
+    if driver.engine is None:
+        return 0
+    uses = [driver.engine.inspect(container)] if container else driver.engine.users(states=("running",))
+    written = 0
+    h = qos.Hierarchy.detect()
+    for use in uses:
+        if use is None or use.pid <= 0:
+            continue
+        cg = _cgroup_of(h, use.pid)
+        if cg is None:
+            continue
+        stale = h.root / "docker" / use.id
+        if cg != stale and stale.is_dir():
+            try:  # pre-created by Mount under the default parent, but the container lives elsewhere
+                stale.rmdir()
+            except OSError:
+                pass
+        for name in use.volumes:
+            v = driver.dg.catalog.volume(name)
+            if v is None or not v.maxiops:
+                continue
+            devs = [loop.devnum(d) for d in volumes.devices(driver.dg, v)]
+            if devs:
+                qos.set_limit(h, cg, devs, v.maxiops)
+                written += 1
+    return written
+
+
+def _cgroup_of(h: qos.Hierarchy, pid: int) -> Path | None:
+    from plugin.docker_api import container_cgroup
+
+    rel = container_cgroup(pid, "blkio" if h.version == 1 else "io")
+    return None if rel is None else h.root / rel

@@ -1,0 +1,63 @@
+"""Following Docker's event stream to put each container's IOPS limits on the volumes it mounts."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from plugin.docker_api import Engine
+from plugin.driver import Driver, apply_container_limits
+from plugin.reconcile import release_orphans
+from storage.errors import VeritasError
+
+log = logging.getLogger("veritas.plugin")
+
+
+class IopsEnforcer(threading.Thread):
+    """On each container start, and on every (re)connection for all running containers, write limits."""
+
+    def __init__(self, driver: Driver, engine: Engine) -> None:
+        super().__init__(name="iops-enforcer", daemon=True)
+        self.driver = driver
+        self.engine = engine
+        self.stopping = threading.Event()
+        self.connected = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                # replayed from before the catch-up below: nothing falls between it and the stream
+                events = self.engine.start_events(since=int(time.time()) - 1)
+                self.connected.set()
+                # catch up on containers that started (or went) while we were not listening
+                apply_container_limits(self.driver)
+                release_orphans(self.driver.dg, self.engine)
+                for ev in events:
+                    if self.stopping.is_set():
+                        return
+                    if (ev.get("Action") or ev.get("status")) == "destroy":
+                        release_orphans(self.driver.dg, self.engine)
+                        continue
+                    cid = ev.get("id") or ev.get("Actor", {}).get("ID")
+                    if cid:
+                        try:
+                            apply_container_limits(self.driver, cid)
+                        except (VeritasError, OSError) as exc:
+                            log.warning("maxiops for container %s: %s", cid[:12], exc)
+            except (*Engine.ERRORS, VeritasError) as exc:
+                self.connected.clear()
+                log.debug("event stream unavailable: %s", exc)
+            self.stopping.wait(1.0)
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+
+def wait_connected(enforcer: IopsEnforcer, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if enforcer.connected.is_set():
+            return True
+        time.sleep(0.05)
+    return False

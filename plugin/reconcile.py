@@ -1,0 +1,67 @@
+"""Start-up reconciliation: rebuild the plugin's view before it serves Mount or Unmount.
+
+Catalog, kernel and Docker can disagree after a crash, a reboot or a dockerd restart: mount IDs whose
+filesystem is gone are dropped; volumes mounted with no running container of the engine using them and
+no mount ID counted are unmounted; stray loop devices and orphan images go (storage doctor).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from plugin.docker_api import ACTIVE_STATES, Engine
+from storage import doctor, volumes
+from storage.diskgroup import DiskGroup
+from storage.errors import VeritasError
+
+log = logging.getLogger("veritas.plugin")
+
+
+def reconcile(dg: DiskGroup, engine: Engine | None) -> list[str]:
+    actions = [str(f) for f in doctor.check(dg, repair=True) if f.fixed]
+    in_use: set[str] | None = None
+    if engine is not None and engine.reachable():
+        try:
+            in_use = {name for u in engine.users(states=ACTIVE_STATES) for name in u.volumes}
+        except Engine.ERRORS as exc:
+            log.warning("cannot list containers; keeping every mounted volume: %s", exc)
+    for v in dg.catalog.volumes():
+        if v.state != "ok" or not volumes.is_mounted(dg, v.name):
+            continue
+        counted = [m for m in dg.catalog.mounts(v.name) if m.node == dg.node]
+        if in_use is not None and v.name not in in_use:
+            # no container of this engine uses it: Docker will never send the Unmounts these IDs wait for
+            volumes.umount(dg, v.name, force=True)
+            actions.append(f"unmounted {v.name}: mounted for {len(counted)} mount ID(s) but no container uses it")
+    for a in actions:
+        log.info("reconcile: %s", a)
+    return actions
+
+
+DOCKER_MOUNT_ID = re.compile(r"[0-9a-f]{64}")  # what Docker passes to Mount; admin IDs never look like it
+
+
+def release_orphans(dg: DiskGroup, engine: Engine) -> list[str]:
+    """Release Docker's mount IDs of volumes that no container of the engine references any more.
+
+    Docker sends no Unmount for mounts it forgot (its own crash, containers it killed while restoring),
+    and once no container references a volume, no Unmount can come for it. Each ID is released on its
+    own, never forced: a Mount that raced in between stays counted and keeps the volume mounted.
+    """
+    actions: list[str] = []
+    for v in dg.catalog.volumes():
+        ids = [m.mount_id for m in dg.catalog.mounts(v.name)
+               if m.node == dg.node and DOCKER_MOUNT_ID.fullmatch(m.mount_id)]
+        if not ids or engine.users(v.name):
+            continue
+        try:
+            for mount_id in ids:
+                volumes.umount(dg, v.name, mount_id)
+        except VeritasError as exc:
+            log.warning("cannot release mount IDs of %s: %s", v.name, exc)
+            continue
+        actions.append(f"released {len(ids)} mount ID(s) of {v.name}: no container references it")
+    for a in actions:
+        log.info("reconcile: %s", a)
+    return actions

@@ -1,0 +1,42 @@
+"""``python bench/plugin.py --quick`` runs, cleans up after itself, and prints only figure lines."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from storage.kernel import loop, mounts
+
+REPO = Path(__file__).resolve().parents[2]
+KEYS = {"metric", "value", "unit", "baseline", "ratio", "target"}
+
+
+def _bench_roots() -> set[str]:
+    return {str(p) for p in Path("/tmp").glob("vbenchp-*")}
+
+
+def test_bench_plugin_quick():
+    before = _bench_roots()
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "plugin.py"), "--quick"], capture_output=True,
+                          text=True, timeout=300, cwd=REPO, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 6, proc.stdout
+    metrics = []
+    for line in lines:
+        fig = json.loads(line)
+        assert isinstance(fig, dict) and set(fig) == KEYS, line
+        assert isinstance(fig["value"], (int, float)) and fig["value"] > 0, line
+        assert isinstance(fig["baseline"], (int, float)) and fig["baseline"] > 0, line
+        assert abs(fig["ratio"] - fig["value"] / fig["baseline"]) < 0.01 * fig["ratio"] + 0.002, line
+        metrics.append(fig["metric"])
+    assert metrics == ["plugin_create_1g_p50", "docker_volume_create_p50", "docker_volume_create_p95",
+                       "docker_run_true_p50", "fio_seqwrite_1m", "fio_randwrite_4k"]
+    # nothing of its own root is left: directory, mounts, loop devices
+    new = _bench_roots() - before
+    assert not new, f"bench left {new}"
+    leftovers = [e.target for e in mounts.table() if "/vbenchp-" in e.target]
+    leftovers += [d for d, back in loop.attached().items() if "/vbenchp-" in back]
+    assert not leftovers, leftovers

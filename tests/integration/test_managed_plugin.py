@@ -1,0 +1,287 @@
+"""The managed (v2) plugin end to end: build it from Debian packages, create and enable it on a real
+dockerd, use a volume from containers, survive a forced disable/enable, and leave nothing behind.
+
+The plugin runs in Docker's own container for it, so the kernel shows its loop devices' backing files
+by the paths the plugin sees (``/var/lib/veritas/...``), or with no prefix at all once its mount
+namespace is gone. Loop devices are therefore told apart by backing inode, never by path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.integration.dockerstack import IMAGE, DockerNode
+
+REPO = Path(__file__).resolve().parents[2]
+BUILD = REPO / "packaging" / "build-managed-plugin.sh"
+PLUGIN = "veritas-managed:latest"
+TEST_TIMEOUT = 600  # seconds, per test (the first build bootstraps a Debian rootfs: about a minute)
+TIMINGS: dict[str, float] = {}
+
+
+@pytest.fixture(autouse=True)
+def _overall_timeout() -> Iterator[None]:
+    def expired(_signum: int, _frame: object) -> None:
+        raise TimeoutError(f"test exceeded {TEST_TIMEOUT} s")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(TEST_TIMEOUT)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.fixture(scope="module")
+def plugin_dir() -> Iterator[Path]:
+    """The plugin directory (config.json + rootfs/), built once for the module by the real script."""
+    work = Path(tempfile.mkdtemp(prefix="vmplug-", dir="/tmp"))
+    out = work / "plugin"
+    t0 = time.monotonic()
+    proc = subprocess.run(["bash", str(BUILD), "--out", str(out), "--driver", PLUGIN.split(":")[0]],
+                          capture_output=True, text=True, timeout=900, check=False)
+    TIMINGS["build"] = time.monotonic() - t0
+    try:
+        assert proc.returncode == 0, f"build failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+        assert (out / "config.json").is_file() and (out / "rootfs" / "usr" / "bin" / "python3").exists()
+        yield out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ what the plugin left in the kernel
+
+def _loop_devices() -> list[dict[str, str]]:
+    proc = subprocess.run(["losetup", "--list", "--json", "--output", "NAME,BACK-INO,BACK-MAJ:MIN,BACK-FILE"],
+                          capture_output=True, text=True, check=True)
+    if not proc.stdout.strip():
+        return []
+    return [{k: str(v).strip() for k, v in d.items()} for d in json.loads(proc.stdout)["loopdevices"]]
+
+
+def _devnum(dev: str) -> str:
+    st = os.stat(dev)
+    return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+
+
+def plugin_loops(state: Path) -> list[str]:
+    """Loop devices on files under ``state`` (disk images), and on files in filesystems of those
+    (volume images inside the disks), outermost first."""
+    files = set()
+    for p in [state, *state.rglob("*")]:
+        try:
+            st = p.lstat()
+        except OSError:
+            continue
+        if p.is_file() and not p.is_symlink():
+            files.add((f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}", st.st_ino))
+    devs = _loop_devices()
+    ours: list[str] = []
+    changed = True
+    while changed:  # a loop device backed by a file on one of ours is ours too
+        changed = False
+        ours_nums = {_devnum(d) for d in ours}
+        for d in devs:
+            if d["name"] in ours:
+                continue
+            if (d["back-maj:min"], int(d["back-ino"])) in files or d["back-maj:min"] in ours_nums:
+                ours.append(d["name"])
+                changed = True
+    return ours
+
+
+def _mountinfo(pid: int | str) -> list[tuple[str, str]]:
+    """(major:minor, target) of every mount in the mount namespace of ``pid``."""
+    out = []
+    try:
+        text = Path(f"/proc/{pid}/mountinfo").read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        f = line.split()
+        out.append((f[2], f[4].replace("\\040", " ")))
+    return out
+
+
+def plugin_mounts(state: Path, loops: list[str], pids: list[int | str]) -> list[str]:
+    """Mounts under ``state`` or of our loop devices, in the namespaces of ``pids``."""
+    nums = {_devnum(d) for d in loops if Path(d).exists()}
+    prefix = str(state) + "/"
+    return sorted({f"{pid}:{target}" for pid in pids for num, target in _mountinfo(pid)
+                   if num in nums or target == str(state) or target.startswith(prefix)})
+
+
+def leftovers(state: Path, pids: list[int | str]) -> list[str]:
+    loops = plugin_loops(state)
+    return [f"loop {d}" for d in loops] + [f"mount {m}" for m in plugin_mounts(state, loops, pids)]
+
+
+def clean(state: Path, pids: list[int | str]) -> None:
+    """Unmount what references ``state`` (deepest first), then detach its loop devices (innermost first)."""
+    loops = plugin_loops(state)
+    for entry in sorted(plugin_mounts(state, loops, pids), key=len, reverse=True):
+        pid, target = entry.split(":", 1)
+        cmd = ["umount", "-l", target]
+        if pid != "self":
+            cmd = ["nsenter", "-t", pid, "-m", *cmd]
+        subprocess.run(cmd, capture_output=True, check=False)
+    for dev in reversed(loops):
+        subprocess.run(["losetup", "-d", dev], capture_output=True, check=False)
+    deadline = time.monotonic() + 10
+    while plugin_loops(state) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+# ------------------------------------------------------------------ a node with the plugin
+
+
+@dataclass
+class ManagedStack:
+    root: Path
+    node: DockerNode
+    state: Path
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def docker(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return self.node.cli(*args, check=check, timeout=timeout)
+
+    def timed(self, what: str, *args: str) -> subprocess.CompletedProcess[str]:
+        t0 = time.monotonic()
+        proc = self.docker(*args)
+        self.timings[what] = time.monotonic() - t0
+        return proc
+
+    def dockerd_pid(self) -> int | None:
+        try:
+            return int((self.node.base / "docker.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def pids(self) -> list[int | str]:
+        pid = self.dockerd_pid()
+        return ["self"] + ([pid] if pid and Path(f"/proc/{pid}").exists() else [])
+
+    def run(self, *cmd: str, detach: bool = False) -> str:
+        args = ["run", "--network", "none", "-v", "mvol:/d"] + (["-d"] if detach else ["--rm"])
+        return self.docker(*args, IMAGE, "sh", "-c", *cmd).stdout.strip()
+
+    def plugin(self) -> dict:
+        return json.loads(self.docker("plugin", "inspect", PLUGIN).stdout)[0]
+
+    def plugin_log(self) -> str:
+        lines = (self.node.base / "dockerd.log").read_text(errors="replace").splitlines()
+        return "\n".join(line for line in lines if "plugin=" in line)[-4000:]
+
+
+@pytest.fixture
+def mstack(plugin_dir: Path) -> Iterator[ManagedStack]:
+    """A DockerNode with the plugin created from ``plugin_dir`` and enabled on a fresh state directory."""
+    root = Path(tempfile.mkdtemp(prefix="vmanaged-", dir="/tmp"))
+    node = DockerNode(root / "node")
+    state = root / "state"
+    state.mkdir()  # a plugin mount's host source must exist before enable
+    s = ManagedStack(root, node, state)
+    node.start()
+    try:
+        s.timed("create", "plugin", "create", PLUGIN, str(plugin_dir))
+        s.docker("plugin", "set", PLUGIN, f"state.source={state}", f"docker.source={node.sock}")
+        s.timed("enable", "plugin", "enable", PLUGIN)
+        yield s
+    finally:
+        try:
+            if node.proc is not None and node.proc.poll() is None:
+                for cid in s.docker("ps", "-aq", check=False).stdout.split():
+                    s.docker("rm", "-f", cid, check=False)
+                for vol in s.docker("volume", "ls", "-q", check=False).stdout.split():
+                    s.docker("volume", "rm", "-f", vol, check=False)
+                s.docker("plugin", "disable", "-f", PLUGIN, check=False)
+                s.docker("plugin", "rm", "-f", PLUGIN, check=False)
+        finally:
+            pids = s.pids()
+            clean(state, pids)
+            node.stop()
+            clean(state, ["self"])
+            left = leftovers(state, ["self"])
+            shutil.rmtree(root, ignore_errors=True)
+            if left:
+                pytest.fail(f"teardown left {left}")
+
+
+def _assert_disks_only(s: ManagedStack, ndisks: int = 2) -> None:
+    """Exactly one loop device per disk image: none for unmounted volumes, none left over from before."""
+    loops = plugin_loops(s.state)
+    assert len(loops) == ndisks, f"loop devices on the plugin's images: {loops}\n{s.plugin_log()}"
+
+
+def test_managed_plugin_lifecycle(mstack: ManagedStack) -> None:
+    s = mstack
+    p = s.plugin()
+    assert p["Enabled"] is True
+    assert p["Config"]["Interface"]["Socket"] == "veritas.sock"
+    assert {m["Name"]: m["Source"] for m in p["Settings"]["Mounts"]}["state"] == str(s.state)
+
+    s.timed("volume create", "volume", "create", "-d", PLUGIN, "--name", "mvol", "-o", "size=1g")
+    t0 = time.monotonic()
+    s.run("echo hi > /d/f")
+    s.timings["first run"] = time.monotonic() - t0
+    assert s.run("cat /d/f") == "hi"
+    # the disk group's images live in the host state directory, outside the plugin's rootfs
+    assert sorted(p.name for p in (s.state / "images").iterdir()) == ["dockerdg-disk1.img", "dockerdg-disk2.img"]
+    _assert_disks_only(s)
+
+    # a forced disable and enable: the volume and its data are still there, and the disks are reused
+    s.timed("disable -f", "plugin", "disable", "-f", PLUGIN)
+    s.timed("enable again", "plugin", "enable", PLUGIN)
+    vols = json.loads(s.docker("volume", "ls", "--format", "{{json .}}").stdout.splitlines()[0])
+    assert (vols["Name"], vols["Driver"]) == ("mvol", PLUGIN)
+    assert s.run("cat /d/f") == "hi"
+    _assert_disks_only(s)
+    info = json.loads(s.docker("volume", "inspect", "mvol").stdout)[0]
+    assert info["Status"]["health"] == "ok" and info["Status"]["size"] == "1G"
+
+    # removal: the volume's loop device goes with the volume; the plugin goes; no mount is left
+    s.docker("volume", "rm", "mvol")
+    _assert_disks_only(s)
+    s.docker("plugin", "disable", PLUGIN)
+    s.docker("plugin", "rm", PLUGIN)
+    assert s.docker("plugin", "ls", "-q").stdout.strip() == ""
+    loops = plugin_loops(s.state)
+    assert plugin_mounts(s.state, loops, s.pids()) == []
+    # the disk group outlives the plugin (it is state on the host); what remains is its disks' loops
+    clean(s.state, s.pids())
+    assert leftovers(s.state, s.pids()) == []
+    TIMINGS.update(s.timings)
+    print("managed plugin timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in TIMINGS.items()))
+
+
+def test_forced_disable_with_a_running_container(mstack: ManagedStack) -> None:
+    """A container keeps its volume through ``disable -f``; after enable, a new container of the same
+    volume shares its filesystem (same loop devices, same superblock), not a second copy."""
+    s = mstack
+    s.docker("volume", "create", "-d", PLUGIN, "--name", "mvol", "-o", "size=1g")
+    first = s.run("echo one > /d/a; exec sleep 600", detach=True)
+    deadline = time.monotonic() + 20
+    while s.docker("exec", first, "cat", "/d/a", check=False).stdout.strip() != "one":
+        assert time.monotonic() < deadline, "first container did not write its file"
+        time.sleep(0.1)
+    s.docker("plugin", "disable", "-f", PLUGIN)
+    s.docker("plugin", "enable", PLUGIN)
+    assert s.run("cat /d/a; echo two > /d/b") == "one"
+    assert s.docker("exec", first, "cat", "/d/b").stdout.strip() == "two", s.plugin_log()
+    _assert_disks_only(s, ndisks=3)  # two disks and the volume, each attached once
+    s.docker("rm", "-f", first)
+    assert s.run("cat /d/b") == "two"
+    s.docker("volume", "rm", "mvol")
+    _assert_disks_only(s)

@@ -1,0 +1,1 @@
+"""The ``veritas`` command: the storage CLI plus the plugin and (later) agent commands."""
