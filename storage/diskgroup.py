@@ -150,10 +150,17 @@ class DiskGroup:
                     n += 1
                 name = f"{self.name}{n:02d}"
                 taken.add(name)
-                self.catalog.put_intent(IntentRec(_DG_KEY, "adddisk", {"disk": name, "source": str(spec.source)},
-                                                  time.time()))
+                created = not spec.source.exists()  # an image we create is ours to delete on rollback
+                self.catalog.put_intent(IntentRec(_DG_KEY, "adddisk", {"disk": name, "source": str(spec.source),
+                                                                       "created": created}, time.time()))
                 crash.point("adddisk.recorded")
-                rec = _format_disk(self, name, spec, force)
+                try:
+                    rec = _format_disk(self, name, spec, force)
+                except BaseException:
+                    if created:
+                        spec.source.unlink(missing_ok=True)
+                    self.catalog.finish_intent(_DG_KEY)
+                    raise
                 self.catalog.add_disk(rec)
                 self.catalog.finish_intent(_DG_KEY)
                 names.append(name)

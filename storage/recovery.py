@@ -65,6 +65,10 @@ def _recover_one(dg: DiskGroup, intent: IntentRec) -> str:
         dg.catalog.finish_intent(key)
         return f"mount {key}: completed"
     if op == "umount":
+        mine = [m for m in dg.catalog.mounts(key) if m.node == dg.node]
+        for m in mine:
+            if intent.data.get("force") or m.mount_id == intent.data.get("mount_id"):
+                dg.catalog.remove_mount(key, m.node, m.mount_id)
         if not [m for m in dg.catalog.mounts(key) if m.node == dg.node]:
             volumes._unmount_kernel(dg, v)
         dg.catalog.finish_intent(key)
@@ -133,6 +137,8 @@ def _recover_dg(dg: DiskGroup, intent: IntentRec) -> str:
                 target.rmdir()
             except OSError:
                 pass
+            if intent.data.get("created"):
+                src.unlink(missing_ok=True)  # veritas made this image: a half-formatted copy helps nobody
         dg.catalog.finish_intent("@dg")
         return f"adddisk {disk}: rolled back ({json.dumps(dict(intent.data))})"
     dg.catalog.finish_intent("@dg")

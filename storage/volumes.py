@@ -21,6 +21,7 @@ from storage.errors import (
     Degraded,
     InUse,
     InvalidArgument,
+    NoSpace,
     NoSuchVolume,
     UnknownOption,
     VeritasError,
@@ -117,11 +118,19 @@ def make(dg: DiskGroup, name: str, size: str | int | None = None, **opts: Any) -
     with dg.locks.hold(name):
         if dg.catalog.volume(name) is not None:
             raise AlreadyExists(f"volume {name} already exists in disk group {dg.name}")
-        eng, shape, sizes, disks = _plan(dg, layout, nbytes, fstype, nmirror, ncol)
-        vol = VolumeRec(name, nbytes, eng.name, shape.fstype, shape.nmirror, shape.ncol, maxiops,
-                        None, 0, "creating", time.time(), protect)
-        sds = [SubdiskRec(name, i, disk, sz, sz) for i, (disk, sz) in enumerate(zip(disks, sizes, strict=True))]
-        dg.catalog.create_volume(vol, sds, IntentRec(name, "make", {}, time.time()), dg.capacity())
+        for attempt in range(5):
+            # placement reads free space outside the catalog transaction; a concurrent make may take the
+            # chosen disk's room first, so plan again rather than fail while other disks have space
+            eng, shape, sizes, disks = _plan(dg, layout, nbytes, fstype, nmirror, ncol)
+            vol = VolumeRec(name, nbytes, eng.name, shape.fstype, shape.nmirror, shape.ncol, maxiops,
+                            None, 0, "creating", time.time(), protect)
+            sds = [SubdiskRec(name, i, d, sz, sz) for i, (d, sz) in enumerate(zip(disks, sizes, strict=True))]
+            try:
+                dg.catalog.create_volume(vol, sds, IntentRec(name, "make", {}, time.time()), dg.capacity())
+                break
+            except NoSpace:
+                if attempt == 4:
+                    raise
         crash.point("make.recorded")
         try:
             paths = [dg.image(sd.disk, name, sd.idx) for sd in sds]
@@ -344,20 +353,22 @@ def umount(dg: DiskGroup, name: str, mount_id: str = ADMIN_MOUNT_ID, force: bool
     """
     with dg.locks.hold(name):
         v = _get(dg, name)
-        dg.catalog.remove_mount(name, dg.node, mount_id)
-        left = [m for m in dg.catalog.mounts(name) if m.node == dg.node]
-        if left and not force:
+        mine = [m for m in dg.catalog.mounts(name) if m.node == dg.node]
+        others = [m for m in mine if m.mount_id != mount_id]
+        if others and not force:
+            dg.catalog.remove_mount(name, dg.node, mount_id)  # one atomic step: others still use it
             return False
-        dg.catalog.put_intent(IntentRec(name, "umount", {}, time.time()))
+        # the ID is released only once the unmount is done (or by recovery rolling it forward), so a
+        # crash in between never leaves a mounted volume that no ID counts
+        dg.catalog.put_intent(IntentRec(name, "umount", {"mount_id": mount_id, "force": force}, time.time()))
         crash.point("umount.recorded")
         try:
             _unmount_kernel(dg, v)
         except InUse:
-            dg.catalog.add_mount(MountRec(name, dg.node, mount_id, time.time()))
             dg.catalog.finish_intent(name)
             raise
         crash.point("umount.unmounted")
-        for m in left:
+        for m in mine:
             dg.catalog.remove_mount(name, m.node, m.mount_id)
         dg.catalog.finish_intent(name)
         return True
