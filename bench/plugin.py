@@ -30,15 +30,11 @@ Runs as root. It starts its own dockerd (own mount namespace) and ``veritas plug
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -51,6 +47,8 @@ sys.path.insert(0, str(REPO))
 
 import requests_unixsocket  # noqa: E402
 
+from bench import common  # noqa: E402
+from bench.common import emit, interleaved, log, pct, sh, timed  # noqa: E402
 from storage import diskgroup  # noqa: E402
 from storage.config import load_config  # noqa: E402
 from storage.kernel import loop, mounts  # noqa: E402
@@ -67,48 +65,16 @@ FIO_MOUNTS = ("-v", "/usr/bin/fio:/fio:ro", "-v", "/usr/lib:/usr/lib:ro", "-v", 
               "-v", "/usr/lib64:/lib64:ro")
 
 
-def log(msg: str) -> None:
-    print(f"[bench-plugin {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def emit(metric: str, value: float, unit: str, baseline: float, target: str) -> None:
-    ratio = value / baseline if baseline else float("inf")
-    print(json.dumps({"metric": metric, "value": round(value, 3), "unit": unit,
-                      "baseline": round(baseline, 3), "ratio": round(ratio, 3), "target": target}),
-          flush=True)
 
 
-def sh(*argv: str | Path, timeout: float = 300) -> str:
-    proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True, check=False, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, argv))} failed ({proc.returncode}): {proc.stderr.strip()}")
-    return proc.stdout
 
 
-def timed(fn: Callable[[], Any]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
-def pct(xs: list[float], q: float) -> float:
-    """The q-quantile (0..1) of xs, by the nearest-rank method."""
-    s = sorted(xs)
-    return s[min(len(s) - 1, max(0, round(q * len(s) + 0.5) - 1))]
 
 
-def interleaved(n: int, ours: Callable[[int], float],
-                theirs: Callable[[int], float]) -> tuple[list[float], list[float]]:
-    a: list[float] = []
-    b: list[float] = []
-    for i in range(n):
-        if i % 2 == 0:
-            a.append(ours(i))
-            b.append(theirs(i))
-        else:
-            b.append(theirs(i))
-            a.append(ours(i))
-    return a, b
 
 
 class Bench:
@@ -327,38 +293,11 @@ class Bench:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
-    ap.add_argument("--quick", action="store_true", help="a few repetitions of each figure (smoke test)")
-    ap.add_argument("--only", nargs="*", choices=["create", "volume", "run", "fio"], help="run only these figures")
-    args = ap.parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench/plugin.py needs root (dockerd, loop devices, mounts)", file=sys.stderr)
-        return 2
-    for tool in ("dockerd", "docker", "fio", "mkfs.xfs", "losetup", "truncate"):
-        if shutil.which(tool) is None:
-            print(f"bench/plugin.py needs {tool}", file=sys.stderr)
-            return 2
-
-    def on_term(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGHUP, on_term)
-    root = Path(tempfile.mkdtemp(prefix="vbenchp-", dir="/tmp"))
-    bench = Bench(root, args.quick)
-    groups = args.only or ["create", "volume", "run", "fio"]
-    t0 = time.perf_counter()
-    try:
-        bench.setup()
-        for g in groups:
-            {"create": bench.create_at_socket, "volume": bench.docker_volume_create, "run": bench.docker_run,
-             "fio": bench.fio}[g]()
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let clean-up finish
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        bench.cleanup()
-        log(f"done in {time.perf_counter() - t0:.1f} s")
-    return 0
+    methods = {"create": "create_at_socket", "volume": "docker_volume_create", "run": "docker_run", "fio": "fio"}
+    return common.main("bench-plugin", __doc__, argv,
+                       tools=("dockerd", "docker", "fio", "mkfs.xfs", "losetup", "truncate"),
+                       groups=["create", "volume", "run", "fio"], make=Bench,
+                       run_group=lambda bench, group: getattr(bench, methods[group])())
 
 
 if __name__ == "__main__":

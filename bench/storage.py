@@ -31,26 +31,23 @@ repetitions, 200 volumes, shorter fio runs) is for smoke tests.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import signal
 import sqlite3
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 # this file is named storage.py: keep its directory off the path so `storage` is the package
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(REPO))
 
+from bench import common  # noqa: E402
+from bench.common import emit, log, sh, timed  # noqa: E402
 from storage import diskgroup, snapshots, volumes  # noqa: E402
 from storage.config import load_config  # noqa: E402
 from storage.diskgroup import DiskGroup, DiskSpec  # noqa: E402
@@ -60,29 +57,12 @@ DG_NAME = "benchdg"
 GiB = 1024**3
 
 
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def emit(metric: str, value: float, unit: str, baseline: float, target: str) -> None:
-    ratio = value / baseline if baseline else float("inf")
-    print(json.dumps({"metric": metric, "value": round(value, 3), "unit": unit,
-                      "baseline": round(baseline, 3), "ratio": round(ratio, 3), "target": target}),
-          flush=True)
 
 
-def sh(*argv: str | Path) -> str:
-    proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True, check=False, timeout=600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, argv))} failed ({proc.returncode}): {proc.stderr.strip()}")
-    return proc.stdout
 
 
-def timed(fn: Callable[[], Any]) -> float:
-    """Seconds ``fn`` took."""
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def p50(xs: list[float]) -> float:
@@ -425,38 +405,11 @@ class Bench:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
-    ap.add_argument("--quick", action="store_true", help="fewer repetitions and 200 volumes (smoke test)")
-    ap.add_argument("--only", nargs="*", choices=["make", "snapshot", "fio", "list"],
-                    help="run only these figure groups")
-    args = ap.parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench/storage.py needs root (loop devices, mounts)", file=sys.stderr)
-        return 2
-    for tool in ("fio", "mkfs.xfs", "mkfs.ext4", "losetup", "fsfreeze", "xfs_admin"):
-        if shutil.which(tool) is None:
-            print(f"bench/storage.py needs {tool}", file=sys.stderr)
-            return 2
-
-    def on_term(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGHUP, on_term)
-    root = Path(tempfile.mkdtemp(prefix="vbench-", dir="/tmp"))
-    bench = Bench(root, args.quick)
-    groups = args.only or ["make", "snapshot", "fio", "list"]
-    t0 = time.perf_counter()
-    try:
-        bench.setup()
-        for g in groups:
-            {"make": bench.make_mount, "snapshot": bench.snapshot, "fio": bench.fio, "list": bench.listing}[g]()
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let clean-up finish
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        bench.cleanup()
-        log(f"done in {time.perf_counter() - t0:.1f} s")
-    return 0
+    methods = {"make": "make_mount", "snapshot": "snapshot", "fio": "fio", "list": "listing"}
+    return common.main("bench-storage", __doc__, argv,
+                       tools=("fio", "mkfs.xfs", "mkfs.ext4", "losetup", "fsfreeze", "xfs_admin"),
+                       groups=["make", "snapshot", "fio", "list"], make=Bench,
+                       run_group=lambda bench, group: getattr(bench, methods[group])())
 
 
 if __name__ == "__main__":

@@ -79,6 +79,25 @@ class IntentRec:
     created: float = 0.0
 
 
+def check_space(used: Mapping[str, int], subdisks: list[SubdiskRec], capacity: Mapping[str, int]) -> None:
+    """Raise NoSpace unless ``subdisks`` fit on their disks beside what is ``used`` already.
+
+    Shared by every backend so they refuse the same requests with the same words.
+    """
+    from storage.errors import NoSpace
+
+    want: dict[str, int] = {}
+    for s in subdisks:
+        want[s.disk] = want.get(s.disk, 0) + s.reserved
+    for disk, n in want.items():
+        have = capacity.get(disk, 0) - used.get(disk, 0)
+        if n > have:
+            raise NoSpace(
+                f"disk {disk} has {max(have, 0) // 2**20} MiB free, {-(-n // 2**20)} MiB needed;"
+                " add a disk (veritas dg adddisk) or choose a smaller size"
+            )
+
+
 class Catalog(abc.ABC):
     """One disk group's catalog. Raises storage.errors types, never backend exceptions."""
 

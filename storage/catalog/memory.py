@@ -16,8 +16,9 @@ from storage.catalog.base import (
     MountRec,
     SubdiskRec,
     VolumeRec,
+    check_space,
 )
-from storage.errors import AlreadyExists, InUse, NoSpace, NoSuchDiskGroup, NoSuchVolume
+from storage.errors import AlreadyExists, InUse, NoSuchDiskGroup, NoSuchVolume
 
 
 class MemoryCatalog(Catalog):
@@ -71,14 +72,7 @@ class MemoryCatalog(Catalog):
         used = self.reserved()
         if minus is not None:
             used[minus.disk] = used.get(minus.disk, 0) - minus.reserved
-        want: dict[str, int] = {}
-        for s in subdisks:
-            want[s.disk] = want.get(s.disk, 0) + s.reserved
-        for disk, n in want.items():
-            have = capacity.get(disk, 0) - used.get(disk, 0)
-            if n > have:
-                raise NoSpace(f"disk {disk} has {max(have, 0) // 2**20} MiB free, {-(-n // 2**20)} MiB needed;"
-                              " add a disk (veritas dg adddisk) or choose a smaller size")
+        check_space(used, subdisks, capacity)
 
     def create_volume(self, vol: VolumeRec, subdisks: list[SubdiskRec], intent: IntentRec,
                       capacity: Mapping[str, int]) -> None:

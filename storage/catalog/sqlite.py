@@ -19,8 +19,9 @@ from storage.catalog.base import (
     MountRec,
     SubdiskRec,
     VolumeRec,
+    check_space,
 )
-from storage.errors import AlreadyExists, InUse, NoSpace, NoSuchDiskGroup, NoSuchVolume, VeritasError
+from storage.errors import AlreadyExists, InUse, NoSuchDiskGroup, NoSuchVolume, VeritasError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS diskgroup (
@@ -130,7 +131,7 @@ class SqliteCatalog(Catalog):
             if db.execute("SELECT 1 FROM volume WHERE name=?", (vol.name,)).fetchone():
                 raise AlreadyExists(f"volume {vol.name} already exists")
             used = dict(db.execute("SELECT disk, SUM(reserved) FROM subdisk GROUP BY disk").fetchall())
-            _check_space(used, subdisks, capacity)
+            check_space(used, subdisks, capacity)
             db.execute("INSERT INTO volume VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", _vol_row(vol))
             db.executemany("INSERT INTO subdisk VALUES (?,?,?,?,?)",
                            [(s.volume, s.idx, s.disk, s.size, s.reserved) for s in subdisks])
@@ -169,7 +170,7 @@ class SqliteCatalog(Catalog):
             if capacity is not None:
                 used = dict(db.execute("SELECT disk, SUM(reserved) FROM subdisk GROUP BY disk").fetchall())
                 used[old.disk] = used.get(old.disk, 0) - old.reserved
-                _check_space(used, [new], capacity)
+                check_space(used, [new], capacity)
             db.execute("UPDATE subdisk SET disk=?, size=?, reserved=? WHERE volume=? AND idx=?",
                        (new.disk, new.size, new.reserved, volume, idx))
 
@@ -221,19 +222,6 @@ class SqliteCatalog(Catalog):
     def close(self) -> None:
         with self._lock:
             self._db.close()
-
-
-def _check_space(used: Mapping[str, int], subdisks: list[SubdiskRec], capacity: Mapping[str, int]) -> None:
-    want: dict[str, int] = {}
-    for s in subdisks:
-        want[s.disk] = want.get(s.disk, 0) + s.reserved
-    for disk, n in want.items():
-        have = capacity.get(disk, 0) - used.get(disk, 0)
-        if n > have:
-            raise NoSpace(
-                f"disk {disk} has {max(have, 0) // 2**20} MiB free, {-(-n // 2**20)} MiB needed;"
-                " add a disk (veritas dg adddisk) or choose a smaller size"
-            )
 
 
 def _update_volume(db: sqlite3.Connection, name: str, fields: dict[str, Any]) -> None:

@@ -102,6 +102,28 @@ def force_clean(root: Path) -> None:
             subprocess.run(["losetup", "-d", dev], capture_output=True, check=False)
 
 
+def finish(config: Config, root: Path) -> None:
+    """Destroy every disk group under ``root``, then fail the test if anything leaked or failed."""
+    problems: list[str] = []
+    for name in diskgroup.list_names(config):
+        try:
+            dg = diskgroup.DiskGroup(config, name)
+            dg.catalog.set_imported(config.node)  # a test may have deported it
+            dg.close()
+            dg = diskgroup.open_dg(config, name)
+            for v in dg.catalog.volumes():
+                for m in dg.catalog.mounts(v.name):
+                    dg.catalog.remove_mount(v.name, m.node, m.mount_id)
+            diskgroup.destroy(dg, force=True)
+        except Exception as exc:  # teardown must go on and report
+            problems.append(f"destroying {name}: {exc}")
+    left = leaks(root)
+    force_clean(root)
+    shutil.rmtree(root, ignore_errors=True)
+    if problems or left:
+        pytest.fail("teardown found leaks or failures: " + "; ".join(problems + left))
+
+
 @pytest.fixture
 def env() -> Iterator[Env]:
     root = Path(tempfile.mkdtemp(prefix="vtest-", dir="/tmp"))
@@ -110,23 +132,7 @@ def env() -> Iterator[Env]:
     try:
         yield e
     finally:
-        problems: list[str] = []
-        for name in diskgroup.list_names(e.config):
-            try:
-                dg = diskgroup.DiskGroup(e.config, name)
-                dg.catalog.set_imported(e.config.node)
-                dg = diskgroup.open_dg(e.config, name)
-                for v in dg.catalog.volumes():
-                    for m in dg.catalog.mounts(v.name):
-                        dg.catalog.remove_mount(v.name, m.node, m.mount_id)
-                diskgroup.destroy(dg, force=True)
-            except Exception as exc:  # teardown must go on and report
-                problems.append(f"destroying {name}: {exc}")
-        left = leaks(root)
-        force_clean(root)
-        shutil.rmtree(root, ignore_errors=True)
-        if problems or left:
-            pytest.fail("teardown found leaks or failures: " + "; ".join(problems + left))
+        finish(e.config, root)
 
 
 @pytest.fixture
@@ -175,19 +181,5 @@ def stack() -> Iterator[Stack]:
     finally:
         node.stop()
         plugin.stop()
-        problems: list[str] = []
-        for name in diskgroup.list_names(env.config):
-            try:
-                dg = diskgroup.open_dg(env.config, name)
-                for v in dg.catalog.volumes():
-                    for m in dg.catalog.mounts(v.name):
-                        dg.catalog.remove_mount(v.name, m.node, m.mount_id)
-                diskgroup.destroy(dg, force=True)
-            except Exception as exc:  # teardown must go on and report
-                problems.append(f"destroying {name}: {exc}")
         unshare_mount_root(root / "mnt")
-        left = leaks(root)
-        force_clean(root)
-        shutil.rmtree(root, ignore_errors=True)
-        if problems or left:
-            pytest.fail("teardown found leaks or failures: " + "; ".join(problems + left))
+        finish(env.config, root)
