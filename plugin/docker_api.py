@@ -12,7 +12,8 @@ import docker
 import docker.errors
 import requests
 
-ACTIVE_STATES = ("running", "paused", "restarting")
+# states in which a container may hold a volume Docker mounted for it ("created": Mount done, start pending)
+ACTIVE_STATES = ("created", "running", "paused", "restarting")
 
 
 def driver_name(name: str) -> str:

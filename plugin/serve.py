@@ -16,7 +16,7 @@ from pathlib import Path
 
 from plugin.docker_api import Engine
 from plugin.driver import Driver
-from plugin.enforcer import IopsEnforcer
+from plugin.events import EventFollower
 from plugin.reconcile import reconcile
 from storage import diskgroup
 from storage.config import Config
@@ -51,7 +51,7 @@ def serve(config: Config, socket: Path | None = None, workers: int | None = None
     repo = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     child = subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent)
-    enforcer = IopsEnforcer(Driver(config, engine), engine)
+    enforcer = EventFollower(Driver(config, engine), engine)
     enforcer.start()
 
     def forward(signum: int, _frame: object) -> None:

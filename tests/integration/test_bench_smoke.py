@@ -48,8 +48,8 @@ def test_bench_quick_prints_json_figures_and_cleans_up():
             assert abs(fig["ratio"] - fig["value"] / fig["baseline"]) <= 0.01 * max(1.0, abs(fig["ratio"])), line
         metrics.append(fig["metric"])
     assert len(set(metrics)) == len(metrics), metrics
-    for prefix in ("make_mount_1g", "umount_rm_1g", "snapshot_1g_500m", "snapshot_first_mount", "vol_list_200", "make_cost_200th",
-                   "cli_vol_list_200", "fio_randwrite_4k", "fio_seqwrite_1m"):
+    for prefix in ("make_mount_1g", "umount_rm_1g", "snapshot_1g_500m", "snapshot_first_mount", "vol_list_200",
+                   "make_cost_200th", "cli_vol_list_200", "fio_randwrite_4k", "fio_seqwrite_1m"):
         assert any(m.startswith(prefix) for m in metrics), (prefix, metrics)
 
     m = re.search(r"\] root (/tmp/vbench-\S+)", err)

@@ -251,3 +251,24 @@ def test_reconcile_at_start(stack):
     assert released(stack, "used"), vol_state(stack, "used")
     for name in ("stale", "uncounted", "used"):
         node.cli("volume", "rm", name)
+
+
+def test_restart_keeps_volume_of_a_created_container(stack):
+    """Docker mounts before it starts a container: a plugin restarted in between must not unmount it."""
+    node, plugin = stack.node, stack.plugin
+    node.cli("volume", "create", "-d", "veritas", "--name", "pending", "-o", "size=500m")
+    cid = node.cli("create", "--network", "none", "-v", "pending:/d", "localbusybox", "true").stdout.strip()
+    mount_id = "ab" * 32  # shaped like Docker's own mount IDs
+    reply = plugin.call("VolumeDriver.Mount", {"Name": "pending", "ID": mount_id})
+    assert reply["Err"] == "", reply
+    plugin.stop()
+    plugin.start()
+    dg = diskgroup.open_dg(stack.env.config, "dockerdg")
+    try:
+        assert volumes.is_mounted(dg, "pending"), "reconciliation unmounted a volume a created container holds"
+        assert [m.mount_id for m in dg.catalog.mounts("pending")] == [mount_id]
+    finally:
+        dg.close()
+    assert plugin.call("VolumeDriver.Unmount", {"Name": "pending", "ID": mount_id})["Err"] == ""
+    node.cli("rm", cid)
+    node.cli("volume", "rm", "pending")

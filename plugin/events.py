@@ -1,4 +1,4 @@
-"""Following Docker's event stream to put each container's IOPS limits on the volumes it mounts."""
+"""Following Docker's event stream: IOPS limits for starting containers, orphan mount IDs for removed ones."""
 
 from __future__ import annotations
 
@@ -14,8 +14,11 @@ from storage.errors import VeritasError
 log = logging.getLogger("veritas.plugin")
 
 
-class IopsEnforcer(threading.Thread):
-    """On each container start, and on every (re)connection for all running containers, write limits."""
+class EventFollower(threading.Thread):
+    """Writes maxiops into each starting container's cgroup and releases mount IDs nobody will unmount.
+
+    On every (re)connection it first catches up: limits for all running containers, orphans for all.
+    """
 
     def __init__(self, driver: Driver, engine: Engine) -> None:
         super().__init__(name="iops-enforcer", daemon=True)
@@ -53,11 +56,3 @@ class IopsEnforcer(threading.Thread):
     def stop(self) -> None:
         self.stopping.set()
 
-
-def wait_connected(enforcer: IopsEnforcer, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if enforcer.connected.is_set():
-            return True
-        time.sleep(0.05)
-    return False
