@@ -12,16 +12,19 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.integration.dockerstack import IMAGE, DockerNode
+from tests.integration.dockerstack import IMAGE, DockerNode, _pids_with_arg, end_pids, process_tree
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD = REPO / "packaging" / "build-managed-plugin.sh"
@@ -200,23 +203,31 @@ def mstack(plugin_dir: Path) -> Iterator[ManagedStack]:
         s.timed("enable", "plugin", "enable", PLUGIN)
         yield s
     finally:
-        try:
-            if node.proc is not None and node.proc.poll() is None:
-                for cid in s.docker("ps", "-aq", check=False).stdout.split():
-                    s.docker("rm", "-f", cid, check=False)
-                for vol in s.docker("volume", "ls", "-q", check=False).stdout.split():
-                    s.docker("volume", "rm", "-f", vol, check=False)
-                s.docker("plugin", "disable", "-f", PLUGIN, check=False)
-                s.docker("plugin", "rm", "-f", PLUGIN, check=False)
-        finally:
-            pids = s.pids()
-            clean(state, pids)
-            node.stop()
-            clean(state, ["self"])
-            left = leftovers(state, ["self"])
-            shutil.rmtree(root, ignore_errors=True)
-            if left:
-                pytest.fail(f"teardown left {left}")
+        _teardown(s)
+
+
+def _teardown(s: ManagedStack) -> None:
+    """Containers, volumes and every plugin of the node go, then the node; fail if anything of the
+    plugin's state is still attached or mounted."""
+    node, state = s.node, s.state
+    try:
+        if node.proc is not None and node.proc.poll() is None:
+            for cid in s.docker("ps", "-aq", check=False).stdout.split():
+                s.docker("rm", "-f", cid, check=False)
+            for vol in s.docker("volume", "ls", "-q", check=False).stdout.split():
+                s.docker("volume", "rm", "-f", vol, check=False)
+            for plugin in s.docker("plugin", "ls", "-q", "--no-trunc", check=False).stdout.split():
+                s.docker("plugin", "disable", "-f", plugin, check=False)
+                s.docker("plugin", "rm", "-f", plugin, check=False)
+    finally:
+        pids = s.pids()
+        clean(state, pids)
+        node.stop()
+        clean(state, ["self"])
+        left = leftovers(state, ["self"])
+        shutil.rmtree(s.root, ignore_errors=True)
+        if left:
+            pytest.fail(f"teardown left {left}")
 
 
 def _assert_disks_only(s: ManagedStack, ndisks: int = 2) -> None:
@@ -285,3 +296,207 @@ def test_forced_disable_with_a_running_container(mstack: ManagedStack) -> None:
     assert s.run("cat /d/b") == "two"
     s.docker("volume", "rm", "mvol")
     _assert_disks_only(s)
+
+
+# ------------------------------------------------------------------ upgrade through a registry, as users do
+
+
+def _registry_binary() -> str:
+    """The registry server of Debian's ``docker-registry`` package (scripts/test installs it)."""
+    proc = subprocess.run(["dpkg", "-L", "docker-registry"], capture_output=True, text=True, check=False)
+    found = [line for line in proc.stdout.splitlines() if line.endswith("/bin/docker-registry")]
+    assert proc.returncode == 0 and found, "Debian package docker-registry is not installed (scripts/test installs it)"
+    return found[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def registry() -> Iterator[str]:
+    """A plain-HTTP registry (distribution 2.8) on a free loopback port, storing under a temporary
+    directory; yields its address ``127.0.0.1:PORT``. Docker treats 127.0.0.0/8 registries as insecure
+    by default, so the node's dockerd pushes and pulls over HTTP with no daemon option."""
+    binary = _registry_binary()
+    root = Path(tempfile.mkdtemp(prefix="vregistry-", dir="/tmp"))
+    proc: subprocess.Popen[bytes] | None = None
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
+    try:
+        for _attempt in range(3):  # another process may take the port between probe and bind
+            port = _free_port()
+            conf = root / "config.yml"
+            conf.write_text("version: 0.1\n"
+                            "log:\n  level: warn\n"
+                            f"storage:\n  filesystem:\n    rootdirectory: {root}/data\n"
+                            f"http:\n  addr: 127.0.0.1:{port}\n")
+            with open(root / "registry.log", "ab") as log:
+                proc = subprocess.Popen([binary, "serve", str(conf)], stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+            deadline = time.monotonic() + 20
+            while proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    with direct.open(f"http://127.0.0.1:{port}/v2/", timeout=2) as resp:
+                        if resp.status == 200:
+                            break
+                except (urllib.error.URLError, OSError):
+                    time.sleep(0.05)
+            else:
+                end_pids([proc.pid])
+                proc.wait()
+                continue
+            break
+        else:
+            pytest.fail(f"registry did not come up:\n{(root / 'registry.log').read_text()[-2000:]}")
+        yield f"127.0.0.1:{port}"
+    finally:
+        if proc is not None:
+            end_pids([proc.pid])
+            proc.wait()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def bare_stack() -> Iterator[ManagedStack]:
+    """A DockerNode with a fresh state directory and no plugin: the test installs it."""
+    root = Path(tempfile.mkdtemp(prefix="vmanaged-", dir="/tmp"))
+    node = DockerNode(root / "node")
+    state = root / "state"
+    state.mkdir()  # a plugin mount's host source must exist before enable
+    s = ManagedStack(root, node, state)
+    node.start()
+    try:
+        yield s
+    finally:
+        _teardown(s)
+
+
+def running_build_ids(s: ManagedStack) -> list[str]:
+    """The build id in the root of every running ``veritas.cli`` process of the node's containerd (the
+    plugin's processes), so the test knows which build actually serves."""
+    shims = _pids_with_arg(f"{s.node.exec_root}/containerd/containerd.sock")
+    ids = []
+    for pid in sorted({p for shim in shims for p in process_tree(shim)}):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if b"veritas.cli" in argv:
+                ids.append(Path(f"/proc/{pid}/root/etc/veritas-plugin-build-id").read_text().strip())
+        except OSError:
+            continue  # gone meanwhile
+    return sorted(set(ids))
+
+
+def _mount_sources(p: dict, section: str) -> dict[str, str]:
+    return {m["Name"]: m["Source"] for m in p[section]["Mounts"]}
+
+
+def test_upgrade_with_volumes_in_use(bare_stack: ManagedStack, registry: str, plugin_dir: Path) -> None:
+    """Install v1 from a registry, use a volume (one container keeps running), ``disable -f``,
+    ``upgrade`` to v2, enable: the volume, its data and the running container's view survive, and new
+    containers and volumes work without restarting dockerd (hpe-storage#46)."""
+    s = bare_stack
+    repo = f"{registry}/veritas-managed"
+    alias = PLUGIN.split(":")[0]  # volumes name the plugin's local name; upgrade keeps it (and the ID)
+    v1_id = (plugin_dir / "rootfs" / "etc" / "veritas-plugin-build-id").read_text().strip()
+    v2_id = f"upgrade-v2-{time.time_ns()}"
+    v2_dir = s.root / "plugin-v2"
+
+    def publish(tag: str, directory: Path) -> None:
+        s.timed(f"create {tag}", "plugin", "create", f"{repo}:{tag}", str(directory))
+        s.timed(f"push {tag}", "plugin", "push", f"{repo}:{tag}")
+        s.docker("plugin", "rm", f"{repo}:{tag}")
+
+    # v1 (the module's build) through the registry, installed the way a user installs it
+    publish("v1", plugin_dir)
+    assert s.docker("plugin", "ls", "-q").stdout.strip() == ""
+    s.timed("install v1", "plugin", "install", "--grant-all-permissions", "--alias", alias, f"{repo}:v1",
+            f"state.source={s.state}", f"docker.source={s.node.sock}")
+    p = s.plugin()
+    plugin_id = p["Id"]
+    assert (p["Name"], p["PluginReference"], p["Enabled"]) == (PLUGIN, f"{repo}:v1", True)
+    assert _mount_sources(p, "Settings")["state"] == str(s.state)
+    assert running_build_ids(s) == [v1_id]
+
+    s.docker("volume", "create", "-d", PLUGIN, "--name", "mvol", "-o", "size=1g")
+    s.run("echo hi > /d/f")
+    first = s.run("echo one > /d/a; exec sleep 600", detach=True)
+    deadline = time.monotonic() + 20
+    while s.docker("exec", first, "cat", "/d/a", check=False).stdout.strip() != "one":
+        assert time.monotonic() < deadline, "the long-running container did not write its file"
+        time.sleep(0.1)
+    _assert_disks_only(s, ndisks=3)
+
+    # v2: another build of the same sources (another build id), published as :v2
+    t0 = time.monotonic()
+    proc = subprocess.run(["bash", str(BUILD), "--out", str(v2_dir), "--driver", alias, "--build-id", v2_id],
+                          capture_output=True, text=True, timeout=900, check=False)
+    s.timings["build v2"] = time.monotonic() - t0
+    assert proc.returncode == 0, f"build of v2 failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+    publish("v2", v2_dir)
+    shutil.rmtree(v2_dir)
+
+    # the upgrade: Docker wants the plugin disabled, and a volume is in use, so only `disable -f` does
+    dockerd = s.dockerd_pid()
+    refused = s.docker("plugin", "upgrade", "--grant-all-permissions", "--skip-remote-check", PLUGIN,
+                       f"{repo}:v2", check=False)
+    assert refused.returncode != 0 and "disabled" in refused.stderr, refused.stderr
+    assert "in use" in s.docker("plugin", "disable", PLUGIN, check=False).stderr
+    s.timed("disable -f", "plugin", "disable", "-f", PLUGIN)
+    s.timed("upgrade", "plugin", "upgrade", "--grant-all-permissions", "--skip-remote-check", PLUGIN, f"{repo}:v2")
+    p = s.plugin()
+    assert (p["Id"], p["Name"], p["PluginReference"], p["Enabled"]) == (plugin_id, PLUGIN, f"{repo}:v2", False)
+    # Docker (20.10 here; moby's current source alike) replaces the plugin's config on upgrade but not its settings:
+    # `plugin inspect` still shows state.source and docker.source in Settings, yet the container is
+    # made from Config.Mounts, which are back at config.json's defaults (cf. moby#42128 for env).
+    # Enabling now would fail, or worse run on /var/lib/veritas-plugin if that exists; so an upgrade
+    # must set the sources again before enable.
+    settings = _mount_sources(p, "Settings")
+    assert (settings["state"], settings["docker"]) == (str(s.state), str(s.node.sock))
+    if _mount_sources(p, "Config")["state"] != str(s.state):
+        print(f"docker plugin upgrade reset the mount sources to {_mount_sources(p, 'Config')}")
+    s.docker("plugin", "set", PLUGIN, f"state.source={s.state}", f"docker.source={s.node.sock}")
+    assert _mount_sources(s.plugin(), "Config")["state"] == str(s.state)
+    s.timed("enable v2", "plugin", "enable", PLUGIN)
+    assert running_build_ids(s) == [v2_id]
+
+    # same dockerd throughout: no restart was needed for any of what follows
+    vols = [json.loads(line) for line in s.docker("volume", "ls", "--format", "{{json .}}").stdout.splitlines()]
+    assert [(v["Name"], v["Driver"]) for v in vols] == [("mvol", PLUGIN)]
+    info = json.loads(s.docker("volume", "inspect", "mvol").stdout)[0]
+    assert info["Status"]["health"] == "ok" and info["Status"]["size"] == "1G"
+    # the container that ran through the upgrade still reads and writes its volume...
+    assert s.docker("exec", first, "cat", "/d/a").stdout.strip() == "one"
+    s.docker("exec", first, "sh", "-c", "echo old > /d/c")
+    # ...and a new container mounts the same filesystem (not a second copy of it)
+    t0 = time.monotonic()
+    assert s.run("cat /d/f /d/a /d/c; echo two > /d/b").split() == ["hi", "one", "old"], s.plugin_log()
+    s.timings["first run after upgrade"] = time.monotonic() - t0
+    assert s.docker("exec", first, "cat", "/d/b").stdout.strip() == "two", s.plugin_log()
+    _assert_disks_only(s, ndisks=3)  # two disks and the volume, each attached once
+    # once that container has gone (its Unmount came), the next one still shares the running one's view
+    assert s.run("cat /d/b; echo three > /d/e") == "two"
+    assert s.docker("exec", first, "cat", "/d/e").stdout.strip() == "three", s.plugin_log()
+    _assert_disks_only(s, ndisks=3)
+
+    # a new volume on v2
+    s.docker("volume", "create", "-d", PLUGIN, "--name", "mvol2", "-o", "size=1g")
+    out = s.docker("run", "--rm", "--network", "none", "-v", "mvol2:/d", IMAGE, "sh", "-c", "echo new > /d/n; cat /d/n")
+    assert out.stdout.strip() == "new"
+    assert s.dockerd_pid() == dockerd
+
+    # removal: nothing of v1 or v2 is left attached or mounted
+    s.docker("rm", "-f", first)
+    assert s.run("cat /d/a /d/b /d/c /d/e").split() == ["one", "two", "old", "three"]
+    s.docker("volume", "rm", "mvol", "mvol2")
+    _assert_disks_only(s)
+    s.docker("plugin", "disable", PLUGIN)
+    s.docker("plugin", "rm", PLUGIN)
+    assert s.docker("plugin", "ls", "-q").stdout.strip() == ""
+    assert not (s.node.base / "data" / "plugins" / plugin_id).exists()  # nor its rootfs (or rootfs-old)
+    loops = plugin_loops(s.state)
+    assert plugin_mounts(s.state, loops, s.pids()) == []
+    clean(s.state, s.pids())
+    assert leftovers(s.state, s.pids()) == []
+    print("managed plugin upgrade timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in s.timings.items()))
