@@ -99,6 +99,7 @@ def main(name: str, doc: str | None, argv: Sequence[str] | None, tools: Sequence
     try:
         bench.setup()
         for g in args.only or groups:
+            os.sync()  # the previous group's writeback must not land on this group's measurements
             run_group(bench, g)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let clean-up finish

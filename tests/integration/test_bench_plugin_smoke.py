@@ -23,7 +23,7 @@ def test_bench_plugin_quick():
                           text=True, timeout=300, cwd=REPO, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    assert len(lines) == 6, proc.stdout
+    assert len(lines) == 8, proc.stdout
     metrics = []
     for line in lines:
         fig = json.loads(line)
@@ -33,7 +33,8 @@ def test_bench_plugin_quick():
         assert abs(fig["ratio"] - fig["value"] / fig["baseline"]) < 0.01 * fig["ratio"] + 0.002, line
         metrics.append(fig["metric"])
     assert metrics == ["plugin_create_1g_p50", "docker_volume_create_p50", "docker_volume_create_p95",
-                       "docker_run_true_p50", "fio_seqwrite_1m", "fio_randwrite_4k"]
+                       "docker_run_true_p50", "fio_seqwrite_1m_qd8", "fio_randwrite_4k_qd32",
+                       "fio_seqwrite_1m_qd1", "fio_randwrite_4k_qd1"]
     # nothing of its own root is left: directory, mounts, loop devices
     new = _bench_roots() - before
     assert not new, f"bench left {new}"
