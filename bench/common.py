@@ -66,6 +66,16 @@ def interleaved(n: int, ours: Callable[[int], float],
     return a, b
 
 
+def alternate(runs: int, ours: Callable[[int], None], theirs: Callable[[int], None]) -> None:
+    """One warm-up each (index -1), then ``runs`` rounds alternating which side goes first."""
+    ours(-1)
+    theirs(-1)
+    for i in range(runs):
+        first, second = (ours, theirs) if i % 2 == 0 else (theirs, ours)
+        first(i)
+        second(i)
+
+
 class Bench(Protocol):
     def setup(self) -> None: ...
     def cleanup(self) -> None: ...

@@ -47,7 +47,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(REPO))
 
 from bench import common  # noqa: E402
-from bench.common import emit, log, sh, timed  # noqa: E402
+from bench.common import alternate, emit, log, sh, timed  # noqa: E402
 from storage import diskgroup, snapshots, volumes  # noqa: E402
 from storage.config import load_config  # noqa: E402
 from storage.diskgroup import DiskGroup, DiskSpec  # noqa: E402
@@ -220,15 +220,7 @@ class Bench:
                 bare_up.append(tu)
                 bare_down.append(td)
 
-        ours(-1)
-        bare(-1)
-        for i in range(runs):
-            if i % 2 == 0:
-                ours(i)
-                bare(i)
-            else:
-                bare(i)
-                ours(i)
+        alternate(runs, ours, bare)
         v, b = p50(ours_up), p50(bare_up)
         log(f"  make+mount p50 {ms(v):.1f} ms, bare {ms(b):.1f} ms")
         emit("make_mount_1g_p50", ms(v), "ms", ms(b), "<=1.5")
@@ -284,15 +276,7 @@ class Bench:
                 bare_t.append(t)
 
         log(f"  {runs} snapshots (+1 warm-up) each way")
-        ours(-1)
-        bare(-1)
-        for i in range(runs):
-            if i % 2 == 0:
-                ours(i)
-                bare(i)
-            else:
-                bare(i)
-                ours(i)
+        alternate(runs, ours, bare)
         v, b = p50(ours_t), p50(bare_t)
         log(f"  snapshot p50 {ms(v):.1f} ms, bare {ms(b):.1f} ms")
         emit("snapshot_1g_500m_p50", ms(v), "ms", ms(b), "<=1.5")
