@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from storage.catalog.base import IntentRec, SubdiskRec
+from storage.catalog.base import IntentRec
 from storage.diskgroup import DiskGroup
 from storage.errors import NoSpace, VeritasError
 from storage.kernel import fs, loop, mounts
@@ -74,7 +74,9 @@ def _recover_one(dg: DiskGroup, intent: IntentRec) -> str:
         dg.catalog.finish_intent(key)
         return f"umount {key}: rolled forward"
     if op == "grow":
-        if not _reserve_grow(dg, key, intent):
+        try:  # a grow killed before (or while) reserving: its images and filesystem never got there
+            volumes.reserve_growth(dg, key, [int(n) for n in intent.data.get("sizes") or []])
+        except NoSpace:
             dg.catalog.finish_intent(key)
             return f"grow {key}: rolled back (its space was taken meanwhile)"
         volumes._grow_steps(dg, v, int(intent.data["size"]))
@@ -88,28 +90,6 @@ def _recover_one(dg: DiskGroup, intent: IntentRec) -> str:
         return f"repair {key}: abandoned, run veritas vol repair {key} again"
     dg.catalog.finish_intent(key)
     return f"unknown intent {op} on {key}: dropped"
-
-
-def _reserve_grow(dg: DiskGroup, volume: str, intent: IntentRec) -> bool:
-    """Record the grown subdisk sizes a grow killed before (or while) reserving them; False if no room.
-
-    Without this, a grow killed right after its intent was recorded would be "rolled forward" to a
-    volume size its images and filesystem never reached.
-    """
-    sizes = [int(n) for n in intent.data.get("sizes") or []]
-    sds = dg.catalog.subdisks(volume)
-    done: list[SubdiskRec] = []
-    try:
-        for sd, sz in zip(sds, sizes, strict=False):
-            if sz > sd.size:
-                dg.catalog.update_subdisk(volume, sd.idx, capacity=dg.capacity(), size=sz,
-                                          reserved=sd.reserved + sz - sd.size)
-                done.append(sd)
-    except NoSpace:
-        for sd in done:
-            dg.catalog.update_subdisk(volume, sd.idx, size=sd.size, reserved=sd.reserved)
-        return False
-    return True
 
 
 def _drop_orphan_images(dg: DiskGroup, volume: str) -> None:

@@ -335,10 +335,7 @@ def _unmount_kernel(dg: DiskGroup, v: VolumeRec) -> None:
     paths = images(dg, v)
     devs = [d for p in paths for d in loop.find(p)]
     if devs:  # whatever the catalog says now: a loop device keeps its rules after detach
-        try:
-            qos.apply_writeback(qos.Hierarchy.detect(), [loop.devnum(d) for d in devs], 0)
-        except (OSError, VeritasError):
-            pass
+        _drop_writeback(devs)
     _detach(dg, v, paths)
     try:
         mp.rmdir()
@@ -400,8 +397,6 @@ def remove(dg: DiskGroup, name: str, force: bool = False, _cascade: bool = False
         dg.catalog.put_intent(IntentRec(name, "rm", {}, time.time()))
         dg.catalog.update_volume(name, state="removing")
         crash.point("rm.recorded")
-        fs.umount(mp, dg.runner)
-        crash.point("rm.unmounted")
         paths = images(dg, v)
         _detach(dg, v, paths)
         crash.point("rm.detached")
@@ -435,24 +430,32 @@ def grow(dg: DiskGroup, name: str, size: str | int) -> VolumeRec:
         if health(dg, v)[0] != "ok":
             raise Degraded(f"volume {name} is degraded; run veritas vol repair {name} before growing it")
         sizes = eng.subdisk_sizes(new, shape_of(v))
-        sds = dg.catalog.subdisks(name)
         dg.catalog.put_intent(IntentRec(name, "grow", {"size": new, "sizes": sizes}, time.time()))
         crash.point("grow.recorded")
-        done: list[SubdiskRec] = []
         try:
-            for sd, sz in zip(sds, sizes, strict=True):
-                extra = max(sz - sd.size, 0)
-                dg.catalog.update_subdisk(name, sd.idx, capacity=dg.capacity(), size=max(sz, sd.size),
-                                          reserved=sd.reserved + extra)
-                done.append(sd)
+            reserve_growth(dg, name, sizes)
         except BaseException:
-            for sd in done:
-                dg.catalog.update_subdisk(name, sd.idx, size=sd.size, reserved=sd.reserved)
             dg.catalog.finish_intent(name)
             raise
         crash.point("grow.reserved")
         _grow_steps(dg, v, new)
         return _get(dg, name)
+
+
+def reserve_growth(dg: DiskGroup, name: str, sizes: list[int]) -> None:
+    """Record the grown subdisk sizes, all or none; already grown subdisks are skipped, so a grow's
+    recovery can run it again. :raises NoSpace: (nothing changed) if a disk lacks the room."""
+    done: list[SubdiskRec] = []
+    try:
+        for sd, sz in zip(dg.catalog.subdisks(name), sizes, strict=True):
+            if sz > sd.size:
+                dg.catalog.update_subdisk(name, sd.idx, capacity=dg.capacity(), size=sz,
+                                          reserved=sd.reserved + sz - sd.size)
+                done.append(sd)
+    except BaseException:
+        for sd in done:
+            dg.catalog.update_subdisk(name, sd.idx, size=sd.size, reserved=sd.reserved)
+        raise
 
 
 def _grow_steps(dg: DiskGroup, v: VolumeRec, new: int) -> None:
