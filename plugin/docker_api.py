@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import docker
@@ -109,18 +108,3 @@ class Engine:
         api = docker.APIClient(base_url=self.base_url, timeout=None, version="auto")
         yield from api.events(since=since, filters=json.loads(json.dumps(filters)), decode=True)
 
-
-def container_cgroup(pid: int, controller: str = "blkio") -> Path | None:
-    """The cgroup (relative path) of ``pid`` for ``controller`` (v1), or its v2 path."""
-    try:
-        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    v2 = None
-    for line in lines:
-        _hid, ctrls, path = line.split(":", 2)
-        if controller in ctrls.split(","):
-            return Path(path.lstrip("/"))
-        if ctrls == "":
-            v2 = Path(path.lstrip("/"))
-    return v2

@@ -7,7 +7,6 @@ import os
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from plugin.docker_api import Engine
@@ -16,7 +15,6 @@ from storage.catalog.base import VolumeRec
 from storage.config import Config
 from storage.diskgroup import DiskGroup
 from storage.errors import AlreadyExists, InvalidArgument, NoSuchVolume, UnknownOption, VeritasError
-from storage.kernel import loop
 from storage.units import check_name, format_size, parse_size
 
 log = logging.getLogger("veritas.plugin")
@@ -181,16 +179,12 @@ class Driver:
         except Engine.ERRORS as exc:
             log.warning("cannot list containers of %s for maxiops: %s", v.name, exc)
             return
-        try:
-            h = qos.Hierarchy.detect()
-            devs = [loop.devnum(d) for d in volumes.devices(self.dg, v)]
-            for u in users:
-                parent = (u.cgroup_parent or "docker").strip("/")
-                cg = h.root / parent / u.id
-                cg.mkdir(parents=True, exist_ok=True)
-                qos.set_limit(h, cg, devs, v.maxiops)
-        except (OSError, VeritasError) as exc:
-            log.warning("cannot pre-limit containers of %s: %s", v.name, exc)
+        for u in users:
+            parent = (u.cgroup_parent or "docker").strip("/")
+            try:
+                volumes.apply_maxiops(self.dg, v.name, f"{parent}/{u.id}", create=True)
+            except (OSError, VeritasError) as exc:
+                log.warning("cannot pre-limit container %s of %s: %s", u.id[:12], v.name, exc)
 
 
 def apply_container_limits(driver: Driver, container: str | None = None) -> int:
@@ -203,7 +197,7 @@ def apply_container_limits(driver: Driver, container: str | None = None) -> int:
     for use in uses:
         if use is None or use.pid <= 0:
             continue
-        cg = _cgroup_of(h, use.pid)
+        cg = qos.cgroup_of_pid(h, use.pid)
         if cg is None:
             continue
         stale = h.root / "docker" / use.id
@@ -214,17 +208,9 @@ def apply_container_limits(driver: Driver, container: str | None = None) -> int:
                 pass
         for name in use.volumes:
             v = driver.dg.catalog.volume(name)
-            if v is None or not v.maxiops:
-                continue
-            devs = [loop.devnum(d) for d in volumes.devices(driver.dg, v)]
-            if devs:
-                qos.set_limit(h, cg, devs, v.maxiops)
-                written += 1
+            if v is None or not v.maxiops or not volumes.devices(driver.dg, v):
+                continue  # unlimited, or attached on another node
+            volumes.apply_maxiops(driver.dg, name, str(cg))
+            written += 1
     return written
 
-
-def _cgroup_of(h: qos.Hierarchy, pid: int) -> Path | None:
-    from plugin.docker_api import container_cgroup
-
-    rel = container_cgroup(pid, "blkio" if h.version == 1 else "io")
-    return None if rel is None else h.root / rel

@@ -43,6 +43,22 @@ class Hierarchy:
         return path
 
 
+def cgroup_of_pid(h: Hierarchy, pid: int) -> Path | None:
+    """The cgroup of process ``pid`` in hierarchy ``h`` (v1 blkio, or the v2 unified path), or None."""
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    unified = None
+    for line in lines:
+        _hid, ctrls, path = line.split(":", 2)
+        if h.version == 1 and "blkio" in ctrls.split(","):
+            return h.root / path.lstrip("/")
+        if ctrls == "":
+            unified = h.root / path.lstrip("/")
+    return unified if h.version == 2 else None
+
+
 def _dev_key(dev: tuple[int, int]) -> str:
     return f"{dev[0]}:{dev[1]}"
 

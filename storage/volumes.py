@@ -518,15 +518,22 @@ def set_maxiops(dg: DiskGroup, name: str, iops: int | str) -> VolumeRec:
         return _get(dg, name)
 
 
-def apply_maxiops(dg: DiskGroup, name: str, cgroup: str) -> list[tuple[int, int]]:
-    """Write the volume's IOPS limit for its loop devices into ``cgroup`` (e.g. a container's)."""
+def apply_maxiops(dg: DiskGroup, name: str, cgroup: str, create: bool = False) -> list[tuple[int, int]]:
+    """Write the volume's IOPS limit for its loop devices into ``cgroup`` (e.g. a container's).
+
+    ``create`` makes the cgroup first: a limit in a cgroup made before its process starts binds from
+    that process's first I/O.
+    """
     v = _ready(dg, name)
     devs = devices(dg, v)
     if not devs:
         raise InvalidArgument(f"volume {name} is not attached on this node; mount it first")
     h = qos.Hierarchy.detect()
+    target = h.resolve(cgroup)
+    if create:
+        target.mkdir(parents=True, exist_ok=True)
     nums = [loop.devnum(d) for d in devs]
-    qos.set_limit(h, h.resolve(cgroup), nums, v.maxiops)
+    qos.set_limit(h, target, nums, v.maxiops)
     return nums
 
 

@@ -227,3 +227,16 @@ def test_apply_writeback_v1_limits_root(v1: qos.Hierarchy) -> None:
 def test_apply_writeback_v2_does_nothing(v2: qos.Hierarchy) -> None:
     qos.apply_writeback(v2, [(7, 3)], 100)
     assert (v2.root / "io.max").read_text() == ""
+
+
+def test_cgroup_of_pid_reads_proc_for_each_hierarchy_version(tmp_path):
+    import os
+
+    lines = Path(f"/proc/{os.getpid()}/cgroup").read_text().splitlines()
+    blkio = next((ln.split(":", 2)[2] for ln in lines if "blkio" in ln.split(":", 2)[1].split(",")), None)
+    unified = next((ln.split(":", 2)[2] for ln in lines if ln.split(":", 2)[1] == ""), None)
+    v1 = qos.cgroup_of_pid(qos.Hierarchy(tmp_path, 1), os.getpid())
+    v2 = qos.cgroup_of_pid(qos.Hierarchy(tmp_path, 2), os.getpid())
+    assert v1 == (tmp_path / blkio.lstrip("/") if blkio is not None else None)
+    assert v2 == (tmp_path / unified.lstrip("/") if unified is not None else None)
+    assert qos.cgroup_of_pid(qos.Hierarchy(tmp_path, 1), 2**22 + 7) is None  # no such process
