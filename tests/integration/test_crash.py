@@ -31,6 +31,7 @@ from storage.config import Config, load_config
 from storage.diskgroup import DiskGroup, DiskSpec
 from storage.kernel import fs, loop, mounts
 from storage.units import MiB
+from tests.integration.conftest import force_clean, leaks
 
 REPO = Path(__file__).resolve().parents[2]
 DG = "testdg"
@@ -507,25 +508,13 @@ def discover() -> dict[str, list[str]]:
                 diskgroup.destroy(dg, force=True)
         except Exception as exc:
             _DISCOVERY_ERROR += f" cleanup failed: {exc!r}"
-        left = _force_clean(root)
+        left = leaks(root)
+        force_clean(root)
         if left:
             _DISCOVERY_ERROR += f" discovery leaked {left}"
         shutil.rmtree(root, ignore_errors=True)
     return _DISCOVERED
 
-
-def _force_clean(root: Path) -> list[str]:
-    prefix = str(root) + "/"
-    left = [e.target for e in mounts.table() if e.target.startswith(prefix)]
-    left += [back for back in loop.attached().values() if back.startswith(prefix)]
-    for e in sorted(mounts.table(), key=lambda e: -len(e.target)):
-        if e.target.startswith(prefix):
-            subprocess.run(["fsfreeze", "-u", e.target], capture_output=True, check=False)
-            subprocess.run(["umount", "-l", e.target], capture_output=True, check=False)
-    for dev, back in loop.attached().items():
-        if back.startswith(prefix):
-            subprocess.run(["losetup", "-d", dev], capture_output=True, check=False)
-    return left
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

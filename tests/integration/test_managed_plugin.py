@@ -8,6 +8,7 @@ namespace is gone. Loop devices are therefore told apart by backing inode, never
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -188,9 +189,9 @@ class ManagedStack:
         return "\n".join(line for line in lines if "plugin=" in line)[-4000:]
 
 
-@pytest.fixture
-def mstack(plugin_dir: Path) -> Iterator[ManagedStack]:
-    """A DockerNode with the plugin created from ``plugin_dir`` and enabled on a fresh state directory."""
+@contextlib.contextmanager
+def _node_with_state() -> Iterator[ManagedStack]:
+    """A started DockerNode and a fresh state directory, torn down by _teardown."""
     root = Path(tempfile.mkdtemp(prefix="vmanaged-", dir="/tmp"))
     node = DockerNode(root / "node")
     state = root / "state"
@@ -198,12 +199,19 @@ def mstack(plugin_dir: Path) -> Iterator[ManagedStack]:
     s = ManagedStack(root, node, state)
     node.start()
     try:
-        s.timed("create", "plugin", "create", PLUGIN, str(plugin_dir))
-        s.docker("plugin", "set", PLUGIN, f"state.source={state}", f"docker.source={node.sock}")
-        s.timed("enable", "plugin", "enable", PLUGIN)
         yield s
     finally:
         _teardown(s)
+
+
+@pytest.fixture
+def mstack(plugin_dir: Path) -> Iterator[ManagedStack]:
+    """A DockerNode with the plugin created from ``plugin_dir`` and enabled on a fresh state directory."""
+    with _node_with_state() as s:
+        s.timed("create", "plugin", "create", PLUGIN, str(plugin_dir))
+        s.docker("plugin", "set", PLUGIN, f"state.source={s.state}", f"docker.source={s.node.sock}")
+        s.timed("enable", "plugin", "enable", PLUGIN)
+        yield s
 
 
 def _teardown(s: ManagedStack) -> None:
@@ -361,16 +369,8 @@ def registry() -> Iterator[str]:
 @pytest.fixture
 def bare_stack() -> Iterator[ManagedStack]:
     """A DockerNode with a fresh state directory and no plugin: the test installs it."""
-    root = Path(tempfile.mkdtemp(prefix="vmanaged-", dir="/tmp"))
-    node = DockerNode(root / "node")
-    state = root / "state"
-    state.mkdir()  # a plugin mount's host source must exist before enable
-    s = ManagedStack(root, node, state)
-    node.start()
-    try:
+    with _node_with_state() as s:
         yield s
-    finally:
-        _teardown(s)
 
 
 def running_build_ids(s: ManagedStack) -> list[str]:
