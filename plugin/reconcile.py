@@ -1,8 +1,10 @@
 """Start-up reconciliation: rebuild the plugin's view before it serves Mount or Unmount.
 
-Catalog, kernel and Docker can disagree after a crash, a reboot or a dockerd restart: mount IDs whose
-filesystem is gone are dropped; volumes mounted with no running container of the engine using them and
-no mount ID counted are unmounted; stray loop devices and orphan images go (storage doctor).
+Catalog, kernel and Docker can disagree after a crash, a reboot, a dockerd restart or a managed plugin's
+forced disable or upgrade: volumes that containers still use but that are no longer mounted here are
+mounted again, keeping their mount IDs; mount IDs whose filesystem is gone are dropped; volumes mounted
+with no running container of the engine using them are unmounted; stray loop devices and orphan images
+go (storage doctor).
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ log = logging.getLogger("veritas.plugin")
 
 
 def reconcile(dg: DiskGroup, engine: Engine | None) -> list[str]:
-    actions = [str(f) for f in doctor.check(dg, repair=True) if f.fixed]
     in_use: set[str] | None = None
     if engine is not None and engine.reachable():
         try:
             in_use = {name for u in engine.users(states=ACTIVE_STATES) for name in u.volumes}
         except Engine.ERRORS as exc:
             log.warning("cannot list containers; keeping every mounted volume: %s", exc)
+    actions = readopt(dg, in_use or set())
+    actions += [str(f) for f in doctor.check(dg, repair=True) if f.fixed]
     for v in dg.catalog.volumes():
         if v.state != "ok" or not volumes.is_mounted(dg, v.name):
             continue
@@ -36,6 +39,29 @@ def reconcile(dg: DiskGroup, engine: Engine | None) -> list[str]:
             actions.append(f"unmounted {v.name}: mounted for {len(counted)} mount ID(s) but no container uses it")
     for a in actions:
         log.info("reconcile: %s", a)
+    return actions
+
+
+def readopt(dg: DiskGroup, in_use: set[str]) -> list[str]:
+    """Mount again the volumes that containers still use but that are not mounted here.
+
+    A managed plugin mounts under its propagated mount, which Docker unmounts when it force-disables or
+    upgrades the plugin. Running containers keep the filesystem through their own mount namespaces (its
+    loop devices stay attached, so mounting again shares that filesystem), and Docker will send their
+    Unmounts later. Without this the counted mount IDs would be dropped as stale: the volume would look
+    unused while a container writes to it, and a snapshot would not freeze it.
+    """
+    actions: list[str] = []
+    for v in dg.catalog.volumes():
+        ids = [m.mount_id for m in dg.catalog.mounts(v.name) if m.node == dg.node]
+        if v.state != "ok" or v.name not in in_use or not ids or volumes.is_mounted(dg, v.name):
+            continue
+        try:
+            volumes.mount(dg, v.name, ids[0])
+        except VeritasError as exc:
+            log.warning("cannot mount %s again for the containers using it: %s", v.name, exc)
+            continue
+        actions.append(f"mounted {v.name} again: {len(ids)} mount ID(s) of running containers")
     return actions
 
 

@@ -22,6 +22,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -238,6 +239,10 @@ def _teardown(s: ManagedStack) -> None:
             pytest.fail(f"teardown left {left}")
 
 
+def _volume_status(s: ManagedStack, name: str) -> dict[str, Any]:
+    return json.loads(s.docker("volume", "inspect", name).stdout)[0]["Status"]
+
+
 def _assert_disks_only(s: ManagedStack, ndisks: int = 2) -> None:
     """Exactly one loop device per disk image: none for unmounted volumes, none left over from before."""
     loops = plugin_loops(s.state)
@@ -297,10 +302,16 @@ def test_forced_disable_with_a_running_container(mstack: ManagedStack) -> None:
         time.sleep(0.1)
     s.docker("plugin", "disable", "-f", PLUGIN)
     s.docker("plugin", "enable", PLUGIN)
+    # the running container's mount is still counted: Docker unmounted the plugin's propagated mount,
+    # and the plugin mounted the volume again at start-up for it
+    assert _volume_status(s, "mvol")["mounts"] == 1, s.plugin_log()
     assert s.run("cat /d/a; echo two > /d/b") == "one"
     assert s.docker("exec", first, "cat", "/d/b").stdout.strip() == "two", s.plugin_log()
     _assert_disks_only(s, ndisks=3)  # two disks and the volume, each attached once
+    # the container's Unmount, sent to the new plugin instance, releases the volume
     s.docker("rm", "-f", first)
+    assert _volume_status(s, "mvol")["mounts"] == 0, s.plugin_log()
+    _assert_disks_only(s)
     assert s.run("cat /d/b") == "two"
     s.docker("volume", "rm", "mvol")
     _assert_disks_only(s)
@@ -466,6 +477,7 @@ def test_upgrade_with_volumes_in_use(bare_stack: ManagedStack, registry: str, pl
     assert [(v["Name"], v["Driver"]) for v in vols] == [("mvol", PLUGIN)]
     info = json.loads(s.docker("volume", "inspect", "mvol").stdout)[0]
     assert info["Status"]["health"] == "ok" and info["Status"]["size"] == "1G"
+    assert info["Status"]["mounts"] == 1, s.plugin_log()  # the container that runs through the upgrade
     # the container that ran through the upgrade still reads and writes its volume...
     assert s.docker("exec", first, "cat", "/d/a").stdout.strip() == "one"
     s.docker("exec", first, "sh", "-c", "echo old > /d/c")

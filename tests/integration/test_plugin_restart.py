@@ -7,6 +7,7 @@ devices detached and no mount rows left in the catalog — also when Docker neve
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -251,6 +252,31 @@ def test_reconcile_at_start(stack):
     assert released(stack, "used"), vol_state(stack, "used")
     for name in ("stale", "uncounted", "used"):
         node.cli("volume", "rm", name)
+
+
+def test_restart_mounts_again_what_containers_use(stack):
+    """(f) The volume is unmounted under a stopped plugin while a container keeps using it, as Docker does to
+    a managed plugin's propagated mount on ``disable -f`` or upgrade: start-up mounts it again with its
+    mount IDs (one filesystem with the container's), and the container's later Unmount releases it."""
+    node = stack.node
+    create(stack, "lost")
+    run_writer(stack, "cl", "lost")
+    before = vol_state(stack, "lost")
+    stack.plugin.stop()
+    subprocess.run(["umount", str(mountpoint(stack, "lost"))], check=True)
+    assert vol_state(stack, "lost") == {**before, "mounted": False}
+    n = exec_lines(stack, "cl")
+
+    stack.plugin.start()
+    assert vol_state(stack, "lost") == before
+    wait_for("the container's writes to show under the mount point", lambda: log_lines(stack, "lost") > n + 3)
+    status = stack.plugin.call("VolumeDriver.Get", {"Name": "lost"})["Volume"]["Status"]
+    assert status["mounts"] == 1 and status["attached"] == [stack.env.config.node], status
+    assert "mounted lost again" in stack.plugin.log.read_text()
+
+    node.cli("rm", "-f", "cl")
+    assert released(stack, "lost"), vol_state(stack, "lost")
+    node.cli("volume", "rm", "lost")
 
 
 def test_restart_keeps_volume_of_a_created_container(stack):
