@@ -10,11 +10,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from plugin.docker_api import Engine
-from storage import diskgroup, qos, snapshots, volumes
+from storage import diskgroup, qos, recovery, snapshots, volumes
 from storage.catalog.base import VolumeRec
 from storage.config import Config
 from storage.diskgroup import DiskGroup
-from storage.errors import AlreadyExists, InvalidArgument, NoSuchVolume, UnknownOption, VeritasError
+from storage.errors import AlreadyExists, InUse, InvalidArgument, NoSuchVolume, UnknownOption, VeritasError
 from storage.units import check_name, format_size, parse_size
 
 log = logging.getLogger("veritas.plugin")
@@ -54,7 +54,7 @@ class Driver:
 
     # ------------------------------------------------------------ calls
 
-    def create(self, name: str, opts: dict[str, str]) -> None:
+    def create(self, name: str, opts: dict[str, str], _retry: bool = True) -> None:
         self._name(name)
         unknown = set(opts) - set(ALL_OPTIONS)
         if unknown:
@@ -83,6 +83,14 @@ class Driver:
             winner = self.dg.catalog.volume(name)
             if winner is None:
                 raise
+            if winner.state != "ok":
+                # make waited on the volume's lock, so its creator or remover has finished or died: a
+                # killed one is rolled forward or back now (not at the next start), then Create again
+                recovery.recover(self.dg)
+                if _retry and self.dg.catalog.volume(name) is None:
+                    return self.create(name, opts, _retry=False)
+                raise InUse(f"volume {name} is {winner.state} in another operation; try again when it"
+                            " has finished") from None
             self._same(winner, opts)
 
     def _same(self, v: VolumeRec, opts: dict[str, str]) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from plugin.driver import Driver
 from plugin.protocol import CONTENT_TYPE
 from storage import diskgroup, volumes
 from storage.diskgroup import DiskGroup
@@ -326,6 +327,39 @@ def test_create_is_idempotent(stack):
     body = {"Name": "v1"}
     ok(stack, "VolumeDriver.Create", body)
     assert state(stack) == before
+
+
+@pytest.mark.parametrize("killed_at", ["make.mkfs", "rm.detached"])
+def test_create_over_a_killed_operation_makes_a_real_volume(stack, killed_at):
+    """A Create of a name whose make or rm was killed half way reports success only once the volume
+    exists: the killed operation is finished first (rolled back or forward), then the volume is made.
+
+    The Create runs on a Driver whose disk group was opened before the kill, as a serving worker's is
+    (opening one recovers it, which would hide the case); the result is checked through the socket.
+    """
+    driver = Driver(stack.env.config)
+    assert driver.dg.catalog.volume("half") is None
+    if killed_at.startswith("rm."):
+        create(stack, "half")
+        argv = ["vol", "rm", "half"]
+    else:
+        argv = ["vol", "make", "half", SMALL]
+    died = stack.env.cli(*argv, check=False, env={"VERITAS_CRASH_AT": killed_at})
+    assert died.returncode == -9, died
+    half = driver.dg.catalog.volume("half")
+    assert half is not None and half.state in ("creating", "removing"), half
+    try:
+        driver.create("half", {"size": SMALL})
+    finally:
+        driver.dg.close()
+
+    assert ok(stack, "VolumeDriver.Get", {"Name": "half"})["Volume"]["Status"]["health"] == "ok"
+    assert "half" in [v["Name"] for v in ok(stack, "VolumeDriver.List")["Volumes"]]
+    mp = ok(stack, "VolumeDriver.Mount", {"Name": "half", "ID": "m1"})["Mountpoint"]
+    (Path(mp) / "f").write_text("ok")
+    ok(stack, "VolumeDriver.Unmount", {"Name": "half", "ID": "m1"})
+    ok(stack, "VolumeDriver.Remove", {"Name": "half"})
+    assert state(stack)["volumes"] == [], state(stack)
 
 
 def test_create_with_conflicting_options_is_refused(stack):
