@@ -54,16 +54,18 @@ def pct(xs: list[float], q: float) -> float:
 def interleaved(n: int, ours: Callable[[int], float],
                 theirs: Callable[[int], float]) -> tuple[list[float], list[float]]:
     """Run both sides n times, alternating which goes first, so load lands on both alike."""
-    a: list[float] = []
-    b: list[float] = []
-    for i in range(n):
-        if i % 2 == 0:
-            a.append(ours(i))
-            b.append(theirs(i))
-        else:
-            b.append(theirs(i))
-            a.append(ours(i))
+    a, b = rotated(n, ours, theirs)
     return a, b
+
+
+def rotated(n: int, *sides: Callable[[int], float]) -> list[list[float]]:
+    """Run every side n times, rotating which goes first each round; one list of results per side."""
+    out: list[list[float]] = [[] for _ in sides]
+    for i in range(n):
+        for k in range(len(sides)):
+            j = (i + k) % len(sides)
+            out[j].append(sides[j](i))
+    return out
 
 
 def alternate(runs: int, ours: Callable[[int], None], theirs: Callable[[int], None]) -> None:
@@ -104,6 +106,7 @@ def main(name: str, doc: str | None, argv: Sequence[str] | None, tools: Sequence
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGHUP, on_term)
     root = Path(tempfile.mkdtemp(prefix=f"v{name}-", dir="/tmp"))
+    log(f"root {root}")
     bench = make(root, args.quick)
     t0 = time.perf_counter()
     try:

@@ -19,7 +19,11 @@ Figures:
   fio_seqwrite_1m_qd8           direct sequential 1 MiB writes (fio, libaio, QD8) inside a container,
                                 veritas vs local volume (MB/s); _qd1 the same with psync (information)
   fio_randwrite_4k_qd32         direct 4k random writes (fio, libaio, QD32) inside a container (IOPS);
-                                _qd1 the same with psync (information: two loop layers' latency)
+                                _qd1 the same with psync (information: two loop layers' latency);
+                                _disk_fs_vs_local and _volume_vs_disk_fs (information) split the
+                                figure: the same job on a bind mount of the disk group's own
+                                filesystem (one loop layer, over the disk's image on the host) against
+                                the local volume, and the veritas volume against that filesystem
                                 (fio: the host's binary bind-mounted; files written once before; medians
                                 of 5 interleaved 3 s runs)
 
@@ -49,7 +53,7 @@ sys.path.insert(0, str(REPO))
 import requests_unixsocket  # noqa: E402
 
 from bench import common  # noqa: E402
-from bench.common import emit, interleaved, log, pct, sh, timed  # noqa: E402
+from bench.common import emit, interleaved, log, pct, rotated, sh, timed  # noqa: E402
 from storage import diskgroup  # noqa: E402
 from storage.config import load_config  # noqa: E402
 from storage.kernel import loop, mounts  # noqa: E402
@@ -256,11 +260,17 @@ class Bench:
         log(f"d. fio in containers ({reps} x {runtime} s each): veritas vs local volume")
         self.docker("volume", "create", "-d", "veritas", "--name", "fiovol")
         self.docker("volume", "create", "-d", "local", "--name", "fiolocal")
+        src, diskfs = self._disk_fs_dir("fiovol")
         ctrs = {}
         try:
-            for vol in ("fiovol", "fiolocal"):
+            for vol in ("fiovol", "fiolocal", str(diskfs)):
                 ctrs[vol] = self.docker("run", "-d", "--network", "none", "-v", f"{vol}:/data", *FIO_MOUNTS,
                                         IMAGE, "sleep", "3600").strip()
+            # the bind mount must reach the disk's XFS, not the empty directory under it
+            table = self.docker("exec", ctrs[str(diskfs)], "cat", "/proc/mounts").splitlines()
+            fstype = next((f.split()[2] for f in table if f.split()[1:2] == ["/data"]), None)
+            if fstype != "xfs":
+                raise RuntimeError(f"the disk group's filesystem is not visible in the container ({fstype})")
 
             def job(vol: str, rw: str, bs: str, size: str, depth: int) -> dict[str, Any]:
                 engine = ["--ioengine=psync"] if depth == 1 else ["--ioengine=libaio", f"--iodepth={depth}"]
@@ -281,21 +291,48 @@ class Bench:
                                 "--output-format=json", timeout=300)
 
             # the targets use the same jobs as bench/storage.py (libaio, QD8 sequential, QD32 random); the
-            # QD1 figures (psync) show the per-I/O latency of the two loop layers and are reported too
+            # QD1 figures (psync) show the per-I/O latency of the two loop layers and are reported too.
+            # The random QD32 runs also run on the disk group's own filesystem (one loop layer, over an
+            # image on the host's filesystem): what the embedded disk group's image costs, apart from
+            # what the volume adds on top of it.
             for metric, rw, bs, size, depth, unit, target in (
                     ("fio_seqwrite_1m_qd8", "write", "1m", "512m", 8, "MB/s", ">=0.9"),
                     ("fio_randwrite_4k_qd32", "randwrite", "4k", "64m", 32, "IOPS", ">=0.7"),
                     ("fio_seqwrite_1m_qd1", "write", "1m", "512m", 1, "MB/s", "info"),
                     ("fio_randwrite_4k_qd1", "randwrite", "4k", "64m", 1, "IOPS", "info")):
-                a, b = interleaved(reps, lambda i, a=(rw, bs, size, depth, unit): job("fiovol", *a[:4])[a[4]],
-                                   lambda i, a=(rw, bs, size, depth, unit): job("fiolocal", *a[:4])[a[4]])
-                log(f"   {metric}: veritas {a}, local {b}")
-                emit(metric, statistics.median(a), unit, statistics.median(b), target)
+                sides = ["fiovol", "fiolocal"] + ([str(diskfs)] if metric == "fio_randwrite_4k_qd32" else [])
+                res = rotated(reps, *[lambda i, v=v, a=(rw, bs, size, depth, unit): job(v, *a[:4])[a[4]]
+                                      for v in sides])
+                log(f"   {metric}: veritas {res[0]}, local {res[1]}" + (f", disk fs {res[2]}" if len(res) > 2 else ""))
+                ours, local = statistics.median(res[0]), statistics.median(res[1])
+                emit(metric, ours, unit, local, target)
+                if len(res) > 2:
+                    disk = statistics.median(res[2])
+                    emit(metric + "_disk_fs_vs_local", disk, unit, local, "info")
+                    emit(metric + "_volume_vs_disk_fs", ours, unit, disk, "info")
         finally:
             for c in ctrs.values():
                 subprocess.run(["docker", "-H", self.node.url, "rm", "-f", c], capture_output=True, check=False)
             subprocess.run(["docker", "-H", self.node.url, "volume", "rm", "fiovol", "fiolocal"],
                            capture_output=True, check=False)
+            subprocess.run(["umount", str(diskfs)], capture_output=True, check=False)
+            shutil.rmtree(src, ignore_errors=True)  # the fio files on the disk, outside any volume
+
+    def _disk_fs_dir(self, volume: str) -> tuple[Path, Path]:
+        """A directory on the filesystem of the disk that holds ``volume``'s image, bind-mounted under the
+        (shared) mount root so that dockerd's namespace sees it."""
+        assert self.config is not None
+        dg = diskgroup.open_dg(self.config, "dockerdg")
+        try:
+            disk = dg.catalog.subdisks(volume)[0].disk
+            src = dg.disk_dir(disk) / "bench-fio"
+        finally:
+            dg.close()
+        src.mkdir(exist_ok=True)
+        dst = self.config.mount_root / "bench-fio-diskfs"
+        dst.mkdir(exist_ok=True)
+        sh("mount", "--bind", src, dst)
+        return src, dst
 
 
 def main(argv: list[str] | None = None) -> int:

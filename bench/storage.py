@@ -96,7 +96,6 @@ class Bench:
     def setup(self) -> DiskGroup:
         disks = self.root / "disks"
         disks.mkdir()
-        log(f"root {self.root}")
         log("creating disk group on 3 sparse 40 GiB disks")
         specs = [DiskSpec(disks / f"d{i}.img", 40 * GiB) for i in (1, 2, 3)]
         self.dg = diskgroup.init(self.config, DG_NAME, specs)

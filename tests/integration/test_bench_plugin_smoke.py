@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,17 +14,12 @@ REPO = Path(__file__).resolve().parents[2]
 KEYS = {"metric", "value", "unit", "baseline", "ratio", "target"}
 
 
-def _bench_roots() -> set[str]:
-    return {str(p) for p in Path("/tmp").glob("vbenchp-*")}
-
-
 def test_bench_plugin_quick():
-    before = _bench_roots()
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "plugin.py"), "--quick"], capture_output=True,
                           text=True, timeout=300, cwd=REPO, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    assert len(lines) == 8, proc.stdout
+    assert len(lines) == 10, proc.stdout
     metrics = []
     for line in lines:
         fig = json.loads(line)
@@ -34,10 +30,14 @@ def test_bench_plugin_quick():
         metrics.append(fig["metric"])
     assert metrics == ["plugin_create_1g_p50", "docker_volume_create_p50", "docker_volume_create_p95",
                        "docker_run_true_p50", "fio_seqwrite_1m_qd8", "fio_randwrite_4k_qd32",
+                       "fio_randwrite_4k_qd32_disk_fs_vs_local", "fio_randwrite_4k_qd32_volume_vs_disk_fs",
                        "fio_seqwrite_1m_qd1", "fio_randwrite_4k_qd1"]
     # nothing of its own root is left: directory, mounts, loop devices
-    new = _bench_roots() - before
-    assert not new, f"bench left {new}"
-    leftovers = [e.target for e in mounts.table() if "/vbenchp-" in e.target]
-    leftovers += [d for d, back in loop.attached().items() if "/vbenchp-" in back]
+    m = re.search(r"\] root (/tmp/vbench-plugin-\S+)", proc.stderr)
+    assert m, f"bench did not log its root; stderr: {proc.stderr[:2000]}"
+    root = m.group(1)
+    assert not Path(root).exists(), f"bench left its temp root {root} behind"
+    leftovers = [e.target for e in mounts.table() if e.target.startswith(root + "/")]
+    leftovers += [d for d, back in loop.attached().items() if back.startswith(root + "/")]
     assert not leftovers, leftovers
+    assert "forced clean-up" not in proc.stderr, "bench needed a forced clean-up: something was left"
