@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -10,6 +11,9 @@ from typing import Any
 import docker
 import docker.errors
 import requests
+
+# the shape of container IDs and of the mount IDs Docker passes to Mount (admin mount IDs never have it)
+DOCKER_ID = re.compile(r"[0-9a-f]{64}")
 
 # states in which a container may hold a volume Docker mounted for it ("created": Mount done, start pending)
 ACTIVE_STATES = ("created", "running", "paused", "restarting")

@@ -19,6 +19,10 @@ from storage.units import check_name, format_size, parse_size
 
 log = logging.getLogger("veritas.plugin")
 
+# Docker mounts a container's volumes before it starts its process, whether the container is new or
+# was stopped: containers in these states may be the one a Mount is for
+PRELIMIT_STATES = ("created", "exited")
+
 VOLUME_OPTIONS = ("size", "layout", "fstype", "nmirror", "ncol", "maxiops", "protect")
 SNAPSHOT_OPTIONS = ("sourcevol", "cachesize", "maxiops")
 ALL_OPTIONS = tuple(dict.fromkeys(VOLUME_OPTIONS + SNAPSHOT_OPTIONS))
@@ -131,7 +135,7 @@ class Driver:
         v = self._get(name)
         mp = volumes.mount(self.dg, v.name, mount_id)
         if v.maxiops:
-            self._limit_created_containers(v)
+            self._prelimit_containers(v)
         return str(mp)
 
     def unmount(self, name: str, mount_id: str) -> None:
@@ -174,16 +178,18 @@ class Driver:
 
     # ------------------------------------------------------------ maxiops
 
-    def _limit_created_containers(self, v: VolumeRec) -> None:
-        """Write the limit into the cgroups of containers about to start with this volume.
+    def _prelimit_containers(self, v: VolumeRec) -> None:
+        """Write the limit into the cgroups of containers that may be about to start with this volume.
 
         Docker mounts volumes before it starts the container's process, so a cgroup made now binds
-        from the first I/O; the event follower covers containers whose cgroup lives elsewhere.
+        from the first I/O; the event follower covers containers whose cgroup lives elsewhere. Mount
+        does not say which container it is for, so every stopped one using the volume gets its cgroup;
+        Docker's runtime removes it when a container stops, the follower when one is removed unstarted.
         """
         if self.engine is None:
             return
         try:
-            users = self.engine.listed(v.name, states=("created",))
+            users = self.engine.listed(v.name, states=PRELIMIT_STATES)
         except Engine.ERRORS as exc:
             log.warning("cannot list containers of %s for maxiops: %s", v.name, exc)
             return
@@ -222,3 +228,17 @@ def apply_container_limits(driver: Driver, container: str | None = None) -> int:
             written += 1
     return written
 
+
+
+def release_prelimit(container_id: str) -> bool:
+    """Remove the cgroup Mount made ahead for a container that is gone without running in it.
+
+    Only an empty cgroup can be removed, so one still in use stays; returns whether one was removed.
+    """
+    try:
+        h = qos.Hierarchy.detect()
+        (h.root / "docker" / container_id).rmdir()
+    except (OSError, VeritasError):
+        return False
+    log.info("removed the cgroup made ahead for container %s", container_id[:12])
+    return True

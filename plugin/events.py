@@ -6,8 +6,8 @@ import logging
 import threading
 import time
 
-from plugin.docker_api import Engine
-from plugin.driver import Driver, apply_container_limits
+from plugin.docker_api import DOCKER_ID, Engine
+from plugin.driver import Driver, apply_container_limits, release_prelimit
 from plugin.reconcile import release_orphans
 from storage.errors import VeritasError
 
@@ -15,7 +15,8 @@ log = logging.getLogger("veritas.plugin")
 
 
 class EventFollower(threading.Thread):
-    """Writes maxiops into each starting container's cgroup and releases mount IDs nobody will unmount.
+    """Writes maxiops into each starting container's cgroup, releases mount IDs nobody will unmount and
+    removes the cgroups made ahead for containers removed without starting.
 
     On every (re)connection it first catches up: limits for all running containers, orphans for all.
     """
@@ -39,10 +40,12 @@ class EventFollower(threading.Thread):
                 for ev in events:
                     if self.stopping.is_set():
                         return
+                    cid = ev.get("id") or ev.get("Actor", {}).get("ID")
                     if (ev.get("Action") or ev.get("status")) == "destroy":
                         release_orphans(self.driver.dg, self.engine)
+                        if cid and DOCKER_ID.fullmatch(cid):
+                            release_prelimit(cid)
                         continue
-                    cid = ev.get("id") or ev.get("Actor", {}).get("ID")
                     if cid:
                         try:
                             apply_container_limits(self.driver, cid)

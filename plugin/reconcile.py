@@ -10,9 +10,8 @@ go (storage doctor).
 from __future__ import annotations
 
 import logging
-import re
 
-from plugin.docker_api import ACTIVE_STATES, Engine
+from plugin.docker_api import ACTIVE_STATES, DOCKER_ID, Engine
 from storage import doctor, volumes
 from storage.diskgroup import DiskGroup
 from storage.errors import VeritasError
@@ -65,9 +64,6 @@ def readopt(dg: DiskGroup, in_use: set[str]) -> list[str]:
     return actions
 
 
-DOCKER_MOUNT_ID = re.compile(r"[0-9a-f]{64}")  # what Docker passes to Mount; admin IDs never look like it
-
-
 def release_orphans(dg: DiskGroup, engine: Engine) -> list[str]:
     """Release Docker's mount IDs of volumes that no container of the engine references any more.
 
@@ -78,7 +74,7 @@ def release_orphans(dg: DiskGroup, engine: Engine) -> list[str]:
     actions: list[str] = []
     for v in dg.catalog.volumes():
         ids = [m.mount_id for m in dg.catalog.mounts(v.name)
-               if m.node == dg.node and DOCKER_MOUNT_ID.fullmatch(m.mount_id)]
+               if m.node == dg.node and DOCKER_ID.fullmatch(m.mount_id)]
         if not ids or engine.users(v.name):
             continue
         try:

@@ -8,6 +8,7 @@ Processes are ended by PID (dockerd, its containerd, the plugin and its gunicorn
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -107,6 +108,11 @@ def busybox_tar() -> bytes:
     return buf.getvalue()
 
 
+def container_cgroups() -> set[Path]:
+    """Cgroups of Docker containers under the default parent, in every hierarchy."""
+    return {p for p in Path("/sys/fs/cgroup").glob("*/docker/*") if p.is_dir() and len(p.name) == 64}
+
+
 class DockerNode:
     """dockerd in its own mount namespace; its plugin directory is ``self.plugins``."""
 
@@ -119,6 +125,7 @@ class DockerNode:
         self.exec_root = base / "exec"
         self.proc: subprocess.Popen[bytes] | None = None
         self._log = None
+        self._cgroups_before: set[Path] = set()
 
     @property
     def url(self) -> str:
@@ -132,6 +139,7 @@ class DockerNode:
         deadline = time.monotonic() + 10
         while ctrd and Path(f"/proc/{ctrd}").exists() and not alive(ctrd) and time.monotonic() < deadline:
             time.sleep(0.05)  # the zombie containerd of a SIGKILLed dockerd: a new dockerd would think it runs
+        self._cgroups_before = container_cgroups()
         prune = Path(__file__).with_name("ns_prune.py")
         script = (f"mount --bind {self.plugins} /run/docker/plugins && {sys.executable} {prune} {self.keep_root}"
                   f" && exec dockerd --data-root {self.base}/data"
@@ -206,6 +214,10 @@ class DockerNode:
         self.proc = None
         if self._log:
             self._log.close()
+        # containers killed with their engine leave their cgroups (the runtime never ran its clean-up)
+        for cg in sorted(container_cgroups() - self._cgroups_before):
+            with contextlib.suppress(OSError):
+                cg.rmdir()  # empty ones only: a live container's cannot go
 
 
 class PluginProcess:

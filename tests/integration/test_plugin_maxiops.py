@@ -109,6 +109,32 @@ def test_limit_binds_from_first_io_and_changes_live(stack):
     assert _limit(BLKIO, dev) is None  # unmounted: no writeback limit left on the loop device
 
 
+def test_limit_binds_when_a_stopped_container_starts_again(stack):
+    """``docker start`` of a stopped container mounts its volume again before its process runs: the limit
+    is in its cgroup from the first I/O, as for a new container. A container that never starts gets a
+    cgroup at each Mount too (Mount does not say which container it is for): removing it removes that."""
+    node = stack.node
+    node.cli("volume", "create", "-d", "veritas", "--name", "again", "-o", "maxiops=100")
+    burst = (f"echo limit $(cat /sys/fs/cgroup/blkio/{WRITE_FILE}); cat /proc/uptime;"
+             " dd if=/dev/zero of=/vol/burst bs=4k count=300 oflag=direct 2>/dev/null; cat /proc/uptime")
+    ctr = node.cli("create", "--network", "none", "-v", "again:/vol", IMAGE, "sh", "-c", burst).stdout.strip()
+    idle = node.cli("create", "--network", "none", "-v", "again:/vol", IMAGE, "true").stdout.strip()
+    for run in ("first start (created)", "second start (exited)", "third start (exited)"):
+        out = node.cli("start", "-a", ctr).stdout.splitlines()
+        assert re.fullmatch(r"limit 7:\d+ 100", out[0]), f"{run}: no limit at the container's start: {out[0]}"
+        took = float(out[2].split()[0]) - float(out[1].split()[0])
+        assert took >= 2.5, f"{run}: 300 direct writes took {took:.2f} s: the limit missed the first I/O"
+        assert json.loads(node.cli("inspect", ctr).stdout)[0]["State"]["Status"] == "exited"
+    assert not (BLKIO / "docker" / ctr).exists(), "the runtime removes a stopped container's cgroup"
+    assert (BLKIO / "docker" / idle).is_dir()
+    node.cli("rm", idle)
+    deadline = time.monotonic() + 15
+    while (BLKIO / "docker" / idle).exists():
+        assert time.monotonic() < deadline, "the cgroup made ahead for a removed container was left behind"
+        time.sleep(0.1)
+    node.cli("rm", ctr)
+
+
 def test_unlimited_volume_is_not_slowed(stack):
     stack.node.cli("volume", "create", "-d", "veritas", "--name", "fast")
     ctr = _sleeper(stack, "fast")
