@@ -229,7 +229,6 @@ def apply_container_limits(driver: Driver, container: str | None = None) -> int:
     return written
 
 
-
 def release_prelimit(container_id: str) -> bool:
     """Remove the cgroup Mount made ahead for a container that is gone without running in it.
 
