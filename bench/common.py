@@ -51,13 +51,6 @@ def pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q * len(s) + 0.5) - 1))]
 
 
-def interleaved(n: int, ours: Callable[[int], float],
-                theirs: Callable[[int], float]) -> tuple[list[float], list[float]]:
-    """Run both sides n times, alternating which goes first, so load lands on both alike."""
-    a, b = rotated(n, ours, theirs)
-    return a, b
-
-
 def rotated(n: int, *sides: Callable[[int], float]) -> list[list[float]]:
     """Run every side n times, rotating which goes first each round; one list of results per side."""
     out: list[list[float]] = [[] for _ in sides]

@@ -53,7 +53,7 @@ sys.path.insert(0, str(REPO))
 import requests_unixsocket  # noqa: E402
 
 from bench import common  # noqa: E402
-from bench.common import emit, interleaved, log, pct, rotated, sh, timed  # noqa: E402
+from bench.common import emit, log, pct, rotated, sh, timed  # noqa: E402
 from storage import diskgroup  # noqa: E402
 from storage.config import load_config  # noqa: E402
 from storage.kernel import loop, mounts  # noqa: E402
@@ -208,7 +208,7 @@ class Bench:
                 img.unlink(missing_ok=True)
 
         ours(99)  # warm-up: the workers' first disk group open and imports
-        a, b = interleaved(n, ours, bare)
+        a, b = rotated(n, ours, bare)
         log(f"   plugin p50 {statistics.median(a) * 1e3:.1f} ms, bare p50 {statistics.median(b) * 1e3:.1f} ms")
         emit("plugin_create_1g_p50", statistics.median(a) * 1e3, "ms", statistics.median(b) * 1e3, "<=1.5")
         bare_dir.rmdir()
@@ -227,7 +227,7 @@ class Bench:
                 return t
             return run
 
-        a, b = interleaved(n, with_driver("veritas"), with_driver("local"))
+        a, b = rotated(n, with_driver("veritas"), with_driver("local"))
         for q, label in ((0.5, "p50"), (0.95, "p95")):
             v, base = pct(a, q) * 1e3, pct(b, q) * 1e3
             log(f"   {label}: veritas {v:.1f} ms, local {base:.1f} ms")
@@ -247,7 +247,7 @@ class Bench:
 
         run_with("runvol")(0)  # warm-up
         run_with("runlocal")(0)
-        a, b = interleaved(n, run_with("runvol"), run_with("runlocal"))
+        a, b = rotated(n, run_with("runvol"), run_with("runlocal"))
         log(f"   veritas p50 {statistics.median(a) * 1e3:.1f} ms, local p50 {statistics.median(b) * 1e3:.1f} ms")
         emit("docker_run_true_p50", statistics.median(a) * 1e3, "ms", statistics.median(b) * 1e3, "<=1.3")
         self.docker("volume", "rm", "runvol", "runlocal")

@@ -7,6 +7,7 @@ if any loop device, mount or btrfs registration under that root survived, so lea
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -88,6 +89,17 @@ def leaks(root: Path) -> list[str]:
     out = [f"loop {dev} -> {back}" for dev, back in loop.attached().items() if back.startswith(prefix)]
     out += [f"mount {e.target}" for e in mounts.table() if e.target.startswith(prefix)]
     return out
+
+
+def assert_bench_left_nothing(stderr: str) -> None:
+    """A benchmark run (its stderr given) removed its root and left no loop device or mount under it,
+    without needing its forced clean-up."""
+    m = re.search(r"\] root (/tmp/vbench-\S+)", stderr)
+    assert m, f"bench did not log its root; stderr: {stderr[:2000]}"
+    root = Path(m.group(1))
+    assert not root.exists(), f"bench left its temp root {root} behind"
+    assert leaks(root) == [], "bench left loop devices or mounts"
+    assert "forced clean-up" not in stderr, "bench needed a forced clean-up: something was left"
 
 
 def force_clean(root: Path) -> None:

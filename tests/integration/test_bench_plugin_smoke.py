@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
 
-from storage.kernel import loop, mounts
+from tests.integration import conftest
 
 REPO = Path(__file__).resolve().parents[2]
 KEYS = {"metric", "value", "unit", "baseline", "ratio", "target"}
@@ -32,12 +31,4 @@ def test_bench_plugin_quick():
                        "docker_run_true_p50", "fio_seqwrite_1m_qd8", "fio_randwrite_4k_qd32",
                        "fio_randwrite_4k_qd32_disk_fs_vs_local", "fio_randwrite_4k_qd32_volume_vs_disk_fs",
                        "fio_seqwrite_1m_qd1", "fio_randwrite_4k_qd1"]
-    # nothing of its own root is left: directory, mounts, loop devices
-    m = re.search(r"\] root (/tmp/vbench-plugin-\S+)", proc.stderr)
-    assert m, f"bench did not log its root; stderr: {proc.stderr[:2000]}"
-    root = m.group(1)
-    assert not Path(root).exists(), f"bench left its temp root {root} behind"
-    leftovers = [e.target for e in mounts.table() if e.target.startswith(root + "/")]
-    leftovers += [d for d, back in loop.attached().items() if back.startswith(root + "/")]
-    assert not leftovers, leftovers
-    assert "forced clean-up" not in proc.stderr, "bench needed a forced clean-up: something was left"
+    conftest.assert_bench_left_nothing(proc.stderr)

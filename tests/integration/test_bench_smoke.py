@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import numbers
-import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from storage.kernel import loop, mounts
+from tests.integration import conftest
 
 REPO = Path(__file__).resolve().parents[2]
 KEYS = {"metric", "value", "unit", "baseline", "ratio", "target"}
@@ -52,11 +51,4 @@ def test_bench_quick_prints_json_figures_and_cleans_up():
                    "make_cost_200th", "cli_vol_list_200", "fio_randwrite_4k", "fio_seqwrite_1m"):
         assert any(m.startswith(prefix) for m in metrics), (prefix, metrics)
 
-    m = re.search(r"\] root (/tmp/vbench-\S+)", err)
-    assert m, f"bench did not log its root; stderr: {err[:2000]}"
-    root = m.group(1)
-    assert not Path(root).exists(), f"bench left its temp root {root} behind"
-    prefix = root + "/"
-    assert not [d for d, back in loop.attached().items() if back.startswith(prefix)], "bench left loop devices"
-    assert not [e.target for e in mounts.table() if e.target.startswith(prefix)], "bench left mounts"
-    assert "forced clean-up" not in err, "bench needed a forced clean-up: destroy left something"
+    conftest.assert_bench_left_nothing(err)
