@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from plugin.docker_api import Engine
-from storage import diskgroup, qos, recovery, snapshots, volumes
+from storage import diskgroup, qos, snapshots, volumes
 from storage.catalog.base import VolumeRec
 from storage.config import Config
 from storage.diskgroup import DiskGroup
@@ -58,7 +58,7 @@ class Driver:
 
     # ------------------------------------------------------------ calls
 
-    def create(self, name: str, opts: dict[str, str], _retry: bool = True) -> None:
+    def create(self, name: str, opts: dict[str, str]) -> None:
         self._name(name)
         unknown = set(opts) - set(ALL_OPTIONS)
         if unknown:
@@ -88,11 +88,7 @@ class Driver:
             if winner is None:
                 raise
             if winner.state != "ok":
-                # make waited on the volume's lock, so its creator or remover has finished or died: a
-                # killed one is rolled forward or back now (not at the next start), then Create again
-                recovery.recover(self.dg)
-                if _retry and self.dg.catalog.volume(name) is None:
-                    return self.create(name, opts, _retry=False)
+                # make finished a killed operation's leftovers itself: this one is live and raced in
                 raise InUse(f"volume {name} is {winner.state} in another operation; try again when it"
                             " has finished") from None
             self._same(winner, opts)

@@ -37,6 +37,13 @@ def recover(dg: DiskGroup) -> list[str]:
     return done
 
 
+def recover_held(dg: DiskGroup, key: str) -> str | None:
+    """Recover the intent on ``key`` whose lock the caller holds: its owner is dead (a live one would
+    hold the lock). For long-lived openers, which recover at open only. None when there is no intent."""
+    intent = {i.key: i for i in dg.catalog.intents()}.get(key)
+    return _recover_one(dg, intent) if intent is not None else None
+
+
 def _recover_one(dg: DiskGroup, intent: IntentRec) -> str:
     from storage import volumes
 

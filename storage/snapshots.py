@@ -16,10 +16,10 @@ import time
 from storage import crash
 from storage.catalog.base import IntentRec, SubdiskRec, VolumeRec
 from storage.diskgroup import DiskGroup
-from storage.errors import AlreadyExists, InvalidArgument, NoSuchVolume
+from storage.errors import InvalidArgument, NoSuchVolume
 from storage.kernel import fs, reflink
 from storage.units import MiB, check_name, parse_size, round_up
-from storage.volumes import _get, _ready, is_mounted, teardown
+from storage.volumes import _get, _ready, check_free, is_mounted, teardown
 
 
 def make(dg: DiskGroup, source: str, name: str, cachesize: str | int | None = None) -> VolumeRec:
@@ -31,8 +31,7 @@ def make(dg: DiskGroup, source: str, name: str, cachesize: str | int | None = No
         if src is None:
             raise NoSuchVolume(f"no such source volume: {source} in disk group {dg.name}")
         src = _ready(dg, source)
-        if dg.catalog.volume(name) is not None:
-            raise AlreadyExists(f"volume {name} already exists in disk group {dg.name}")
+        check_free(dg, name)
         if cachesize is None:
             cache = round_up(src.size * dg.config.volume.cache_percent // 100, MiB)
         else:

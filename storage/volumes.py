@@ -116,8 +116,7 @@ def make(dg: DiskGroup, name: str, size: str | int | None = None, **opts: Any) -
         raise UnknownOption(f"unknown layout {layout!r}; valid layouts: {', '.join(LAYOUTS)}")
 
     with dg.locks.hold(name):
-        if dg.catalog.volume(name) is not None:
-            raise AlreadyExists(f"volume {name} already exists in disk group {dg.name}")
+        check_free(dg, name)
         for attempt in range(5):
             # placement reads free space outside the catalog transaction; a concurrent make may take the
             # chosen disk's room first, so plan again rather than fail while other disks have space
@@ -150,6 +149,23 @@ def make(dg: DiskGroup, name: str, size: str | int | None = None, **opts: Any) -
         dg.catalog.finish_intent(name, {"state": "ok"})
         crash.point("make.done")
     return _get(dg, name)
+
+
+def check_free(dg: DiskGroup, name: str) -> None:
+    """Refuse a name in use; call with its lock held.
+
+    A row left 'creating' or 'removing' under a free lock is a killed process's: it is finished first
+    (rolled back or forward), as the next open would, so that a long-lived opener such as the plugin
+    neither refuses the name nor takes a half-made volume for a real one.
+    """
+    v = dg.catalog.volume(name)
+    if v is not None and v.state != "ok":
+        from storage import recovery
+
+        recovery.recover_held(dg, name)
+        v = dg.catalog.volume(name)
+    if v is not None:
+        raise AlreadyExists(f"volume {name} already exists in disk group {dg.name}")
 
 
 def _plan(dg: DiskGroup, layout: str, size: int, fstype: str | None, nmirror: int | None,

@@ -69,6 +69,34 @@ def test_umount_of_unknown_id_is_harmless(env, dg):
 # ------------------------------------------------------------------ remove, protect, grow
 
 
+@pytest.mark.parametrize("argv, killed_at", [
+    (["vol", "make", "-g", "testdg", "x", "300m"], "make.mkfs"),
+    (["vol", "rm", "-g", "testdg", "x"], "rm.detached"),
+    (["snap", "make", "-g", "testdg", "src", "x"], "snap.cloned"),
+])
+def test_make_in_a_long_open_disk_group_finishes_a_killed_operation_on_the_name(env, dg, argv, killed_at):
+    """A disk group opened before another process was killed mid-operation on a name (the plugin keeps
+    one open) recovers that operation when the name is made again, instead of refusing it or, worse,
+    counting the half-made volume as made."""
+    volumes.make(dg, "src", "300m")
+    if argv[1] == "rm":
+        volumes.make(dg, "x", "300m")
+    died = env.cli(*argv, check=False, env={"VERITAS_CRASH_AT": killed_at})
+    assert died.returncode == -9, died
+    assert dg.catalog.volume("x").state in ("creating", "removing")
+
+    snap = argv[0] == "snap"
+    v = snapshots.make(dg, "src", "x") if snap else volumes.make(dg, "x", "300m")
+    assert v.state == "ok" and v.snapshot_of == ("src" if snap else None)
+    mp = volumes.mount(dg, "x")
+    (mp / "f").write_text("ok")
+    volumes.umount(dg, "x")
+    volumes.remove(dg, "x")
+    volumes.remove(dg, "src")
+    assert dg.catalog.intents() == [] and dg.catalog.volume("x") is None
+    assert [b for b in under(env, "loops") if "/vols/" in b] == []  # no volume image left attached
+
+
 def test_rm_refused_while_mounted(env, dg):
     volumes.make(dg, "v1", "400m")
     mp = volumes.mount(dg, "v1")
