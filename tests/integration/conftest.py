@@ -25,10 +25,18 @@ from storage.kernel import loop, mounts
 REPO = Path(__file__).resolve().parents[2]
 
 
+# the host-engine checks of test_host_engine.py: one before every Docker test, one after them all
+HOST_ENGINE_FIRST = "tests/integration/test_host_engine.py::test_host_engine_before_docker_tests"
+HOST_ENGINE_LAST = "tests/integration/test_host_engine.py::test_host_engine_after_docker_tests"
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "integration" in str(item.fspath):
             item.add_marker(pytest.mark.integration)
+    first = [i for i in items if i.nodeid.endswith(HOST_ENGINE_FIRST)]
+    last = [i for i in items if i.nodeid.endswith(HOST_ENGINE_LAST)]
+    items[:] = first + [i for i in items if i not in first and i not in last] + last
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -1,7 +1,9 @@
 """A real Docker engine and a real veritas plugin for tests, isolated from the host and from each other.
 
 Each DockerNode runs dockerd in a mount namespace of its own (slave propagation) with a private
-/run/docker/plugins, so several test runs can each have a plugin called ``veritas``. The plugin runs on
+/run/docker/plugins, so several test runs can each have a plugin called ``veritas``, and in a network
+namespace of its own with only loopback, so it never touches the host's interfaces (a ``--bridge=none``
+engine in the host's namespace deletes the host engine's ``docker0``); its API is a unix socket. The plugin runs on
 the host and mounts under a mount root made shared first, so the node's containers see its mounts.
 Processes are ended by PID (dockerd, its containerd, the plugin and its gunicorn tree), never by name.
 """
@@ -21,6 +23,8 @@ from pathlib import Path
 
 import docker
 import requests_unixsocket
+
+from tests.integration import netns
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = "localbusybox:latest"
@@ -114,7 +118,7 @@ def container_cgroups() -> set[Path]:
 
 
 class DockerNode:
-    """dockerd in its own mount namespace; its plugin directory is ``self.plugins``."""
+    """dockerd in its own mount and network namespaces; its plugin directory is ``self.plugins``."""
 
     def __init__(self, base: Path, keep_root: Path | None = None) -> None:
         self.base = base
@@ -126,10 +130,19 @@ class DockerNode:
         self.proc: subprocess.Popen[bytes] | None = None
         self._log = None
         self._cgroups_before: set[Path] = set()
+        # one per start: each holds its network namespace, so its inode names no other until stop()
+        self._netns_fds: list[int] = []
 
     @property
     def url(self) -> str:
         return f"unix://{self.sock}"
+
+    @property
+    def netns(self) -> str:
+        """A path to the network namespace of the engine last started (for nsenter --net, setns)."""
+        if not self._netns_fds:
+            raise RuntimeError("the node has not started")
+        return f"/proc/{os.getpid()}/fd/{self._netns_fds[-1]}"
 
     def start(self, timeout: float = 30.0) -> None:
         for d in (self.plugins, self.base / "data", self.exec_root):
@@ -141,12 +154,13 @@ class DockerNode:
             time.sleep(0.05)  # the zombie containerd of a SIGKILLed dockerd: a new dockerd would think it runs
         self._cgroups_before = container_cgroups()
         prune = Path(__file__).with_name("ns_prune.py")
-        script = (f"mount --bind {self.plugins} /run/docker/plugins && {sys.executable} {prune} {self.keep_root}"
+        script = ("ip link set lo up"
+                  f" && mount --bind {self.plugins} /run/docker/plugins && {sys.executable} {prune} {self.keep_root}"
                   f" && exec dockerd --data-root {self.base}/data"
                   f" --exec-root {self.exec_root} --pidfile {self.base}/docker.pid -H {self.url}"
                   " --iptables=false --ip-masq=false --bridge=none --log-level=warn")
         self._log = open(self.base / "dockerd.log", "ab")
-        self.proc = subprocess.Popen(["unshare", "-m", "--propagation", "slave", "sh", "-c", script],
+        self.proc = subprocess.Popen(["unshare", "-m", "-n", "--propagation", "slave", "sh", "-c", script],
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -161,6 +175,11 @@ class DockerNode:
             time.sleep(0.1)
         else:
             raise RuntimeError("dockerd did not come up")
+        fd = os.open(f"/proc/{self.proc.pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        if os.fstat(fd).st_ino == netns.inode():
+            os.close(fd)
+            raise RuntimeError("dockerd runs in the host's network namespace")
+        self._netns_fds.append(fd)
         if not self.client().images.list(name=IMAGE.split(":")[0]):
             self.client().api.import_image_from_data(busybox_tar(), repository=IMAGE.split(":")[0], tag="latest")
 
@@ -211,6 +230,15 @@ class DockerNode:
         # live on and keep volumes busy: end them by PID, found by this node's containerd socket
         shims = _pids_with_arg(f"{self.exec_root}/containerd/containerd.sock")
         end_pids([p for s in shims for p in process_tree(s)], signal.SIGKILL, 10)
+        # whatever still runs in the node's network namespaces was started there for the node (a
+        # host-network plugin, a helper run with nsenter): end it, so the namespaces end with it
+        left: list[int] = []
+        for fd in self._netns_fds:
+            members = netns.members(os.fstat(fd).st_ino)
+            end_pids(members, signal.SIGKILL, 10)
+            left += [p for p in members if alive(p)]
+            os.close(fd)
+        self._netns_fds = []
         self.proc = None
         if self._log:
             self._log.close()
@@ -218,6 +246,8 @@ class DockerNode:
         for cg in sorted(container_cgroups() - self._cgroups_before):
             with contextlib.suppress(OSError):
                 cg.rmdir()  # empty ones only: a live container's cannot go
+        if left:
+            raise RuntimeError(f"processes outlived SIGKILL in the node's network namespace: {left}")
 
 
 class PluginProcess:
