@@ -9,6 +9,7 @@ namespace is gone. Loop devices are therefore told apart by backing inode, never
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from tests.integration import netns
 from tests.integration.dockerstack import IMAGE, DockerNode, _pids_with_arg, end_pids, process_tree
 
 REPO = Path(__file__).resolve().parents[2]
@@ -335,33 +337,41 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def registry() -> Iterator[str]:
+def registry(bare_stack: ManagedStack) -> Iterator[str]:
     """A plain-HTTP registry (distribution 2.8) on a free loopback port, storing under a temporary
     directory; yields its address ``127.0.0.1:PORT``. Docker treats 127.0.0.0/8 registries as insecure
-    by default, so the node's dockerd pushes and pulls over HTTP with no daemon option."""
+    by default, so the node's dockerd pushes and pulls over HTTP with no daemon option. The node's
+    engine has a network namespace of its own, so the registry listens on that namespace's loopback
+    (nsenter --net), and this process probes it from there too."""
     binary = _registry_binary()
+    ns = bare_stack.node.netns
     root = Path(tempfile.mkdtemp(prefix="vregistry-", dir="/tmp"))
     proc: subprocess.Popen[bytes] | None = None
     direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
+
+    def answers(port: int) -> bool:
+        try:
+            with direct.open(f"http://127.0.0.1:{port}/v2/", timeout=2) as resp:
+                return bool(resp.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
     try:
         for _attempt in range(3):  # another process may take the port between probe and bind
-            port = _free_port()
+            port = netns.call_in(ns, _free_port)
             conf = root / "config.yml"
             conf.write_text("version: 0.1\n"
                             "log:\n  level: warn\n"
                             f"storage:\n  filesystem:\n    rootdirectory: {root}/data\n"
                             f"http:\n  addr: 127.0.0.1:{port}\n")
             with open(root / "registry.log", "ab") as log:
-                proc = subprocess.Popen([binary, "serve", str(conf)], stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                proc = subprocess.Popen(["nsenter", f"--net={ns}", binary, "serve", str(conf)], stdout=log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
             deadline = time.monotonic() + 20
             while proc.poll() is None and time.monotonic() < deadline:
-                try:
-                    with direct.open(f"http://127.0.0.1:{port}/v2/", timeout=2) as resp:
-                        if resp.status == 200:
-                            break
-                except (urllib.error.URLError, OSError):
-                    time.sleep(0.05)
+                if netns.call_in(ns, functools.partial(answers, port)):
+                    break
+                time.sleep(0.05)
             else:
                 end_pids([proc.pid])
                 proc.wait()
