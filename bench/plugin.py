@@ -27,9 +27,10 @@ Figures:
                                 (fio: the host's binary bind-mounted; files written once before; medians
                                 of 5 interleaved 3 s runs)
 
-Runs as root. It starts its own dockerd (own mount namespace) and ``veritas plugin serve`` under a fresh
-/tmp directory with the helpers of tests/integration/dockerstack.py, and removes everything at the end
-(processes by PID, containers, volumes, the disk group, mounts, loop devices), also on error or SIGTERM.
+Runs as root. It starts its own dockerd (own mount and network namespaces, so it never touches the
+host's engine or its docker0) and ``veritas plugin serve`` under a fresh /tmp directory with the
+helpers of tests/integration/dockerstack.py, and removes everything at the end (processes by PID,
+containers, volumes, the disk group, mounts, loop devices), also on error or SIGTERM.
 ``--quick`` runs a few repetitions of each (smoke test).
 """
 

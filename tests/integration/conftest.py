@@ -165,6 +165,17 @@ def dg(env: Env) -> Iterator[DiskGroup]:
         g.close()
 
 
+@pytest.fixture(scope="session")
+def host_engine():  # returns a hostengine.HostState
+    """The machine's own engine, started (and left running) if none runs; its state before any
+    Docker test, which the tests must leave as it is (tests/integration/test_host_engine.py)."""
+    from tests.integration import hostengine
+
+    if not hostengine.host_engine_answers():
+        hostengine.start_host_engine()
+    return hostengine.host_state()
+
+
 @dataclass
 class Stack:
     """A Docker engine, the veritas plugin serving it, and the storage environment behind the plugin."""

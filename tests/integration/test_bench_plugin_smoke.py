@@ -1,4 +1,5 @@
-"""``python bench/plugin.py --quick`` runs, cleans up after itself, and prints only figure lines."""
+"""``python bench/plugin.py --quick`` runs, cleans up after itself (also the host engine's docker0 it
+must not touch), and prints only figure lines."""
 
 from __future__ import annotations
 
@@ -7,13 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.integration import conftest
+from tests.integration import conftest, hostengine
 
 REPO = Path(__file__).resolve().parents[2]
 KEYS = {"metric", "value", "unit", "baseline", "ratio", "target"}
 
 
-def test_bench_plugin_quick():
+def test_bench_plugin_quick(host_engine: hostengine.HostState):
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "plugin.py"), "--quick"], capture_output=True,
                           text=True, timeout=300, cwd=REPO, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -32,3 +33,6 @@ def test_bench_plugin_quick():
                        "fio_randwrite_4k_qd32_disk_fs_vs_local", "fio_randwrite_4k_qd32_volume_vs_disk_fs",
                        "fio_seqwrite_1m_qd1", "fio_randwrite_4k_qd1"]
     conftest.assert_bench_left_nothing(proc.stderr)
+    # its engine ran in a network namespace of its own: the host engine's bridge is the same one
+    assert hostengine.docker0_ifindex() == host_engine.docker0_ifindex, \
+        "the benchmark changed the host's docker0" + hostengine.engines_in_host_netns(host_engine.pid)
