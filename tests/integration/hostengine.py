@@ -60,10 +60,11 @@ def start_host_engine(timeout: float = 60.0) -> None:
 
 
 def docker0_ifindex() -> int | None:
-    """docker0 in the host's (this process's) network namespace, by interface index."""
+    """docker0 in this process's (the host's) network namespace, by interface index (asked of the
+    kernel through a socket, not sysfs, which shows the namespace of whoever mounted it)."""
     try:
-        return int(Path("/sys/class/net/docker0/ifindex").read_text())
-    except FileNotFoundError:
+        return socket.if_nametoindex("docker0")
+    except OSError:
         return None
 
 

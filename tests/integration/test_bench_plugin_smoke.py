@@ -15,6 +15,8 @@ KEYS = {"metric", "value", "unit", "baseline", "ratio", "target"}
 
 
 def test_bench_plugin_quick(host_engine: hostengine.HostState):
+    assert hostengine.docker0_ifindex() == host_engine.docker0_ifindex is not None, \
+        "the host engine's docker0 is already gone or changed" + hostengine.engines_in_host_netns(host_engine.pid)
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "plugin.py"), "--quick"], capture_output=True,
                           text=True, timeout=300, cwd=REPO, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
