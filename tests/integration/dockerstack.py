@@ -2,9 +2,10 @@
 
 Each DockerNode runs dockerd in a mount namespace of its own (slave propagation) with a private
 /run/docker/plugins, so several test runs can each have a plugin called ``veritas``, and in a network
-namespace of its own with only loopback, so it never touches the host's interfaces (a ``--bridge=none``
-engine in the host's namespace deletes the host engine's ``docker0``); its API is a unix socket. The plugin runs on
-the host and mounts under a mount root made shared first, so the node's containers see its mounts.
+namespace of its own with only loopback up, so it never touches the host's interfaces (a
+``--bridge=none`` engine in the host's namespace deletes the host engine's ``docker0``); its API is a
+unix socket, so nothing else needs the network. The plugin runs on the host and mounts under a mount
+root made shared first, so the node's containers see its mounts.
 Processes are ended by PID (dockerd, its containerd, the plugin and its gunicorn tree), never by name.
 """
 
