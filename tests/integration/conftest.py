@@ -201,12 +201,12 @@ def stack() -> Iterator[Stack]:
 
     root = Path(tempfile.mkdtemp(prefix="vdock-", dir="/tmp"))
     node = DockerNode(root / "node1")
-    share_mount_root(root / "mnt")  # before the node's namespace is made, or it never sees volume mounts
-    node.start()
     path = write_plugin_config(root, node)
     plugin = PluginProcess(path, node.plugins / "veritas.sock", root / "plugin.log")
     env = Env(root, path, load_config(path))
-    try:
+    try:  # a start that fails half-way still ends the engine and drops the shared mount root
+        share_mount_root(root / "mnt")  # before the node's namespace is made, or it never sees volume mounts
+        node.start()
         plugin.start()
         yield Stack(env, node, plugin)
     finally:
