@@ -10,12 +10,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from plugin.docker_api import Engine
-from storage import diskgroup, qos, snapshots, volumes
+from storage import diskgroup, options, qos, snapshots, volumes
 from storage.catalog.base import VolumeRec
 from storage.config import Config
 from storage.diskgroup import DiskGroup
-from storage.errors import AlreadyExists, InUse, InvalidArgument, NoSuchVolume, UnknownOption, VeritasError
-from storage.units import check_name, format_size, parse_size
+from storage.errors import AlreadyExists, InUse, NoSuchVolume, VeritasError
+from storage.units import check_name, format_size
 
 log = logging.getLogger("veritas.plugin")
 
@@ -23,9 +23,7 @@ log = logging.getLogger("veritas.plugin")
 # was stopped: containers in these states may be the one a Mount is for
 PRELIMIT_STATES = ("created", "exited")
 
-VOLUME_OPTIONS = ("size", "layout", "fstype", "nmirror", "ncol", "maxiops", "protect")
-SNAPSHOT_OPTIONS = ("sourcevol", "cachesize", "maxiops")
-ALL_OPTIONS = tuple(dict.fromkeys(VOLUME_OPTIONS + SNAPSHOT_OPTIONS))
+VOLUME_OPTIONS, SNAPSHOT_OPTIONS, ALL_OPTIONS = options.VOLUME_OPTIONS, options.SNAPSHOT_OPTIONS, options.ALL_OPTIONS
 
 
 @dataclass
@@ -59,29 +57,18 @@ class Driver:
     # ------------------------------------------------------------ calls
 
     def create(self, name: str, opts: dict[str, str]) -> None:
+        """Make a volume or snapshot; every option is parsed (the whole spec) before any step runs."""
         self._name(name)
-        unknown = set(opts) - set(ALL_OPTIONS)
-        if unknown:
-            raise UnknownOption(f"unknown option(s) {', '.join(sorted(unknown))}; valid options: "
-                                f"{', '.join(ALL_OPTIONS)}")
-        if "sourcevol" in opts:
-            bad = set(opts) - set(SNAPSHOT_OPTIONS)
-            if bad:
-                raise InvalidArgument(f"a snapshot (sourcevol) takes only {', '.join(SNAPSHOT_OPTIONS)};"
-                                      f" drop {', '.join(sorted(bad))}")
-        elif "cachesize" in opts:
-            raise InvalidArgument("cachesize applies only to snapshots: give sourcevol=VOLUME too")
+        spec = options.parse_create(opts)
         existing = self.dg.catalog.volume(name)
         if existing is not None and existing.state == "ok":
-            self._same(existing, opts)
+            self._same(existing, spec, opts)
             return
         try:
-            if "sourcevol" in opts:
-                snapshots.make(self.dg, opts["sourcevol"], name, opts.get("cachesize"))
-                if "maxiops" in opts:
-                    volumes.set_maxiops(self.dg, name, opts["maxiops"])
+            if isinstance(spec, options.SnapshotSpec):
+                snapshots.make(self.dg, spec.source, name, spec.cachesize, maxiops=spec.maxiops)
             else:
-                volumes.make(self.dg, name, opts.get("size"), **{k: v for k, v in opts.items() if k != "size"})
+                volumes.make(self.dg, name, spec=spec)
         except AlreadyExists:
             # a concurrent identical Create (swarm, several workers) won the race
             winner = self.dg.catalog.volume(name)
@@ -91,35 +78,32 @@ class Driver:
                 # make finished a killed operation's leftovers itself: this one is live and raced in
                 raise InUse(f"volume {name} is {winner.state} in another operation; try again when it"
                             " has finished") from None
-            self._same(winner, opts)
+            self._same(winner, spec, opts)
 
-    def _same(self, v: VolumeRec, opts: dict[str, str]) -> None:
+    def _same(self, v: VolumeRec, spec: options.VolumeSpec | options.SnapshotSpec, opts: dict[str, str]) -> None:
         """Create of an existing volume succeeds when the options agree, and is refused when they don't."""
         wanted: dict[str, Any] = {}
         have: dict[str, Any] = {}
-        for key, raw in opts.items():
-            if key == "size":
-                wanted[key], have[key] = parse_size(raw), v.size
-            elif key == "layout":
-                if raw != "auto":
-                    wanted[key], have[key] = raw, v.layout
-            elif key in ("nmirror", "ncol", "maxiops"):
-                try:
-                    wanted[key] = int(raw)
-                except ValueError:
-                    raise InvalidArgument(f"option {key} must be an integer, got {raw!r}") from None
-                have[key] = getattr(v, key)
-            elif key == "fstype":
-                wanted[key], have[key] = raw, v.fstype
-            elif key == "protect":
-                wanted[key], have[key] = raw.lower() in ("1", "true", "yes", "on"), v.protect
-            elif key == "sourcevol":
-                wanted[key], have[key] = raw, v.snapshot_of
-            elif key == "cachesize":
-                wanted[key], have[key] = parse_size(raw, "cachesize"), v.cachesize
+        shown: dict[str, str] = {}
+        if isinstance(spec, options.SnapshotSpec):
+            wanted["sourcevol"], have["sourcevol"] = spec.source, v.snapshot_of
+            if spec.cachesize is not None:
+                wanted["cachesize"], have["cachesize"] = spec.cachesize, v.cachesize
+                shown["cachesize"] = format_size(v.cachesize, long=True)
+            if spec.maxiops is not None:
+                wanted["maxiops"], have["maxiops"] = spec.maxiops, v.maxiops
+        else:
+            if spec.size is not None:
+                wanted["size"], have["size"] = spec.size, v.size
+                shown["size"] = format_size(v.size, long=True)
+            if spec.layout not in (None, "auto"):
+                wanted["layout"], have["layout"] = spec.layout, v.layout
+            for key in ("fstype", "nmirror", "ncol", "maxiops", "protect"):
+                if getattr(spec, key) is not None:
+                    wanted[key], have[key] = getattr(spec, key), getattr(v, key)
         diff = [k for k in wanted if wanted[k] != have[k]]
         if diff:
-            desc = ", ".join(f"{k}={have[k]} (asked {opts[k]})" for k in diff)
+            desc = ", ".join(f"{k}={shown.get(k, have[k])} (asked {opts[k]})" for k in diff)
             raise AlreadyExists(f"volume {v.name} already exists with different options: {desc};"
                                 " remove it first or use another name")
 

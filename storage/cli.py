@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from storage import diskgroup, doctor, snapshots, volumes
+from storage import diskgroup, doctor, options, snapshots, volumes
 from storage.config import Config, load_config
 from storage.diskgroup import DiskGroup, DiskSpec
 from storage.errors import InvalidArgument, VeritasError
@@ -134,9 +134,10 @@ def _vol_text(r: dict[str, Any]) -> str:
 
 
 def cmd_vol_make(cfg: Config, a: argparse.Namespace) -> None:
+    spec = options.parse_volume(a.size, _kv(a.options))  # all checked before the disk group is touched
     dg = _open(cfg, a.diskgroup)
     try:
-        volumes.make(dg, a.name, a.size, **_kv(a.options))
+        volumes.make(dg, a.name, spec=spec)
         _emit(a, volumes.info(dg, a.name), _vol_text)
     finally:
         dg.close()
@@ -205,13 +206,14 @@ def _iops(dg: DiskGroup, a: argparse.Namespace) -> dict[str, Any]:
     return {"volume": a.name, "cgroup": a.cgroup, "devices": [f"{x}:{y}" for x, y in nums]}
 
 
-def _snap(dg: DiskGroup, a: argparse.Namespace) -> dict[str, Any]:
-    opts = _kv(a.options)
-    unknown = set(opts) - {"cachesize"}
-    if unknown:
-        raise InvalidArgument(f"unknown option(s) {', '.join(sorted(unknown))}; valid options: cachesize")
-    snapshots.make(dg, a.source, a.name, opts.get("cachesize"))
-    return volumes.info(dg, a.name)
+def cmd_snap_make(cfg: Config, a: argparse.Namespace) -> None:
+    spec = options.parse_snapshot(a.source, _kv(a.options))  # all checked before the disk group is touched
+    dg = _open(cfg, a.diskgroup)
+    try:
+        snapshots.make(dg, spec.source, a.name, spec.cachesize, maxiops=spec.maxiops)
+        _emit(a, volumes.info(dg, a.name), _vol_text)
+    finally:
+        dg.close()
 
 
 def cmd_doctor(cfg: Config, a: argparse.Namespace) -> None:
@@ -309,8 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("-g", "--diskgroup")
     x.add_argument("source")
     x.add_argument("name")
-    x.add_argument("options", nargs="*", metavar="cachesize=SIZE")
-    x.set_defaults(fn=_with_vol(_snap))
+    x.add_argument("options", nargs="*", metavar="KEY=VALUE", help="cachesize=SIZE maxiops=N")
+    x.set_defaults(fn=cmd_snap_make)
 
     x = top.add_parser("doctor", help="check catalog, images, loop devices and mounts agree")
     x.add_argument("-g", "--diskgroup")

@@ -18,6 +18,19 @@ from storage.units import check_name, parse_size
 DEFAULT_CONFIG = Path("/etc/vx/docker/vxinfoscale-default.conf")
 _REPO_DEFAULT = Path(__file__).resolve().parent.parent / "etc" / "vxinfoscale-default.conf"
 
+# every section and key the file may hold: anything else is a typo, refused rather than ignored
+VALID_KEYS: dict[str, tuple[str, ...]] = {
+    "storage": ("diskgroup", "state_root", "mount_root", "default_disk_size", "default_disk_count"),
+    "volume": ("size", "layout", "fstype", "nmirror", "ncol", "maxiops", "cache_percent", "protect"),
+    "node": ("name",),
+    "plugin": ("socket", "workers", "docker_host", "driver"),
+}
+# defaults of make: layouts and file systems it can be given without asking (see storage.layouts)
+DEFAULT_LAYOUTS = ("concat", "mirror", "stripe", "mirror-stripe", "auto")
+FSTYPES = ("xfs", "ext4", "btrfs")
+NMIRROR_RANGE = (2, 4)
+NCOL_RANGE = (2, 16)
+
 
 @dataclass(frozen=True)
 class VolumeDefaults:
@@ -80,6 +93,55 @@ def _bool(section: configparser.SectionProxy, key: str, default: bool) -> bool:
     return section.parser.BOOLEAN_STATES[raw.lower()]
 
 
+def _line_numbers(path: Path) -> dict[tuple[str, str | None], int]:
+    """Line of each section header and key, as configparser reads them (keys lower-cased), for messages."""
+    where: dict[tuple[str, str | None], int] = {}
+    section = configparser.DEFAULTSECT
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        text = line.strip()
+        if not text or text[0] in "#;" or line[0].isspace():
+            continue
+        if text.startswith("[") and "]" in text:
+            section = text[1:text.index("]")]
+            where.setdefault((section, None), n)
+            continue
+        cut = min((i for i in (text.find("="), text.find(":")) if i > 0), default=-1)
+        if cut > 0:
+            where.setdefault((section, text[:cut].strip().lower()), n)
+    return where
+
+
+def _check_names(parser: configparser.ConfigParser, chosen: Path) -> None:
+    """Refuse unknown sections and keys, naming the file, the line and what is valid there."""
+    lines = _line_numbers(chosen)
+    sections = [configparser.DEFAULTSECT] * bool(parser.defaults()) + parser.sections()
+    for sec in sections:
+        if sec not in VALID_KEYS:
+            raise InvalidArgument(f"config file {chosen}, line {lines.get((sec, None), '?')}: unknown section"
+                                  f" [{sec}]; valid sections: {', '.join(f'[{v}]' for v in VALID_KEYS)}")
+        for key in parser[sec]:
+            if key not in VALID_KEYS[sec]:
+                raise InvalidArgument(f"config file {chosen}, line {lines.get((sec, key), '?')}: unknown key {key!r} in"
+                                      f" [{sec}]; valid keys there: {', '.join(VALID_KEYS[sec])}")
+
+
+def _choice(section: configparser.SectionProxy, key: str, default: str, valid: tuple[str, ...],
+            where: str) -> str:
+    value = section.get(key, fallback="").strip() or default
+    if value not in valid:
+        raise InvalidArgument(f"config{where}: {section.name}.{key} = {value!r} is not one of {', '.join(valid)}")
+    return value
+
+
+def _ranged(section: configparser.SectionProxy, key: str, default: int, bounds: tuple[int, int],
+            where: str) -> int:
+    value = _int(section, key, default)
+    if not bounds[0] <= value <= bounds[1]:
+        raise InvalidArgument(f"config{where}: {section.name}.{key} = {value} must be from {bounds[0]} to"
+                              f" {bounds[1]}")
+    return value
+
+
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     """Load the configuration from ``path``, $VERITAS_CONFIG, /etc/vx/docker, or the repository copy."""
     candidates: list[Path]
@@ -99,6 +161,12 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         parser.read(chosen)
     except configparser.Error as exc:
         raise InvalidArgument(f"config file {chosen} is malformed: {exc}") from None
+    _check_names(parser, chosen)
+    lines = _line_numbers(chosen)
+
+    def where(sec: str, key: str) -> str:
+        n = lines.get((sec, key))
+        return f" file {chosen}, line {n}" if n else f" file {chosen}"
     for sec in ("storage", "volume", "node", "plugin"):
         if not parser.has_section(sec):
             parser.add_section(sec)
@@ -113,10 +181,10 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     d = VolumeDefaults()
     defaults = VolumeDefaults(
         size=parse_size(vol.get("size", fallback="1g"), "config volume.size"),
-        layout=vol.get("layout", fallback=d.layout).strip() or d.layout,
-        fstype=vol.get("fstype", fallback=d.fstype).strip() or d.fstype,
-        nmirror=_int(vol, "nmirror", d.nmirror),
-        ncol=_int(vol, "ncol", d.ncol),
+        layout=_choice(vol, "layout", d.layout, DEFAULT_LAYOUTS, where("volume", "layout")),
+        fstype=_choice(vol, "fstype", d.fstype, FSTYPES, where("volume", "fstype")),
+        nmirror=_ranged(vol, "nmirror", d.nmirror, NMIRROR_RANGE, where("volume", "nmirror")),
+        ncol=_ranged(vol, "ncol", d.ncol, NCOL_RANGE, where("volume", "ncol")),
         maxiops=_int(vol, "maxiops", d.maxiops),
         cache_percent=_int(vol, "cache_percent", d.cache_percent),
         protect=_bool(vol, "protect", False),

@@ -13,31 +13,39 @@ from __future__ import annotations
 
 import time
 
-from storage import crash
+from storage import crash, options
 from storage.catalog.base import IntentRec, SubdiskRec, VolumeRec
 from storage.diskgroup import DiskGroup
 from storage.errors import InvalidArgument, NoSuchVolume
 from storage.kernel import fs, reflink
-from storage.units import MiB, check_name, parse_size, round_up
+from storage.units import MiB, check_name, format_size, round_up
 from storage.volumes import _get, _ready, check_free, is_mounted, teardown
 
 
-def make(dg: DiskGroup, source: str, name: str, cachesize: str | int | None = None) -> VolumeRec:
-    """Snapshot ``source`` as volume ``name``; consistent even while the source is mounted and written."""
+def make(dg: DiskGroup, source: str, name: str, cachesize: str | int | None = None,
+         maxiops: str | int | None = None) -> VolumeRec:
+    """Snapshot ``source`` as volume ``name``; consistent even while the source is mounted and written.
+
+    ``maxiops`` (default: the source's) is recorded with the snapshot in the same catalog step, so a
+    snapshot exists with its limit or not at all.
+    """
     check_name(name, "snapshot name")
     check_name(source, "source volume name")
+    spec = options.parse_snapshot(source, {k: v for k, v in (("cachesize", cachesize), ("maxiops", maxiops))
+                                           if v is not None})
     with dg.locks.hold(source, name):
         src = dg.catalog.volume(source)
         if src is None:
             raise NoSuchVolume(f"no such source volume: {source} in disk group {dg.name}")
         src = _ready(dg, source)
         check_free(dg, name)
-        if cachesize is None:
+        if spec.cachesize is None:
             cache = round_up(src.size * dg.config.volume.cache_percent // 100, MiB)
         else:
-            cache = parse_size(cachesize, "cachesize")
+            cache = spec.cachesize
         if cache > src.size:
-            raise InvalidArgument(f"cachesize {cache} is larger than the source volume ({src.size} bytes)")
+            raise InvalidArgument(f"cachesize {format_size(cache, long=True)} is larger than the source volume"
+                                  f" ({format_size(src.size, long=True)})")
         src_sds = dg.catalog.subdisks(source)
         missing = [sd.disk for sd in src_sds if not dg.image(sd.disk, source, sd.idx).exists()]
         if missing:
@@ -45,7 +53,8 @@ def make(dg: DiskGroup, source: str, name: str, cachesize: str | int | None = No
                                   f" repair it before taking a snapshot")
         per = -(-cache // len(src_sds))
         sds = [SubdiskRec(name, sd.idx, sd.disk, sd.size, per) for sd in src_sds]
-        vol = VolumeRec(name, src.size, src.layout, src.fstype, src.nmirror, src.ncol, src.maxiops,
+        iops = src.maxiops if spec.maxiops is None else spec.maxiops
+        vol = VolumeRec(name, src.size, src.layout, src.fstype, src.nmirror, src.ncol, iops,
                         source, cache, "creating", time.time(), False, identity_pending=True)
         frozen = str(dg.mountpoint(source)) if is_mounted(dg, source) else None
         dg.catalog.create_volume(vol, sds, IntentRec(name, "snap", {"frozen": frozen}, time.time()),

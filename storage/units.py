@@ -13,9 +13,10 @@ KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
 TiB = 1024 * GiB
+PiB = 1024 * TiB
 
-_SUFFIX = {"": 1, "b": 1, "k": KiB, "m": MiB, "g": GiB, "t": TiB}
-_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?$", re.IGNORECASE)
+_SUFFIX = {"": 1, "b": 1, "k": KiB, "m": MiB, "g": GiB, "t": TiB, "p": PiB}
+_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?$", re.IGNORECASE)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -25,14 +26,14 @@ def parse_size(text: str | int, what: str = "size") -> int:
     Bare numbers are bytes. Zero, negative, malformed or fractional-byte sizes are refused.
     """
     if isinstance(text, bool):
-        raise BadSize(f"invalid {what} {text!r}: expected a number with an optional k/m/g/t suffix")
+        raise BadSize(f"invalid {what} {text!r}: expected a number with an optional k/m/g/t/p suffix")
     if isinstance(text, int):
         value = text
     else:
         m = _SIZE_RE.match(text.strip())
         if not m:
             raise BadSize(
-                f"invalid {what} {text!r}: expected a positive number with an optional k/m/g/t suffix,"
+                f"invalid {what} {text!r}: expected a positive number with an optional k/m/g/t/p suffix,"
                 " e.g. 1g or 500m"
             )
         number, suffix = m.group(1), m.group(2).lower()
@@ -49,13 +50,17 @@ def parse_size(text: str | int, what: str = "size") -> int:
     return value
 
 
-def format_size(n: int) -> str:
-    """Human form used in listings: the largest unit that keeps one decimal honest."""
-    for unit, mult in (("T", TiB), ("G", GiB), ("M", MiB), ("K", KiB)):
+def format_size(n: int, long: bool = False) -> str:
+    """Human form: the largest unit that keeps one decimal honest.
+
+    Listings use the short form (``7.9G``); messages use ``long`` (``7.9 GiB``), which reads as a
+    sentence and cannot be taken for a byte count.
+    """
+    for unit, mult in (("P", PiB), ("T", TiB), ("G", GiB), ("M", MiB), ("K", KiB)):
         if n >= mult:
-            v = n / mult
-            return f"{v:.0f}{unit}" if v == int(v) else f"{v:.1f}{unit}"
-    return f"{n}B"
+            text = f"{n / mult:.1f}".removesuffix(".0")
+            return f"{text} {unit}iB" if long else f"{text}{unit}"
+    return f"{n} B" if long else f"{n}B"
 
 
 def check_name(name: object, what: str = "name") -> str:

@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from storage import crash, qos
+from storage import crash, options, qos
 from storage.catalog.base import IntentRec, MountRec, SubdiskRec, VolumeRec
 from storage.diskgroup import DiskGroup
 from storage.errors import (
@@ -23,15 +23,14 @@ from storage.errors import (
     InvalidArgument,
     NoSpace,
     NoSuchVolume,
-    UnknownOption,
     VeritasError,
 )
 from storage.kernel import btrfs, btrfs_super, fs, loop, mounts, reflink
-from storage.layouts import ENGINES, LAYOUTS, engine
+from storage.layouts import ENGINES, engine
 from storage.layouts.base import LayoutEngine, Shape
 from storage.units import check_name, parse_size
 
-MAKE_OPTIONS = ("size", "layout", "fstype", "nmirror", "ncol", "maxiops", "protect")
+MAKE_OPTIONS = options.VOLUME_OPTIONS
 ADMIN_MOUNT_ID = "admin"
 
 
@@ -48,17 +47,6 @@ def _int_opt(opts: Mapping[str, Any], key: str) -> int | None:
     if value < 0 or (key != "maxiops" and value == 0):
         raise InvalidArgument(f"option {key} must be a positive integer, got {raw!r}")
     return value
-
-
-def _bool_opt(raw: Any) -> bool:
-    if isinstance(raw, bool):
-        return raw
-    text = str(raw).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off", ""):
-        return False
-    raise InvalidArgument(f"option protect must be true or false, got {raw!r}")
 
 
 def shape_of(v: VolumeRec) -> Shape:
@@ -95,25 +83,23 @@ def devices(dg: DiskGroup, v: VolumeRec) -> list[str]:
 # ---------------------------------------------------------------- make
 
 
-def make(dg: DiskGroup, name: str, size: str | int | None = None, **opts: Any) -> VolumeRec:
-    """Create volume ``name``; returns its record. Options: see MAKE_OPTIONS."""
+def make(dg: DiskGroup, name: str, size: str | int | None = None, *, spec: options.VolumeSpec | None = None,
+         **opts: Any) -> VolumeRec:
+    """Create volume ``name``; returns its record. Options: see MAKE_OPTIONS, or a spec parsed already.
+
+    Every option is checked before the first step; the config file's [volume] section gives the defaults.
+    """
     check_name(name, "volume name")
-    unknown = set(opts) - set(MAKE_OPTIONS)
-    if unknown:
-        raise UnknownOption(f"unknown option(s) {', '.join(sorted(unknown))}; valid options: "
-                            f"{', '.join(MAKE_OPTIONS)}")
-    d = dg.config.volume
-    nbytes = parse_size(size if size is not None else d.size)
-    layout = str(opts.get("layout") or d.layout)
-    fstype = opts.get("fstype") or None
-    if fstype is not None:
-        fstype = str(fstype)
-    nmirror, ncol = _int_opt(opts, "nmirror"), _int_opt(opts, "ncol")
-    maxiops = _int_opt(opts, "maxiops")
-    maxiops = d.maxiops if maxiops is None else maxiops
-    protect = _bool_opt(opts["protect"]) if "protect" in opts else d.protect
-    if layout not in LAYOUTS:
-        raise UnknownOption(f"unknown layout {layout!r}; valid layouts: {', '.join(LAYOUTS)}")
+    if spec is None:
+        spec = options.parse_volume(size, opts)
+    elif size is not None or opts:
+        raise InvalidArgument("make takes a parsed spec or options, not both")
+    d = dg.config.volume  # fstype, nmirror and ncol are defaults per layout: see LayoutEngine.shape_for
+    nbytes = d.size if spec.size is None else spec.size
+    layout = d.layout if spec.layout is None else spec.layout
+    maxiops = d.maxiops if spec.maxiops is None else spec.maxiops
+    protect = d.protect if spec.protect is None else spec.protect
+    fstype, nmirror, ncol = spec.fstype, spec.nmirror, spec.ncol
 
     with dg.locks.hold(name):
         check_free(dg, name)
@@ -174,16 +160,16 @@ def _plan(dg: DiskGroup, layout: str, size: int, fstype: str | None, nmirror: in
     if layout == "auto":
         mirror = ENGINES["mirror"]
         try:
-            shape = mirror.shape(size, fstype, nmirror, ncol)
+            shape = mirror.shape_for(size, fstype, nmirror, ncol, dg.config.volume)
             sizes = mirror.subdisk_sizes(size, shape)
-            return mirror, shape, sizes, LayoutEngine.place(sizes, free, "mirror")
+            return mirror, shape, sizes, LayoutEngine.place(sizes, free, "mirror", dg.name)
         except VeritasError:
             layout = "concat"
             nmirror = ncol = None
     eng = engine(layout)
-    shape = eng.shape(size, fstype, nmirror, ncol)
+    shape = eng.shape_for(size, fstype, nmirror, ncol, dg.config.volume)
     sizes = eng.subdisk_sizes(size, shape)
-    return eng, shape, sizes, LayoutEngine.place(sizes, free, eng.name)
+    return eng, shape, sizes, LayoutEngine.place(sizes, free, eng.name, dg.name)
 
 
 def _detach(dg: DiskGroup, v: VolumeRec, paths: list[Path]) -> None:

@@ -11,10 +11,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from storage.config import VolumeDefaults
 from storage.errors import InvalidArgument, NoSpace
 from storage.kernel import fs
 from storage.runner import Runner, run
-from storage.units import MiB, round_up
+from storage.units import MiB, format_size, round_up
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,26 @@ class LayoutEngine(abc.ABC):
     name: str
     fstypes: tuple[str, ...]
     redundant: bool = False
+    takes_nmirror: bool = False  # the config's nmirror is this layout's default
+    takes_ncol: bool = False  # the config's ncol is this layout's default
+
+    def shape_for(self, size: int, fstype: str | None, nmirror: int | None, ncol: int | None,
+                  defaults: VolumeDefaults) -> Shape:
+        """shape() with the config file's fstype, nmirror and ncol where the request left them open.
+
+        The configured fstype applies to the layouts that can use it, and like the built-in XFS it
+        yields to what the size allows (ext4 below XFS's minimum); asked for explicitly, it does not.
+        """
+        if self.takes_nmirror and nmirror is None:
+            nmirror = defaults.nmirror
+        if self.takes_ncol and ncol is None:
+            ncol = defaults.ncol
+        if fstype is None and defaults.fstype in self.fstypes and defaults.fstype != self.fstypes[0]:
+            try:
+                return self.shape(size, defaults.fstype, nmirror, ncol)
+            except InvalidArgument:
+                pass  # too small for it: the layout's own choice, as without a configured fstype
+        return self.shape(size, fstype, nmirror, ncol)
 
     @abc.abstractmethod
     def shape(self, size: int, fstype: str | None, nmirror: int | None, ncol: int | None) -> Shape:
@@ -56,8 +77,11 @@ class LayoutEngine(abc.ABC):
         fs.mount(devices, target, shape.fstype, options=opts, runner=runner)
 
     @staticmethod
-    def place(sizes: Sequence[int], free: Mapping[str, int], layout: str) -> list[str]:
-        """Choose a distinct disk for each image, emptiest first, so load spreads across the group."""
+    def place(sizes: Sequence[int], free: Mapping[str, int], layout: str, group: str = "the disk group") -> list[str]:
+        """Choose a distinct disk for each image, emptiest first, so load spreads across the group.
+
+        :raises NoSpace: saying, in human units, what is needed and what free space there is.
+        """
         order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
         candidates = sorted(free, key=lambda d: (-free[d], d))
         chosen: dict[int, str] = {}
@@ -65,15 +89,25 @@ class LayoutEngine(abc.ABC):
         for i in order:
             disk = next((d for d in candidates if d not in used and free[d] >= sizes[i]), None)
             if disk is None:
-                roomy = sum(1 for d in free if free[d] >= min(sizes))
-                if len(free) < len(sizes):
+                n = len(sizes)
+                disks = f"{n} disk{'s' if n != 1 else ''}"
+                if len(free) < n:
                     raise NoSpace(
-                        f"layout {layout} needs {len(sizes)} disks, the disk group has {len(free)} online;"
+                        f"layout {layout} needs {disks}, {group} has {len(free)} online;"
                         " add disks with veritas dg adddisk"
                     )
+                each = " each" if n > 1 else ""
+                largest = max(free.values(), default=0)
+                if n == 1:
+                    there = f"the largest free space on a disk of {group} is {format_size(largest, long=True)}"
+                else:
+                    roomy = sum(1 for d in free if free[d] >= sizes[i])
+                    listed = ", ".join(f"{d} {format_size(free[d], long=True)}" for d in candidates)
+                    there = (f"{roomy} disk{'s' if roomy != 1 else ''} of {group} {'has' if roomy == 1 else 'have'}"
+                             f" that much (free: {listed})")
                 raise NoSpace(
-                    f"layout {layout} needs {len(sizes)} disks with {sizes[i] // MiB} MiB free each,"
-                    f" only {roomy} have room; choose a smaller size or add disks"
+                    f"layout {layout} needs {disks} with {format_size(sizes[i], long=True)} free{each};"
+                    f" {there}; choose a smaller size or add disks"
                 )
             chosen[i] = disk
             used.add(disk)

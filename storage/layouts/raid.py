@@ -35,6 +35,7 @@ def _count(value: int | None, default: int, lo: int, hi: int, what: str, layout:
 class MirrorEngine(_BtrfsEngine):
     name = "mirror"
     redundant = True
+    takes_nmirror = True
 
     def shape(self, size: int, fstype: str | None, nmirror: int | None, ncol: int | None) -> Shape:
         if ncol not in (None, 1):
@@ -54,6 +55,7 @@ class MirrorEngine(_BtrfsEngine):
 class StripeEngine(_BtrfsEngine):
     name = "stripe"
     meta_profile = "raid1"
+    takes_ncol = True
 
     def shape(self, size: int, fstype: str | None, nmirror: int | None, ncol: int | None) -> Shape:
         if nmirror not in (None, 1):
@@ -70,6 +72,7 @@ class StripeEngine(_BtrfsEngine):
 class MirrorStripeEngine(_BtrfsEngine):
     name = "mirror-stripe"
     redundant = True
+    takes_ncol = True
 
     def shape(self, size: int, fstype: str | None, nmirror: int | None, ncol: int | None) -> Shape:
         if nmirror not in (None, 2):

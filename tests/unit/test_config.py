@@ -216,3 +216,65 @@ def test_bad_protect_raises_invalid_argument(tmp_path: Path) -> None:
 
 def test_disk_count_at_least_one(tmp_path: Path) -> None:
     assert load_config(minimal(tmp_path, storage="default_disk_count = 0")).default_disk_count == 1
+
+
+# ---------------------------------------------------------------- typos are refused, not ignored
+
+
+@pytest.mark.parametrize(("section", "line", "key"), [
+    ("volume", "fs_type = btrfs", "fs_type"),
+    ("volume", "nmirrors = 3", "nmirrors"),
+    ("storage", "mountroot = /srv", "mountroot"),
+    ("node", "hostname = n1", "hostname"),
+])
+def test_unknown_key_is_refused_with_file_line_and_valid_keys(tmp_path: Path, section: str, line: str,
+                                                               key: str) -> None:
+    kw = {section: line} if section != "plugin" else {}
+    path = minimal(tmp_path, **kw)
+    expected_line = path.read_text().splitlines().index(line) + 1
+    with pytest.raises(InvalidArgument) as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message and f"line {expected_line}" in message, message
+    assert repr(key) in message and f"[{section}]" in message, message
+    for valid in config_mod.VALID_KEYS[section]:
+        assert valid in message.split("valid keys", 1)[1], (valid, message)
+
+
+def test_unknown_key_in_plugin_section_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "[plugin]\nworkers = 2\n\n# comment\nsocket_path = /run/x.sock\n")
+    with pytest.raises(InvalidArgument, match=r"line 5: unknown key 'socket_path' in \[plugin\].*socket, workers"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("header", ["[volumes]", "[Storage]", "[DEFAULT]", "[nodes]"])
+def test_unknown_section_is_refused_with_file_line_and_valid_sections(tmp_path: Path, header: str) -> None:
+    path = write(tmp_path, f"[storage]\ndiskgroup = dg1\n\n{header}\nsize = 2g\n")
+    with pytest.raises(InvalidArgument) as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message and "line 4" in message and header in message, message
+    for sec in ("[storage]", "[volume]", "[node]", "[plugin]"):
+        assert sec in message.split("valid sections", 1)[1], message
+
+
+def test_keys_are_matched_as_configparser_reads_them(tmp_path: Path) -> None:
+    """Upper-case keys and ':' separators are the same keys to configparser, so they are valid."""
+    cfg = load_config(minimal(tmp_path, volume="FSTYPE: ext4\nNcol = 3"))
+    assert cfg.volume.fstype == "ext4" and cfg.volume.ncol == 3
+
+
+def test_repository_default_file_has_only_valid_keys() -> None:
+    load_config(REPO_DEFAULT)  # would raise on any key the loader does not know
+
+
+@pytest.mark.parametrize(("line", "word"), [
+    ("layout = raid7", "layout"), ("layout = raid5", "layout"), ("fstype = zfs", "fstype"),
+    ("nmirror = 1", "nmirror"), ("nmirror = 5", "nmirror"), ("ncol = 1", "ncol"), ("ncol = 17", "ncol"),
+])
+def test_volume_defaults_out_of_range_are_refused_with_the_line(tmp_path: Path, line: str, word: str) -> None:
+    path = minimal(tmp_path, volume=line)
+    n = path.read_text().splitlines().index(line) + 1
+    with pytest.raises(InvalidArgument, match=rf"{word}") as info:
+        load_config(path)
+    assert f"line {n}" in str(info.value) and str(path) in str(info.value), info.value

@@ -81,7 +81,9 @@ def test_bad_size_is_an_invalid_argument_naming_what_and_value() -> None:
         (20 * GiB, "20G"),
         (TiB, "1T"),
         (5 * TiB // 2, "2.5T"),
-        (1024 * TiB, "1024T"),
+        (1024 * TiB, "1P"),
+        (100 * 1024 * TiB, "100P"),
+        (8 * GiB - MiB, "8G"),
     ],
 )
 def test_format_size(n: int, expected: str) -> None:
@@ -137,3 +139,16 @@ def test_round_up(n: int, unit: int, expected: int) -> None:
 def test_round_up_defaults_to_mib() -> None:
     assert round_up(1) == MiB
     assert round_up(3 * MiB + 5) == 4 * MiB
+
+
+@pytest.mark.parametrize(
+    ("n", "expected"),
+    [(0, "0 B"), (512, "512 B"), (300 * MiB, "300 MiB"), (8 * GiB - 100 * MiB, "7.9 GiB"),
+     (100 * 1024 * TiB, "100 PiB"), (3 * TiB // 2, "1.5 TiB")],
+)
+def test_format_size_long_form_for_messages(n: int, expected: str) -> None:
+    assert format_size(n, long=True) == expected
+
+
+def test_parse_size_takes_petabytes() -> None:
+    assert parse_size("100p") == 100 * 1024 * TiB

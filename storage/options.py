@@ -1,0 +1,134 @@
+"""Volume and snapshot options, parsed into typed specs in one step before anything is done.
+
+The CLI (``vol make``, ``snap make``) and the plugin's Create hand every option they were given to
+these functions first: an operation that starts has all its options checked already, so a bad value
+can never be found after a step that changed something (a snapshot made, then its maxiops refused).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from storage.errors import InvalidArgument, UnknownOption
+from storage.layouts import LAYOUTS
+from storage.units import check_name, parse_size
+
+VOLUME_OPTIONS = ("size", "layout", "fstype", "nmirror", "ncol", "maxiops", "protect")
+SNAPSHOT_OPTIONS = ("sourcevol", "cachesize", "maxiops")
+ALL_OPTIONS = tuple(dict.fromkeys(VOLUME_OPTIONS + SNAPSHOT_OPTIONS))
+FSTYPES = ("xfs", "ext4", "btrfs")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+@dataclass(frozen=True)
+class VolumeSpec:
+    """A volume to make. ``None`` means "not asked": the config default or the layout's own applies."""
+
+    size: int | None = None
+    layout: str | None = None
+    fstype: str | None = None
+    nmirror: int | None = None
+    ncol: int | None = None
+    maxiops: int | None = None
+    protect: bool | None = None
+
+
+@dataclass(frozen=True)
+class SnapshotSpec:
+    """A snapshot to take; ``cachesize`` None is the config's percentage, ``maxiops`` None the source's."""
+
+    source: str
+    cachesize: int | None = None
+    maxiops: int | None = None
+
+
+def int_option(key: str, raw: Any, allow_zero: bool = False) -> int:
+    """A non-negative (or positive) integer option; ``bool`` is refused although Python calls it an int."""
+    try:
+        if isinstance(raw, bool) or isinstance(raw, float):
+            raise ValueError
+        value = int(str(raw).strip()) if not isinstance(raw, int) else raw
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"option {key} must be an integer, got {raw!r}") from None
+    if value < 0 or (value == 0 and not allow_zero):
+        raise InvalidArgument(f"option {key} must be a {'non-negative' if allow_zero else 'positive'} integer,"
+                              f" got {raw!r}")
+    return value
+
+
+def bool_option(key: str, raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise InvalidArgument(f"option {key} must be true or false, got {raw!r}")
+
+
+def _unknown(opts: Mapping[str, Any], valid: tuple[str, ...]) -> None:
+    unknown = [k for k in opts if k not in valid]
+    if unknown:
+        raise UnknownOption(f"unknown option(s) {', '.join(sorted(map(str, unknown)))}; valid options: "
+                            f"{', '.join(valid)}")
+
+
+def parse_volume(size: str | int | None, opts: Mapping[str, Any]) -> VolumeSpec:
+    """Check every option of a new volume. :raises InvalidArgument: naming the option and the valid forms."""
+    _unknown(opts, VOLUME_OPTIONS)
+    if size is None:
+        size = opts.get("size")
+    elif "size" in opts and opts["size"] is not None:
+        raise InvalidArgument("size given twice (as an argument and as size=)")
+    layout = opts.get("layout")
+    if layout is not None:
+        layout = str(layout)
+        if layout not in LAYOUTS:
+            raise UnknownOption(f"unknown layout {layout!r}; valid layouts: {', '.join(LAYOUTS)}")
+    fstype = opts.get("fstype") or None
+    if fstype is not None:
+        fstype = str(fstype)
+        if fstype not in FSTYPES:
+            raise InvalidArgument(f"unknown fstype {fstype!r}; valid: {', '.join(FSTYPES)}")
+
+    def num(key: str, allow_zero: bool = False) -> int | None:
+        raw = opts.get(key)
+        return None if raw is None else int_option(key, raw, allow_zero)
+
+    return VolumeSpec(
+        size=None if size is None else parse_size(size),
+        layout=layout,
+        fstype=fstype,
+        nmirror=num("nmirror"),
+        ncol=num("ncol"),
+        maxiops=num("maxiops", allow_zero=True),
+        protect=None if opts.get("protect") is None else bool_option("protect", opts["protect"]),
+    )
+
+
+def parse_snapshot(source: Any, opts: Mapping[str, Any]) -> SnapshotSpec:
+    """Check a snapshot's source name and every option. :raises InvalidArgument:"""
+    bad = [k for k in opts if k not in SNAPSHOT_OPTIONS[1:]]
+    if bad and not set(bad) - set(ALL_OPTIONS):
+        raise InvalidArgument(f"a snapshot (sourcevol) takes only {', '.join(SNAPSHOT_OPTIONS)};"
+                              f" drop {', '.join(sorted(bad))}")
+    _unknown(opts, SNAPSHOT_OPTIONS[1:])
+    cache = opts.get("cachesize")
+    iops = opts.get("maxiops")
+    return SnapshotSpec(check_name(source, "source volume name"),
+                        None if cache is None else parse_size(cache, "cachesize"),
+                        None if iops is None else int_option("maxiops", iops, allow_zero=True))
+
+
+def parse_create(opts: Mapping[str, Any]) -> VolumeSpec | SnapshotSpec:
+    """The plugin's Create options: a snapshot when ``sourcevol`` is given, else a volume."""
+    _unknown(opts, ALL_OPTIONS)
+    if "sourcevol" in opts:
+        return parse_snapshot(opts["sourcevol"], {k: v for k, v in opts.items() if k != "sourcevol"})
+    if "cachesize" in opts:
+        raise InvalidArgument("cachesize applies only to snapshots: give sourcevol=VOLUME too")
+    return parse_volume(None, opts)
