@@ -46,7 +46,7 @@ def parse_request(endpoint: str, body: bytes) -> dict[str, Any]:
         raise InvalidArgument(f"{endpoint} request lacks field(s) {', '.join(sorted(missing))}")
     extra = data.keys() - required - optional
     if extra:
-        raise InvalidArgument(f"{endpoint} request has unexpected field(s) {', '.join(sorted(extra))}")
+        raise InvalidArgument(f"{endpoint} request has unexpected field(s) {', '.join(map(shown, sorted(extra)))}")
     for key in ("Name", "ID"):
         if key in data and not isinstance(data[key], str):
             raise InvalidArgument(f"{endpoint}: field {key} must be a string")
@@ -57,6 +57,11 @@ def parse_request(endpoint: str, body: bytes) -> dict[str, Any]:
         elif not isinstance(opts, dict) or not all(isinstance(v, str) for v in opts.values()):
             raise InvalidArgument(f"{endpoint}: Opts must be an object of string values")
     return data
+
+
+def shown(key: str) -> str:
+    """A key of the sender's as a message shows it: quoted unless a plain word (it may hold a newline)."""
+    return key if key.isascii() and key.replace("_", "").replace("-", "").isalnum() else repr(key)
 
 
 def error_body(message: str) -> dict[str, str]:

@@ -70,10 +70,15 @@ def bool_option(key: str, raw: Any) -> bool:
     raise InvalidArgument(f"option {key} must be true or false, got {raw!r}")
 
 
+def _shown(key: str) -> str:
+    """An option name as a message shows it: quoted unless a plain word (it may hold a newline)."""
+    return key if key.isascii() and key.replace("_", "").replace("-", "").isalnum() else repr(key)
+
+
 def _unknown(opts: Mapping[str, Any], valid: tuple[str, ...]) -> None:
     unknown = [k for k in opts if k not in valid]
     if unknown:
-        raise UnknownOption(f"unknown option(s) {', '.join(sorted(map(str, unknown)))}; valid options: "
+        raise UnknownOption(f"unknown option(s) {', '.join(map(_shown, sorted(map(str, unknown))))}; valid options: "
                             f"{', '.join(valid)}")
 
 
