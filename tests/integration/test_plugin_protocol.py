@@ -269,7 +269,10 @@ def test_bad_option_values_are_refused(stack):
                        ({"cachesize": "10m"}, "sourcevol"), ({"sourcevol": "nosuch"}, "nosuch"),
                        ({"sourcevol": "v1", "size": "1g"}, "size"), ({"sourcevol": "v1", "cachesize": "x"},
                                                                         "cachesize"),
-                       ({"sourcevol": "../v1"}, "name"), ({"size": "100g"}, "free")):
+                       ({"sourcevol": "../v1"}, "name"), ({"size": "100g"}, "free"),
+                       # checked before the snapshot is taken, not after (issue 7 item 5)
+                       ({"sourcevol": "v1", "maxiops": "abc"}, "maxiops"),
+                       ({"sourcevol": "v1", "cachesize": "10m", "maxiops": "-1"}, "maxiops")):
         message = err(stack, "VolumeDriver.Create", {"Name": "n1", "Opts": opts})
         assert word in message, (opts, message)
         assert state(stack) == before, opts
@@ -366,7 +369,7 @@ def test_create_with_conflicting_options_is_refused(stack):
     create(stack, "v1")
     before = state(stack)
     message = err(stack, "VolumeDriver.Create", {"Name": "v1", "Opts": {"size": "1g"}})
-    assert "already exists" in message and "size" in message and "1g" in message, message
+    assert "already exists" in message and "size=400 MiB (asked 1g)" in message, message
     message = err(stack, "VolumeDriver.Create", {"Name": "v1", "Opts": {"size": SMALL, "layout": "mirror"}})
     assert "layout" in message and "concat" in message and "mirror" in message, message
     assert "size" not in message.split(":", 1)[1].split(";")[0], message  # only what differs
