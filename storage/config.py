@@ -111,9 +111,8 @@ def _line_numbers(path: Path) -> dict[tuple[str, str | None], int]:
     return where
 
 
-def _check_names(parser: configparser.ConfigParser, chosen: Path) -> None:
+def _check_names(parser: configparser.ConfigParser, chosen: Path, lines: dict[tuple[str, str | None], int]) -> None:
     """Refuse unknown sections and keys, naming the file, the line and what is valid there."""
-    lines = _line_numbers(chosen)
     sections = [configparser.DEFAULTSECT] * bool(parser.defaults()) + parser.sections()
     for sec in sections:
         if sec not in VALID_KEYS:
@@ -161,8 +160,8 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         parser.read(chosen)
     except configparser.Error as exc:
         raise InvalidArgument(f"config file {chosen} is malformed: {exc}") from None
-    _check_names(parser, chosen)
     lines = _line_numbers(chosen)
+    _check_names(parser, chosen, lines)
 
     def where(sec: str, key: str) -> str:
         n = lines.get((sec, key))

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from storage.config import FSTYPES
 from storage.errors import InvalidArgument, UnknownOption
 from storage.layouts import LAYOUTS
 from storage.units import check_name, parse_size
@@ -18,7 +19,6 @@ from storage.units import check_name, parse_size
 VOLUME_OPTIONS = ("size", "layout", "fstype", "nmirror", "ncol", "maxiops", "protect")
 SNAPSHOT_OPTIONS = ("sourcevol", "cachesize", "maxiops")
 ALL_OPTIONS = tuple(dict.fromkeys(VOLUME_OPTIONS + SNAPSHOT_OPTIONS))
-FSTYPES = ("xfs", "ext4", "btrfs")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
 
@@ -45,17 +45,23 @@ class SnapshotSpec:
     maxiops: int | None = None
 
 
+MAX_COUNT = 2**31 - 1  # above any real IOPS limit, mirror or column count, and within every integer store
+
+
 def int_option(key: str, raw: Any, allow_zero: bool = False) -> int:
-    """A non-negative (or positive) integer option; ``bool`` is refused although Python calls it an int."""
-    try:
-        if isinstance(raw, bool) or isinstance(raw, float):
-            raise ValueError
-        value = int(str(raw).strip()) if not isinstance(raw, int) else raw
-    except (TypeError, ValueError):
-        raise InvalidArgument(f"option {key} must be an integer, got {raw!r}") from None
+    """A non-negative (or positive) integer option in ASCII digits (Python's int() also takes '1_0' and
+    other scripts' digits); ``bool`` is refused although Python calls it an int."""
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        value = raw
+    elif isinstance(raw, str) and raw.strip().removeprefix("-").isascii() and raw.strip().removeprefix("-").isdigit():
+        value = int(raw.strip())
+    else:
+        raise InvalidArgument(f"option {key} must be an integer, got {raw!r}")
     if value < 0 or (value == 0 and not allow_zero):
         raise InvalidArgument(f"option {key} must be a {'non-negative' if allow_zero else 'positive'} integer,"
                               f" got {raw!r}")
+    if value > MAX_COUNT:
+        raise InvalidArgument(f"option {key} must be at most {MAX_COUNT}, got {raw!r}")
     return value
 
 

@@ -32,6 +32,12 @@ def test_every_bad_option_is_refused_by_the_parse(opts: dict[str, str], exc: typ
         options.parse_create(opts)
 
 
+@pytest.mark.parametrize("raw", ["1_000", "\u0661\u0662", "+5", "1e3", " ", "99999999999999999999", "5.0"])
+def test_integer_options_are_plain_ascii_digits_within_range(raw: str) -> None:
+    with pytest.raises(InvalidArgument, match="maxiops"):
+        options.parse_create({"maxiops": raw})
+
+
 def test_volume_spec_leaves_unasked_options_open() -> None:
     assert options.parse_create({}) == options.VolumeSpec()
     assert options.parse_create({"size": "1g", "layout": "mirror", "nmirror": "3", "protect": "yes"}) == \

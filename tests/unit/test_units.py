@@ -152,3 +152,9 @@ def test_format_size_long_form_for_messages(n: int, expected: str) -> None:
 
 def test_parse_size_takes_petabytes() -> None:
     assert parse_size("100p") == 100 * 1024 * TiB
+
+
+@pytest.mark.parametrize("text", ["\u0661\u0662m", "1_0g", "\uff11g"])
+def test_parse_size_takes_ascii_digits_only(text: str) -> None:
+    with pytest.raises(BadSize):
+        parse_size(text)
