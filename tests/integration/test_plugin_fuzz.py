@@ -275,6 +275,16 @@ def undo(f: Fuzz, req: Request, out: dict[str, Any], before: dict[str, Any]) -> 
         f.ok("VolumeDriver.Mount", {"Name": name, "ID": mount_id})
 
 
+def show(pytestconfig: pytest.Config, line: str) -> None:
+    """Print to the run's own output, past pytest's capture, so that the CI log always has the seed."""
+    capman = pytestconfig.pluginmanager.get_plugin("capturemanager")
+    if capman is None:
+        print(line, flush=True)
+        return
+    with capman.global_and_fixture_disabled():
+        print(f"\n{line}", flush=True)
+
+
 def restore(f: Fuzz) -> None:
     """Back to the base state by the library, whatever a failed case left (for the next cases)."""
     dg = diskgroup.open_dg(f.stack.env.config, "dockerdg")
@@ -292,12 +302,9 @@ def restore(f: Fuzz) -> None:
 
 
 def test_volume_driver_api_by_property(fuzz: Fuzz, pytestconfig: pytest.Config) -> None:
-    reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
     line = (f"hypothesis seed: {SEED} ({CASES} cases; replay with VERITAS_HYPOTHESIS_SEED={SEED}"
-            f" python3 -m pytest {__file__}::test_volume_driver_api_by_property)")
-    print(line)
-    if reporter is not None:
-        reporter.write_line(line)
+            f" python3 -m pytest tests/integration/test_plugin_fuzz.py::test_volume_driver_api_by_property)")
+    show(pytestconfig, line)
     base = fuzz.state()
     assert base["loops"] and base["mounts"] and base["catalog"]["volume"], base  # not vacuous
     started = time.monotonic()
@@ -343,9 +350,7 @@ def test_volume_driver_api_by_property(fuzz: Fuzz, pytestconfig: pytest.Config) 
         summary = f"VolumeDriver property: {fuzz.counts} in {time.monotonic() - started:.0f} s (seed {SEED})"
         if failures:
             summary += f"; first failure: {failures[0]}"
-        print(summary)
-        if reporter is not None:
-            reporter.write_line(summary)
+        show(pytestconfig, summary)
     assert fuzz.counts["cases"] >= CASES
     assert fuzz.counts.get("refused", 0) > CASES // 4 and fuzz.counts.get("created", 0) > 0, fuzz.counts
 
