@@ -23,6 +23,7 @@ from storage.errors import (
     InvalidArgument,
     NoSpace,
     NoSuchVolume,
+    SnapshotInvalid,
     UnknownOption,
     VeritasError,
 )
@@ -271,6 +272,9 @@ def mount(dg: DiskGroup, name: str, mount_id: str = ADMIN_MOUNT_ID, degraded: bo
     """Mount the volume at its mount point (once), and count ``mount_id`` as a user of it."""
     with dg.locks.hold(name):
         v = _ready(dg, name)
+        if v.invalid:
+            raise SnapshotInvalid(f"snapshot {name} is invalid and cannot be mounted: {v.invalid}; its data was"
+                                  f" released, remove it (veritas vol rm {name})")
         mp = dg.mountpoint(name)
         if is_mounted(dg, name):
             dg.catalog.add_mount(MountRec(name, dg.node, mount_id, time.time()))
