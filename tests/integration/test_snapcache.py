@@ -213,3 +213,73 @@ def test_a_mounted_snapshot_that_runs_out_is_shut_down_and_released(env):
                 if dg.catalog.volume(name) is not None:
                     volumes.umount(dg, name, force=True)
             dg.close()
+
+
+def test_the_plugin_process_watches_snapshot_caches_on_its_own():
+    """The long-lived watcher runs in ``veritas plugin serve`` itself: with no CLI call in between (each
+    CLI call runs a pass of its own), a snapshot created through the plugin and overrun is invalid in
+    its Get Status, refuses Mount with the reason, and the bystander never fails. No dockerd is needed:
+    the plugin serves the protocol on its socket while the engine it names is absent."""
+    import tempfile
+
+    from storage.config import load_config
+    from tests.integration.conftest import finish
+    from tests.integration.dockerstack import PluginProcess
+
+    root = Path(tempfile.mkdtemp(prefix="vsnapplug-", dir="/tmp"))
+    sock = root / "plugins" / "veritas.sock"
+    path = root / "veritas.conf"
+    path.write_text("[storage]\ndiskgroup = plugdg\n"
+                    f"state_root = {root}/state\nmount_root = {root}/mnt\n"
+                    "default_disk_size = 1200m\ndefault_disk_count = 1\n"
+                    "[node]\nname = node1\n"
+                    f"[plugin]\nsocket = {sock}\ndocker_host = unix://{root}/no-docker.sock\nworkers = 1\n")
+    config = load_config(path)
+    plugin = PluginProcess(path, sock, root / "plugin.log")
+    try:
+        plugin.start()
+
+        def call(endpoint: str, **body: object) -> dict:
+            reply = plugin.call(f"VolumeDriver.{endpoint}", body)
+            assert reply.get("Err", "") == "" or endpoint == "Mount", f"{endpoint} {body}: {reply}"
+            return reply
+
+        call("Create", Name="src", Opts={"size": "400m"})
+        call("Create", Name="by", Opts={"size": "575m"})
+        src = Path(call("Mount", Name="src", ID="m-src")["Mountpoint"])
+        by = Path(call("Mount", Name="by", ID="m-by")["Mountpoint"])
+        p = dd("if=/dev/urandom", f"of={src / 'fill'}", "bs=1M", f"count={FILL_MIB}", "oflag=direct")
+        assert p.returncode == 0, p.stderr
+        call("Create", Name="snap", Opts={"sourcevol": "src", "cachesize": "40m"})
+        assert call("Get", Name="snap")["Volume"]["Status"]["state"] == "valid"
+
+        pattern = root / "pattern"
+        pattern.write_bytes(os.urandom(CHUNK_MIB * MiB))
+        bystander = Bystander(by / "data", pattern, 55, pace=8 / 55)
+        writer = fio_rewrite(src / "fill", 8)
+        bystander.run()
+        writer.wait(timeout=120)
+        assert bystander.errors == [], f"the bystander volume failed to write: {bystander.errors}"
+        bystander.verify()
+        assert writer.returncode == 0, writer.stderr.read() if writer.stderr else ""
+
+        status = call("Get", Name="snap")["Volume"]["Status"]
+        assert status["state"] == "invalid" and "ran out" in status["invalid"], status
+        assert status["autogrow"] is False
+        refused = call("Mount", Name="snap", ID="m-snap")
+        assert "snapshot snap is invalid and cannot be mounted" in refused["Err"], refused
+        assert "snapshot snap invalidated" in (root / "plugin.log").read_text()
+
+        # autogrow is a snapshot option of Create, and Get reports it
+        call("Remove", Name="snap")
+        call("Create", Name="snap2", Opts={"sourcevol": "src", "cachesize": "40m", "autogrow": "on"})
+        status = call("Get", Name="snap2")["Volume"]["Status"]
+        assert status["autogrow"] is True and status["state"] == "valid", status
+        bad = plugin.call("VolumeDriver.Create", {"Name": "snap3", "Opts": {"sourcevol": "src", "autogrow": "maybe"}})
+        assert "autogrow must be on or off" in bad["Err"], bad
+        call("Remove", Name="snap2")
+        for name, mid in (("src", "m-src"), ("by", "m-by")):
+            call("Unmount", Name=name, ID=mid)
+    finally:
+        plugin.stop()
+        finish(config, root)
