@@ -32,6 +32,7 @@ pass runs at each CLI call.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -161,10 +162,27 @@ def _snapshots(dg: DiskGroup) -> tuple[dict[str, VolumeRec], list[SubdiskRec]]:
     return {v.name: v for v in dg.catalog.volumes()}, dg.catalog.subdisks()
 
 
-def measure(dg: DiskGroup, previous: dict[tuple[str, int], tuple[float, int]] | None = None
-            ) -> tuple[list[SubdiskUse], dict[str, DiskState]]:
-    """Measure the disks that hold a valid snapshot. ``previous`` (updated) keeps the last
-    (time, unshared) of each snapshot image, from which the rates come."""
+@dataclass
+class Memory:
+    """What a long-lived watcher keeps between passes: each snapshot image's last (time, unshared),
+    from which the rates come, and each disk's last full measurement, to skip FIEMAP on a quiet disk."""
+
+    seen: dict[tuple[str, int], tuple[float, int]] = field(default_factory=dict)
+    disks: dict[str, tuple[float, int, tuple[SubdiskRec, ...], list[SubdiskUse], int]] = field(default_factory=dict)
+
+
+QUIET = 1 * MiB  # a disk whose free space fell by less than this since its last full measurement ...
+REMEASURE = 2.0  # ... and that was measured less than this many seconds ago is not measured again
+
+
+def measure(dg: DiskGroup, memory: Memory | None = None) -> tuple[list[SubdiskUse], dict[str, DiskState]]:
+    """Measure the disks that hold a valid snapshot.
+
+    Unsharing a block always allocates one on the same disk (the source's copy, or the snapshot's own
+    write), so while a disk's free space holds still and its subdisks are unchanged, its snapshots'
+    unshared bytes cannot have grown: ``memory`` then reuses the last FIEMAP results (at least every
+    REMEASURE seconds they are taken again).
+    """
     vols, sds = _snapshots(dg)
     snap_disks = {sd.disk for sd in sds
                   if (v := vols.get(sd.volume)) is not None and v.snapshot_of and not v.invalid}
@@ -175,7 +193,17 @@ def measure(dg: DiskGroup, previous: dict[tuple[str, int], tuple[float, int]] | 
     for sd in sds:
         reserved[sd.disk] = reserved.get(sd.disk, 0) + sd.reserved
     now = time.monotonic()
+    previous = memory.seen if memory is not None else None
     for disk in sorted(snap_disks & set(cap)):
+        _total, free = fs.statvfs_size(dg.disk_dir(disk))
+        layout = tuple(s for s in sds if s.disk == disk)
+        last = memory.disks.get(disk) if memory is not None else None
+        if (last is not None and last[2] == layout and free > last[1] - QUIET
+                and now - last[0] < REMEASURE):
+            uses += [dataclasses.replace(u, rate=0.0) for u in last[3]]
+            disks[disk] = DiskState(free, last[4], cap[disk] - reserved.get(disk, 0))
+            continue
+        here: list[SubdiskUse] = []
         promised = 0
         for sd in (s for s in sds if s.disk == disk):
             v = vols.get(sd.volume)
@@ -187,19 +215,21 @@ def measure(dg: DiskGroup, previous: dict[tuple[str, int], tuple[float, int]] | 
                     unshared = reflink.unshared_bytes(img)
                     rate = 0.0
                     if previous is not None:
-                        last = previous.get((sd.volume, sd.idx))
-                        if last is not None and now > last[0]:
-                            rate = max(0.0, (unshared - last[1]) / (now - last[0]))
+                        seen = previous.get((sd.volume, sd.idx))
+                        if seen is not None and now > seen[0]:
+                            rate = max(0.0, (unshared - seen[1]) / (now - seen[0]))
                         previous[(sd.volume, sd.idx)] = (now, unshared)
-                    uses.append(SubdiskUse(sd.volume, sd.idx, disk, sd.size, sd.reserved, unshared, rate,
+                    here.append(SubdiskUse(sd.volume, sd.idx, disk, sd.size, sd.reserved, unshared, rate,
                                            v.autogrow))
                     promised += max(0, sd.reserved - unshared)
                 else:
                     promised += max(0, sd.size - reflink.allocated_bytes(img))
             except FileNotFoundError:
                 promised += sd.reserved  # being made or removed: count what it may still take
-        _total, free = fs.statvfs_size(dg.disk_dir(disk))
+        uses += here
         disks[disk] = DiskState(free, promised, cap[disk] - reserved.get(disk, 0))
+        if memory is not None:
+            memory.disks[disk] = (now, free, layout, here, promised)
     return uses, disks
 
 
@@ -280,11 +310,11 @@ def _hint_cow(dg: DiskGroup) -> None:
                 pass  # absent, or a filesystem without the hint
 
 
-def check(dg: DiskGroup, previous: dict[tuple[str, int], tuple[float, int]] | None = None,
-          horizon: float = 0.0, lock_timeout: float = 5.0) -> list[Action]:
+def check(dg: DiskGroup, memory: Memory | None = None, horizon: float = 0.0,
+          lock_timeout: float = 5.0) -> list[Action]:
     """One pass: measure, decide, act; also finish releasing invalid snapshots. Returns what it did."""
     _hint_cow(dg)
-    uses, disks = measure(dg, previous)
+    uses, disks = measure(dg, memory)
     actions = decide(uses, disks, horizon)
     done: list[Action] = []
     for a in actions:
@@ -305,10 +335,12 @@ def check(dg: DiskGroup, previous: dict[tuple[str, int], tuple[float, int]] | No
                     release(dg, v.name)
             except LockTimeout:
                 pass
-    if previous is not None:
+    if memory is not None:
         live = {(u.volume, u.idx) for u in uses}
-        for key in [k for k in previous if k not in live]:
-            del previous[key]
+        for key in [k for k in memory.seen if k not in live]:
+            del memory.seen[key]
+        if done:
+            memory.disks.clear()  # measure afresh after acting
     return done
 
 
@@ -347,14 +379,14 @@ class Watcher(threading.Thread):
 
     def run(self) -> None:
         dg: DiskGroup | None = None
-        previous: dict[tuple[str, int], tuple[float, int]] = {}
+        memory = Memory()
         took = 0.0
         while not self.stopping.is_set():
             start = time.monotonic()
             try:
                 if dg is None:
                     dg = self.opener()
-                check(dg, previous, horizon=2 * (self.interval + took))
+                check(dg, memory, horizon=2 * (self.interval + took))
                 self.passes += 1
             except Exception as exc:  # the watcher must outlive any one failure
                 log.warning("snapshot cache watcher: %s", exc)
