@@ -154,7 +154,8 @@ def cmd_vol_list(cfg: Config, a: argparse.Namespace) -> None:
     _emit(a, rows, lambda rs: _table([["NAME", "SIZE", "LAYOUT", "FSTYPE", "MAXIOPS", "SNAPSHOT-OF", "STATE",
                                        "MOUNTED"]] + [
         [r["name"], format_size(r["size"]), r["layout"], r["fstype"], str(r["maxiops"] or "-"),
-         r["snapshot_of"] or "-", r["state"], r["mountpoint"] if r["mounted"] else "-"] for r in rs]))
+         r["snapshot_of"] or "-", "invalid" if r["invalid"] else r["state"],
+         r["mountpoint"] if r["mounted"] else "-"] for r in rs]))
 
 
 def _with_vol(fn: Callable[[DiskGroup, argparse.Namespace], Any]) -> Callable[[Config, argparse.Namespace], None]:

@@ -225,7 +225,7 @@ def list_volumes(dg: DiskGroup) -> list[dict[str, Any]]:
         mp = f"{root}/{v.name}_{dg.name}"
         rows.append({"name": v.name, "size": v.size, "layout": v.layout, "fstype": v.fstype,
                      "maxiops": v.maxiops, "snapshot_of": v.snapshot_of, "state": v.state,
-                     "mountpoint": mp, "mounted": mp in mounted})
+                     "mountpoint": mp, "mounted": mp in mounted, "invalid": v.invalid})
     return rows
 
 

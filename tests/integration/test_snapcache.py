@@ -10,6 +10,7 @@ rewrites the source with direct 4 KiB writes at random offsets as fast as it can
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import threading
@@ -283,3 +284,48 @@ def test_the_plugin_process_watches_snapshot_caches_on_its_own():
     finally:
         plugin.stop()
         finish(config, root)
+
+
+def test_each_cli_call_checks_snapshot_caches(env):
+    """With no plugin running, the next CLI call finds the overrun snapshot and invalidates it before it
+    answers: ``vol list`` shows it invalid, ``vol info`` says why, and its reservation is back."""
+    dg = env.make_dg(ndisks=1, size="1200m")
+    try:
+        volumes.make(dg, "src", "400m")
+        src = volumes.mount(dg, "src")
+        p = dd("if=/dev/urandom", f"of={src / 'fill'}", "bs=1M", "count=100", "oflag=direct")
+        assert p.returncode == 0, p.stderr
+        env.cli("snap", "make", "src", "snap", "cachesize=20m")
+        free = sum(dg.free().values())
+        # rewrite 60 MiB in place: three times the cache, well within the disk
+        p = dd("if=/dev/urandom", f"of={src / 'fill'}", "bs=1M", "count=60", "oflag=direct", "conv=notrunc")
+        assert p.returncode == 0, p.stderr
+        assert dg.catalog.volume("snap").invalid == ""  # type: ignore[union-attr]  # nobody looked yet
+        rows = {line.split()[0]: line.split() for line in env.cli("vol", "list").stdout.splitlines()[1:]}
+        assert rows["snap"][6] == "invalid", rows
+        assert "ran out" in dg.catalog.volume("snap").invalid  # type: ignore[union-attr]
+        assert sum(dg.free().values()) == free + 20 * MiB
+        info = json.loads(env.cli("--json", "vol", "info", "snap").stdout)
+        assert "its cache of 20M on disk" in info["invalid"] and info["cache_used"] == 0
+        env.cli("vol", "rm", "snap")
+        volumes.umount(dg, "src")
+    finally:
+        dg.close()
+
+
+def test_cli_snap_make_takes_autogrow_and_refuses_a_bad_value(env):
+    dg = env.make_dg(ndisks=1, size="1200m")
+    try:
+        volumes.make(dg, "src", "400m")
+        free = sum(dg.free().values())
+        proc = env.cli("snap", "make", "src", "s1", "autogrow=maybe", check=False)
+        assert proc.returncode == 2 and "autogrow must be on or off" in proc.stderr
+        proc = env.cli("snap", "make", "src", "s1", "autogrw=on", check=False)
+        assert proc.returncode == 2 and "valid options: cachesize, autogrow" in proc.stderr
+        assert [v.name for v in dg.catalog.volumes()] == ["src"] and sum(dg.free().values()) == free
+        out = json.loads(env.cli("--json", "snap", "make", "src", "s1", "autogrow=on").stdout)
+        assert out["autogrow"] is True and out["invalid"] == ""
+        assert "autogrow: True" in env.cli("vol", "info", "s1").stdout
+        env.cli("vol", "rm", "s1")
+    finally:
+        dg.close()
