@@ -113,7 +113,10 @@ def decide(uses: Iterable[SubdiskUse], disks: Mapping[str, DiskState], horizon: 
         projected = min(u.size, u.unshared + ahead)
         give = 0
         if u.autogrow and projected >= u.reserved * AUTOGROW_AT:
-            want = min(_mib_up(max(u.reserved / 5, 2 * ahead, AUTOGROW_MIN)), u.size - u.reserved)
+            # at least past what is projected: a snapshot already beyond its cache (one made before
+            # this policy) catches up in one step
+            want = min(_mib_up(max(u.reserved / 5, 2 * ahead, AUTOGROW_MIN, projected - u.reserved + AUTOGROW_MIN)),
+                       u.size - u.reserved)
             give = min(want, _mib_down(unreserved.get(u.disk, 0)))
             if give > 0:
                 unreserved[u.disk] -= give

@@ -80,6 +80,10 @@ class SqliteCatalog(Catalog):
             for col, decl in _ADDED_COLUMNS:
                 if col not in have:
                     db.execute(f"ALTER TABLE volume ADD COLUMN {col} {decl}")
+            if "autogrow" not in have:
+                # snapshots made before caches were enforced may already be past theirs: they grow
+                # while the disk group has room, rather than lose their data at the first check
+                db.execute("UPDATE volume SET autogrow=1 WHERE snapshot_of IS NOT NULL")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:

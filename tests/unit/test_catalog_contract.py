@@ -739,7 +739,8 @@ def test_sqlite_one_catalog_shared_by_threads(tmp_path: Path) -> None:
 
 
 def test_sqlite_migrates_a_catalog_made_before_snapshot_cache_columns(tmp_path: Path) -> None:
-    """A catalog whose volume table predates autogrow/invalid opens, keeps its rows, and gains both."""
+    """A catalog whose volume table predates autogrow/invalid opens, keeps its rows, and gains both; its
+    snapshots (which nothing held to their cache before) get autogrow, its other volumes do not."""
     import sqlite3
 
     path = tmp_path / "catalog.db"
@@ -751,6 +752,7 @@ CREATE TABLE volume (
   cachesize INTEGER NOT NULL, state TEXT NOT NULL, created REAL NOT NULL, protect INTEGER NOT NULL,
   identity_pending INTEGER NOT NULL DEFAULT 0);
 INSERT INTO volume VALUES ('s1', 209715200, 'concat', 'xfs', 1, 1, 0, 'src', 62914560, 'ok', 1.5, 0, 1);
+INSERT INTO volume VALUES ('src', 209715200, 'concat', 'xfs', 1, 1, 0, NULL, 0, 'ok', 1.0, 0, 0);
 """)
     old.commit()
     old.close()
@@ -758,13 +760,15 @@ INSERT INTO volume VALUES ('s1', 209715200, 'concat', 'xfs', 1, 1, 0, 'src', 629
     try:
         got = cat.volume("s1")
         assert got == VolumeRec("s1", 200 * MiB, "concat", "xfs", 1, 1, 0, "src", 60 * MiB, "ok", 1.5, False,
-                                True, autogrow=False, invalid="")
-        cat.update_volume("s1", invalid="cache ran out", autogrow=True)
+                                True, autogrow=True, invalid="")
+        src = cat.volume("src")
+        assert src is not None and src.autogrow is False and src.invalid == ""
+        cat.update_volume("s1", invalid="cache ran out", autogrow=False)
     finally:
         cat.close()
     again = SqliteCatalog(path)  # a second open finds nothing to migrate and reads the new columns
     try:
         got = again.volume("s1")
-        assert got is not None and got.invalid == "cache ran out" and got.autogrow is True
+        assert got is not None and got.invalid == "cache ran out" and got.autogrow is False
     finally:
         again.close()

@@ -118,3 +118,9 @@ def test_disk_rule_drops_a_planned_grow_of_the_snapshot_it_invalidates() -> None
     d = DiskState(free=100 * MiB, promised=100 * MiB, unreserved=0)
     acts = decide([use("s1", 90 * MiB, autogrow=True)], {"d1": d}, 0.0)
     assert kinds(acts) == [("invalidate", "s1")]
+
+
+def test_autogrow_catches_up_in_one_step_with_a_snapshot_already_past_its_cache() -> None:
+    """A snapshot made before caches were enforced (migrated catalogs give those autogrow)."""
+    [a] = decide([use(unshared=500 * MiB, reserved=100 * MiB, autogrow=True)], {"d1": ROOMY}, horizon=0.0)
+    assert a.kind == "grow" and a.grow == {0: 416 * MiB}
