@@ -119,6 +119,8 @@ class Driver:
                 wanted[key], have[key] = raw, v.snapshot_of
             elif key == "cachesize":
                 wanted[key], have[key] = parse_size(raw, "cachesize"), v.cachesize
+            elif key == "autogrow":
+                wanted[key], have[key] = snapshots.parse_autogrow(raw), v.autogrow
         diff = [k for k in wanted if wanted[k] != have[k]]
         if diff:
             desc = ", ".join(f"{k}={have[k]} (asked {opts[k]})" for k in diff)

@@ -276,6 +276,10 @@ def test_the_plugin_process_watches_snapshot_caches_on_its_own():
         call("Create", Name="snap2", Opts={"sourcevol": "src", "cachesize": "40m", "autogrow": "on"})
         status = call("Get", Name="snap2")["Volume"]["Status"]
         assert status["autogrow"] is True and status["state"] == "valid", status
+        call("Create", Name="snap2", Opts={"sourcevol": "src", "cachesize": "40m", "autogrow": "on"})  # same
+        conflict = plugin.call("VolumeDriver.Create",
+                               {"Name": "snap2", "Opts": {"sourcevol": "src", "autogrow": "off"}})
+        assert "autogrow=True (asked off)" in conflict["Err"], conflict
         bad = plugin.call("VolumeDriver.Create", {"Name": "snap3", "Opts": {"sourcevol": "src", "autogrow": "maybe"}})
         assert "autogrow must be on or off" in bad["Err"], bad
         call("Remove", Name="snap2")
