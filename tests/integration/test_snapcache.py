@@ -106,6 +106,9 @@ def run_overflow(env, dg: DiskGroup, src: Path, by: Path, chunks: int, watch: bo
         writer.wait(timeout=seconds + 120)
         t.join(timeout=300)
     finally:
+        if writer.poll() is None:  # a failed wait: end our fio (by its PID) before the mounts go
+            writer.kill()
+            writer.wait()
         if watcher is not None:
             watcher.stop()
             watcher.join(timeout=30)
@@ -258,8 +261,13 @@ def test_the_plugin_process_watches_snapshot_caches_on_its_own():
         pattern.write_bytes(os.urandom(CHUNK_MIB * MiB))
         bystander = Bystander(by / "data", pattern, 55, pace=8 / 55)
         writer = fio_rewrite(src / "fill", 8)
-        bystander.run()
-        writer.wait(timeout=120)
+        try:
+            bystander.run()
+            writer.wait(timeout=120)
+        finally:
+            if writer.poll() is None:
+                writer.kill()
+                writer.wait()
         assert bystander.errors == [], f"the bystander volume failed to write: {bystander.errors}"
         bystander.verify()
         assert writer.returncode == 0, writer.stderr.read() if writer.stderr else ""
