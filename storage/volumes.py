@@ -439,6 +439,8 @@ def grow(dg: DiskGroup, name: str, size: str | int) -> VolumeRec:
     new = parse_size(size)
     with dg.locks.hold(name):
         v = _ready(dg, name)
+        if v.invalid:
+            raise SnapshotInvalid(f"snapshot {name} is invalid and cannot grow: {v.invalid}")
         if new < v.size:
             raise InvalidArgument(f"volume {name} is {v.size} bytes; it cannot shrink to {new}")
         if new == v.size:

@@ -319,6 +319,10 @@ def test_each_cli_call_checks_snapshot_caches(env):
         assert sum(dg.free().values()) == free + 20 * MiB
         info = json.loads(env.cli("--json", "vol", "info", "snap").stdout)
         assert "its cache of 20M on disk" in info["invalid"] and info["cache_used"] == 0
+        before = (dg.catalog.volume("snap"), dg.catalog.subdisks("snap"), dg.catalog.intents())
+        proc = env.cli("vol", "grow", "snap", "500m", check=False)
+        assert proc.returncode == SnapshotInvalid.exit_code and "cannot grow" in proc.stderr, proc.stderr
+        assert (dg.catalog.volume("snap"), dg.catalog.subdisks("snap"), dg.catalog.intents()) == before
         env.cli("vol", "rm", "snap")
         volumes.umount(dg, "src")
     finally:
