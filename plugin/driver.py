@@ -24,7 +24,7 @@ log = logging.getLogger("veritas.plugin")
 PRELIMIT_STATES = ("created", "exited")
 
 VOLUME_OPTIONS = ("size", "layout", "fstype", "nmirror", "ncol", "maxiops", "protect")
-SNAPSHOT_OPTIONS = ("sourcevol", "cachesize", "maxiops")
+SNAPSHOT_OPTIONS = ("sourcevol", "cachesize", "maxiops", "autogrow")
 ALL_OPTIONS = tuple(dict.fromkeys(VOLUME_OPTIONS + SNAPSHOT_OPTIONS))
 
 
@@ -69,15 +69,17 @@ class Driver:
             if bad:
                 raise InvalidArgument(f"a snapshot (sourcevol) takes only {', '.join(SNAPSHOT_OPTIONS)};"
                                       f" drop {', '.join(sorted(bad))}")
-        elif "cachesize" in opts:
-            raise InvalidArgument("cachesize applies only to snapshots: give sourcevol=VOLUME too")
+        elif "cachesize" in opts or "autogrow" in opts:
+            key = "cachesize" if "cachesize" in opts else "autogrow"
+            raise InvalidArgument(f"{key} applies only to snapshots: give sourcevol=VOLUME too")
         existing = self.dg.catalog.volume(name)
         if existing is not None and existing.state == "ok":
             self._same(existing, opts)
             return
         try:
             if "sourcevol" in opts:
-                snapshots.make(self.dg, opts["sourcevol"], name, opts.get("cachesize"))
+                snapshots.make(self.dg, opts["sourcevol"], name, opts.get("cachesize"),
+                               autogrow=opts.get("autogrow", False))
                 if "maxiops" in opts:
                     volumes.set_maxiops(self.dg, name, opts["maxiops"])
             else:
@@ -117,6 +119,8 @@ class Driver:
                 wanted[key], have[key] = raw, v.snapshot_of
             elif key == "cachesize":
                 wanted[key], have[key] = parse_size(raw, "cachesize"), v.cachesize
+            elif key == "autogrow":
+                wanted[key], have[key] = snapshots.parse_autogrow(raw), v.autogrow
         diff = [k for k in wanted if wanted[k] != have[k]]
         if diff:
             desc = ", ".join(f"{k}={have[k]} (asked {opts[k]})" for k in diff)
@@ -162,6 +166,10 @@ class Driver:
             status["sourcevol"] = v.snapshot_of
             status["cachesize"] = format_size(v.cachesize)
             status["cache_used"] = format_size(info.get("cache_used") or 0)
+            status["autogrow"] = v.autogrow
+            status["state"] = "invalid" if v.invalid else "valid"
+            if v.invalid:
+                status["invalid"] = v.invalid
         if info["snapshots"]:
             status["snapshots"] = info["snapshots"]
         created = datetime.fromtimestamp(v.created, tz=UTC).isoformat(timespec="seconds")
