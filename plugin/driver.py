@@ -66,7 +66,8 @@ class Driver:
             return
         try:
             if isinstance(spec, options.SnapshotSpec):
-                snapshots.make(self.dg, spec.source, name, spec.cachesize, maxiops=spec.maxiops)
+                snapshots.make(self.dg, spec.source, name, spec.cachesize, autogrow=spec.autogrow,
+                               maxiops=spec.maxiops)
             else:
                 volumes.make(self.dg, name, spec=spec)
         except AlreadyExists:
@@ -92,6 +93,8 @@ class Driver:
                 shown["cachesize"] = format_size(v.cachesize, long=True)
             if spec.maxiops is not None:
                 wanted["maxiops"], have["maxiops"] = spec.maxiops, v.maxiops
+            if spec.autogrow is not None:
+                wanted["autogrow"], have["autogrow"] = spec.autogrow, v.autogrow
         else:
             if spec.size is not None:
                 wanted["size"], have["size"] = spec.size, v.size
@@ -146,6 +149,10 @@ class Driver:
             status["sourcevol"] = v.snapshot_of
             status["cachesize"] = format_size(v.cachesize)
             status["cache_used"] = format_size(info.get("cache_used") or 0)
+            status["autogrow"] = v.autogrow
+            status["state"] = "invalid" if v.invalid else "valid"
+            if v.invalid:
+                status["invalid"] = v.invalid
         if info["snapshots"]:
             status["snapshots"] = info["snapshots"]
         created = datetime.fromtimestamp(v.created, tz=UTC).isoformat(timespec="seconds")

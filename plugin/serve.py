@@ -18,7 +18,7 @@ from plugin.docker_api import Engine
 from plugin.driver import Driver
 from plugin.events import EventFollower
 from plugin.reconcile import reconcile
-from storage import diskgroup
+from storage import diskgroup, snapcache
 from storage.config import Config
 
 log = logging.getLogger("veritas.plugin")
@@ -53,6 +53,8 @@ def serve(config: Config, socket: Path | None = None, workers: int | None = None
     child = subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent)
     enforcer = EventFollower(Driver(config, engine), engine)
     enforcer.start()
+    watcher = snapcache.Watcher(lambda: diskgroup.open_dg(config, config.diskgroup))  # snapshot caches
+    watcher.start()
 
     def forward(signum: int, _frame: object) -> None:
         child.send_signal(signal.SIGTERM)
@@ -62,6 +64,7 @@ def serve(config: Config, socket: Path | None = None, workers: int | None = None
     log.info("serving %s on %s (pid %d, gunicorn pid %d)", config.plugin.driver, sock, os.getpid(), child.pid)
     rc = child.wait()
     enforcer.stop()
+    watcher.stop()
     try:
         sock.unlink()
     except OSError:

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from storage import diskgroup, doctor, options, snapshots, volumes
+from storage import diskgroup, doctor, options, snapcache, snapshots, volumes
 from storage.config import Config, load_config
 from storage.diskgroup import DiskGroup, DiskSpec
 from storage.errors import InvalidArgument, VeritasError
@@ -31,9 +31,9 @@ def _kv(items: Sequence[str]) -> dict[str, str]:
 
 
 def _open(cfg: Config, name: str | None) -> DiskGroup:
-    if name is None or name == cfg.diskgroup:
-        return diskgroup.default_dg(cfg)
-    return diskgroup.open_dg(cfg, name)
+    dg = diskgroup.default_dg(cfg) if name is None or name == cfg.diskgroup else diskgroup.open_dg(cfg, name)
+    snapcache.check_quietly(dg)  # snapshots whose cache ran out are invalid before anything reads them
+    return dg
 
 
 def _emit(args: argparse.Namespace, data: Any, text: Callable[[Any], str] | None = None) -> None:
@@ -124,10 +124,13 @@ def cmd_dg_deport(cfg: Config, a: argparse.Namespace) -> None:
 
 def _vol_text(r: dict[str, Any]) -> str:
     lines = [f"{k}: {r[k]}" for k in ("name", "diskgroup", "size", "layout", "fstype", "nmirror", "ncol",
-                                       "maxiops", "snapshot_of", "cachesize", "protect", "state", "health",
+                                       "maxiops", "snapshot_of", "cachesize", "autogrow", "protect", "state",
+                                       "health",
                                        "mountpoint", "mounted", "used", "devices", "snapshots")]
     if "cache_used" in r:
         lines.append(f"cache_used: {r['cache_used']}")
+    if r.get("invalid"):
+        lines.append(f"invalid: {r['invalid']}")
     for sd in r["subdisks"]:
         lines.append(f"subdisk {sd['idx']}: disk {sd['disk']} size {format_size(sd['size'])} {sd['image']}")
     return "\n".join(lines)
@@ -152,7 +155,8 @@ def cmd_vol_list(cfg: Config, a: argparse.Namespace) -> None:
     _emit(a, rows, lambda rs: _table([["NAME", "SIZE", "LAYOUT", "FSTYPE", "MAXIOPS", "SNAPSHOT-OF", "STATE",
                                        "MOUNTED"]] + [
         [r["name"], format_size(r["size"]), r["layout"], r["fstype"], str(r["maxiops"] or "-"),
-         r["snapshot_of"] or "-", r["state"], r["mountpoint"] if r["mounted"] else "-"] for r in rs]))
+         r["snapshot_of"] or "-", "invalid" if r["invalid"] else r["state"],
+         r["mountpoint"] if r["mounted"] else "-"] for r in rs]))
 
 
 def _with_vol(fn: Callable[[DiskGroup, argparse.Namespace], Any]) -> Callable[[Config, argparse.Namespace], None]:
@@ -210,7 +214,7 @@ def cmd_snap_make(cfg: Config, a: argparse.Namespace) -> None:
     spec = options.parse_snapshot(a.source, _kv(a.options))  # all checked before the disk group is touched
     dg = _open(cfg, a.diskgroup)
     try:
-        snapshots.make(dg, spec.source, a.name, spec.cachesize, maxiops=spec.maxiops)
+        snapshots.make(dg, spec.source, a.name, spec.cachesize, autogrow=spec.autogrow, maxiops=spec.maxiops)
         _emit(a, volumes.info(dg, a.name), _vol_text)
     finally:
         dg.close()
@@ -311,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("-g", "--diskgroup")
     x.add_argument("source")
     x.add_argument("name")
-    x.add_argument("options", nargs="*", metavar="KEY=VALUE", help="cachesize=SIZE maxiops=N")
+    x.add_argument("options", nargs="*", metavar="KEY=VALUE", help="cachesize=SIZE autogrow=on|off maxiops=N")
     x.set_defaults(fn=cmd_snap_make)
 
     x = top.add_parser("doctor", help="check catalog, images, loop devices and mounts agree")

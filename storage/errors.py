@@ -99,3 +99,9 @@ class CommandFailed(VeritasError):
 
 class LockTimeout(VeritasError):
     exit_code = 9
+
+
+class SnapshotInvalid(VeritasError):
+    """A space-optimised snapshot whose cache ran out: its data was released; only removal is left."""
+
+    exit_code = 10

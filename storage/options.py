@@ -17,7 +17,7 @@ from storage.layouts import LAYOUTS
 from storage.units import check_name, parse_size
 
 VOLUME_OPTIONS = ("size", "layout", "fstype", "nmirror", "ncol", "maxiops", "protect")
-SNAPSHOT_OPTIONS = ("sourcevol", "cachesize", "maxiops")
+SNAPSHOT_OPTIONS = ("sourcevol", "cachesize", "autogrow", "maxiops")
 ALL_OPTIONS = tuple(dict.fromkeys(VOLUME_OPTIONS + SNAPSHOT_OPTIONS))
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
@@ -43,6 +43,7 @@ class SnapshotSpec:
     source: str
     cachesize: int | None = None
     maxiops: int | None = None
+    autogrow: bool | None = None  # None: not asked (off for a new snapshot)
 
 
 MAX_COUNT = 2**31 - 1  # above any real IOPS limit, mirror or column count, and within every integer store
@@ -74,6 +75,18 @@ def bool_option(key: str, raw: Any) -> bool:
     if text in _FALSE:
         return False
     raise InvalidArgument(f"option {key} must be true or false, got {raw!r}")
+
+
+def autogrow_option(raw: Any) -> bool:
+    """``autogrow`` (storage.snapcache): on or off, and nothing else (not even empty)."""
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise InvalidArgument(f"option autogrow must be on or off, got {raw!r}")
 
 
 def _shown(key: str) -> str:
@@ -128,11 +141,11 @@ def parse_snapshot(source: Any, opts: Mapping[str, Any]) -> SnapshotSpec:
         raise InvalidArgument(f"a snapshot (sourcevol) takes only {', '.join(SNAPSHOT_OPTIONS)};"
                               f" drop {', '.join(sorted(bad))}")
     _unknown(opts, SNAPSHOT_OPTIONS[1:])
-    cache = opts.get("cachesize")
-    iops = opts.get("maxiops")
+    cache, iops, grow = opts.get("cachesize"), opts.get("maxiops"), opts.get("autogrow")
     return SnapshotSpec(check_name(source, "source volume name"),
                         None if cache is None else parse_size(cache, "cachesize"),
-                        None if iops is None else int_option("maxiops", iops, allow_zero=True))
+                        None if iops is None else int_option("maxiops", iops, allow_zero=True),
+                        None if grow is None else autogrow_option(grow))
 
 
 def parse_create(opts: Mapping[str, Any]) -> VolumeSpec | SnapshotSpec:
@@ -140,6 +153,7 @@ def parse_create(opts: Mapping[str, Any]) -> VolumeSpec | SnapshotSpec:
     _unknown(opts, ALL_OPTIONS)
     if "sourcevol" in opts:
         return parse_snapshot(opts["sourcevol"], {k: v for k, v in opts.items() if k != "sourcevol"})
-    if "cachesize" in opts:
-        raise InvalidArgument("cachesize applies only to snapshots: give sourcevol=VOLUME too")
+    for key in ("cachesize", "autogrow"):
+        if key in opts:
+            raise InvalidArgument(f"{key} applies only to snapshots: give sourcevol=VOLUME too")
     return parse_volume(None, opts)

@@ -12,32 +12,36 @@ group's accounting, and the bytes it no longer shares are reported as its cache 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from storage import crash, options
 from storage.catalog.base import IntentRec, SubdiskRec, VolumeRec
 from storage.diskgroup import DiskGroup
-from storage.errors import InvalidArgument, NoSuchVolume
+from storage.errors import InvalidArgument, NoSuchVolume, SnapshotInvalid
 from storage.kernel import fs, reflink
+from storage.snapcache import COWEXTSIZE
 from storage.units import MiB, check_name, format_size, round_up
 from storage.volumes import _get, _ready, check_free, is_mounted, teardown
 
 
 def make(dg: DiskGroup, source: str, name: str, cachesize: str | int | None = None,
-         maxiops: str | int | None = None) -> VolumeRec:
+         autogrow: bool | str | None = None, maxiops: str | int | None = None) -> VolumeRec:
     """Snapshot ``source`` as volume ``name``; consistent even while the source is mounted and written.
 
-    ``maxiops`` (default: the source's) is recorded with the snapshot in the same catalog step, so a
-    snapshot exists with its limit or not at all.
+    ``autogrow``: grow the cache from the disk group's free space rather than invalidate the snapshot
+    when it runs out (storage.snapcache). ``maxiops`` (default: the source's) is recorded with the
+    snapshot in the same catalog step, so a snapshot exists with its limit or not at all.
     """
     check_name(name, "snapshot name")
-    check_name(source, "source volume name")
-    spec = options.parse_snapshot(source, {k: v for k, v in (("cachesize", cachesize), ("maxiops", maxiops))
-                                           if v is not None})
+    given = (("cachesize", cachesize), ("autogrow", autogrow), ("maxiops", maxiops))
+    spec = options.parse_snapshot(source, {k: v for k, v in given if v is not None})
     with dg.locks.hold(source, name):
         src = dg.catalog.volume(source)
         if src is None:
             raise NoSuchVolume(f"no such source volume: {source} in disk group {dg.name}")
         src = _ready(dg, source)
+        if src.invalid:
+            raise SnapshotInvalid(f"source {source} is an invalid snapshot ({src.invalid}); it has no data left")
         check_free(dg, name)
         if spec.cachesize is None:
             cache = round_up(src.size * dg.config.volume.cache_percent // 100, MiB)
@@ -55,7 +59,8 @@ def make(dg: DiskGroup, source: str, name: str, cachesize: str | int | None = No
         sds = [SubdiskRec(name, sd.idx, sd.disk, sd.size, per) for sd in src_sds]
         iops = src.maxiops if spec.maxiops is None else spec.maxiops
         vol = VolumeRec(name, src.size, src.layout, src.fstype, src.nmirror, src.ncol, iops,
-                        source, cache, "creating", time.time(), False, identity_pending=True)
+                        source, cache, "creating", time.time(), False, identity_pending=True,
+                        autogrow=bool(spec.autogrow))
         frozen = str(dg.mountpoint(source)) if is_mounted(dg, source) else None
         dg.catalog.create_volume(vol, sds, IntentRec(name, "snap", {"frozen": frozen}, time.time()),
                                  dg.capacity())
@@ -80,8 +85,21 @@ def _clone(dg: DiskGroup, source: str, name: str, src_sds: list[SubdiskRec], fro
         crash.point("snap.frozen")
     try:
         for src, dst in pairs:
+            _cow_hint(src)  # before the source's first write after the clone
             reflink.clone(src, dst)
+            _cow_hint(dst)
     finally:
         if frozen:
             fs.thaw(dg.mountpoint(source), dg.runner)
 
+
+def _cow_hint(img: Path) -> None:
+    """See snapcache.COWEXTSIZE: with it the disk fills no faster than the snapshot's cache."""
+    try:
+        reflink.set_cowextsize(img, COWEXTSIZE)
+    except OSError:
+        pass
+
+
+def parse_autogrow(raw: bool | str) -> bool:
+    return options.autogrow_option(raw)

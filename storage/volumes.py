@@ -23,6 +23,7 @@ from storage.errors import (
     InvalidArgument,
     NoSpace,
     NoSuchVolume,
+    SnapshotInvalid,
     VeritasError,
 )
 from storage.kernel import btrfs, btrfs_super, fs, loop, mounts, reflink
@@ -210,7 +211,7 @@ def list_volumes(dg: DiskGroup) -> list[dict[str, Any]]:
         mp = f"{root}/{v.name}_{dg.name}"
         rows.append({"name": v.name, "size": v.size, "layout": v.layout, "fstype": v.fstype,
                      "maxiops": v.maxiops, "snapshot_of": v.snapshot_of, "state": v.state,
-                     "mountpoint": mp, "mounted": mp in mounted})
+                     "mountpoint": mp, "mounted": mp in mounted, "invalid": v.invalid})
     return rows
 
 
@@ -257,6 +258,9 @@ def mount(dg: DiskGroup, name: str, mount_id: str = ADMIN_MOUNT_ID, degraded: bo
     """Mount the volume at its mount point (once), and count ``mount_id`` as a user of it."""
     with dg.locks.hold(name):
         v = _ready(dg, name)
+        if v.invalid:
+            raise SnapshotInvalid(f"snapshot {name} is invalid and cannot be mounted: {v.invalid}; its data was"
+                                  f" released, remove it (veritas vol rm {name})")
         mp = dg.mountpoint(name)
         if is_mounted(dg, name):
             dg.catalog.add_mount(MountRec(name, dg.node, mount_id, time.time()))
@@ -421,6 +425,8 @@ def grow(dg: DiskGroup, name: str, size: str | int) -> VolumeRec:
     new = parse_size(size)
     with dg.locks.hold(name):
         v = _ready(dg, name)
+        if v.invalid:
+            raise SnapshotInvalid(f"snapshot {name} is invalid and cannot grow: {v.invalid}")
         if new < v.size:
             raise InvalidArgument(f"volume {name} is {v.size} bytes; it cannot shrink to {new}")
         if new == v.size:

@@ -48,6 +48,8 @@ class VolumeRec:
     created: float = 0.0
     protect: bool = False
     identity_pending: bool = False  # a snapshot whose filesystem still carries its source's UUID
+    autogrow: bool = False  # a snapshot whose cache grows from the disk group's free space (storage.snapcache)
+    invalid: str = ""  # why a snapshot was invalidated (its cache ran out); empty while it is valid
 
 
 @dataclass(frozen=True)

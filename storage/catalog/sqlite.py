@@ -33,7 +33,8 @@ CREATE TABLE IF NOT EXISTS volume (
   name TEXT PRIMARY KEY, size INTEGER NOT NULL, layout TEXT NOT NULL, fstype TEXT NOT NULL,
   nmirror INTEGER NOT NULL, ncol INTEGER NOT NULL, maxiops INTEGER NOT NULL, snapshot_of TEXT,
   cachesize INTEGER NOT NULL, state TEXT NOT NULL, created REAL NOT NULL, protect INTEGER NOT NULL,
-  identity_pending INTEGER NOT NULL DEFAULT 0);
+  identity_pending INTEGER NOT NULL DEFAULT 0, autogrow INTEGER NOT NULL DEFAULT 0,
+  invalid TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS subdisk (
   volume TEXT NOT NULL REFERENCES volume(name), idx INTEGER NOT NULL,
   disk TEXT NOT NULL REFERENCES disk(name), size INTEGER NOT NULL, reserved INTEGER NOT NULL,
@@ -46,6 +47,8 @@ CREATE TABLE IF NOT EXISTS intent (
   key TEXT PRIMARY KEY, op TEXT NOT NULL, data TEXT NOT NULL, created REAL NOT NULL);
 """
 
+# columns added after the first release, in table order: (name, declaration)
+_ADDED_COLUMNS = (("autogrow", "INTEGER NOT NULL DEFAULT 0"), ("invalid", "TEXT NOT NULL DEFAULT ''"))
 _VOL_FIELDS = {f for f in VolumeRec.__dataclass_fields__ if f != "name"}
 _SD_FIELDS = {"disk", "size", "reserved"}
 
@@ -64,8 +67,23 @@ class SqliteCatalog(Catalog):
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
+            self._migrate()
         except sqlite3.Error as exc:
             raise VeritasError(f"cannot open catalog {path}: {exc}") from None
+
+    def _migrate(self) -> None:
+        """Add the columns a catalog made by an older version lacks (appended, as in _SCHEMA)."""
+        if {c for c, _ in _ADDED_COLUMNS} <= {r[1] for r in self._q("PRAGMA table_info(volume)")}:
+            return  # the usual case: no write lock taken
+        with self._tx() as db:  # re-read under the lock: another process may be migrating too
+            have = {r[1] for r in db.execute("PRAGMA table_info(volume)")}
+            for col, decl in _ADDED_COLUMNS:
+                if col not in have:
+                    db.execute(f"ALTER TABLE volume ADD COLUMN {col} {decl}")
+            if "autogrow" not in have:
+                # snapshots made before caches were enforced may already be past theirs: they grow
+                # while the disk group has room, rather than lose their data at the first check
+                db.execute("UPDATE volume SET autogrow=1 WHERE snapshot_of IS NOT NULL")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -132,7 +150,7 @@ class SqliteCatalog(Catalog):
                 raise AlreadyExists(f"volume {vol.name} already exists")
             used = dict(db.execute("SELECT disk, SUM(reserved) FROM subdisk GROUP BY disk").fetchall())
             check_space(used, subdisks, capacity)
-            db.execute("INSERT INTO volume VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", _vol_row(vol))
+            db.execute("INSERT INTO volume VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", _vol_row(vol))
             db.executemany("INSERT INTO subdisk VALUES (?,?,?,?,?)",
                            [(s.volume, s.idx, s.disk, s.size, s.reserved) for s in subdisks])
             db.execute("INSERT OR REPLACE INTO intent VALUES (?,?,?,?)", _intent_row(intent))
@@ -239,13 +257,15 @@ def _update_volume(db: sqlite3.Connection, name: str, fields: dict[str, Any]) ->
 
 def _vol_row(v: VolumeRec) -> tuple[Any, ...]:
     return (v.name, v.size, v.layout, v.fstype, v.nmirror, v.ncol, v.maxiops, v.snapshot_of,
-            v.cachesize, v.state, v.created or time.time(), int(v.protect), int(v.identity_pending))
+            v.cachesize, v.state, v.created or time.time(), int(v.protect), int(v.identity_pending),
+            int(v.autogrow), v.invalid)
 
 
 def _vol(r: sqlite3.Row | tuple[Any, ...]) -> VolumeRec:
-    (name, size, layout, fstype, nmirror, ncol, maxiops, snap, cache, state, created, protect, pending) = r
+    (name, size, layout, fstype, nmirror, ncol, maxiops, snap, cache, state, created, protect, pending,
+     autogrow, invalid) = r
     return VolumeRec(name, size, layout, fstype, nmirror, ncol, maxiops, snap, cache, state, created,
-                     bool(protect), bool(pending))
+                     bool(protect), bool(pending), bool(autogrow), invalid)
 
 
 def _intent_row(i: IntentRec) -> tuple[Any, ...]:

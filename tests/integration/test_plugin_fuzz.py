@@ -49,7 +49,8 @@ SEED = int(os.environ.get("VERITAS_HYPOTHESIS_SEED") or secrets.randbits(32))
 VOLUME_DEFAULTS = "[volume]\nsize = 320m\nfstype = ext4\n"
 
 # the options Create documents (README), written out: the test states the API rather than importing it
-ALL_OPTIONS = ("size", "layout", "fstype", "nmirror", "ncol", "maxiops", "protect", "sourcevol", "cachesize")
+ALL_OPTIONS = ("size", "layout", "fstype", "nmirror", "ncol", "maxiops", "protect", "sourcevol", "cachesize",
+               "autogrow")
 ENDPOINTS = ("Plugin.Activate", "VolumeDriver.Create", "VolumeDriver.Remove", "VolumeDriver.Mount",
              "VolumeDriver.Unmount", "VolumeDriver.Path", "VolumeDriver.Get", "VolumeDriver.List",
              "VolumeDriver.Capabilities")
@@ -73,6 +74,7 @@ GOOD: dict[str, list[str]] = {
     "protect": ["false", "no", "true"],
     "sourcevol": ["v1", "p1", "nosuch"],
     "cachesize": ["10m", "96m", "1t"],
+    "autogrow": ["on", "off"],
 }
 BAD: dict[str, list[str]] = {
     "size": ["0", "-1g", "lots", "1.5.g", "1e3", "", " ", "0x10", "1.5", "99999999999999999999999p", "1_0g"],
@@ -84,6 +86,7 @@ BAD: dict[str, list[str]] = {
     "protect": ["maybe", "2", "yes!"],
     "sourcevol": ["", "../v1", "v1/", "x" * 65],
     "cachesize": ["x", "0", "-1m", ""],
+    "autogrow": ["maybe", "", "2"],
 }
 
 json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40),

@@ -227,6 +227,18 @@ def test_volume_fields_round_trip_snapshot(ready: Catalog) -> None:
     assert ready.volumes() == [snap, src]  # by name
 
 
+def test_snapshot_cache_fields_round_trip_and_update(ready: Catalog) -> None:
+    """autogrow and invalid (storage.snapcache) are kept as given and changed by update_volume."""
+    create(ready, vol("src", 200 * MiB), [sd("src", 0, "d1", 200 * MiB)])
+    snap = vol("s1", 200 * MiB, snapshot_of="src", cachesize=60 * MiB, autogrow=True)
+    create(ready, snap, [sd("s1", 0, "d1", 60 * MiB)])
+    assert ready.volume("s1") == snap
+    assert ready.volume("src") == vol("src", 200 * MiB) and ready.volume("src").invalid == ""  # type: ignore[union-attr]
+    ready.update_volume("s1", invalid="its cache ran out", autogrow=False)
+    got = ready.volume("s1")
+    assert got is not None and got.invalid == "its cache ran out" and got.autogrow is False
+
+
 def test_create_volume_duplicate_name_changes_nothing(ready: Catalog) -> None:
     v = vol("v1", 100 * MiB)
     create(ready, v, [sd("v1", 0, "d1", 100 * MiB)], it=intent("v1", "create", step=1))
@@ -724,3 +736,39 @@ def test_sqlite_one_catalog_shared_by_threads(tmp_path: Path) -> None:
         assert cat.reserved() == {"d1": FIT * SLOT}
     finally:
         cat.close()
+
+
+def test_sqlite_migrates_a_catalog_made_before_snapshot_cache_columns(tmp_path: Path) -> None:
+    """A catalog whose volume table predates autogrow/invalid opens, keeps its rows, and gains both; its
+    snapshots (which nothing held to their cache before) get autogrow, its other volumes do not."""
+    import sqlite3
+
+    path = tmp_path / "catalog.db"
+    old = sqlite3.connect(str(path))
+    old.executescript("""
+CREATE TABLE volume (
+  name TEXT PRIMARY KEY, size INTEGER NOT NULL, layout TEXT NOT NULL, fstype TEXT NOT NULL,
+  nmirror INTEGER NOT NULL, ncol INTEGER NOT NULL, maxiops INTEGER NOT NULL, snapshot_of TEXT,
+  cachesize INTEGER NOT NULL, state TEXT NOT NULL, created REAL NOT NULL, protect INTEGER NOT NULL,
+  identity_pending INTEGER NOT NULL DEFAULT 0);
+INSERT INTO volume VALUES ('s1', 209715200, 'concat', 'xfs', 1, 1, 0, 'src', 62914560, 'ok', 1.5, 0, 1);
+INSERT INTO volume VALUES ('src', 209715200, 'concat', 'xfs', 1, 1, 0, NULL, 0, 'ok', 1.0, 0, 0);
+""")
+    old.commit()
+    old.close()
+    cat = SqliteCatalog(path)
+    try:
+        got = cat.volume("s1")
+        assert got == VolumeRec("s1", 200 * MiB, "concat", "xfs", 1, 1, 0, "src", 60 * MiB, "ok", 1.5, False,
+                                True, autogrow=True, invalid="")
+        src = cat.volume("src")
+        assert src is not None and src.autogrow is False and src.invalid == ""
+        cat.update_volume("s1", invalid="cache ran out", autogrow=False)
+    finally:
+        cat.close()
+    again = SqliteCatalog(path)  # a second open finds nothing to migrate and reads the new columns
+    try:
+        got = again.volume("s1")
+        assert got is not None and got.invalid == "cache ran out" and got.autogrow is False
+    finally:
+        again.close()
