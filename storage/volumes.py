@@ -336,7 +336,7 @@ def _drop_writeback(devs: list[str]) -> None:
         raise VeritasError(f"cannot remove the IOPS limit of {', '.join(devs)} from {h.root}: {exc}") from None
 
 
-def _drop_writeback_logged(dg: DiskGroup, devs: list[str]) -> None:
+def _drop_writeback_logged(devs: list[str]) -> None:
     """As _drop_writeback, on the way out (unmount): the devices are detached anyway, and their next
     mount drops the rule again (and fails if it cannot), so a failure here is reported, not raised."""
     try:
@@ -378,7 +378,7 @@ def _unmount_kernel(dg: DiskGroup, v: VolumeRec) -> None:
     paths = images(dg, v)
     devs = [d for p in paths for d in loop.find(p)]
     if devs:  # whatever the catalog says now: a loop device keeps its rules after detach
-        _drop_writeback_logged(dg, devs)
+        _drop_writeback_logged(devs)
     _detach(dg, v, paths)
     try:
         mp.rmdir()

@@ -34,8 +34,8 @@ def convert(profile: str, target: Path, runner: Runner = run) -> None:
     if weak:
         found = "; ".join(f"{kind} in {', '.join(sorted(p))}" for kind, p in sorted(weak.items()))
         raise Degraded(f"{target}: after rebalancing to {profile}, chunks remain with {found}: redundancy"
-                       " is not restored (see btrfs filesystem df; free space on the volume, then repair"
-                       " again)")
+                       " is not restored; free space on the volume, mount it and run btrfs balance start"
+                       f" -dconvert={profile},soft -mconvert={profile},soft on it (see btrfs filesystem df)")
 
 
 def chunk_profiles(target: Path, runner: Runner = run) -> dict[str, set[str]]:

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from storage.errors import CommandFailed, Degraded
 from storage.kernel import loop, mounts
 from storage.runner import run
 from storage.units import MiB
+from tests.integration.conftest import REPO
 
 
 def write_synced(path: Path, data: bytes) -> None:
@@ -166,5 +168,41 @@ def test_failed_repair_leaks_nothing(env, degraded, mounted: bool):
     assert not list(dg.root.glob("tmp/repair-*")), "repair left its scratch mount point"
     volumes.repair(dg, "m1")
     if mounted:
+        volumes.umount(dg, "m1")
+    check_repaired(dg, data, lost, kept, spare)
+
+
+@pytest.mark.parametrize("point", ["repair.recorded", "repair.replaced"])
+@pytest.mark.parametrize("mounted", [True, False], ids=["mounted", "unmounted"])
+def test_open_while_repair_is_paused(env, degraded, mounted: bool, point: str):
+    """Another process opening the disk group while a repair waits at one of its steps leaves it alone;
+    released, the repair completes (the pause machinery of test_crash, for an operation that needs a
+    lost disk)."""
+    dg, data, lost, kept, spare = degraded
+    if mounted:
+        volumes.mount(dg, "m1", degraded=True)
+    release = env.root / "release"
+    trace = env.root / "trace"
+    proc = subprocess.Popen(["python3", "-m", "storage.cli", "vol", "repair", "m1"], cwd=REPO, text=True,
+                            env={**os.environ, "VERITAS_CONFIG": str(env.config_path), "VERITAS_PAUSE_AT": point,
+                                 "VERITAS_PAUSE_FILE": str(release), "VERITAS_CRASH_TRACE": str(trace)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not Path(f"{release}.reached").exists():
+            assert proc.poll() is None, f"repair ended before {point}: {proc.communicate()}"
+            assert time.monotonic() < deadline, f"repair never reached {point}"
+            time.sleep(0.02)
+        opener = env.cli("vol", "list", check=False)  # opens the disk group: recovers abandoned intents
+        assert opener.returncode == 0 and "recovery" not in opener.stderr, opener.stderr
+        assert proc.poll() is None, "the paused repair ended while paused"
+    finally:
+        release.touch()
+        _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert point in trace.read_text().split()
+    assert dg.catalog.intents() == []
+    if mounted:
+        assert (dg.mountpoint("m1") / "data").read_bytes() == data
         volumes.umount(dg, "m1")
     check_repaired(dg, data, lost, kept, spare)
