@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from storage import crash
+from storage import crash, durable, recovery
 from storage.catalog.base import IntentRec, SubdiskRec, VolumeRec
 from storage.diskgroup import DiskGroup
 from storage.errors import InvalidArgument, NoSuchVolume, SnapshotInvalid
@@ -34,6 +34,7 @@ def make(dg: DiskGroup, source: str, name: str, cachesize: str | int | None = No
     check_name(source, "source volume name")
     grows = parse_autogrow(autogrow)
     with dg.locks.hold(source, name):
+        recovery.recover_held(dg, source)  # e.g. a killed make or grow of the source
         src = dg.catalog.volume(source)
         if src is None:
             raise NoSuchVolume(f"no such source volume: {source} in disk group {dg.name}")
@@ -57,11 +58,12 @@ def make(dg: DiskGroup, source: str, name: str, cachesize: str | int | None = No
         vol = VolumeRec(name, src.size, src.layout, src.fstype, src.nmirror, src.ncol, src.maxiops,
                         source, cache, "creating", time.time(), False, identity_pending=True, autogrow=grows)
         frozen = str(dg.mountpoint(source)) if is_mounted(dg, source) else None
-        dg.catalog.create_volume(vol, sds, IntentRec(name, "snap", {"frozen": frozen}, time.time()),
-                                 dg.capacity())
+        intent = IntentRec(name, "snap", {"frozen": frozen, "source": source}, time.time())  # recovery locks both
+        dg.catalog.create_volume(vol, sds, intent, dg.capacity())
         crash.point("snap.recorded")
         try:
             _clone(dg, source, name, src_sds, frozen)
+            durable.sync_files([dg.image(sd.disk, name, sd.idx) for sd in src_sds])
             crash.point("snap.cloned")
         except BaseException:
             if frozen:
