@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from storage import crash
-from storage.catalog.base import DiskGroupRec, DiskRec, IntentRec
+from storage import crash, durable
+from storage.catalog.base import DiskGroupRec, DiskRec, IntentRec, VolumeRec
 from storage.catalog.sqlite import SqliteCatalog
 from storage.config import Config
 from storage.errors import (
@@ -151,6 +151,9 @@ class DiskGroup:
                 name = f"{self.name}{n:02d}"
                 taken.add(name)
                 created = not spec.source.exists()  # an image we create is ours to delete on rollback
+                from storage import recovery
+
+                recovery.recover_held(self, _DG_KEY)  # a killed adddisk's half-made disk goes first
                 self.catalog.put_intent(IntentRec(_DG_KEY, "adddisk", {"disk": name, "source": str(spec.source),
                                                                        "created": created}, time.time()))
                 crash.point("adddisk.recorded")
@@ -244,8 +247,10 @@ def _format_disk(dg: DiskGroup, name: str, spec: DiskSpec, force: bool) -> DiskR
         fs.mount([dev], target, "xfs", runner=dg.runner)
         rec = dg.catalog.diskgroup()
         (target / "vols").mkdir(exist_ok=True)
-        (target / _IDENTITY).write_text(json.dumps({"dg": rec.name, "dg_uuid": rec.uuid, "disk": name}))
+        durable.write_file(target / _IDENTITY, json.dumps({"dg": rec.name, "dg_uuid": rec.uuid, "disk": name}))
         total, free = fs.statvfs_size(target)
+        if kind == "file":
+            durable.sync_files([src])  # the image and its name, before the catalog records the disk
     except BaseException:
         fs.umount(target, dg.runner)
         if kind == "file":
@@ -292,6 +297,7 @@ def _init(config: Config, name: str, specs: Sequence[DiskSpec], force: bool, run
         dg.close()
         # the rename publishes the disk group: killed before it, the next init discards the remains
         os.replace(root / "catalog.db.new", root / "catalog.db")
+        durable.sync_dir(root)  # the rename is the publication: make it survive a power failure
         for suffix in ("-wal", "-shm"):
             (root / f"catalog.db.new{suffix}").unlink(missing_ok=True)
     except BaseException:
@@ -367,7 +373,10 @@ def _release_disks(dg: DiskGroup) -> None:
 
 
 def destroy(dg: DiskGroup, force: bool = False) -> None:
-    """Destroy the disk group. Refused while it holds volumes, unless ``force`` (which removes them)."""
+    """Destroy the disk group. Refused while it holds volumes, unless ``force`` (which removes them).
+
+    The exclusive lock is held from the check to the last removal, so no volume appears in between.
+    """
     from storage import volumes
 
     with dg.locks.hold(exclusive_dg=True):
@@ -375,17 +384,28 @@ def destroy(dg: DiskGroup, force: bool = False) -> None:
         if vols and not force:
             raise InUse(f"disk group {dg.name} holds volumes ({', '.join(v.name for v in vols)});"
                         " remove them or use --force")
-    if force:
-        # snapshots first, so their sources are removable
-        for v in sorted(vols, key=lambda v: v.snapshot_of is None):
+        crash.point("destroy.checked")
+        # deepest snapshots first, so that every volume has none left when its turn comes
+        for v in sorted(vols, key=lambda v: -_snapshot_depth(vols, v.name)):
             volumes.remove(dg, v.name, force=True, _cascade=True)
-    with dg.locks.hold(exclusive_dg=True):
         _release_disks(dg)
         for d in dg.catalog.disks():
             if d.kind == "file" and Path(d.source).parent == dg.config.state_root / "images":
                 Path(d.source).unlink(missing_ok=True)
         dg.close()
         shutil.rmtree(dg.root, ignore_errors=True)
+
+
+def _snapshot_depth(vols: Sequence[VolumeRec], name: str) -> int:
+    """0 for a volume that is no snapshot, 1 for a snapshot of one, 2 for a snapshot of a snapshot..."""
+    by_name = {v.name: v for v in vols}
+    depth, seen = 0, {name}
+    v = by_name.get(name)
+    while v is not None and v.snapshot_of is not None and v.snapshot_of not in seen:
+        depth += 1
+        seen.add(v.snapshot_of)
+        v = by_name.get(v.snapshot_of)
+    return depth
 
 
 def default_dg(config: Config, runner: Runner = run) -> DiskGroup:

@@ -68,6 +68,10 @@ class InUse(VeritasError):
     exit_code = 5
 
 
+class IntentPending(InUse):
+    """Another operation's intent is recorded on the key: finish (recover) it first, under its locks."""
+
+
 class NoSpace(VeritasError):
     """Not enough free space or not enough disks with room for the requested layout."""
 
@@ -95,6 +99,11 @@ class CommandFailed(VeritasError):
         self.argv = argv
         self.returncode = returncode
         self.stderr = stderr
+
+
+class FsckFailed(CommandFailed):
+    """e2fsck left errors uncorrected (exit 4) or could not run (8 and above): the filesystem is not
+    fit to resize or to get a new identity."""
 
 
 class LockTimeout(VeritasError):

@@ -1,102 +1,200 @@
 """Finishing operations a killed process left half done, rolled forward or back by kind.
 
-An intent whose volume lock stripe is free has no live owner (flock dies with its process). make, snap
-and mount roll back; rm, umount and grow roll forward; repair drops a half-built replacement.
+One protocol for every intent: an operation records its intent holding its locks, and only a holder of
+exactly those locks recovers it (an intent whose locks are free has no live owner: flock dies with its
+process). ``recover`` (at open) takes them without waiting and leaves an intent whose locks are taken
+to its owner; ``recover_held`` serves an operation that holds them already and finds a dead one's
+intent on its key. ``HANDLERS`` says what each operation's recovery does: make, snap and mount roll
+back; rm, umount and grow roll forward; repair drops a half-built replacement; adddisk rolls back.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from storage.catalog.base import IntentRec
+from storage.catalog.base import IntentRec, VolumeRec
 from storage.diskgroup import DiskGroup
-from storage.errors import NoSpace, VeritasError
+from storage.errors import InUse, NoSpace, VeritasError
 from storage.kernel import fs, loop, mounts
+
+
+@dataclass(frozen=True)
+class Locks:
+    """The locks an operation takes: the disk group lock (shared or exclusive) and volume stripes."""
+
+    keys: tuple[str, ...] = ()
+    exclusive_dg: bool = False
+
+
+@dataclass(frozen=True)
+class Handler:
+    """How to recover one kind of operation: the locks it took, and what finishing it does."""
+
+    locks: Callable[[IntentRec], Locks]
+    finish: Callable[[DiskGroup, IntentRec], str]
 
 
 def recover(dg: DiskGroup) -> list[str]:
     """Recover every abandoned intent; returns a line per action taken."""
     done: list[str] = []
     for intent in dg.catalog.intents():
-        fd = dg.locks.try_hold_key(intent.key)
-        if fd is None:
-            continue  # its owner is alive and still working
-        try:
+        need = _handler(intent).locks(intent)
+        with dg.locks.try_hold(*need.keys, exclusive_dg=need.exclusive_dg) as free:
+            if not free:
+                continue  # its owner may be alive and still working
             # re-read: the owner may have finished between listing and locking
-            current = {i.key: i for i in dg.catalog.intents()}.get(intent.key)
+            current = _intent(dg, intent.key)
             if current is None:
                 continue
-            done.append(_recover_one(dg, current))
-        except VeritasError as exc:
-            print(f"veritas: recovery of {intent.op} on {intent.key} failed: {exc}", file=sys.stderr)
-        finally:
-            os.close(fd)
+            try:
+                done.append(_recover_one(dg, current))
+            except VeritasError as exc:
+                print(f"veritas: recovery of {intent.op} on {intent.key} failed: {exc}", file=sys.stderr)
     return done
 
 
 def recover_held(dg: DiskGroup, key: str) -> str | None:
-    """Recover the intent on ``key`` whose lock the caller holds: its owner is dead (a live one would
-    hold the lock). For long-lived openers, which recover at open only. None when there is no intent."""
-    intent = {i.key: i for i in dg.catalog.intents()}.get(key)
-    return _recover_one(dg, intent) if intent is not None else None
+    """Recover the intent on ``key`` for a caller that holds the locks of an operation on ``key``.
+
+    Its owner is dead (a live one would hold those locks). Locks the dead operation took beyond the
+    caller's (a snapshot's source stripe) are taken without waiting; taken, this raises InUse.
+    None when there is no intent.
+    """
+    intent = _intent(dg, key)
+    if intent is None:
+        return None
+    need = _handler(intent).locks(intent)
+    with dg.locks.try_hold(*need.keys, exclusive_dg=need.exclusive_dg) as free:
+        if not free:
+            raise InUse(f"an unfinished {intent.op} on {key} cannot be recovered now: another operation"
+                        " holds its locks; retry shortly")
+        return _recover_one(dg, intent)
+
+
+def _intent(dg: DiskGroup, key: str) -> IntentRec | None:
+    return {i.key: i for i in dg.catalog.intents()}.get(key)
 
 
 def _recover_one(dg: DiskGroup, intent: IntentRec) -> str:
+    if intent.key != "@dg" and dg.catalog.volume(intent.key) is None:
+        dg.catalog.finish_intent(intent.key)
+        return f"{intent.op} {intent.key}: nothing left to do"
+    return _handler(intent).finish(dg, intent)
+
+
+def _volume(dg: DiskGroup, intent: IntentRec) -> VolumeRec:
+    v = dg.catalog.volume(intent.key)
+    if v is None:  # _recover_one checked; a handler runs with the volume's locks held
+        raise VeritasError(f"volume {intent.key} vanished while its {intent.op} was recovered")
+    return v
+
+
+def _roll_back_make(dg: DiskGroup, intent: IntentRec) -> str:
     from storage import volumes
 
-    key, op = intent.key, intent.op
-    if key == "@dg":
-        return _recover_dg(dg, intent)
-    v = dg.catalog.volume(key)
-    if v is None:
+    frozen = intent.data.get("frozen")
+    if frozen:
+        fs.thaw(Path(frozen), dg.runner)
+    volumes.teardown(dg, intent.key)
+    return f"{intent.op} {intent.key}: rolled back"
+
+
+def _roll_forward_rm(dg: DiskGroup, intent: IntentRec) -> str:
+    from storage import volumes
+
+    volumes.teardown(dg, intent.key)
+    return f"rm {intent.key}: rolled forward"
+
+
+def _finish_mount(dg: DiskGroup, intent: IntentRec) -> str:
+    from storage import volumes
+
+    key = intent.key
+    mine = [m for m in dg.catalog.mounts(key) if m.node == dg.node]
+    if not mine:
+        volumes._unmount_kernel(dg, _volume(dg, intent))
         dg.catalog.finish_intent(key)
-        return f"{op} {key}: nothing left to do"
-    if op in ("make", "snap"):
-        frozen = intent.data.get("frozen")
-        if frozen:
-            fs.thaw(Path(frozen), dg.runner)
-        volumes.teardown(dg, key)
-        return f"{op} {key}: rolled back"
-    if op == "rm":
-        volumes.teardown(dg, key)
-        return f"rm {key}: rolled forward"
-    if op == "mount":
-        mine = [m for m in dg.catalog.mounts(key) if m.node == dg.node]
-        if not mine:
-            volumes._unmount_kernel(dg, v)
-            dg.catalog.finish_intent(key)
-            return f"mount {key}: rolled back"
-        dg.catalog.finish_intent(key)
-        return f"mount {key}: completed"
-    if op == "umount":
-        mine = [m for m in dg.catalog.mounts(key) if m.node == dg.node]
-        for m in mine:
-            if intent.data.get("force") or m.mount_id == intent.data.get("mount_id"):
-                dg.catalog.remove_mount(key, m.node, m.mount_id)
-        if not [m for m in dg.catalog.mounts(key) if m.node == dg.node]:
-            volumes._unmount_kernel(dg, v)
-        dg.catalog.finish_intent(key)
-        return f"umount {key}: rolled forward"
-    if op == "grow":
-        try:  # a grow killed before (or while) reserving: its images and filesystem never got there
-            volumes.reserve_growth(dg, key, [int(n) for n in intent.data.get("sizes") or []])
-        except NoSpace:
-            dg.catalog.finish_intent(key)
-            return f"grow {key}: rolled back (its space was taken meanwhile)"
-        volumes._grow_steps(dg, v, int(intent.data["size"]))
-        return f"grow {key}: rolled forward"
-    if op == "repair":
-        scratch = intent.data.get("scratch")
-        if scratch and mounts.mounted_at(Path(scratch)):
-            volumes._unmount_at(dg, v, Path(scratch))
-        _drop_orphan_images(dg, key)
-        dg.catalog.finish_intent(key)
-        return f"repair {key}: abandoned, run veritas vol repair {key} again"
+        return f"mount {key}: rolled back"
     dg.catalog.finish_intent(key)
-    return f"unknown intent {op} on {key}: dropped"
+    return f"mount {key}: completed"
+
+
+def _roll_forward_umount(dg: DiskGroup, intent: IntentRec) -> str:
+    from storage import volumes
+
+    key = intent.key
+    mine = [m for m in dg.catalog.mounts(key) if m.node == dg.node]
+    for m in mine:
+        if intent.data.get("force") or m.mount_id == intent.data.get("mount_id"):
+            dg.catalog.remove_mount(key, m.node, m.mount_id)
+    if not [m for m in dg.catalog.mounts(key) if m.node == dg.node]:
+        volumes._unmount_kernel(dg, _volume(dg, intent))
+    dg.catalog.finish_intent(key)
+    return f"umount {key}: rolled forward"
+
+
+def _roll_forward_grow(dg: DiskGroup, intent: IntentRec) -> str:
+    from storage import volumes
+
+    key = intent.key
+    try:  # a grow killed before (or while) reserving: its images and filesystem never got there
+        volumes.reserve_growth(dg, key, [int(n) for n in intent.data.get("sizes") or []])
+    except NoSpace:
+        dg.catalog.finish_intent(key)
+        return f"grow {key}: rolled back (its space was taken meanwhile)"
+    volumes._grow_steps(dg, _volume(dg, intent), int(intent.data["size"]))
+    return f"grow {key}: rolled forward"
+
+
+def _abandon_repair(dg: DiskGroup, intent: IntentRec) -> str:
+    from storage import volumes
+
+    key = intent.key
+    scratch = intent.data.get("scratch")
+    if scratch and mounts.mounted_at(Path(scratch)):
+        volumes._unmount_at(dg, _volume(dg, intent), Path(scratch))
+    _drop_orphan_images(dg, key)
+    dg.catalog.finish_intent(key)
+    return f"repair {key}: abandoned, run veritas vol repair {key} again"
+
+
+def _drop_unknown(dg: DiskGroup, intent: IntentRec) -> str:
+    dg.catalog.finish_intent(intent.key)
+    return f"unknown intent {intent.op} on {intent.key}: dropped"
+
+
+def _volume_locks(intent: IntentRec) -> Locks:
+    return Locks((intent.key,))
+
+
+def _snap_locks(intent: IntentRec) -> Locks:
+    source = intent.data.get("source")
+    return Locks((intent.key, str(source)) if source else (intent.key,))
+
+
+def _dg_locks(intent: IntentRec) -> Locks:
+    return Locks((), exclusive_dg=True)
+
+
+HANDLERS: dict[str, Handler] = {
+    "make": Handler(_volume_locks, _roll_back_make),
+    "snap": Handler(_snap_locks, _roll_back_make),
+    "rm": Handler(_volume_locks, _roll_forward_rm),
+    "mount": Handler(_volume_locks, _finish_mount),
+    "umount": Handler(_volume_locks, _roll_forward_umount),
+    "grow": Handler(_volume_locks, _roll_forward_grow),
+    "repair": Handler(_volume_locks, _abandon_repair),
+}
+
+
+def _handler(intent: IntentRec) -> Handler:
+    if intent.key == "@dg":
+        return DG_HANDLERS.get(intent.op, Handler(_dg_locks, _drop_dg))
+    return HANDLERS.get(intent.op, Handler(_volume_locks, _drop_unknown))
 
 
 def _drop_orphan_images(dg: DiskGroup, volume: str) -> None:
@@ -112,21 +210,28 @@ def _drop_orphan_images(dg: DiskGroup, volume: str) -> None:
                 img.unlink(missing_ok=True)
 
 
-def _recover_dg(dg: DiskGroup, intent: IntentRec) -> str:
-    if intent.op == "adddisk":
-        disk = str(intent.data.get("disk"))
-        if disk not in {d.name for d in dg.catalog.disks()}:
-            target = dg.disk_dir(disk)
-            fs.umount(target, dg.runner)
-            src = Path(str(intent.data.get("source")))
-            loop.detach_image(src, dg.runner)
-            try:
-                target.rmdir()
-            except OSError:
-                pass
-            if intent.data.get("created"):
-                src.unlink(missing_ok=True)  # veritas made this image: a half-formatted copy helps nobody
-        dg.catalog.finish_intent("@dg")
-        return f"adddisk {disk}: rolled back ({json.dumps(dict(intent.data))})"
+def _roll_back_adddisk(dg: DiskGroup, intent: IntentRec) -> str:
+    disk = str(intent.data.get("disk"))
+    if disk not in {d.name for d in dg.catalog.disks()}:
+        target = dg.disk_dir(disk)
+        fs.umount(target, dg.runner)
+        src = Path(str(intent.data.get("source")))
+        loop.detach_image(src, dg.runner)
+        try:
+            target.rmdir()
+        except OSError:
+            pass
+        if intent.data.get("created"):
+            src.unlink(missing_ok=True)  # veritas made this image: a half-formatted copy helps nobody
+    dg.catalog.finish_intent("@dg")
+    return f"adddisk {disk}: rolled back ({json.dumps(dict(intent.data))})"
+
+
+def _drop_dg(dg: DiskGroup, intent: IntentRec) -> str:
     dg.catalog.finish_intent("@dg")
     return f"dg {intent.op}: dropped"
+
+
+DG_HANDLERS: dict[str, Handler] = {
+    "adddisk": Handler(_dg_locks, _roll_back_adddisk),
+}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from storage import crash, options
+from storage import crash, durable, options, recovery
 from storage.catalog.base import IntentRec, SubdiskRec, VolumeRec
 from storage.diskgroup import DiskGroup
 from storage.errors import InvalidArgument, NoSuchVolume, SnapshotInvalid
@@ -36,6 +36,7 @@ def make(dg: DiskGroup, source: str, name: str, cachesize: str | int | None = No
     given = (("cachesize", cachesize), ("autogrow", autogrow), ("maxiops", maxiops))
     spec = options.parse_snapshot(source, {k: v for k, v in given if v is not None})
     with dg.locks.hold(source, name):
+        recovery.recover_held(dg, source)  # e.g. a killed make or grow of the source
         src = dg.catalog.volume(source)
         if src is None:
             raise NoSuchVolume(f"no such source volume: {source} in disk group {dg.name}")
@@ -62,11 +63,12 @@ def make(dg: DiskGroup, source: str, name: str, cachesize: str | int | None = No
                         source, cache, "creating", time.time(), False, identity_pending=True,
                         autogrow=bool(spec.autogrow))
         frozen = str(dg.mountpoint(source)) if is_mounted(dg, source) else None
-        dg.catalog.create_volume(vol, sds, IntentRec(name, "snap", {"frozen": frozen}, time.time()),
-                                 dg.capacity())
+        intent = IntentRec(name, "snap", {"frozen": frozen, "source": source}, time.time())  # recovery locks both
+        dg.catalog.create_volume(vol, sds, intent, dg.capacity())
         crash.point("snap.recorded")
         try:
             _clone(dg, source, name, src_sds, frozen)
+            durable.sync_files([dg.image(sd.disk, name, sd.idx) for sd in src_sds])
             crash.point("snap.cloned")
         except BaseException:
             if frozen:

@@ -7,13 +7,14 @@ process left. Each volume's operations are serialised by its lock stripe.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from storage import crash, options, qos
+from storage import crash, durable, options, qos, recovery
 from storage.catalog.base import IntentRec, MountRec, SubdiskRec, VolumeRec
 from storage.diskgroup import DiskGroup
 from storage.errors import (
@@ -130,6 +131,7 @@ def make(dg: DiskGroup, name: str, size: str | int | None = None, *, spec: optio
             crash.point("make.mkfs")
             _detach(dg, vol, paths)
             crash.point("make.detached")
+            durable.sync_files(paths)  # the images exist for good before the catalog says so
         except BaseException:
             teardown(dg, name)
             raise
@@ -257,6 +259,7 @@ def info(dg: DiskGroup, name: str) -> dict[str, Any]:
 def mount(dg: DiskGroup, name: str, mount_id: str = ADMIN_MOUNT_ID, degraded: bool = False) -> Path:
     """Mount the volume at its mount point (once), and count ``mount_id`` as a user of it."""
     with dg.locks.hold(name):
+        recovery.recover_held(dg, name)  # a killed worker's umount is finished, not overwritten
         v = _ready(dg, name)
         if v.invalid:
             raise SnapshotInvalid(f"snapshot {name} is invalid and cannot be mounted: {v.invalid}; its data was"
@@ -301,11 +304,35 @@ def mount(dg: DiskGroup, name: str, mount_id: str = ADMIN_MOUNT_ID, degraded: bo
 
 def _drop_writeback(devs: list[str]) -> None:
     """Remove any root-cgroup limit on ``devs``: a loop device keeps its cgroup rules across detach and
-    reattach, so one leaked by an earlier user of the device would throttle an unlimited volume."""
+    reattach, so one leaked by an earlier user of the device would throttle an unlimited volume.
+
+    No IO controller, or no rule for a device, is nothing to drop. :raises VeritasError: when a rule
+    could not be removed (the volume would run throttled by another volume's limit).
+    """
     try:
-        qos.apply_writeback(qos.Hierarchy.detect(), [loop.devnum(d) for d in devs], 0)
-    except (OSError, VeritasError):
-        pass
+        h = qos.Hierarchy.detect()
+    except VeritasError:
+        return  # no cgroup IO controller: no rule can exist
+    if h.version != 1:
+        return  # only v1 keeps writeback rules in the root cgroup
+    nums = [loop.devnum(d) for d in devs]
+    ruled = qos.limits(h, h.root)
+    nums = [n for n in nums if f"{n[0]}:{n[1]}" in ruled]
+    if not nums:
+        return
+    try:
+        qos.apply_writeback(h, nums, 0)
+    except OSError as exc:
+        raise VeritasError(f"cannot remove the IOPS limit of {', '.join(devs)} from {h.root}: {exc}") from None
+
+
+def _drop_writeback_logged(devs: list[str]) -> None:
+    """As _drop_writeback, on the way out (unmount): the devices are detached anyway, and their next
+    mount drops the rule again (and fails if it cannot), so a failure here is reported, not raised."""
+    try:
+        _drop_writeback(devs)
+    except (OSError, VeritasError) as exc:
+        print(f"veritas: warning: {exc}", file=sys.stderr)
 
 
 def ensure_identity(dg: DiskGroup, v: VolumeRec) -> VolumeRec:
@@ -341,7 +368,7 @@ def _unmount_kernel(dg: DiskGroup, v: VolumeRec) -> None:
     paths = images(dg, v)
     devs = [d for p in paths for d in loop.find(p)]
     if devs:  # whatever the catalog says now: a loop device keeps its rules after detach
-        _drop_writeback(devs)
+        _drop_writeback_logged(devs)
     _detach(dg, v, paths)
     try:
         mp.rmdir()
@@ -355,6 +382,7 @@ def umount(dg: DiskGroup, name: str, mount_id: str = ADMIN_MOUNT_ID, force: bool
     Returns True when the filesystem was unmounted.
     """
     with dg.locks.hold(name):
+        recovery.recover_held(dg, name)
         v = _get(dg, name)
         mine = [m for m in dg.catalog.mounts(name) if m.node == dg.node]
         others = [m for m in mine if m.mount_id != mount_id]
@@ -383,6 +411,7 @@ def umount(dg: DiskGroup, name: str, mount_id: str = ADMIN_MOUNT_ID, force: bool
 def remove(dg: DiskGroup, name: str, force: bool = False, _cascade: bool = False) -> None:
     """Remove the volume and free its space. Refused while mounted or snapshotted, unless ``force``."""
     with dg.locks.hold(name):
+        recovery.recover_held(dg, name)
         v = _get(dg, name)
         snaps = [s.name for s in dg.catalog.volumes() if s.snapshot_of == name]
         if snaps:
@@ -424,6 +453,7 @@ def grow(dg: DiskGroup, name: str, size: str | int) -> VolumeRec:
     """Grow the volume to ``size`` (online for XFS and btrfs)."""
     new = parse_size(size)
     with dg.locks.hold(name):
+        recovery.recover_held(dg, name)
         v = _ready(dg, name)
         if v.invalid:
             raise SnapshotInvalid(f"snapshot {name} is invalid and cannot grow: {v.invalid}")
@@ -500,6 +530,7 @@ def _grow_steps(dg: DiskGroup, v: VolumeRec, new: int) -> None:
                     scratch.rmdir()
         finally:
             _detach(dg, v, paths)
+    durable.sync_files([dg.image(sd.disk, v.name, sd.idx) for sd in sds])
     crash.point("grow.fs")
     dg.catalog.finish_intent(v.name, {"size": new})
 
@@ -510,7 +541,8 @@ def _grow_steps(dg: DiskGroup, v: VolumeRec, new: int) -> None:
 def set_maxiops(dg: DiskGroup, name: str, iops: int | str) -> VolumeRec:
     """Change the volume's IOPS limit, live in every cgroup that already limits it."""
     value = _int_opt({"maxiops": iops}, "maxiops")
-    assert value is not None
+    if value is None:
+        raise InvalidArgument(f"maxiops must be an integer, got {iops!r}")
     with dg.locks.hold(name):
         v = _ready(dg, name)
         dg.catalog.update_volume(name, maxiops=value)
@@ -551,6 +583,7 @@ def apply_maxiops(dg: DiskGroup, name: str, cgroup: str, create: bool = False) -
 def repair(dg: DiskGroup, name: str) -> VolumeRec:
     """Restore a degraded redundant volume: rebuild each lost subdisk on another disk."""
     with dg.locks.hold(name):
+        recovery.recover_held(dg, name)
         v = _ready(dg, name)
         eng = engine(v.layout)
         if not eng.redundant:
@@ -573,6 +606,7 @@ def repair(dg: DiskGroup, name: str) -> VolumeRec:
         dg.catalog.put_intent(IntentRec(name, "repair", {"scratch": None if was_mounted else str(target)},
                                         time.time()))
         crash.point("repair.recorded")
+        pending: Path | None = None  # a replacement image not yet in the catalog: ours to remove on failure
         try:
             if not was_mounted:
                 v = ensure_identity(dg, v)
@@ -582,18 +616,40 @@ def repair(dg: DiskGroup, name: str) -> VolumeRec:
             for sd, disk in zip(broken, targets, strict=True):
                 img = dg.image(disk, name, sd.idx)
                 img.unlink(missing_ok=True)
+                pending = img
                 with open(img, "xb") as fh:
                     fh.truncate(sd.size)
                 dev = loop.attach(img, dg.runner)
                 btrfs.replace(sd.idx + 1, dev, target, dg.runner)
+                pending = None  # a member of the filesystem now: detaching it would hurt a mounted volume
+                durable.sync_files([img])
                 crash.point("repair.replaced")
                 dg.catalog.update_subdisk(name, sd.idx, capacity=dg.capacity(), disk=disk)
             btrfs.convert(eng.profile(shape_of(v)) or "raid1", target, dg.runner)
-        finally:
-            if not was_mounted:
-                _unmount_at(dg, v, target)
+        except BaseException:
+            try:
+                if not was_mounted:
+                    _unmount_at(dg, v, target)
+                if pending is not None:
+                    _drop_replacement(dg, v, pending)
+            finally:
+                dg.catalog.finish_intent(name)
+            raise
+        if not was_mounted:
+            _unmount_at(dg, v, target)
         dg.catalog.finish_intent(name)
         return _get(dg, name)
+
+
+def _drop_replacement(dg: DiskGroup, v: VolumeRec, img: Path) -> None:
+    """Detach and delete a replacement image a failed repair made (a failed replace leaves the device
+    out of the filesystem, or the filesystem unmounted: either way nothing uses it)."""
+    devs = loop.find(img)
+    if devs and v.fstype == "btrfs":
+        fs.forget_btrfs(devs, dg.runner)
+    for d in devs:
+        loop.detach(d, dg.runner)
+    img.unlink(missing_ok=True)
 
 
 def _unmount_at(dg: DiskGroup, v: VolumeRec, target: Path) -> None:

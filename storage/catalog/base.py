@@ -134,6 +134,7 @@ class Catalog(abc.ABC):
         """Record a new volume, its subdisks and its intent at once.
 
         :raises AlreadyExists: if the name is taken.
+        :raises IntentPending: if ``intent.key`` already has an intent.
         :raises NoSpace: if a disk's reservations would exceed ``capacity[disk]``.
         """
 
@@ -176,7 +177,11 @@ class Catalog(abc.ABC):
 
     @abc.abstractmethod
     def put_intent(self, intent: IntentRec) -> None:
-        """Record (or replace) the pending operation on ``intent.key``."""
+        """Record the pending operation on ``intent.key``.
+
+        :raises IntentPending: (nothing changed) if the key already has one: a caller holding the key's
+            locks recovers that intent first (storage.recovery.recover_held); nothing ever overwrites one.
+        """
 
     @abc.abstractmethod
     def finish_intent(self, key: str, update: Mapping[str, Any] | None = None) -> None:

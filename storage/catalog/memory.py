@@ -18,7 +18,7 @@ from storage.catalog.base import (
     VolumeRec,
     check_space,
 )
-from storage.errors import AlreadyExists, InUse, NoSuchDiskGroup, NoSuchVolume
+from storage.errors import AlreadyExists, IntentPending, InUse, NoSuchDiskGroup, NoSuchVolume
 
 
 class MemoryCatalog(Catalog):
@@ -80,6 +80,7 @@ class MemoryCatalog(Catalog):
             if vol.name in self._vols:
                 raise AlreadyExists(f"volume {vol.name} already exists")
             self._check(subdisks, capacity)
+            self._refuse_pending(intent.key)
             self._vols[vol.name] = vol
             for s in subdisks:
                 self._sds[(s.volume, s.idx)] = s
@@ -142,8 +143,14 @@ class MemoryCatalog(Catalog):
             ms = [m for m in self._mounts.values() if volume is None or m.volume == volume]
         return sorted(ms, key=lambda m: (m.volume, m.created))
 
+    def _refuse_pending(self, key: str) -> None:
+        if key in self._intents:
+            raise IntentPending(f"an unfinished {self._intents[key].op} on {key} is recorded;"
+                                " it must be recovered first")
+
     def put_intent(self, intent: IntentRec) -> None:
         with self._lock:
+            self._refuse_pending(intent.key)
             self._intents[intent.key] = _copy_intent(intent)
 
     def finish_intent(self, key: str, update: Mapping[str, Any] | None = None) -> None:

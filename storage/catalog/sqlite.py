@@ -21,7 +21,7 @@ from storage.catalog.base import (
     VolumeRec,
     check_space,
 )
-from storage.errors import AlreadyExists, InUse, NoSuchDiskGroup, NoSuchVolume, VeritasError
+from storage.errors import AlreadyExists, IntentPending, InUse, NoSuchDiskGroup, NoSuchVolume, VeritasError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS diskgroup (
@@ -64,7 +64,9 @@ class SqliteCatalog(Catalog):
             self._db = sqlite3.connect(str(path), timeout=timeout, isolation_level=None,
                                        check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
+            # FULL: in WAL mode NORMAL may lose the last commits on power failure, and a lost commit
+            # of an intent or a finished operation is exactly what recovery cannot tell from the truth
+            self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
             self._migrate()
@@ -150,10 +152,11 @@ class SqliteCatalog(Catalog):
                 raise AlreadyExists(f"volume {vol.name} already exists")
             used = dict(db.execute("SELECT disk, SUM(reserved) FROM subdisk GROUP BY disk").fetchall())
             check_space(used, subdisks, capacity)
+            _refuse_pending(db, intent.key)
             db.execute("INSERT INTO volume VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", _vol_row(vol))
             db.executemany("INSERT INTO subdisk VALUES (?,?,?,?,?)",
                            [(s.volume, s.idx, s.disk, s.size, s.reserved) for s in subdisks])
-            db.execute("INSERT OR REPLACE INTO intent VALUES (?,?,?,?)", _intent_row(intent))
+            db.execute("INSERT INTO intent VALUES (?,?,?,?)", _intent_row(intent))
 
     def volume(self, name: str) -> VolumeRec | None:
         rows = self._q("SELECT * FROM volume WHERE name=?", (name,))
@@ -222,7 +225,8 @@ class SqliteCatalog(Catalog):
     # intents
     def put_intent(self, intent: IntentRec) -> None:
         with self._tx() as db:
-            db.execute("INSERT OR REPLACE INTO intent VALUES (?,?,?,?)", _intent_row(intent))
+            _refuse_pending(db, intent.key)
+            db.execute("INSERT INTO intent VALUES (?,?,?,?)", _intent_row(intent))
 
     def finish_intent(self, key: str, update: Mapping[str, Any] | None = None) -> None:
         with self._tx() as db:
@@ -240,6 +244,12 @@ class SqliteCatalog(Catalog):
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _refuse_pending(db: sqlite3.Connection, key: str) -> None:
+    row = db.execute("SELECT op FROM intent WHERE key=?", (key,)).fetchone()
+    if row is not None:
+        raise IntentPending(f"an unfinished {row[0]} on {key} is recorded; it must be recovered first")
 
 
 def _update_volume(db: sqlite3.Connection, name: str, fields: dict[str, Any]) -> None:

@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from storage.errors import CommandFailed, InUse
+from storage.errors import CommandFailed, FsckFailed, InUse, InvalidArgument
 from storage.kernel import mounts
 from storage.runner import Runner, run
 
@@ -83,11 +83,11 @@ def thaw(target: Path, runner: Runner = run) -> None:
 
 def grow(fstype: str, devices: Sequence[str], target: Path | None, runner: Runner = run) -> None:
     """Grow the filesystem to fill its (already grown) devices; XFS/btrfs online, ext4 offline."""
+    if fstype in ("xfs", "btrfs") and target is None:
+        raise InvalidArgument(f"{fstype} grows only while mounted: give its mount point")
     if fstype == "xfs":
-        assert target is not None, "xfs grows only while mounted"
         runner(["xfs_growfs", str(target)])
     elif fstype == "btrfs":
-        assert target is not None, "btrfs grows only while mounted"
         for devid in range(1, len(devices) + 1):
             runner(["btrfs", "filesystem", "resize", f"{devid}:max", str(target)])
     elif fstype == "ext4":
@@ -96,8 +96,21 @@ def grow(fstype: str, devices: Sequence[str], target: Path | None, runner: Runne
                 "ext4 cannot grow while mounted on this host (online resize needs CAP_SYS_RESOURCE);"
                 " unmount the volume and grow it again, or use fstype=xfs"
             )
-        runner(["e2fsck", "-f", "-y", devices[0]], check=False)  # -y with -p is a usage error
+        e2fsck(devices[0], runner)
         runner(["resize2fs", devices[0]])
+
+
+def e2fsck(device: str, runner: Runner = run) -> None:
+    """Check and fix the ext4 on ``device``. Exit 1 and 2 mean errors were corrected, which is fine;
+    4 and above mean errors are left or the check failed, and nothing may touch the filesystem then.
+
+    :raises FsckFailed: for exit codes 4 and above.
+    """
+    argv = ["e2fsck", "-f", "-y", device]  # -y with -p is a usage error
+    proc = runner(argv, check=False)
+    if proc.returncode >= 4 or proc.returncode < 0:
+        raise FsckFailed(argv, proc.returncode, (proc.stderr or "") + (proc.stdout or "")
+                         + "\ne2fsck left errors uncorrected or could not run; the filesystem was not changed")
 
 
 def new_uuid(fstype: str, devices: Sequence[str], scratch: Path, runner: Runner = run) -> None:
@@ -113,7 +126,7 @@ def new_uuid(fstype: str, devices: Sequence[str], scratch: Path, runner: Runner 
         if "ERROR" in proc.stderr or "ERROR" in proc.stdout:
             raise CommandFailed(["xfs_admin", "-U", "generate", devices[0]], 1, proc.stderr + proc.stdout)
     elif fstype == "ext4":
-        runner(["e2fsck", "-f", "-y", devices[0]], check=False)
+        e2fsck(devices[0], runner)
         runner(["tune2fs", "-f", "-U", "random", devices[0]])
     elif fstype == "btrfs":
         raise ValueError("btrfs clones get their identity from btrfs_super.new_fsid on the image files")

@@ -106,8 +106,7 @@ def attach(image: Path, runner: Runner = run, direct_io: bool = True) -> str:
             if existing:
                 return existing[0]
             time.sleep(0.05 * (attempt + 1))
-    assert last is not None
-    raise last
+    raise last if last is not None else CommandFailed(argv, -1, "losetup was never run")
 
 
 def _backing(name: str) -> str | None:

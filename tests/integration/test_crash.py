@@ -1,4 +1,5 @@
-"""kill -9 at every named crash point of make, snap, grow, rm, mount, umount and adddisk.
+"""kill -9 at every named crash point of make, snap, grow, rm, mount, umount and adddisk; and a second
+process opening the disk group while the operation is paused at each of them.
 
 The crash points are discovered, not hard-coded: at collection time each operation runs once through the
 real CLI with VERITAS_CRASH_TRACE in a private scratch disk group, and every point it passed becomes a
@@ -7,6 +8,10 @@ runs the operation with VERITAS_CRASH_AT=<point>, checks the CLI died by SIGKILL
 (``veritas vol list``, which recovers abandoned intents), and checks that catalog, disks, loop devices and
 mounts agree, that the operation was rolled back or forward as its kind demands, and that the bystander
 is untouched.
+
+The pause tests run the operation with VERITAS_PAUSE_AT=<point> instead: it blocks there holding its
+locks while another process opens the disk group (which recovers what it judges abandoned); released,
+the operation must finish as if nobody had looked.
 """
 
 from __future__ import annotations
@@ -518,10 +523,11 @@ def discover() -> dict[str, list[str]]:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "crash_case" in metafunc.fixturenames:
-        found = discover()
-        cases = [(name, point) for name in OPS for point in (found[name] or ["<none-discovered>"])]
-        metafunc.parametrize("crash_case", cases, ids=[f"{n}-{p}" for n, p in cases])
+    for fixture in ("crash_case", "pause_case"):
+        if fixture in metafunc.fixturenames:
+            found = discover()
+            cases = [(name, point) for name in OPS for point in (found[name] or ["<none-discovered>"])]
+            metafunc.parametrize(fixture, cases, ids=[f"{n}-{p}" for n, p in cases])
 
 
 # ------------------------------------------------------------------ tests
@@ -566,6 +572,61 @@ def test_crash_point(env: Any, crash_case: tuple[str, str]) -> None:
         finally:
             again.close()
     finally:
+        for fn in reversed(c.cleanups):
+            fn()
+        dg.close()
+
+
+def _wait_reached(proc: subprocess.Popen[str], reached: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not reached.exists():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"operation ended ({proc.returncode}) before its pause point: {err}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"operation did not reach its pause point within {timeout} s")
+        time.sleep(0.02)
+
+
+def test_open_while_paused(env: Any, pause_case: tuple[str, str]) -> None:
+    """A live operation is never recovered by someone else: another process opens the disk group while
+    the operation waits at ``point`` with its locks held, and the operation then completes intact."""
+    name, point = pause_case
+    assert not _DISCOVERY_ERROR and point != "<none-discovered>", _DISCOVERY_ERROR or "no crash points"
+    op = OPS[name]
+    dg = _new_dg(env.root, env.config)
+    c = Ctx(env.root, env.config_path, dg)
+    release = env.root / "release"
+    proc: subprocess.Popen[str] | None = None
+    try:
+        op.setup(c)
+        full_env = {**os.environ, "VERITAS_CONFIG": str(env.config_path), "VERITAS_PAUSE_AT": point,
+                    "VERITAS_PAUSE_FILE": str(release)}
+        proc = subprocess.Popen(["python3", "-m", "storage.cli", *op.argv(c)], cwd=REPO, env=full_env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _wait_reached(proc, Path(f"{release}.reached"))
+        opener = c.cli("vol", "list", "-g", DG)  # opens the disk group: recovers abandoned intents
+        assert opener.returncode == 0, opener.stderr
+        assert "recovery" not in opener.stderr, opener.stderr
+        assert proc.poll() is None, "the paused operation ended while paused"
+        release.touch()
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"{op.argv(c)} failed after the opener ran ({proc.returncode}): {err}"
+        check_invariants(env.root, dg)
+        op.verify(c, True)
+        for fn in reversed(c.cleanups):
+            fn()
+        c.cleanups.clear()
+        check_invariants(env.root, dg)
+        check_bystander(dg)
+    finally:
+        release.touch()
+        if proc is not None and proc.poll() is None:
+            try:
+                proc.communicate(timeout=300)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
         for fn in reversed(c.cleanups):
             fn()
         dg.close()

@@ -6,14 +6,17 @@ import json
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from storage import diskgroup, volumes
-from storage.errors import Degraded
+from storage.errors import CommandFailed, Degraded
 from storage.kernel import loop, mounts
+from storage.runner import run
 from storage.units import MiB
+from tests.integration.conftest import REPO
 
 
 def write_synced(path: Path, data: bytes) -> None:
@@ -130,3 +133,76 @@ def test_unmounted_repair_mounts_by_itself(env, degraded):
     # and through the CLI on a fresh process: nothing degraded left to report
     info = json.loads(env.cli("--json", "vol", "info", "m1").stdout)
     assert info["health"] == "ok"
+
+
+def _replace_fails(argv, **kw):
+    """The real btrfs, asked to replace a device id the filesystem does not have: a real failure."""
+    args = [str(a) for a in argv]
+    if args[:3] == ["btrfs", "replace", "start"]:
+        args[5] = "99"  # btrfs replace start -B -f DEVID NEWDEV TARGET
+    return run(args, **kw)
+
+
+@pytest.mark.parametrize("mounted", [True, False], ids=["mounted", "unmounted"])
+def test_failed_repair_leaks_nothing(env, degraded, mounted: bool):
+    """A repair whose replace fails detaches and deletes its replacement image, records nothing, leaves
+    no intent, and a later repair still works."""
+    dg, data, lost, kept, spare = degraded
+    if mounted:
+        volumes.mount(dg, "m1", degraded=True)
+    before_sds = dg.catalog.subdisks("m1")
+    dg.runner = _replace_fails
+    with pytest.raises(CommandFailed, match="btrfs failed"):
+        volumes.repair(dg, "m1")
+    dg.runner = run
+    assert dg.catalog.intents() == []
+    assert dg.catalog.subdisks("m1") == before_sds
+    assert not list((dg.disk_dir(spare) / "vols").glob("m1.*.img")), "the replacement image was left behind"
+    attached = set(loop.attached().values())
+    allowed = {d.source for d in dg.catalog.disks()}
+    if mounted:
+        allowed |= {str(dg.image(sd.disk, "m1", sd.idx)) for sd in before_sds}
+    stray = {b for b in attached if b.startswith(str(env.root) + "/") and b not in allowed}
+    assert not stray, f"loop devices left by the failed repair: {stray}"
+    assert (mounts.mounted_at(dg.mountpoint("m1")) is not None) == mounted
+    assert not list(dg.root.glob("tmp/repair-*")), "repair left its scratch mount point"
+    volumes.repair(dg, "m1")
+    if mounted:
+        volumes.umount(dg, "m1")
+    check_repaired(dg, data, lost, kept, spare)
+
+
+@pytest.mark.parametrize("point", ["repair.recorded", "repair.replaced"])
+@pytest.mark.parametrize("mounted", [True, False], ids=["mounted", "unmounted"])
+def test_open_while_repair_is_paused(env, degraded, mounted: bool, point: str):
+    """Another process opening the disk group while a repair waits at one of its steps leaves it alone;
+    released, the repair completes (the pause machinery of test_crash, for an operation that needs a
+    lost disk)."""
+    dg, data, lost, kept, spare = degraded
+    if mounted:
+        volumes.mount(dg, "m1", degraded=True)
+    release = env.root / "release"
+    trace = env.root / "trace"
+    proc = subprocess.Popen(["python3", "-m", "storage.cli", "vol", "repair", "m1"], cwd=REPO, text=True,
+                            env={**os.environ, "VERITAS_CONFIG": str(env.config_path), "VERITAS_PAUSE_AT": point,
+                                 "VERITAS_PAUSE_FILE": str(release), "VERITAS_CRASH_TRACE": str(trace)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not Path(f"{release}.reached").exists():
+            assert proc.poll() is None, f"repair ended before {point}: {proc.communicate()}"
+            assert time.monotonic() < deadline, f"repair never reached {point}"
+            time.sleep(0.02)
+        opener = env.cli("vol", "list", check=False)  # opens the disk group: recovers abandoned intents
+        assert opener.returncode == 0 and "recovery" not in opener.stderr, opener.stderr
+        assert proc.poll() is None, "the paused repair ended while paused"
+    finally:
+        release.touch()
+        _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert point in trace.read_text().split()
+    assert dg.catalog.intents() == []
+    if mounted:
+        assert (dg.mountpoint("m1") / "data").read_bytes() == data
+        volumes.umount(dg, "m1")
+    check_repaired(dg, data, lost, kept, spare)

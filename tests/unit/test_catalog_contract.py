@@ -25,7 +25,7 @@ from storage.catalog import (
 )
 from storage.catalog.memory import MemoryCatalog
 from storage.catalog.sqlite import SqliteCatalog
-from storage.errors import AlreadyExists, InUse, NoSpace, NoSuchDiskGroup, NoSuchVolume
+from storage.errors import AlreadyExists, IntentPending, InUse, NoSpace, NoSuchDiskGroup, NoSuchVolume
 from storage.units import GiB, MiB
 
 DG = DiskGroupRec(name="testdg", uuid="0f8e2c3a-1111-2222-3333-444455556666", imported_on=None,
@@ -489,17 +489,33 @@ def test_mounts_filter_by_volume(ready: Catalog) -> None:
 # ------------------------------------------------------------------------------------------- intents
 
 
-def test_put_intent_records_and_replaces(ready: Catalog) -> None:
+def test_put_intent_records_and_never_replaces(ready: Catalog) -> None:
+    """An intent left by a killed worker is never overwritten: the next operation on its key is refused
+    until the old one is recovered (finished), so what it had to undo is not forgotten."""
     assert ready.intents() == []
     first = intent("@dg", "adddisk", created=10.0, disk="d3")
     ready.put_intent(first)
     assert ready.intents() == [first]
-    second = intent("@dg", "rmdisk", created=11.0, disk="d1", step=2)
-    ready.put_intent(second)
-    assert ready.intents() == [second]
+    with pytest.raises(IntentPending):
+        ready.put_intent(intent("@dg", "rmdisk", created=11.0, disk="d1", step=2))
+    assert ready.intents() == [first]
     other = intent("v9", "create", created=12.0)
     ready.put_intent(other)
+    assert sorted(ready.intents(), key=lambda i: i.key) == [first, other]
+    ready.finish_intent("@dg")
+    second = intent("@dg", "rmdisk", created=13.0, disk="d1")
+    ready.put_intent(second)
     assert sorted(ready.intents(), key=lambda i: i.key) == [second, other]
+
+
+def test_create_volume_refuses_a_pending_intent_on_its_key(ready: Catalog) -> None:
+    left = intent("v1", "umount", mount_id="c1")
+    ready.put_intent(left)
+    before = snapshot(ready)
+    with pytest.raises(IntentPending):
+        create(ready, vol("v1", 100 * MiB), [sd("v1", 0, "d1", 100 * MiB)], it=intent("v1", "make"))
+    assert snapshot(ready) == before
+    assert ready.intents() == [left]
 
 
 def test_intents_data_round_trips_nested(ready: Catalog) -> None:
