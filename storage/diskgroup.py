@@ -206,12 +206,12 @@ def _bring_online(d: DiskRec, target: Path, runner: Runner) -> None:
     src = Path(d.source)
     if not src.exists():
         raise VeritasError(f"disk {d.name}: {src} is missing")
-    dev = loop.attach(src, runner) if d.kind == "file" else str(src)
+    dev, attached = loop.attach_tracked(src, runner) if d.kind == "file" else (str(src), False)
     target.mkdir(parents=True, exist_ok=True)
     try:
         fs.mount([dev], target, "xfs", runner=runner)
     except VeritasError:
-        if d.kind == "file":
+        if attached:  # a device found attached may hold this disk mounted elsewhere: not ours to drop
             loop.detach(dev, runner)
         raise
 
@@ -233,22 +233,31 @@ def _check_identity(target: Path, dg: DiskGroupRec, disk: str) -> None:
 
 
 def _format_disk(dg: DiskGroup, name: str, spec: DiskSpec, force: bool) -> DiskRec:
+    created = not spec.source.exists()
     kind = _prepare_source(spec, force, dg.runner)
     src = spec.source.resolve()
-    dev = loop.attach(src, dg.runner) if kind == "file" else str(src)
+    # rollback detaches only a device this call attached, and unmounts only what it mounted
+    dev, attached = loop.attach_tracked(src, dg.runner) if kind == "file" else (str(src), False)
     target = dg.disk_dir(name)
+    mounted = False
     try:
+        # an image made sparse just now, on a device attached just now, is known blank; anything else
+        # is probed on the device itself (the file was probed by _prepare_source) unless forced
+        if not force and kind == "file" and not (created and attached):
+            fs.refuse_formatted([dev], dg.runner)
         fs.mkfs("xfs", [dev], reflink=True, runner=dg.runner)
         crash.point("adddisk.mkfs")
         target.mkdir(parents=True, exist_ok=True)
         fs.mount([dev], target, "xfs", runner=dg.runner)
+        mounted = True
         rec = dg.catalog.diskgroup()
         (target / "vols").mkdir(exist_ok=True)
         (target / _IDENTITY).write_text(json.dumps({"dg": rec.name, "dg_uuid": rec.uuid, "disk": name}))
         total, free = fs.statvfs_size(target)
     except BaseException:
-        fs.umount(target, dg.runner)
-        if kind == "file":
+        if mounted:
+            fs.umount(target, dg.runner)
+        if attached:
             loop.detach(dev, dg.runner)
         raise
     return DiskRec(name, str(src), kind, max(free - DISK_RESERVE, 0), "online")
@@ -403,5 +412,7 @@ def default_dg(config: Config, runner: Runner = run) -> DiskGroup:
                     img = images / f"{name}-disk{i}.img"
                     img.unlink(missing_ok=True)  # left by an interrupted earlier attempt
                     specs.append(DiskSpec(img, config.default_disk_size))
-                _init(config, name, specs, True, runner).close()
+                # not forced: the images are made sparse just now, so they are known blank, and a
+                # device that is not blank (another instance's) is never formatted
+                _init(config, name, specs, False, runner).close()
     return open_dg(config, name, runner)
