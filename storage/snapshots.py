@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 
-from storage import crash
+from storage import crash, mountpoints
 from storage.catalog.base import IntentRec, SubdiskRec, VolumeRec
 from storage.diskgroup import DiskGroup
 from storage.errors import InvalidArgument, NoSuchVolume
@@ -26,7 +26,7 @@ def make(dg: DiskGroup, source: str, name: str, cachesize: str | int | None = No
     """Snapshot ``source`` as volume ``name``; consistent even while the source is mounted and written."""
     check_name(name, "snapshot name")
     check_name(source, "source volume name")
-    with dg.locks.hold(source, name):
+    with dg.locks.hold(source, name), mountpoints.claim(dg, name):
         src = dg.catalog.volume(source)
         if src is None:
             raise NoSuchVolume(f"no such source volume: {source} in disk group {dg.name}")

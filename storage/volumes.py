@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from storage import crash, qos
+from storage import crash, mountpoints, qos
 from storage.catalog.base import IntentRec, MountRec, SubdiskRec, VolumeRec
 from storage.diskgroup import DiskGroup
 from storage.errors import (
@@ -84,7 +84,9 @@ def images(dg: DiskGroup, v: VolumeRec) -> list[Path]:
 
 
 def is_mounted(dg: DiskGroup, name: str) -> bool:
-    return mounts.mounted_at(dg.mountpoint(name)) is not None
+    """Mounted at its mount point by its own device: another filesystem mounted there does not count."""
+    v = dg.catalog.volume(name)
+    return v is not None and mountpoints.mounted_here(dg, v)
 
 
 def devices(dg: DiskGroup, v: VolumeRec) -> list[str]:
@@ -115,7 +117,7 @@ def make(dg: DiskGroup, name: str, size: str | int | None = None, **opts: Any) -
     if layout not in LAYOUTS:
         raise UnknownOption(f"unknown layout {layout!r}; valid layouts: {', '.join(LAYOUTS)}")
 
-    with dg.locks.hold(name):
+    with dg.locks.hold(name), mountpoints.claim(dg, name):
         check_free(dg, name)
         for attempt in range(5):
             # placement reads free space outside the catalog transaction; a concurrent make may take the
@@ -137,7 +139,10 @@ def make(dg: DiskGroup, name: str, size: str | int | None = None, **opts: Any) -
                 with open(p, "xb") as fh:
                     fh.truncate(sd.size)
             crash.point("make.images")
-            devs = [loop.attach(p, dg.runner) for p in paths]
+            attached = [loop.attach_tracked(p, dg.runner) for p in paths]
+            devs = [dev for dev, _new in attached]
+            # images made just now are blank; a device found already attached is probed before mkfs
+            fs.refuse_formatted([dev for dev, new in attached if not new], dg.runner)
             crash.point("make.attached")
             eng.mkfs(devs, shape, name, dg.runner)
             crash.point("make.mkfs")
@@ -200,7 +205,8 @@ def teardown(dg: DiskGroup, name: str) -> None:
     if v is None:
         return
     mp = dg.mountpoint(name)
-    fs.umount(mp, dg.runner)
+    if mountpoints.mounted_here(dg, v):  # never another volume's mount that shares the path
+        fs.umount(mp, dg.runner)
     try:
         mp.rmdir()
     except OSError:
@@ -224,7 +230,7 @@ def list_volumes(dg: DiskGroup) -> list[dict[str, Any]]:
         mp = f"{root}/{v.name}_{dg.name}"
         rows.append({"name": v.name, "size": v.size, "layout": v.layout, "fstype": v.fstype,
                      "maxiops": v.maxiops, "snapshot_of": v.snapshot_of, "state": v.state,
-                     "mountpoint": mp, "mounted": mp in mounted})
+                     "mountpoint": mp, "mounted": mp in mounted and mountpoints.mounted_here(dg, v)})
     return rows
 
 
@@ -246,7 +252,7 @@ def info(dg: DiskGroup, name: str) -> dict[str, Any]:
     mp = dg.mountpoint(name)
     sds = dg.catalog.subdisks(name)
     out["mountpoint"] = str(mp)
-    out["mounted"] = mounts.mounted_at(mp) is not None
+    out["mounted"] = mountpoints.mounted_here(dg, v)  # by device: not whatever sits at the path
     out["mounts"] = [asdict(m) for m in dg.catalog.mounts(name)]
     out["diskgroup"] = dg.name
     out["subdisks"] = [{"idx": s.idx, "disk": s.disk, "size": s.size, "reserved": s.reserved,
@@ -275,6 +281,7 @@ def mount(dg: DiskGroup, name: str, mount_id: str = ADMIN_MOUNT_ID, degraded: bo
         if is_mounted(dg, name):
             dg.catalog.add_mount(MountRec(name, dg.node, mount_id, time.time()))
             return mp
+        mountpoints.refuse_foreign(dg, v)
         foreign = [m for m in dg.catalog.mounts(name) if m.node != dg.node]
         if foreign:
             raise InUse(f"volume {name} is mounted on node {foreign[0].node}; unmount it there first")
@@ -347,7 +354,8 @@ def ensure_identity(dg: DiskGroup, v: VolumeRec) -> VolumeRec:
 
 def _unmount_kernel(dg: DiskGroup, v: VolumeRec) -> None:
     mp = dg.mountpoint(v.name)
-    fs.umount(mp, dg.runner)
+    if mountpoints.mounted_here(dg, v):  # never another volume's mount that shares the path
+        fs.umount(mp, dg.runner)
     paths = images(dg, v)
     devs = [d for p in paths for d in loop.find(p)]
     if devs:  # whatever the catalog says now: a loop device keeps its rules after detach
