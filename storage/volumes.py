@@ -294,10 +294,16 @@ def mount(dg: DiskGroup, name: str, mount_id: str = ADMIN_MOUNT_ID, degraded: bo
                            f" --degraded, then run veritas vol repair {name}")
         dg.catalog.put_intent(IntentRec(name, "mount", {"mount_id": mount_id}, time.time()))
         crash.point("mount.recorded")
-        try:
+        attached: list[str] = []  # a failed mount detaches only these: a device found attached may serve
+        try:                       # this volume's mount in another namespace (a managed plugin's, say)
             v = ensure_identity(dg, v)
             paths = [p for p in images(dg, v) if p.exists()]
-            devs = [loop.attach(p, dg.runner) for p in paths]
+            devs = []
+            for p in paths:
+                dev, new = loop.attach_tracked(p, dg.runner)
+                devs.append(dev)
+                if new:
+                    attached.append(dev)
             crash.point("mount.attached")
             mp.mkdir(parents=True, exist_ok=True)
             engine(v.layout).mount(devs, shape_of(v), mp, degraded=state == "degraded", runner=dg.runner)
@@ -308,7 +314,7 @@ def mount(dg: DiskGroup, name: str, mount_id: str = ADMIN_MOUNT_ID, degraded: bo
                 _drop_writeback(devs)
             dg.catalog.add_mount(MountRec(name, dg.node, mount_id, time.time()))
         except BaseException:
-            _unmount_kernel(dg, v)
+            _unmount_kernel(dg, v, only=attached)
             dg.catalog.finish_intent(name)
             raise
         dg.catalog.finish_intent(name)
@@ -352,15 +358,22 @@ def ensure_identity(dg: DiskGroup, v: VolumeRec) -> VolumeRec:
     return _get(dg, v.name)
 
 
-def _unmount_kernel(dg: DiskGroup, v: VolumeRec) -> None:
+def _unmount_kernel(dg: DiskGroup, v: VolumeRec, only: list[str] | None = None) -> None:
+    """Unmount the volume (its own mount only) and detach its devices, or only the devices in ``only``."""
     mp = dg.mountpoint(v.name)
     if mountpoints.mounted_here(dg, v):  # never another volume's mount that shares the path
         fs.umount(mp, dg.runner)
     paths = images(dg, v)
-    devs = [d for p in paths for d in loop.find(p)]
+    devs = [d for p in paths for d in loop.find(p) if only is None or d in only]
     if devs:  # whatever the catalog says now: a loop device keeps its rules after detach
         _drop_writeback(devs)
-    _detach(dg, v, paths)
+    if only is None:
+        _detach(dg, v, paths)
+    else:
+        if v.fstype == "btrfs" and devs:
+            fs.forget_btrfs(devs, dg.runner)
+        for d in devs:
+            loop.detach(d, dg.runner)
     try:
         mp.rmdir()
     except OSError:

@@ -236,3 +236,30 @@ def test_two_instances_with_one_state_path(env, namespaces: list[Namespace]) -> 
         for ns in namespaces:
             ns.close()
         _release(recorded)
+
+
+def test_failed_mount_leaves_a_device_it_found_attached(env, dg) -> None:
+    """A device already attached to the volume's image (its mount in another namespace, say) is reused
+    by mount; when that mount then fails, its rollback detaches only what it attached itself."""
+    from storage import volumes
+
+    volumes.make(dg, "v1", "400m")
+    (img,) = volumes.images(dg, dg.catalog.volume("v1"))
+    dev = subprocess.run(["losetup", "--find", "--show", "--sector-size=4096", str(img)], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    ident = _ident(img)
+    mp = dg.mountpoint("v1")
+    mp.parent.mkdir(parents=True, exist_ok=True)
+    mp.write_text("in the way")  # the mount fails after the attach step
+    try:
+        with pytest.raises(OSError):
+            volumes.mount(dg, "v1")
+        assert _backing().get(dev) == ident, "the failed mount detached a device it had not attached"
+        assert _autoclear(dev) == "0"
+        assert dg.catalog.mounts("v1") == [] and dg.catalog.intents() == []
+    finally:
+        mp.unlink()
+        _release({dev: ident})
+    volumes.mount(dg, "v1")
+    assert volumes.is_mounted(dg, "v1")
+    volumes.umount(dg, "v1")
