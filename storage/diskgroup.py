@@ -185,7 +185,8 @@ def _prepare_source(spec: DiskSpec, force: bool, runner: Runner) -> str:
                 os.truncate(src, spec.size)
         else:
             raise InvalidArgument(f"disk {src} is neither a block device nor a regular file")
-        if any(e.source == str(src) for e in mounts.table()):
+        num = f"{os.major(src.stat().st_rdev)}:{os.minor(src.stat().st_rdev)}" if kind == "block" else None
+        if any(e.source == str(src) or e.major_minor == num for e in mounts.table()):  # by number: any name
             raise InUse(f"disk {src} is mounted; unmount it before adding it to a disk group")
         if kind == "file" and loop.find(src):
             raise InUse(f"disk {src} is attached to {loop.find(src)[0]}; detach it first")

@@ -263,3 +263,33 @@ def test_failed_mount_leaves_a_device_it_found_attached(env, dg) -> None:
     volumes.mount(dg, "v1")
     assert volumes.is_mounted(dg, "v1")
     volumes.umount(dg, "v1")
+
+
+def test_init_refuses_a_mounted_block_device_under_another_name(env) -> None:
+    """A block device is known by its number: mounted as /dev/loopN, it is refused as a disk even when
+    named through a symlink, and even with --force (which overwrites a filesystem, not a mounted one)."""
+    from storage import diskgroup
+    from storage.diskgroup import DiskSpec
+    from storage.errors import InUse
+
+    img = env.root / "blk.img"
+    with open(img, "xb") as fh:
+        fh.truncate(400 << 20)
+    dev = subprocess.run(["losetup", "--find", "--show", str(img)], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    ident = _ident(img)
+    mnt = env.root / "blk-mnt"
+    mnt.mkdir()
+    try:
+        subprocess.run(["mkfs.xfs", "-q", dev], check=True)
+        subprocess.run(["mount", dev, str(mnt)], check=True)
+        (mnt / "keep").write_text("data")
+        link = env.root / "disk-link"
+        link.symlink_to(dev)
+        with pytest.raises(InUse, match="is mounted"):
+            diskgroup.init(env.config, "blkdg", [DiskSpec(link)], force=True)
+        assert diskgroup.list_names(env.config) == []
+        assert (mnt / "keep").read_text() == "data"
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+        _release({dev: ident})
