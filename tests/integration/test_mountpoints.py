@@ -130,10 +130,15 @@ def test_another_volume_at_the_mount_point_is_not_this_volume(env: Any, second: 
         info = volumes.info(b_c, "a")
         assert (info["mounted"], info["used"]) == (False, None)
         assert [r["mounted"] for r in volumes.list_volumes(b_c)] == [False]
-        proc = subprocess.run(["python3", "-m", "storage.cli", "--json", "vol", "info", "-g", "b_c", "a"],
-                              env={**os.environ, "VERITAS_CONFIG": str(second.source)}, capture_output=True,
-                              text=True, check=True, cwd=Path(__file__).resolve().parents[2])
-        assert json.loads(proc.stdout)["mounted"] is False
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(["python3", "-m", "storage.cli", *args], capture_output=True, text=True,
+                                  env={**os.environ, "VERITAS_CONFIG": str(second.source)}, check=False,
+                                  cwd=Path(__file__).resolve().parents[2])
+
+        proc = cli("vol", "mount", "-g", "b_c", "a")  # the reported answer was success
+        assert proc.returncode == InUse.exit_code and "not this volume" in proc.stderr, proc
+        proc = cli("--json", "vol", "info", "-g", "b_c", "a")
+        assert proc.returncode == 0 and json.loads(proc.stdout)["mounted"] is False, proc
         assert volumes.is_mounted(c, "a_b") and volumes.info(c, "a_b")["mounted"] is True
 
         # doctor of b_c: reports the foreign mount at a's mount point, touches nothing of c
