@@ -14,6 +14,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -103,6 +104,9 @@ def _release(devices: dict[str, FileId]) -> None:
     for dev, ident in sorted(devices.items(), key=lambda kv: not kv[1][0].startswith("7:")):
         if _backing().get(dev) == ident:
             subprocess.run(["losetup", "-d", dev], capture_output=True, check=False)
+        deadline = time.monotonic() + 10  # a concurrent prober holding it open delays the detach
+        while _backing().get(dev) == ident and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 @pytest.fixture
@@ -151,7 +155,10 @@ def test_find_tells_apart_two_images_at_one_path(env, namespaces: list[Namespace
         assert again == dev2
         ns2.py(f"from pathlib import Path; from storage.kernel import loop;"
                f" loop.detach_image(Path({str(image)!r})); print('null')")
-        assert dev2 not in _backing()
+        deadline = time.monotonic() + 10  # a concurrent prober holding it open delays the detach
+        while _backing().get(dev2) == devs[dev2] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _backing().get(dev2) != devs[dev2], "detach_image left its own device attached"
         assert _backing().get(dev1) == devs[dev1] and _autoclear(dev1) == "0"
         assert _find_in(ns1, image) == [dev1]
     finally:
