@@ -188,7 +188,8 @@ def _prepare_source(spec: DiskSpec, force: bool, runner: Runner) -> str:
                 os.truncate(src, spec.size)
         else:
             raise InvalidArgument(f"disk {src} is neither a block device nor a regular file")
-        if any(e.source == str(src) for e in mounts.table()):
+        num = f"{os.major(src.stat().st_rdev)}:{os.minor(src.stat().st_rdev)}" if kind == "block" else None
+        if any(e.source == str(src) or e.major_minor == num for e in mounts.table()):  # by number: any name
             raise InUse(f"disk {src} is mounted; unmount it before adding it to a disk group")
         if kind == "file" and loop.find(src):
             raise InUse(f"disk {src} is attached to {loop.find(src)[0]}; detach it first")
@@ -209,12 +210,12 @@ def _bring_online(d: DiskRec, target: Path, runner: Runner) -> None:
     src = Path(d.source)
     if not src.exists():
         raise VeritasError(f"disk {d.name}: {src} is missing")
-    dev = loop.attach(src, runner) if d.kind == "file" else str(src)
+    dev, attached = loop.attach_tracked(src, runner) if d.kind == "file" else (str(src), False)
     target.mkdir(parents=True, exist_ok=True)
     try:
         fs.mount([dev], target, "xfs", runner=runner)
     except VeritasError:
-        if d.kind == "file":
+        if attached:  # a device found attached may hold this disk mounted elsewhere: not ours to drop
             loop.detach(dev, runner)
         raise
 
@@ -236,15 +237,23 @@ def _check_identity(target: Path, dg: DiskGroupRec, disk: str) -> None:
 
 
 def _format_disk(dg: DiskGroup, name: str, spec: DiskSpec, force: bool) -> DiskRec:
+    created = not spec.source.exists()
     kind = _prepare_source(spec, force, dg.runner)
     src = spec.source.resolve()
-    dev = loop.attach(src, dg.runner) if kind == "file" else str(src)
+    # rollback detaches only a device this call attached, and unmounts only what it mounted
+    dev, attached = loop.attach_tracked(src, dg.runner) if kind == "file" else (str(src), False)
     target = dg.disk_dir(name)
+    mounted = False
     try:
+        # an image made sparse just now, on a device attached just now, is known blank; anything else
+        # is probed on the device itself (the file was probed by _prepare_source) unless forced
+        if not force and kind == "file" and not (created and attached):
+            fs.refuse_formatted([dev], dg.runner)
         fs.mkfs("xfs", [dev], reflink=True, runner=dg.runner)
         crash.point("adddisk.mkfs")
         target.mkdir(parents=True, exist_ok=True)
         fs.mount([dev], target, "xfs", runner=dg.runner)
+        mounted = True
         rec = dg.catalog.diskgroup()
         (target / "vols").mkdir(exist_ok=True)
         durable.write_file(target / _IDENTITY, json.dumps({"dg": rec.name, "dg_uuid": rec.uuid, "disk": name}))
@@ -252,8 +261,9 @@ def _format_disk(dg: DiskGroup, name: str, spec: DiskSpec, force: bool) -> DiskR
         if kind == "file":
             durable.sync_files([src])  # the image and its name, before the catalog records the disk
     except BaseException:
-        fs.umount(target, dg.runner)
-        if kind == "file":
+        if mounted:
+            fs.umount(target, dg.runner)
+        if attached:
             loop.detach(dev, dg.runner)
         raise
     return DiskRec(name, str(src), kind, max(free - DISK_RESERVE, 0), "online")
@@ -423,5 +433,7 @@ def default_dg(config: Config, runner: Runner = run) -> DiskGroup:
                     img = images / f"{name}-disk{i}.img"
                     img.unlink(missing_ok=True)  # left by an interrupted earlier attempt
                     specs.append(DiskSpec(img, config.default_disk_size))
-                _init(config, name, specs, True, runner).close()
+                # not forced: the images are made sparse just now, so they are known blank, and a
+                # device that is not blank (another instance's) is never formatted
+                _init(config, name, specs, False, runner).close()
     return open_dg(config, name, runner)

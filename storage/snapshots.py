@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from storage import crash, durable, options, recovery
+from storage import crash, durable, mountpoints, options, recovery
 from storage.catalog.base import IntentRec, SubdiskRec, VolumeRec
 from storage.diskgroup import DiskGroup
 from storage.errors import InvalidArgument, NoSuchVolume, SnapshotInvalid
@@ -35,7 +35,7 @@ def make(dg: DiskGroup, source: str, name: str, cachesize: str | int | None = No
     check_name(name, "snapshot name")
     given = (("cachesize", cachesize), ("autogrow", autogrow), ("maxiops", maxiops))
     spec = options.parse_snapshot(source, {k: v for k, v in given if v is not None})
-    with dg.locks.hold(source, name):
+    with dg.locks.hold(source, name), mountpoints.claim(dg, name):
         recovery.recover_held(dg, source)  # e.g. a killed make or grow of the source
         src = dg.catalog.volume(source)
         if src is None:

@@ -14,7 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from storage import crash, durable, options, qos, recovery
+from storage import crash, durable, mountpoints, options, qos, recovery
 from storage.catalog.base import IntentRec, MountRec, SubdiskRec, VolumeRec
 from storage.diskgroup import DiskGroup
 from storage.errors import (
@@ -74,7 +74,9 @@ def images(dg: DiskGroup, v: VolumeRec) -> list[Path]:
 
 
 def is_mounted(dg: DiskGroup, name: str) -> bool:
-    return mounts.mounted_at(dg.mountpoint(name)) is not None
+    """Mounted at its mount point by its own device: another filesystem mounted there does not count."""
+    v = dg.catalog.volume(name)
+    return v is not None and mountpoints.mounted_here(dg, v)
 
 
 def devices(dg: DiskGroup, v: VolumeRec) -> list[str]:
@@ -103,7 +105,7 @@ def make(dg: DiskGroup, name: str, size: str | int | None = None, *, spec: optio
     protect = d.protect if spec.protect is None else spec.protect
     fstype, nmirror, ncol = spec.fstype, spec.nmirror, spec.ncol
 
-    with dg.locks.hold(name):
+    with dg.locks.hold(name), mountpoints.claim(dg, name):
         check_free(dg, name)
         for attempt in range(5):
             # placement reads free space outside the catalog transaction; a concurrent make may take the
@@ -125,7 +127,10 @@ def make(dg: DiskGroup, name: str, size: str | int | None = None, *, spec: optio
                 with open(p, "xb") as fh:
                     fh.truncate(sd.size)
             crash.point("make.images")
-            devs = [loop.attach(p, dg.runner) for p in paths]
+            attached = [loop.attach_tracked(p, dg.runner) for p in paths]
+            devs = [dev for dev, _new in attached]
+            # images made just now are blank; a device found already attached is probed before mkfs
+            fs.refuse_formatted([dev for dev, new in attached if not new], dg.runner)
             crash.point("make.attached")
             eng.mkfs(devs, shape, name, dg.runner)
             crash.point("make.mkfs")
@@ -189,7 +194,8 @@ def teardown(dg: DiskGroup, name: str) -> None:
     if v is None:
         return
     mp = dg.mountpoint(name)
-    fs.umount(mp, dg.runner)
+    if mountpoints.mounted_here(dg, v):  # never another volume's mount that shares the path
+        fs.umount(mp, dg.runner)
     try:
         mp.rmdir()
     except OSError:
@@ -213,7 +219,8 @@ def list_volumes(dg: DiskGroup) -> list[dict[str, Any]]:
         mp = f"{root}/{v.name}_{dg.name}"
         rows.append({"name": v.name, "size": v.size, "layout": v.layout, "fstype": v.fstype,
                      "maxiops": v.maxiops, "snapshot_of": v.snapshot_of, "state": v.state,
-                     "mountpoint": mp, "mounted": mp in mounted, "invalid": v.invalid})
+                     "mountpoint": mp, "mounted": mp in mounted and mountpoints.mounted_here(dg, v),
+                     "invalid": v.invalid})
     return rows
 
 
@@ -235,7 +242,7 @@ def info(dg: DiskGroup, name: str) -> dict[str, Any]:
     mp = dg.mountpoint(name)
     sds = dg.catalog.subdisks(name)
     out["mountpoint"] = str(mp)
-    out["mounted"] = mounts.mounted_at(mp) is not None
+    out["mounted"] = mountpoints.mounted_here(dg, v)  # by device: not whatever sits at the path
     out["mounts"] = [asdict(m) for m in dg.catalog.mounts(name)]
     out["diskgroup"] = dg.name
     out["subdisks"] = [{"idx": s.idx, "disk": s.disk, "size": s.size, "reserved": s.reserved,
@@ -268,6 +275,7 @@ def mount(dg: DiskGroup, name: str, mount_id: str = ADMIN_MOUNT_ID, degraded: bo
         if is_mounted(dg, name):
             dg.catalog.add_mount(MountRec(name, dg.node, mount_id, time.time()))
             return mp
+        mountpoints.refuse_foreign(dg, v)
         foreign = [m for m in dg.catalog.mounts(name) if m.node != dg.node]
         if foreign:
             raise InUse(f"volume {name} is mounted on node {foreign[0].node}; unmount it there first")
@@ -280,10 +288,16 @@ def mount(dg: DiskGroup, name: str, mount_id: str = ADMIN_MOUNT_ID, degraded: bo
                            f" --degraded, then run veritas vol repair {name}")
         dg.catalog.put_intent(IntentRec(name, "mount", {"mount_id": mount_id}, time.time()))
         crash.point("mount.recorded")
-        try:
+        attached: list[str] = []  # a failed mount detaches only these: a device found attached may serve
+        try:                       # this volume's mount in another namespace (a managed plugin's, say)
             v = ensure_identity(dg, v)
             paths = [p for p in images(dg, v) if p.exists()]
-            devs = [loop.attach(p, dg.runner) for p in paths]
+            devs = []
+            for p in paths:
+                dev, new = loop.attach_tracked(p, dg.runner)
+                devs.append(dev)
+                if new:
+                    attached.append(dev)
             crash.point("mount.attached")
             mp.mkdir(parents=True, exist_ok=True)
             engine(v.layout).mount(devs, shape_of(v), mp, degraded=state == "degraded", runner=dg.runner)
@@ -294,7 +308,7 @@ def mount(dg: DiskGroup, name: str, mount_id: str = ADMIN_MOUNT_ID, degraded: bo
                 _drop_writeback(devs)
             dg.catalog.add_mount(MountRec(name, dg.node, mount_id, time.time()))
         except BaseException:
-            _unmount_kernel(dg, v)
+            _unmount_kernel(dg, v, only=attached)
             dg.catalog.finish_intent(name)
             raise
         dg.catalog.finish_intent(name)
@@ -362,14 +376,22 @@ def ensure_identity(dg: DiskGroup, v: VolumeRec) -> VolumeRec:
     return _get(dg, v.name)
 
 
-def _unmount_kernel(dg: DiskGroup, v: VolumeRec) -> None:
+def _unmount_kernel(dg: DiskGroup, v: VolumeRec, only: list[str] | None = None) -> None:
+    """Unmount the volume (its own mount only) and detach its devices, or only the devices in ``only``."""
     mp = dg.mountpoint(v.name)
-    fs.umount(mp, dg.runner)
+    if mountpoints.mounted_here(dg, v):  # never another volume's mount that shares the path
+        fs.umount(mp, dg.runner)
     paths = images(dg, v)
-    devs = [d for p in paths for d in loop.find(p)]
+    devs = [d for p in paths for d in loop.find(p) if only is None or d in only]
     if devs:  # whatever the catalog says now: a loop device keeps its rules after detach
         _drop_writeback_logged(devs)
-    _detach(dg, v, paths)
+    if only is None:
+        _detach(dg, v, paths)
+    else:
+        if v.fstype == "btrfs" and devs:
+            fs.forget_btrfs(devs, dg.runner)
+        for d in devs:
+            loop.detach(d, dg.runner)
     try:
         mp.rmdir()
     except OSError:

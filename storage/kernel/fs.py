@@ -14,6 +14,27 @@ XFS_MIN = 300 * 1024 * 1024
 BTRFS_MIN_DEVICE = 131072000
 
 
+def signature(dev: str, runner: Runner = run) -> str | None:
+    """The filesystem or partition table ``dev`` holds, probed on the device itself (blkid -p reads
+    the superblocks, not a cache), or None when it is blank."""
+    proc = runner(["blkid", "-p", "-o", "export", dev], check=False)
+    if proc.returncode == 2:  # nothing found
+        return None
+    if proc.returncode not in (0, 8):  # 8: ambivalent, several signatures
+        raise CommandFailed(["blkid", "-p", dev], proc.returncode, proc.stderr)
+    fields = dict(line.partition("=")[::2] for line in proc.stdout.splitlines())
+    return fields.get("TYPE") or fields.get("PTTYPE") or "unknown signature"
+
+
+def refuse_formatted(devices: Sequence[str], runner: Runner = run) -> None:
+    """Raise InUse if any of ``devices`` already holds a filesystem: mkfs runs on one only when the
+    user forced it, since a device that is not blank may be someone else's."""
+    for dev in devices:
+        found = signature(dev, runner)
+        if found is not None:
+            raise InUse(f"{dev} already holds {found}; refusing to format it (use --force to overwrite)")
+
+
 def mkfs(fstype: str, devices: Sequence[str], *, profile: str | None = None, meta_profile: str | None = None,
          label: str = "", runner: Runner = run, reflink: bool = False) -> None:
     """Make ``fstype`` on ``devices`` (several only for btrfs, with data/metadata profiles)."""

@@ -37,9 +37,26 @@ def attached() -> dict[str, str]:
 _LOOP_GET_STATUS64 = 0x4C05
 _LOOP_INFO64 = struct.Struct("=QQQQQIIII64s64s32s2Q")  # struct loop_info64: lo_device, lo_inode first
 
+FileId = tuple[int, int, int]  # (major, minor) of the filesystem holding a file, and its inode
 
-def _backing_id(dev: str) -> tuple[int, int] | None:
-    """(device, inode) of the file behind ``dev``, as the kernel holds it (what ``losetup -j`` compares)."""
+
+def _decode_dev(dev: int) -> tuple[int, int]:
+    """The kernel's huge_encode_dev() form (what loop_info64.lo_device holds) as (major, minor)."""
+    return (dev & 0xFFF00) >> 8, (dev & 0xFF) | ((dev >> 12) & 0xFFF00)
+
+
+def identity(path: Path) -> FileId | None:
+    """What the kernel knows ``path``'s file by: its filesystem's device number and its inode."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return os.major(st.st_dev), os.minor(st.st_dev), st.st_ino
+
+
+def backing_id(dev: str) -> FileId | None:
+    """Identity of the file behind loop device ``dev``, as the kernel holds it (what ``losetup -j``
+    compares); None when ``dev`` is not attached or cannot be opened."""
     try:
         fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -51,31 +68,42 @@ def _backing_id(dev: str) -> tuple[int, int] | None:
     finally:
         os.close(fd)
     lo_device, lo_inode = _LOOP_INFO64.unpack(info)[:2]
-    return lo_device, lo_inode
+    return (*_decode_dev(lo_device), lo_inode)
+
+
+def backing_id_of(major: int, minor: int) -> FileId | None:
+    """Identity of the file behind the loop device numbered ``major:minor`` (a mount's device, say)."""
+    try:
+        name = os.path.basename(os.readlink(f"/sys/dev/block/{major}:{minor}"))
+    except OSError:
+        return None
+    if not name.startswith("loop"):
+        return None
+    return backing_id(f"/dev/{name}")
+
+
+def owns(dev: str, image: Path) -> bool:
+    """True when loop device ``dev`` is backed by ``image`` itself, not by a file of the same path in
+    another mount namespace (two instances can each have a /var/lib/veritas/images/x.img)."""
+    ident = identity(image)
+    return ident is not None and backing_id(dev) == ident
 
 
 def find(image: Path) -> list[str]:
-    """Loop devices currently backed by ``image``.
+    """Loop devices currently backed by ``image``, told apart by backing (device, inode), never by path.
 
-    sysfs shows a backing file's path as seen from the mount namespace that attached it; once that
-    namespace is gone (a managed plugin disabled and enabled again) the path loses its prefix, e.g.
-    ``/images/x.img``. A device whose path differs but whose file name matches is compared by inode.
+    sysfs shows a backing file's path as seen from the mount namespace that attached it, so another
+    instance's image can show exactly our path, and ours can show a path without its prefix once the
+    namespace that attached it is gone. The path only preselects by file name (which the kernel keeps
+    current); the inode decides.
     """
-    target = str(image)
+    ident = identity(image)
+    if ident is None:
+        return []
     found = []
-    ident: tuple[int, int] | None = None
     for dev, back in attached().items():
-        if back == target:
+        if os.path.basename(back) == image.name and backing_id(dev) == ident:
             found.append(dev)
-        elif os.path.basename(back) == image.name:
-            if ident is None:
-                try:
-                    st = os.stat(image)
-                    ident = (st.st_dev, st.st_ino)
-                except OSError:
-                    ident = (-1, -1)
-            if _backing_id(dev) == ident:
-                found.append(dev)
     return sorted(found)
 
 
@@ -89,9 +117,18 @@ def attach(image: Path, runner: Runner = run, direct_io: bool = True) -> str:
     sectors matter because direct I/O to a reflinked XFS file must be block aligned: a volume made
     with 512-byte sectors could not be mounted again once snapshotted.
     """
+    return attach_tracked(image, runner, direct_io)[0]
+
+
+def attach_tracked(image: Path, runner: Runner = run, direct_io: bool = True) -> tuple[str, bool]:
+    """Like attach, and say whether this call attached the device (True) or found it attached.
+
+    A caller that rolls back detaches only what it attached: a device it merely found may serve
+    someone else (a mount of this volume in another namespace, say).
+    """
     existing = find(image)
     if existing:
-        return existing[0]
+        return existing[0], False
     argv = ["losetup", "--find", "--show", f"--sector-size={SECTOR}"]
     if direct_io:
         argv.append("--direct-io=on")
@@ -99,14 +136,20 @@ def attach(image: Path, runner: Runner = run, direct_io: bool = True) -> str:
     last: CommandFailed | None = None
     for attempt in range(5):
         try:
-            return runner(argv).stdout.strip()
+            dev = runner(argv).stdout.strip()
         except CommandFailed as exc:  # losetup races with concurrent attachers for a free device
             last = exc
             existing = find(image)
             if existing:
-                return existing[0]
+                return existing[0], False
             time.sleep(0.05 * (attempt + 1))
-    raise last if last is not None else CommandFailed(argv, -1, "losetup was never run")
+            continue
+        if not owns(dev, image):
+            raise CommandFailed(argv, 0, f"losetup answered {dev}, which is not backed by {image}")
+        return dev, True
+    if last is None:  # pragma: no cover - the loop above either returns or records an error
+        raise CommandFailed(argv, 1, "losetup failed")
+    raise last
 
 
 def _backing(name: str) -> str | None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,10 +57,49 @@ def targets_of(devices: set[str]) -> list[str]:
     nums = set()
     for d in devices:
         try:
-            import os
-
             st = os.stat(d)
             nums.add(f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}")
         except OSError:
             continue
     return [e.target for e in table() if e.source in devices or e.major_minor in nums]
+
+
+_BTRFS_IOC_FS_INFO = 0x8400941F  # _IOR(0x94, 31, struct btrfs_ioctl_fs_info_args), 1024 bytes; fsid at 16
+
+
+def _btrfs_members(target: Path) -> set[tuple[int, int]]:
+    """Device numbers of the member devices of the btrfs mounted at ``target`` (from its fsid's sysfs
+    directory), or none when ``target`` holds no btrfs."""
+    try:
+        fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return set()
+    try:
+        info = fcntl.ioctl(fd, _BTRFS_IOC_FS_INFO, bytes(1024))
+    except OSError:
+        return set()
+    finally:
+        os.close(fd)
+    fsid = str(uuid.UUID(bytes=bytes(info[16:32])))
+    out: set[tuple[int, int]] = set()
+    try:
+        members = list(os.scandir(f"/sys/fs/btrfs/{fsid}/devices"))
+    except OSError:
+        return out
+    for m in members:
+        try:
+            major, _, minor = Path(m.path, "dev").read_text().strip().partition(":")
+            out.add((int(major), int(minor)))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def devices_of(entry: MountEntry) -> set[tuple[int, int]]:
+    """The block devices a mount stands on, by number: the mount's own device, and for btrfs (whose
+    mount shows an anonymous device number) every member device."""
+    major, _, minor = entry.major_minor.partition(":")
+    out = {(int(major), int(minor))}
+    if entry.fstype == "btrfs":
+        out |= _btrfs_members(Path(entry.target))
+    return out

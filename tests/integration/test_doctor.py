@@ -142,17 +142,43 @@ def test_stale_mount_record(env: Any, healthy: DiskGroup) -> None:
 
 
 def test_stray_mount(env: Any, healthy: DiskGroup) -> None:
-    """A mount under the mount root, named like a volume of this disk group that does not exist."""
+    """One of this disk group's images mounted behind veritas's back, under a name that is no volume's
+    mount point: doctor knows it by the loop device's backing file, unmounts and detaches it."""
     dg = healthy
+    dev = attach_behind_back(image_of(dg, "idle"))
     ghost = dg.config.mount_root / f"ghost_{DG}"
     ghost.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(ghost)], check=True)
+    subprocess.run(["mount", "-t", "xfs", dev, str(ghost)], check=True)
     try:
-        expect_found_and_fixed(env, dg, {("stray-mount", str(ghost))})
+        expect_found_and_fixed(env, dg, {("stray-mount", str(ghost)), ("stray-loop", dev)})
         assert mounts.mounted_at(ghost) is None
+        assert loop.find(image_of(dg, "idle")) == []
     finally:
         if mounts.mounted_at(ghost) is not None:
             subprocess.run(["umount", str(ghost)], check=False)
+
+
+def test_foreign_mount_named_like_ours_is_left_alone(env: Any, healthy: DiskGroup) -> None:
+    """A filesystem that is none of this disk group's, mounted at a path shaped like one of its mount
+    points (``<mount_root>/<name>_<dg>``): not doctor's to report or unmount. At the mount point of one
+    of its volumes it is reported (that volume cannot be mounted), and still not unmounted."""
+    dg = healthy
+    ghost = dg.config.mount_root / f"ghost_{DG}"
+    idle = dg.mountpoint("idle")
+    for d in (ghost, idle):
+        d.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)], check=True)
+    try:
+        for repair in (False, True):
+            found = doctor.check(dg, repair=repair)
+            assert [(f.kind, f.subject, f.fixed) for f in found] == [("foreign-mount", str(idle), False)], found
+            assert "not volume idle" in found[0].detail
+        assert mounts.mounted_at(ghost) is not None and mounts.mounted_at(idle) is not None
+        assert not volumes.is_mounted(dg, "idle")
+    finally:
+        for d in (ghost, idle):
+            while mounts.mounted_at(d) is not None:
+                subprocess.run(["umount", str(d)], check=True)
 
 
 def test_missing_image(env: Any, healthy: DiskGroup) -> None:
@@ -180,7 +206,7 @@ def test_everything_at_once(env: Any, healthy: DiskGroup) -> None:
     stray_dev = attach_behind_back(image_of(dg, "idle"))
     ghost = dg.config.mount_root / f"ghost_{DG}"
     ghost.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(ghost)], check=True)
+    subprocess.run(["mount", "-t", "xfs", stray_dev, str(ghost)], check=True)
     volumes.make(dg, "lost", "200m", fstype="ext4")
     image_of(dg, "lost").unlink()
     try:

@@ -522,3 +522,129 @@ def test_upgrade_with_volumes_in_use(bare_stack: ManagedStack, registry: str, pl
     clean(s.state, s.pids())
     assert leftovers(s.state, s.pids()) == []
     print("managed plugin upgrade timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in s.timings.items()))
+
+
+# ------------------------------------------------------------------ host service and managed plugin, one engine
+
+
+def _plugin_dir_with_state_at(plugin_dir: Path, state_path: Path, out: Path) -> Path:
+    """A copy of ``plugin_dir`` (rootfs hard-linked, edited files replaced, never written through) whose
+    plugin keeps its state at ``state_path`` inside its container: its state bind's destination and the
+    baked config's state_root. So its disk images have the very paths the host service's have."""
+    out.mkdir()
+    subprocess.run(["cp", "-al", str(plugin_dir / "rootfs"), str(out / "rootfs")], check=True)
+    config = json.loads((plugin_dir / "config.json").read_text())
+    for m in config["mounts"]:
+        if m["name"] == "state":
+            m["destination"] = str(state_path)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    conf = out / "rootfs" / "etc" / "vx" / "docker" / "vxinfoscale-default.conf"
+    text = conf.read_text().replace("state_root = /var/lib/veritas", f"state_root = {state_path}")
+    assert f"state_root = {state_path}" in text
+    build_id = out / "rootfs" / "etc" / "veritas-plugin-build-id"
+    for path, content in ((conf, text), (build_id, f"same-state-path-{time.time_ns()}\n")):
+        path.unlink()  # a hard link to the module's build: replace the file, do not write through it
+        path.write_text(content)
+    (out / "rootfs" / str(state_path).lstrip("/")).mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _loop_ids(loops: list[str]) -> dict[str, tuple[str, str]]:
+    by_name = {d["name"]: d for d in _loop_devices()}
+    return {n: (by_name[n]["back-maj:min"], by_name[n]["back-ino"]) for n in loops if n in by_name}
+
+
+def _autoclear(dev: str) -> str:
+    return (Path("/sys/block") / Path(dev).name / "loop" / "autoclear").read_text().strip()
+
+
+def test_host_service_and_managed_plugin_on_one_engine(plugin_dir: Path) -> None:
+    """Both instances on one engine, each with its embedded default disk group, and each calling its first
+    disk image <state_root>/images/dockerdg-disk1.img by the same path (the host service on the host,
+    the managed plugin in its container). Before the fix, enabling the managed plugin ran mkfs.xfs on the
+    host service's disk device ("Device or resource busy") and its rollback marked that device autoclear.
+    Now both create, mount and write volumes, and neither touches the other's devices."""
+    from storage import diskgroup
+    from storage.config import load_config
+    from tests.integration.dockerstack import PluginProcess, share_mount_root, unshare_mount_root, write_plugin_config
+
+    root = Path(tempfile.mkdtemp(prefix="vmanaged-", dir="/tmp"))
+    node = DockerNode(root / "node")
+    state = root / "state"  # the managed plugin's state on the host
+    state.mkdir()
+    host = root / "host"  # the host service: state_root host/state, mount root host/mnt (shared)
+    host.mkdir()
+    share_mount_root(host / "mnt")  # before the node's namespace is made, or it never sees volume mounts
+    s = ManagedStack(root, node, state)
+    service: PluginProcess | None = None
+    host_state = host / "state"
+    left: list[str] = []
+    try:
+        node.start()
+        conf = write_plugin_config(host, node, disk_size="4g")
+        service = PluginProcess(conf, node.plugins / "veritas.sock", host / "plugin.log")
+        service.start()
+
+        # the host service: a volume, written, and kept mounted by a running container
+        s.docker("volume", "create", "-d", "veritas", "--name", "hvol", "-o", "size=1g")
+        keeper = s.docker("run", "-d", "--network", "none", "-v", "hvol:/d", IMAGE, "sh", "-c",
+                          "echo host > /d/f; exec sleep 600").stdout.strip()
+        deadline = time.monotonic() + 20
+        while s.docker("exec", keeper, "cat", "/d/f", check=False).stdout.strip() != "host":
+            assert time.monotonic() < deadline, "the host service's container did not write its file"
+            time.sleep(0.1)
+        host_loops = plugin_loops(host_state)
+        assert len(host_loops) == 3, host_loops  # two disks and the volume
+        host_ids = _loop_ids(host_loops)
+
+        # the managed plugin, whose disk images have the host service's paths inside its container
+        pdir = _plugin_dir_with_state_at(plugin_dir, host_state, root / "plugin-same-path")
+        s.docker("plugin", "create", PLUGIN, str(pdir))
+        shutil.rmtree(pdir)
+        s.docker("plugin", "set", PLUGIN, f"state.source={state}", f"docker.source={node.sock}")
+        enabled = s.docker("plugin", "enable", PLUGIN, check=False)
+        assert enabled.returncode == 0, f"enable failed: {enabled.stderr}\n{s.plugin_log()}"
+        s.docker("volume", "create", "-d", PLUGIN, "--name", "mvol", "-o", "size=1g")
+        assert s.run("echo managed > /d/f; cat /d/f") == "managed"
+        assert sorted(p.name for p in (state / "images").iterdir()) == ["dockerdg-disk1.img", "dockerdg-disk2.img"]
+
+        # each instance's devices are its own: the host service's are untouched and still in use
+        managed_loops = plugin_loops(state)
+        assert len(managed_loops) == 2, f"{managed_loops}\n{s.plugin_log()}"  # its disks (mvol is unmounted)
+        assert not set(managed_loops) & set(host_loops)
+        assert _loop_ids(host_loops) == host_ids
+        assert [_autoclear(d) for d in host_loops] == ["0"] * 3, "the managed plugin marked a host device"
+        s.docker("exec", keeper, "sh", "-c", "echo more >> /d/f")
+        assert s.docker("exec", keeper, "cat", "/d/f").stdout.split() == ["host", "more"]
+        out = s.docker("run", "--rm", "--network", "none", "-v", "hvol:/h", "-v", "mvol:/m", IMAGE, "sh", "-c",
+                       "cat /h/f /m/f").stdout.split()
+        assert out == ["host", "more", "managed"]
+        for name in ("hvol", "mvol"):
+            assert json.loads(s.docker("volume", "inspect", name).stdout)[0]["Status"]["health"] == "ok"
+
+        # the host service goes first; the managed plugin's devices stay as they were
+        s.docker("rm", "-f", keeper)
+        s.docker("volume", "rm", "hvol")
+        assert plugin_loops(state) == managed_loops
+        assert s.run("cat /d/f") == "managed"
+    finally:
+        try:
+            if node.proc is not None and node.proc.poll() is None:
+                for cid in s.docker("ps", "-aq", check=False).stdout.split():
+                    s.docker("rm", "-f", cid, check=False)
+                s.docker("volume", "rm", "-f", "hvol", check=False)
+            if service is not None:
+                service.stop()
+            cfg = load_config(host / "veritas.conf")
+            for name in diskgroup.list_names(cfg):
+                g = diskgroup.open_dg(cfg, name)
+                for v in g.catalog.volumes():
+                    for m in g.catalog.mounts(v.name):
+                        g.catalog.remove_mount(v.name, m.node, m.mount_id)
+                diskgroup.destroy(g, force=True)
+            left = plugin_loops(host_state)
+            clean(host_state, ["self"])
+        finally:
+            unshare_mount_root(host / "mnt")
+            _teardown(s)  # the managed plugin, the node, and its state; fails on leftovers
+        assert left == [], f"the host service left {left}"
