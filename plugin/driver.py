@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -144,7 +144,15 @@ class Driver:
 
     def get(self, name: str) -> dict[str, Any]:
         v = self._get(name)
-        info = volumes.info(self.dg, v.name)
+        try:
+            info = volumes.info(self.dg, v.name)
+        except NoSuchVolume:
+            raise  # removed since
+        except (VeritasError, OSError) as exc:
+            # the volume exists: never deny it because its details cannot be read now
+            log.warning("Get %s: details unavailable: %s", v.name, exc)
+            info = {"health": f"unknown ({exc})", "mounts": [asdict(m) for m in self.dg.catalog.mounts(v.name)],
+                    "used": None, "snapshots": [], "cache_used": None}
         status: dict[str, Any] = {
             "diskgroup": self.dg.name,
             "size": format_size(v.size),
