@@ -86,6 +86,11 @@ class SocketClaim:
         self.identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket file we bound
         self._lock: IO[str] | None = None
 
+    def _refuse_live(self) -> None:
+        if answers(self.path):
+            raise InUse(f"a plugin is already serving on {self.path}; stop it first"
+                        " (two plugins on one socket would take each other's calls)")
+
     def _take_lock(self) -> None:
         # two plugins starting at once must not both find the path free and unlink each other's socket
         fh = open(self.path.with_name(self.path.name + ".lock"), "a+")  # held until release
@@ -98,11 +103,10 @@ class SocketClaim:
 
     def bind(self) -> socketlib.socket:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._refuse_live()
         self._take_lock()
         try:
-            if answers(self.path):
-                raise InUse(f"a plugin is already serving on {self.path}; stop it first"
-                            " (two plugins on one socket would take each other's calls)")
+            self._refuse_live()  # again under the lock: one may have bound in between
             try:
                 st = os.lstat(self.path)
             except FileNotFoundError:
