@@ -162,7 +162,7 @@ def serve(config: Config, socket: Path | None = None, workers: int | None = None
         else:
             how = f"inherited fd {LISTEN_FD} ({listener.getsockname() or 'unnamed'}) from socket activation"
             listener.listen(BACKLOG)
-    except VeritasError as exc:
+    except (VeritasError, OSError) as exc:
         print(f"veritas plugin serve: {exc}", file=sys.stderr)
         return 1
     try:
