@@ -360,7 +360,10 @@ def test_containers_dockerd_restarts_are_limited_again(stack, how):
     if how == "graceful":
         node.stop(remove_containers=False)
     else:
+        ctrd = node.containerd_pid()
         node.kill()
+        # its containerd dies with it (pdeathsig), not at once: a new dockerd would wait on the old one
+        wait_for("the killed dockerd's containerd to end", lambda: ctrd is None or not alive(ctrd), timeout=30)
     node.start()
 
     def restarted() -> bool:
