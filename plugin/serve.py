@@ -174,7 +174,9 @@ def serve(config: Config, socket: Path | None = None, workers: int | None = None
 def _run(config: Config, listener: socketlib.socket, how: str, workers: int | None) -> int:
     # Docker's calls queue on the listener from here on; gunicorn answers them after reconciliation.
     # Reconciliation asks Docker only through its container list, which never waits on a Mount.
-    engine = Engine(config.plugin.docker_host, config.plugin.driver, timeout=5.0)
+    # short: a dockerd that is restoring containers serves no API until their Mounts, queued behind
+    # this reconciliation, are answered; without an answer every mounted volume is kept
+    engine = Engine(config.plugin.docker_host, config.plugin.driver, timeout=2.0)
     try:
         dg = diskgroup.default_dg(config)
     except VeritasError as exc:
