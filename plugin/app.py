@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -12,9 +14,33 @@ from werkzeug.exceptions import HTTPException
 
 from plugin.driver import Driver
 from plugin.protocol import CONTENT_TYPE, SCHEMAS, error_body, parse_request
-from storage.errors import VeritasError
+from storage.errors import NoSuchVolume, VeritasError
+from storage.units import check_name
 
 log = logging.getLogger("veritas.plugin")
+
+# How long Get waits for a disk group that cannot be read yet before it drops the connection unanswered
+# (Docker gives Get a minute). Docker takes every answered Get error for "no such volume", forgets the
+# volume and may make a local one of that name; a dropped connection is a transport error to it, which
+# it reports (after its retries) without deciding anything.
+GET_PATIENCE = 20.0
+
+
+class NotReady(Exception):
+    """The plugin cannot tell now whether a volume exists: the call gets no answer at all."""
+
+
+def _drop_connection(why: str) -> Response:
+    """Close the client's connection without an answer (under gunicorn; the reply is for other servers)."""
+    log.warning("%s: %s; closing the connection unanswered so Docker does not take it for a missing volume",
+                request.path, why)
+    sock = request.environ.get("gunicorn.socket")
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+    return _reply(error_body(f"veritas plugin not ready: {why}"), 503)
 
 
 def _reply(body: dict[str, Any], status: int = 200) -> Response:
@@ -31,22 +57,49 @@ def create_app(driver: Driver) -> Flask:
         "VolumeDriver.Mount": lambda r: {"Mountpoint": driver.mount(r["Name"], r["ID"]), "Err": ""},
         "VolumeDriver.Unmount": lambda r: (driver.unmount(r["Name"], r["ID"]), {"Err": ""})[1],
         "VolumeDriver.Path": lambda r: {"Mountpoint": driver.path(r["Name"]), "Err": ""},
-        "VolumeDriver.Get": lambda r: {"Volume": driver.get(r["Name"]), "Err": ""},
+        "VolumeDriver.Get": lambda r: {"Volume": _patient_get(r["Name"]), "Err": ""},
         "VolumeDriver.List": lambda r: {"Volumes": driver.list(), "Err": ""},
         "VolumeDriver.Capabilities": lambda r: {"Capabilities": {"Scope": "global"}},
     }
     if views.keys() != SCHEMAS.keys():  # a check that must survive python -O
         raise RuntimeError(f"endpoints without a schema or view: {sorted(views.keys() ^ SCHEMAS.keys())}")
 
+    def _patient_get(name: str) -> dict[str, Any]:
+        """Get answers "no such volume" only when the catalog says so; until it can be read, it waits."""
+        check_name(name, "volume name")
+        deadline = time.monotonic() + GET_PATIENCE
+        warned = False
+        while True:
+            try:
+                return driver.get(name)
+            except NoSuchVolume:
+                raise
+            except Exception as exc:  # any answered error would deny the volume to Docker
+                if time.monotonic() >= deadline:
+                    raise NotReady(f"cannot read volume {name}: {exc}") from exc
+                if not warned:
+                    log.warning("Get %s waits: %s", name, exc)
+                    warned = True
+                time.sleep(0.2)
+
     def make_view(endpoint: str) -> Callable[[], Response]:
         def view() -> Response:
-            req = parse_request(endpoint, request.get_data())
+            body = request.get_data()
+            if endpoint == "VolumeDriver.Get" and not body.strip():
+                # Docker's retry of a Get whose connection broke resends an empty body: unanswerable,
+                # and an answered error would make Docker forget the volume
+                return _drop_connection("Get with an empty body (Docker's retry of a lost request)")
+            req = parse_request(endpoint, body)
             return _reply(views[endpoint](req))
         view.__name__ = endpoint.replace(".", "_")
         return view
 
     for endpoint in views:
         app.add_url_rule(f"/{endpoint}", view_func=make_view(endpoint), methods=["POST"])
+
+    @app.errorhandler(NotReady)
+    def not_ready(exc: NotReady) -> Response:
+        return _drop_connection(str(exc))
 
     @app.errorhandler(VeritasError)
     def veritas_error(exc: VeritasError) -> Response:

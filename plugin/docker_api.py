@@ -102,6 +102,18 @@ class Engine:
                 out.append(use)
         return out
 
+    def volumes_in_use(self, states: tuple[str, ...]) -> set[str]:
+        """Names of our volumes that containers in ``states`` reference, from the container list alone.
+
+        Never waits on a starting container (inspect would, while the start waits on a Mount).
+        """
+        out: set[str] = set()
+        for c in self.client.api.containers(all=True, filters={"status": list(states)}):
+            use = self._use({"Id": c["Id"], "Mounts": c.get("Mounts"), "State": {"Status": c.get("State", "")}})
+            if use is not None:
+                out.update(use.volumes)
+        return out
+
     def start_events(self, since: int | None = None) -> Iterator[dict[str, Any]]:
         """Container start and destroy events (from ``since``, a Unix time), as they happen.
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-from plugin.docker_api import Engine
+from plugin.docker_api import DOCKER_ID, ContainerUse, Engine
 from storage import diskgroup, options, qos, snapshots, volumes
 from storage.catalog.base import VolumeRec
 from storage.config import Config
@@ -22,6 +23,7 @@ log = logging.getLogger("veritas.plugin")
 # Docker mounts a container's volumes before it starts its process, whether the container is new or
 # was stopped: containers in these states may be the one a Mount is for
 PRELIMIT_STATES = ("created", "exited")
+ALL_STATES = ("created", "restarting", "running", "removing", "paused", "exited", "dead")
 
 VOLUME_OPTIONS, SNAPSHOT_OPTIONS, ALL_OPTIONS = options.VOLUME_OPTIONS, options.SNAPSHOT_OPTIONS, options.ALL_OPTIONS
 
@@ -113,6 +115,7 @@ class Driver:
     def remove(self, name: str) -> None:
         v = self._get(name)
         volumes.remove(self.dg, v.name)
+        self._users_file(v.name).unlink(missing_ok=True)
 
     def mount(self, name: str, mount_id: str) -> str:
         v = self._get(name)
@@ -131,7 +134,15 @@ class Driver:
 
     def get(self, name: str) -> dict[str, Any]:
         v = self._get(name)
-        info = volumes.info(self.dg, v.name)
+        try:
+            info = volumes.info(self.dg, v.name)
+        except NoSuchVolume:
+            raise  # removed since
+        except (VeritasError, OSError) as exc:
+            # the volume exists: never deny it because its details cannot be read now
+            log.warning("Get %s: details unavailable: %s", v.name, exc)
+            info = {"health": f"unknown ({exc})", "mounts": [asdict(m) for m in self.dg.catalog.mounts(v.name)],
+                    "used": None, "snapshots": [], "cache_used": None}
         status: dict[str, Any] = {
             "diskgroup": self.dg.name,
             "size": format_size(v.size),
@@ -176,10 +187,17 @@ class Driver:
         if self.engine is None:
             return
         try:
-            users = self.engine.listed(v.name, states=PRELIMIT_STATES)
+            listed = self.engine.listed(v.name, states=ALL_STATES)
         except Engine.ERRORS as exc:
-            log.warning("cannot list containers of %s for maxiops: %s", v.name, exc)
-            return
+            # dockerd serves no API while it restores containers at its start, and it restores them by
+            # mounting their volumes: limit the containers that used the volume at the last listing
+            ids = self._remembered_users(v.name)
+            log.warning("cannot list containers of %s for maxiops (%s); pre-limiting the %d container(s)"
+                        " that used it at the last listing", v.name, exc, len(ids))
+            users = [ContainerUse(i, "exited", 0, (v.name,), "") for i in ids]
+        else:
+            self._remember_users(v.name, [u.id for u in listed])
+            users = [u for u in listed if u.state in PRELIMIT_STATES]
         for u in users:
             parent = (u.cgroup_parent or "docker").strip("/")
             try:
@@ -187,11 +205,50 @@ class Driver:
             except (OSError, VeritasError) as exc:
                 log.warning("cannot pre-limit container %s of %s: %s", u.id[:12], v.name, exc)
 
+    def _users_file(self, volume: str) -> Path:
+        return self.dg.root / "docker-users" / f"{self.dg.node}.{volume}"
+
+    def _remember_users(self, volume: str, ids: list[str]) -> None:
+        """Keep the IDs of the containers that reference ``volume`` (a cache, rewritten at each listing)."""
+        path = self._users_file(volume)
+        try:
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_text("".join(f"{i}\n" for i in sorted(ids)))
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("cannot keep the containers of %s: %s", volume, exc)
+
+    def _remembered_users(self, volume: str) -> list[str]:
+        try:
+            text = self._users_file(volume).read_text()
+        except OSError:
+            return []
+        return [i for i in text.split() if DOCKER_ID.fullmatch(i)]
+
+    def forget_gone_users(self) -> int:
+        """Drop remembered containers Docker no longer has, and the cgroups made ahead for them."""
+        if self.engine is None:
+            return 0
+        dropped = 0
+        for path in (self.dg.root / "docker-users").glob(f"{self.dg.node}.*"):
+            volume = path.name[len(self.dg.node) + 1:]
+            ids = self._remembered_users(volume)
+            gone = [i for i in ids if self.engine.inspect(i) is None]
+            if gone:
+                for i in gone:
+                    release_prelimit(i)
+                self._remember_users(volume, [i for i in ids if i not in gone])
+                dropped += len(gone)
+        return dropped
+
 
 def apply_container_limits(driver: Driver, container: str | None = None) -> int:
     """Apply maxiops of our volumes to running containers (one, or all); returns cgroups written."""
     if driver.engine is None:
         return 0
+    if container is None:  # a catch-up after (re)connecting to the engine
+        driver.forget_gone_users()
     uses = [driver.engine.inspect(container)] if container else driver.engine.users(states=("running",))
     written = 0
     h = qos.Hierarchy.detect()

@@ -2,9 +2,14 @@
 
 Catalog, kernel and Docker can disagree after a crash, a reboot, a dockerd restart or a managed plugin's
 forced disable or upgrade: volumes that containers still use but that are no longer mounted here are
-mounted again, keeping their mount IDs; mount IDs whose filesystem is gone are dropped; volumes mounted
-with no running container of the engine using them are unmounted; stray loop devices and orphan images
-go (storage doctor).
+mounted again, keeping their mount IDs; mount IDs whose filesystem is gone are dropped; Docker's mount
+IDs of volumes no container of the engine uses are released, and a volume is unmounted when no mount ID
+is left; stray loop devices and orphan images go (storage doctor). Mount IDs that are not Docker's
+(``veritas vol mount``'s "admin") belong to an administrator and stay.
+
+Docker is asked only through its container list, never inspect: inspect waits on the lock of a
+container that is starting, and a starting container waits on its volume's Mount, which this plugin
+answers only after reconciling. A busy volume is logged and left; it never stops the plugin.
 """
 
 from __future__ import annotations
@@ -23,22 +28,41 @@ def reconcile(dg: DiskGroup, engine: Engine | None) -> list[str]:
     in_use: set[str] | None = None
     if engine is not None and engine.reachable():
         try:
-            in_use = {name for u in engine.users(states=ACTIVE_STATES) for name in u.volumes}
+            in_use = engine.volumes_in_use(ACTIVE_STATES)
         except Engine.ERRORS as exc:
             log.warning("cannot list containers; keeping every mounted volume: %s", exc)
     actions = readopt(dg, in_use or set())
     actions += [str(f) for f in doctor.check(dg, repair=True) if f.fixed]
     for v in dg.catalog.volumes():
-        if v.state != "ok" or not volumes.is_mounted(dg, v.name):
+        if in_use is None or v.name in in_use or v.state != "ok" or not volumes.is_mounted(dg, v.name):
             continue
-        counted = [m for m in dg.catalog.mounts(v.name) if m.node == dg.node]
-        if in_use is not None and v.name not in in_use:
-            # no container of this engine uses it: Docker will never send the Unmounts these IDs wait for
-            volumes.umount(dg, v.name, force=True)
-            actions.append(f"unmounted {v.name}: mounted for {len(counted)} mount ID(s) but no container uses it")
+        try:
+            actions += _release_unused(dg, v.name)
+        except VeritasError as exc:
+            log.warning("reconcile: left %s as it is: %s", v.name, exc)
     for a in actions:
         log.info("reconcile: %s", a)
     return actions
+
+
+def _release_unused(dg: DiskGroup, name: str) -> list[str]:
+    """Drop Docker's mount IDs of a volume no container of the engine uses: Docker will never send the
+    Unmounts they wait for. Each goes on its own, so the volume is unmounted only when no mount ID is
+    left, and an administrator's mount keeps it mounted."""
+    counted = [m.mount_id for m in dg.catalog.mounts(name) if m.node == dg.node]
+    docker_ids = [i for i in counted if DOCKER_ID.fullmatch(i)]
+    if not counted:
+        volumes.umount(dg, name, force=True)  # mounted, but nobody counted: nothing can ever unmount it
+        return [f"unmounted {name}: mounted with no mount ID counted"]
+    for mount_id in docker_ids:
+        volumes.umount(dg, name, mount_id)
+    if not docker_ids:
+        return []
+    kept = len(counted) - len(docker_ids)
+    if kept:
+        return [f"released {len(docker_ids)} Docker mount ID(s) of {name}: no container uses it;"
+                f" it stays mounted for {kept} other mount ID(s)"]
+    return [f"unmounted {name}: mounted for {len(docker_ids)} Docker mount ID(s) but no container uses it"]
 
 
 def readopt(dg: DiskGroup, in_use: set[str]) -> list[str]:

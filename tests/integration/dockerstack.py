@@ -261,8 +261,8 @@ class PluginProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.tree: list[int] = []
 
-    def start(self, timeout: float = 60.0) -> None:
-        env = {**os.environ, "VERITAS_CONFIG": str(self.config_path), "PYTHONPATH": str(REPO)}
+    def start(self, timeout: float = 60.0, extra_env: dict[str, str] | None = None) -> None:
+        env = {**os.environ, "VERITAS_CONFIG": str(self.config_path), "PYTHONPATH": str(REPO), **(extra_env or {})}
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "veritas.cli", "plugin", "serve"], cwd=REPO,
                                          env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
