@@ -29,6 +29,7 @@ import pytest
 import requests_unixsocket
 from hypothesis import HealthCheck, given, note, seed, settings
 from hypothesis import strategies as st
+from requests.exceptions import ConnectionError as Dropped
 
 from plugin.protocol import CONTENT_TYPE
 from storage import diskgroup, volumes
@@ -329,6 +330,14 @@ def test_volume_driver_api_by_property(fuzz: Fuzz, pytestconfig: pytest.Config) 
     failures: list[str] = []
 
     def check(req: Request) -> None:
+        if req.endpoint == "VolumeDriver.Get" and not req.body.strip():
+            # the one request left unanswered: it is how Docker retries a Get whose connection broke,
+            # and any answer would make Docker forget the volume (test_plugin_serve.py covers it)
+            with pytest.raises(Dropped):
+                fuzz.post(req.endpoint, req.body)
+            fuzz.counts["Get dropped"] = fuzz.counts.get("Get dropped", 0) + 1
+            assert fuzz.state() == base, f"unanswered {req!r} changed the state"
+            return
         out = fuzz.post(req.endpoint, req.body)
         verdict = f"{req.endpoint.split('.')[1]} {'refused' if out.get('Err') else 'accepted'}"
         fuzz.counts[verdict] = fuzz.counts.get(verdict, 0) + 1
