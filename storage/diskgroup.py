@@ -428,12 +428,28 @@ def default_dg(config: Config, runner: Runner = run) -> DiskGroup:
             if not (config.dg_parent / name / "catalog.db").exists():
                 images = config.state_root / "images"
                 images.mkdir(exist_ok=True, mode=0o700)
+                interrupted = (config.dg_parent / name / "catalog.db.new").exists()
                 specs = []
                 for i in range(1, config.default_disk_count + 1):
                     img = images / f"{name}-disk{i}.img"
-                    img.unlink(missing_ok=True)  # left by an interrupted earlier attempt
+                    if img.exists():
+                        _discard_default_image(name, img, interrupted, runner)
                     specs.append(DiskSpec(img, config.default_disk_size))
                 # not forced: the images are made sparse just now, so they are known blank, and a
                 # device that is not blank (another instance's) is never formatted
                 _init(config, name, specs, False, runner).close()
     return open_dg(config, name, runner)
+
+
+def _discard_default_image(name: str, img: Path, interrupted: bool, runner: Runner) -> None:
+    """Delete an embedded-default disk image that no catalog records, unless it may hold data.
+
+    An init killed before it published its catalog leaves ``catalog.db.new`` and images that only it
+    wrote: those go. An image that holds a filesystem while no catalog at all is there belongs to a
+    disk group whose catalog was lost; remaking the default on it would destroy its volumes.
+    """
+    if not interrupted and fs.signature(str(img), runner) is not None:
+        raise InUse(f"disk image {img} holds a filesystem, but disk group {name}"
+                    " has no catalog: its volumes may still be on it. Move the image away (or delete it"
+                    " if its data is not wanted) before the default disk group is made again")
+    img.unlink(missing_ok=True)

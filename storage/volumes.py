@@ -30,7 +30,7 @@ from storage.errors import (
 from storage.kernel import btrfs, btrfs_super, fs, loop, mounts, reflink
 from storage.layouts import ENGINES, engine
 from storage.layouts.base import LayoutEngine, Shape
-from storage.units import check_name, parse_size
+from storage.units import check_name, format_size, parse_size
 
 MAKE_OPTIONS = options.VOLUME_OPTIONS
 ADMIN_MOUNT_ID = "admin"
@@ -480,7 +480,8 @@ def grow(dg: DiskGroup, name: str, size: str | int) -> VolumeRec:
         if v.invalid:
             raise SnapshotInvalid(f"snapshot {name} is invalid and cannot grow: {v.invalid}")
         if new < v.size:
-            raise InvalidArgument(f"volume {name} is {v.size} bytes; it cannot shrink to {new}")
+            raise InvalidArgument(f"volume {name} is {format_size(v.size, long=True)}; it cannot shrink to"
+                                  f" {format_size(new, long=True)} (volumes only grow)")
         if new == v.size:
             return v
         eng = engine(v.layout)

@@ -87,6 +87,7 @@ def check_space(used: Mapping[str, int], subdisks: list[SubdiskRec], capacity: M
     Shared by every backend so they refuse the same requests with the same words.
     """
     from storage.errors import NoSpace
+    from storage.units import format_size
 
     want: dict[str, int] = {}
     for s in subdisks:
@@ -95,7 +96,7 @@ def check_space(used: Mapping[str, int], subdisks: list[SubdiskRec], capacity: M
         have = capacity.get(disk, 0) - used.get(disk, 0)
         if n > have:
             raise NoSpace(
-                f"disk {disk} has {max(have, 0) // 2**20} MiB free, {-(-n // 2**20)} MiB needed;"
+                f"disk {disk} has {format_size(max(have, 0), long=True)} free, {format_size(n, long=True)} needed;"
                 " add a disk (veritas dg adddisk) or choose a smaller size"
             )
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -142,7 +144,7 @@ def test_protected_volume_needs_force(env, dg):
 def test_grow_refuses_shrink(env, dg):
     volumes.make(dg, "v1", "500m")
     free = dg.free()
-    with pytest.raises(InvalidArgument, match="cannot shrink"):
+    with pytest.raises(InvalidArgument, match=r"is [\d.]+ [MG]iB; it cannot shrink to [\d.]+ [MG]iB"):
         volumes.grow(dg, "v1", "400m")
     proc = env.cli("vol", "grow", "v1", "300m", check=False)
     assert proc.returncode != 0 and "shrink" in proc.stderr
@@ -348,6 +350,30 @@ def test_embedded_default_dg_is_created_on_first_make(env):
     assert diskgroup.list_names(env.config) == [env.config.diskgroup]
     assert sorted((env.config.state_root / "images").iterdir()) == images
     assert {r["name"] for r in cli_json(env, "vol", "list")} == {"v1", "v2"}
+
+
+def test_embedded_default_is_not_remade_over_images_whose_catalog_is_lost(env):
+    """A default disk image holding a filesystem while its disk group has no catalog may hold volumes:
+    the next use refuses, naming the image, and the image stays as it was. An init killed before it
+    published its catalog (catalog.db.new left) is discarded and made again."""
+    env.cli("vol", "make", "v1", "500m")
+    dgname = env.config.diskgroup
+    env.cli("dg", "deport", dgname)
+    shutil.rmtree(env.config.dg_parent / dgname)  # the catalog is lost; the disk images remain
+    images = sorted((env.config.state_root / "images").iterdir())
+    before = {p: (p.stat().st_size, p.stat().st_ino, hashlib.sha256(p.read_bytes()[:1 << 20]).hexdigest())
+              for p in images}
+    proc = env.cli("vol", "make", "v2", "500m", check=False)
+    assert proc.returncode != 0 and "holds a filesystem" in proc.stderr and str(images[0]) in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert {p: (p.stat().st_size, p.stat().st_ino, hashlib.sha256(p.read_bytes()[:1 << 20]).hexdigest())
+            for p in images} == before
+    assert diskgroup.list_names(env.config) == [] and under(env, "loops") == []
+    # an interrupted init: its marker makes the leftovers discardable
+    (env.config.dg_parent / dgname).mkdir(parents=True)
+    (env.config.dg_parent / dgname / "catalog.db.new").write_bytes(b"")
+    env.cli("vol", "make", "v2", "500m")
+    assert {r["name"] for r in cli_json(env, "vol", "list")} == {"v2"}
 
 
 def _nothing_left(env, before_files: set[Path], name: str) -> None:
