@@ -106,6 +106,10 @@ class FsckFailed(CommandFailed):
     fit to resize or to get a new identity."""
 
 
+class CatalogError(VeritasError):
+    """The catalog's backend failed (a corrupt or unreadable database, a full disk under it)."""
+
+
 class LockTimeout(VeritasError):
     exit_code = 9
 

@@ -9,7 +9,7 @@ the same contract tests (tests/unit/test_catalog_contract.py).
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,6 +101,16 @@ def check_space(used: Mapping[str, int], subdisks: list[SubdiskRec], capacity: M
             )
 
 
+def check_owner(dg: str, current: str | None, expect: Collection[str | None] | None) -> None:
+    """The compare of set_imported's compare-and-set, shared so every backend refuses alike."""
+    from storage.errors import InUse
+
+    if expect is not None and current not in expect:
+        where = f"imported on node {current}" if current is not None else "deported"
+        raise InUse(f"disk group {dg} is {where} now, which this change did not expect; look again"
+                    f" (veritas dg list) and retry")
+
+
 class Catalog(abc.ABC):
     """One disk group's catalog. Raises storage.errors types, never backend exceptions."""
 
@@ -113,7 +123,12 @@ class Catalog(abc.ABC):
         """:raises NoSuchDiskGroup: if the catalog was never initialised."""
 
     @abc.abstractmethod
-    def set_imported(self, node: str | None) -> None: ...
+    def set_imported(self, node: str | None, expect: Collection[str | None] | None = None) -> None:
+        """Record the node the disk group is imported on (None: deported), atomically.
+
+        Compare-and-set: with ``expect``, only while the current owner is one of ``expect``.
+        :raises InUse: naming the current owner otherwise, with nothing changed.
+        """
 
     @abc.abstractmethod
     def add_disk(self, disk: DiskRec) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import threading
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from storage.catalog.base import (
@@ -16,6 +16,7 @@ from storage.catalog.base import (
     MountRec,
     SubdiskRec,
     VolumeRec,
+    check_owner,
     check_space,
 )
 from storage.errors import AlreadyExists, IntentPending, InUse, NoSuchDiskGroup, NoSuchVolume
@@ -42,9 +43,11 @@ class MemoryCatalog(Catalog):
             raise NoSuchDiskGroup("catalog holds no disk group")
         return self._dg
 
-    def set_imported(self, node: str | None) -> None:
+    def set_imported(self, node: str | None, expect: Collection[str | None] | None = None) -> None:
         with self._lock:
-            self._dg = dataclasses.replace(self.diskgroup(), imported_on=node)
+            dg = self.diskgroup()
+            check_owner(dg.name, dg.imported_on, expect)
+            self._dg = dataclasses.replace(dg, imported_on=node)
 
     def add_disk(self, disk: DiskRec) -> None:
         with self._lock:

@@ -6,7 +6,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,9 +19,17 @@ from storage.catalog.base import (
     MountRec,
     SubdiskRec,
     VolumeRec,
+    check_owner,
     check_space,
 )
-from storage.errors import AlreadyExists, IntentPending, InUse, NoSuchDiskGroup, NoSuchVolume, VeritasError
+from storage.errors import (
+    AlreadyExists,
+    CatalogError,
+    IntentPending,
+    InUse,
+    NoSuchDiskGroup,
+    NoSuchVolume,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS diskgroup (
@@ -47,8 +55,22 @@ CREATE TABLE IF NOT EXISTS intent (
   key TEXT PRIMARY KEY, op TEXT NOT NULL, data TEXT NOT NULL, created REAL NOT NULL);
 """
 
-# columns added after the first release, in table order: (name, declaration)
-_ADDED_COLUMNS = (("autogrow", "INTEGER NOT NULL DEFAULT 0"), ("invalid", "TEXT NOT NULL DEFAULT ''"))
+SCHEMA_VERSION = 2  # 1: release 0.1.0; 2: snapshot cache columns (autogrow, invalid)
+
+
+def _to_2(db: sqlite3.Connection) -> None:
+    have = {r[1] for r in db.execute("PRAGMA table_info(volume)")}
+    for col, decl in (("autogrow", "INTEGER NOT NULL DEFAULT 0"), ("invalid", "TEXT NOT NULL DEFAULT ''")):
+        if col not in have:
+            db.execute(f"ALTER TABLE volume ADD COLUMN {col} {decl}")
+    if "autogrow" not in have:
+        # snapshots made before caches were enforced may already be past theirs: they grow while the
+        # disk group has room, rather than lose their data at the first check
+        db.execute("UPDATE volume SET autogrow=1 WHERE snapshot_of IS NOT NULL")
+
+
+# version N -> N + 1, each run inside the one transaction that also records the new version
+_UPGRADES: dict[int, Callable[[sqlite3.Connection], None]] = {1: _to_2}
 _VOL_FIELDS = {f for f in VolumeRec.__dataclass_fields__ if f != "name"}
 _SD_FIELDS = {"disk", "size", "reserved"}
 
@@ -68,42 +90,65 @@ class SqliteCatalog(Catalog):
             # of an intent or a finished operation is exactly what recovery cannot tell from the truth
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.executescript(_SCHEMA)
-            self._migrate()
         except sqlite3.Error as exc:
-            raise VeritasError(f"cannot open catalog {path}: {exc}") from None
+            raise CatalogError(f"cannot open catalog {path}: {exc}") from None
+        self._prepare()
 
-    def _migrate(self) -> None:
-        """Add the columns a catalog made by an older version lacks (appended, as in _SCHEMA)."""
-        if {c for c, _ in _ADDED_COLUMNS} <= {r[1] for r in self._q("PRAGMA table_info(volume)")}:
+    def _prepare(self) -> None:
+        """Create the schema in a new catalog, or upgrade an older one step by step to SCHEMA_VERSION.
+
+        The version lives in SQLite's ``user_version``; release 0.1.0 never set it (0 with tables).
+        A catalog from a newer veritas is refused rather than misread.
+        """
+        version = self._q("PRAGMA user_version")[0][0]
+        if version == SCHEMA_VERSION:
             return  # the usual case: no write lock taken
-        with self._tx() as db:  # re-read under the lock: another process may be migrating too
-            have = {r[1] for r in db.execute("PRAGMA table_info(volume)")}
-            for col, decl in _ADDED_COLUMNS:
-                if col not in have:
-                    db.execute(f"ALTER TABLE volume ADD COLUMN {col} {decl}")
-            if "autogrow" not in have:
-                # snapshots made before caches were enforced may already be past theirs: they grow
-                # while the disk group has room, rather than lose their data at the first check
-                db.execute("UPDATE volume SET autogrow=1 WHERE snapshot_of IS NOT NULL")
+        if version > SCHEMA_VERSION:
+            raise CatalogError(f"catalog {self.path} has schema version {version}, newer than this veritas"
+                               f" knows ({SCHEMA_VERSION}); upgrade veritas on this node")
+        with self._tx() as db:  # re-read under the lock: another process may be upgrading too
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if not db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='volume'").fetchone():
+                for stmt in _SCHEMA.split(";"):  # executescript would commit: one statement at a time
+                    if stmt.strip():
+                        db.execute(stmt)
+                version = SCHEMA_VERSION
+            version = max(version, 1)
+            while version < SCHEMA_VERSION:
+                _UPGRADES[version](db)
+                version += 1
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION:d}")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             db = self._db
-            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise CatalogError(f"catalog {self.path}: cannot begin a transaction: {exc}") from None
             try:
                 yield db
+            except sqlite3.Error as exc:
+                if db.in_transaction:  # some errors (a full disk) have rolled it back already
+                    db.execute("ROLLBACK")
+                raise CatalogError(f"catalog {self.path}: {exc}") from None
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
             else:
-                db.execute("COMMIT")
+                try:
+                    db.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    raise CatalogError(f"catalog {self.path}: commit failed: {exc}") from None
 
     def _q(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         with self._lock:
-            cur = self._db.execute(sql, args)
-            return list(cur.fetchall())
+            try:
+                return list(self._db.execute(sql, args).fetchall())
+            except sqlite3.Error as exc:
+                raise CatalogError(f"catalog {self.path}: {exc}") from None
 
     # disk group
     def init(self, dg: DiskGroupRec) -> None:
@@ -118,8 +163,12 @@ class SqliteCatalog(Catalog):
             raise NoSuchDiskGroup(f"catalog {self.path} holds no disk group")
         return DiskGroupRec(*rows[0])
 
-    def set_imported(self, node: str | None) -> None:
+    def set_imported(self, node: str | None, expect: Collection[str | None] | None = None) -> None:
         with self._tx() as db:
+            row = db.execute("SELECT name, imported_on FROM diskgroup").fetchone()
+            if row is None:
+                raise NoSuchDiskGroup(f"catalog {self.path} holds no disk group")
+            check_owner(row[0], row[1], expect)
             db.execute("UPDATE diskgroup SET imported_on=?", (node,))
 
     # disks

@@ -788,3 +788,78 @@ INSERT INTO volume VALUES ('src', 209715200, 'concat', 'xfs', 1, 1, 0, NULL, 0, 
         assert got is not None and got.invalid == "cache ran out" and got.autogrow is False
     finally:
         again.close()
+
+
+def test_set_imported_is_a_compare_and_set(catalog: Catalog) -> None:
+    """Ownership changes only from an owner the caller saw: a node importing a deported group cannot
+    silently take it from a node that imported it meanwhile."""
+    catalog.init(DG)
+    catalog.set_imported("node1", expect=(None,))
+    assert catalog.diskgroup().imported_on == "node1"
+    with pytest.raises(InUse, match="imported on node node1"):
+        catalog.set_imported("node2", expect=(None,))
+    assert catalog.diskgroup().imported_on == "node1"
+    catalog.set_imported(None, expect=("node1",))  # deport by its owner
+    with pytest.raises(InUse, match="deported"):
+        catalog.set_imported("node2", expect=("node1",))
+    assert catalog.diskgroup().imported_on is None
+    catalog.set_imported("node2")  # no expectation: a forced import
+    assert catalog.diskgroup().imported_on == "node2"
+
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "catalog-0.1.0.db"
+
+
+def test_sqlite_upgrades_a_catalog_made_by_release_0_1_0(tmp_path: Path) -> None:
+    """tests/fixtures/catalog-0.1.0.db was made by release 0.1.0's own CLI (dg init on two disks, a
+    concat volume v1 mounted, a mirror m1 with maxiops=50, a snapshot s1 of v1 with cachesize=100m).
+    It opens, keeps every row, and is upgraded to the current schema version once."""
+    import shutil
+    import sqlite3
+
+    from storage.catalog.sqlite import SCHEMA_VERSION
+
+    path = tmp_path / "catalog.db"
+    shutil.copy(FIXTURE, path)
+    cat = SqliteCatalog(path)
+    try:
+        assert cat.diskgroup().name == "fixdg"
+        assert [d.name for d in cat.disks()] == ["fixdg01", "fixdg02"]
+        assert [v.name for v in cat.volumes()] == ["m1", "s1", "v1"]
+        m1, s1, v1 = (cat.volume(n) for n in ("m1", "s1", "v1"))
+        assert m1 is not None and m1.layout == "mirror" and m1.maxiops == 50 and len(cat.subdisks("m1")) == 2
+        assert s1 is not None and s1.snapshot_of == "v1" and s1.cachesize == 100 * MiB
+        assert s1.autogrow is True and s1.invalid == ""  # nothing held it to its cache before
+        assert v1 is not None and v1.autogrow is False and v1.size == 400 * MiB
+        assert [m.mount_id for m in cat.mounts("v1")] == ["admin"]
+        assert cat.intents() == []
+    finally:
+        cat.close()
+    db = sqlite3.connect(str(path))
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    db.close()
+
+
+def test_sqlite_refuses_a_catalog_from_a_newer_release(tmp_path: Path) -> None:
+    import sqlite3
+
+    from storage.errors import CatalogError
+
+    path = tmp_path / "catalog.db"
+    SqliteCatalog(path).close()
+    db = sqlite3.connect(str(path))
+    db.execute("PRAGMA user_version=99")
+    db.commit()
+    db.close()
+    with pytest.raises(CatalogError, match="schema version 99, newer than this veritas knows"):
+        SqliteCatalog(path)
+
+
+def test_sqlite_errors_come_back_as_storage_errors(tmp_path: Path) -> None:
+    """A damaged catalog is a typed error with the file's name, not a backend exception."""
+    from storage.errors import CatalogError
+
+    path = tmp_path / "catalog.db"
+    path.write_bytes(b"this is not a database" * 300)
+    with pytest.raises(CatalogError, match=str(path)):
+        SqliteCatalog(path)
