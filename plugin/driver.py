@@ -25,8 +25,6 @@ log = logging.getLogger("veritas.plugin")
 PRELIMIT_STATES = ("created", "exited")
 ALL_STATES = ("created", "restarting", "running", "removing", "paused", "exited", "dead")
 
-VOLUME_OPTIONS, SNAPSHOT_OPTIONS, ALL_OPTIONS = options.VOLUME_OPTIONS, options.SNAPSHOT_OPTIONS, options.ALL_OPTIONS
-
 
 @dataclass
 class Driver:
@@ -64,7 +62,7 @@ class Driver:
         spec = options.parse_create(opts)
         existing = self.dg.catalog.volume(name)
         if existing is not None and existing.state == "ok":
-            self._same(existing, spec, opts)
+            options.require_same(existing, spec, opts)
             return
         try:
             if isinstance(spec, options.SnapshotSpec):
@@ -81,36 +79,7 @@ class Driver:
                 # make finished a killed operation's leftovers itself: this one is live and raced in
                 raise InUse(f"volume {name} is {winner.state} in another operation; try again when it"
                             " has finished") from None
-            self._same(winner, spec, opts)
-
-    def _same(self, v: VolumeRec, spec: options.VolumeSpec | options.SnapshotSpec, opts: dict[str, str]) -> None:
-        """Create of an existing volume succeeds when the options agree, and is refused when they don't."""
-        wanted: dict[str, Any] = {}
-        have: dict[str, Any] = {}
-        shown: dict[str, str] = {}
-        if isinstance(spec, options.SnapshotSpec):
-            wanted["sourcevol"], have["sourcevol"] = spec.source, v.snapshot_of
-            if spec.cachesize is not None:
-                wanted["cachesize"], have["cachesize"] = spec.cachesize, v.cachesize
-                shown["cachesize"] = format_size(v.cachesize, long=True)
-            if spec.maxiops is not None:
-                wanted["maxiops"], have["maxiops"] = spec.maxiops, v.maxiops
-            if spec.autogrow is not None:
-                wanted["autogrow"], have["autogrow"] = spec.autogrow, v.autogrow
-        else:
-            if spec.size is not None:
-                wanted["size"], have["size"] = spec.size, v.size
-                shown["size"] = format_size(v.size, long=True)
-            if spec.layout not in (None, "auto"):
-                wanted["layout"], have["layout"] = spec.layout, v.layout
-            for key in ("fstype", "nmirror", "ncol", "maxiops", "protect"):
-                if getattr(spec, key) is not None:
-                    wanted[key], have[key] = getattr(spec, key), getattr(v, key)
-        diff = [k for k in wanted if wanted[k] != have[k]]
-        if diff:
-            desc = ", ".join(f"{k}={shown.get(k, have[k])} (asked {opts[k]})" for k in diff)
-            raise AlreadyExists(f"volume {v.name} already exists with different options: {desc};"
-                                " remove it first or use another name")
+            options.require_same(winner, spec, opts)
 
     def remove(self, name: str) -> None:
         v = self._get(name)
@@ -199,9 +168,8 @@ class Driver:
             self._remember_users(v.name, [u.id for u in listed])
             users = [u for u in listed if u.state in PRELIMIT_STATES]
         for u in users:
-            parent = (u.cgroup_parent or "docker").strip("/")
             try:
-                volumes.apply_maxiops(self.dg, v.name, f"{parent}/{u.id}", create=True)
+                volumes.apply_maxiops(self.dg, v.name, qos.container_cgroup(u.cgroup_parent, u.id), create=True)
             except (OSError, VeritasError) as exc:
                 log.warning("cannot pre-limit container %s of %s: %s", u.id[:12], v.name, exc)
 
@@ -258,7 +226,7 @@ def apply_container_limits(driver: Driver, container: str | None = None) -> int:
         cg = qos.cgroup_of_pid(h, use.pid)
         if cg is None:
             continue
-        stale = h.root / "docker" / use.id
+        stale = h.root / qos.container_cgroup(None, use.id)
         if cg != stale and stale.is_dir():
             try:  # pre-created by Mount under the default parent, but the container lives elsewhere
                 stale.rmdir()
@@ -280,7 +248,7 @@ def release_prelimit(container_id: str) -> bool:
     """
     try:
         h = qos.Hierarchy.detect()
-        (h.root / "docker" / container_id).rmdir()
+        (h.root / qos.container_cgroup(None, container_id)).rmdir()
     except (OSError, VeritasError):
         return False
     log.info("removed the cgroup made ahead for container %s", container_id[:12])
