@@ -50,12 +50,24 @@ def _reply(body: dict[str, Any], status: int = 200) -> Response:
 def create_app(driver: Driver) -> Flask:
     app = Flask("veritas")
 
+    def create(r: dict[str, Any]) -> dict[str, Any]:
+        driver.create(r["Name"], r.get("Opts") or {})
+        return {"Err": ""}
+
+    def remove(r: dict[str, Any]) -> dict[str, Any]:
+        driver.remove(r["Name"])
+        return {"Err": ""}
+
+    def unmount(r: dict[str, Any]) -> dict[str, Any]:
+        driver.unmount(r["Name"], r["ID"])
+        return {"Err": ""}
+
     views: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
         "Plugin.Activate": lambda r: {"Implements": ["VolumeDriver"]},
-        "VolumeDriver.Create": lambda r: (driver.create(r["Name"], r.get("Opts") or {}), {"Err": ""})[1],
-        "VolumeDriver.Remove": lambda r: (driver.remove(r["Name"]), {"Err": ""})[1],
+        "VolumeDriver.Create": create,
+        "VolumeDriver.Remove": remove,
         "VolumeDriver.Mount": lambda r: {"Mountpoint": driver.mount(r["Name"], r["ID"]), "Err": ""},
-        "VolumeDriver.Unmount": lambda r: (driver.unmount(r["Name"], r["ID"]), {"Err": ""})[1],
+        "VolumeDriver.Unmount": unmount,
         "VolumeDriver.Path": lambda r: {"Mountpoint": driver.path(r["Name"]), "Err": ""},
         "VolumeDriver.Get": lambda r: {"Volume": _patient_get(r["Name"]), "Err": ""},
         "VolumeDriver.List": lambda r: {"Volumes": driver.list(), "Err": ""},

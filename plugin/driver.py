@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import logging
 import os
 import threading
@@ -139,7 +140,7 @@ class Driver:
         return {"Name": v.name, "Mountpoint": str(self.dg.mountpoint(v.name)), "CreatedAt": created,
                 "Status": status}
 
-    def list(self) -> list[dict[str, str]]:
+    def list(self) -> builtins.list[dict[str, str]]:
         return [{"Name": r["name"], "Mountpoint": r["mountpoint"]}
                 for r in volumes.list_volumes(self.dg) if r["state"] == "ok"]
 
@@ -176,7 +177,7 @@ class Driver:
     def _users_file(self, volume: str) -> Path:
         return self.dg.root / "docker-users" / f"{self.dg.node}.{volume}"
 
-    def _remember_users(self, volume: str, ids: list[str]) -> None:
+    def _remember_users(self, volume: str, ids: builtins.list[str]) -> None:
         """Keep the IDs of the containers that reference ``volume`` (a cache, rewritten at each listing)."""
         path = self._users_file(volume)
         try:
@@ -187,7 +188,7 @@ class Driver:
         except OSError as exc:
             log.warning("cannot keep the containers of %s: %s", volume, exc)
 
-    def _remembered_users(self, volume: str) -> list[str]:
+    def _remembered_users(self, volume: str) -> builtins.list[str]:
         try:
             text = self._users_file(volume).read_text()
         except OSError:
