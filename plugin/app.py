@@ -47,55 +47,77 @@ def _reply(body: dict[str, Any], status: int = 200) -> Response:
     return Response(json.dumps(body), status=status, mimetype=CONTENT_TYPE)
 
 
-def create_app(driver: Driver) -> Flask:
-    app = Flask("veritas")
+def _patient_get(driver: Driver, name: str) -> dict[str, Any]:
+    """Get answers "no such volume" only when the catalog says so; until it can be read, it waits."""
+    check_name(name, "volume name")
+    deadline = time.monotonic() + GET_PATIENCE
+    warned = False
+    while True:
+        try:
+            return driver.get(name)
+        except NoSuchVolume:
+            raise
+        except Exception as exc:  # any answered error would deny the volume to Docker
+            if time.monotonic() >= deadline:
+                raise NotReady(f"cannot read volume {name}: {exc}") from exc
+            if not warned:
+                log.warning("Get %s waits: %s", name, exc)
+                warned = True
+            time.sleep(0.2)
 
-    views: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+
+View = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def _views(driver: Driver) -> dict[str, View]:
+    """Each VolumeDriver call as a function of its checked request, answering Docker's reply body."""
+
+    def create(r: dict[str, Any]) -> dict[str, Any]:
+        driver.create(r["Name"], r.get("Opts") or {})
+        return {"Err": ""}
+
+    def remove(r: dict[str, Any]) -> dict[str, Any]:
+        driver.remove(r["Name"])
+        return {"Err": ""}
+
+    def unmount(r: dict[str, Any]) -> dict[str, Any]:
+        driver.unmount(r["Name"], r["ID"])
+        return {"Err": ""}
+
+    views: dict[str, View] = {
         "Plugin.Activate": lambda r: {"Implements": ["VolumeDriver"]},
-        "VolumeDriver.Create": lambda r: (driver.create(r["Name"], r.get("Opts") or {}), {"Err": ""})[1],
-        "VolumeDriver.Remove": lambda r: (driver.remove(r["Name"]), {"Err": ""})[1],
+        "VolumeDriver.Create": create,
+        "VolumeDriver.Remove": remove,
         "VolumeDriver.Mount": lambda r: {"Mountpoint": driver.mount(r["Name"], r["ID"]), "Err": ""},
-        "VolumeDriver.Unmount": lambda r: (driver.unmount(r["Name"], r["ID"]), {"Err": ""})[1],
+        "VolumeDriver.Unmount": unmount,
         "VolumeDriver.Path": lambda r: {"Mountpoint": driver.path(r["Name"]), "Err": ""},
-        "VolumeDriver.Get": lambda r: {"Volume": _patient_get(r["Name"]), "Err": ""},
+        "VolumeDriver.Get": lambda r: {"Volume": _patient_get(driver, r["Name"]), "Err": ""},
         "VolumeDriver.List": lambda r: {"Volumes": driver.list(), "Err": ""},
         "VolumeDriver.Capabilities": lambda r: {"Capabilities": {"Scope": "global"}},
     }
     if views.keys() != SCHEMAS.keys():  # a check that must survive python -O
         raise RuntimeError(f"endpoints without a schema or view: {sorted(views.keys() ^ SCHEMAS.keys())}")
+    return views
 
-    def _patient_get(name: str) -> dict[str, Any]:
-        """Get answers "no such volume" only when the catalog says so; until it can be read, it waits."""
-        check_name(name, "volume name")
-        deadline = time.monotonic() + GET_PATIENCE
-        warned = False
-        while True:
-            try:
-                return driver.get(name)
-            except NoSuchVolume:
-                raise
-            except Exception as exc:  # any answered error would deny the volume to Docker
-                if time.monotonic() >= deadline:
-                    raise NotReady(f"cannot read volume {name}: {exc}") from exc
-                if not warned:
-                    log.warning("Get %s waits: %s", name, exc)
-                    warned = True
-                time.sleep(0.2)
 
-    def make_view(endpoint: str) -> Callable[[], Response]:
-        def view() -> Response:
-            body = request.get_data()
-            if endpoint == "VolumeDriver.Get" and not body.strip():
-                # Docker's retry of a Get whose connection broke resends an empty body: unanswerable,
-                # and an answered error would make Docker forget the volume
-                return _drop_connection("Get with an empty body (Docker's retry of a lost request)")
-            req = parse_request(endpoint, body)
-            return _reply(views[endpoint](req))
-        view.__name__ = endpoint.replace(".", "_")
-        return view
+def _http_view(endpoint: str, handle: View) -> Callable[[], Response]:
+    """The Flask view of one endpoint: the body checked against its schema, then ``handle``."""
 
-    for endpoint in views:
-        app.add_url_rule(f"/{endpoint}", view_func=make_view(endpoint), methods=["POST"])
+    def view() -> Response:
+        body = request.get_data()
+        if endpoint == "VolumeDriver.Get" and not body.strip():
+            # Docker's retry of a Get whose connection broke resends an empty body: unanswerable,
+            # and an answered error would make Docker forget the volume
+            return _drop_connection("Get with an empty body (Docker's retry of a lost request)")
+        req = parse_request(endpoint, body)
+        return _reply(handle(req))
+
+    view.__name__ = endpoint.replace(".", "_")
+    return view
+
+
+def _error_handlers(app: Flask) -> None:
+    """Every failure becomes Docker's Err reply, except NotReady, which gets no answer at all."""
 
     @app.errorhandler(NotReady)
     def not_ready(exc: NotReady) -> Response:
@@ -116,4 +138,10 @@ def create_app(driver: Driver) -> Flask:
         return _reply(error_body(f"internal error in veritas plugin ({type(exc).__name__}: {exc});"
                                  " the plugin log has the details"))
 
+
+def create_app(driver: Driver) -> Flask:
+    app = Flask("veritas")
+    for endpoint, handle in _views(driver).items():
+        app.add_url_rule(f"/{endpoint}", view_func=_http_view(endpoint, handle), methods=["POST"])
+    _error_handlers(app)
     return app

@@ -50,7 +50,9 @@ class Engine:
     @property
     def client(self) -> docker.DockerClient:
         if self._client is None:
-            self._client = docker.DockerClient(base_url=self.base_url, timeout=self.timeout, version="auto")
+            # the stubs say int; the SDK hands the timeout to requests, which takes seconds as a float
+            self._client = docker.DockerClient(base_url=self.base_url, timeout=self.timeout,  # type: ignore[arg-type]
+                                               version="auto")
         return self._client
 
     def reachable(self) -> bool:
@@ -121,6 +123,7 @@ class Engine:
         ``since`` to replay what happened before that.
         """
         filters = {"type": ["container"], "event": ["start", "destroy"]}
-        api = docker.APIClient(base_url=self.base_url, timeout=None, version="auto")
+        # no timeout: the stream waits for events (the stubs say int; requests takes None for "none")
+        api = docker.APIClient(base_url=self.base_url, timeout=None, version="auto")  # type: ignore[arg-type]
         yield from api.events(since=since, filters=json.loads(json.dumps(filters)), decode=True)
 

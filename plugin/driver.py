@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import logging
 import os
 import threading
@@ -24,8 +25,6 @@ log = logging.getLogger("veritas.plugin")
 # was stopped: containers in these states may be the one a Mount is for
 PRELIMIT_STATES = ("created", "exited")
 ALL_STATES = ("created", "restarting", "running", "removing", "paused", "exited", "dead")
-
-VOLUME_OPTIONS, SNAPSHOT_OPTIONS, ALL_OPTIONS = options.VOLUME_OPTIONS, options.SNAPSHOT_OPTIONS, options.ALL_OPTIONS
 
 
 @dataclass
@@ -64,7 +63,7 @@ class Driver:
         spec = options.parse_create(opts)
         existing = self.dg.catalog.volume(name)
         if existing is not None and existing.state == "ok":
-            self._same(existing, spec, opts)
+            options.require_same(existing, spec, opts)
             return
         try:
             if isinstance(spec, options.SnapshotSpec):
@@ -81,36 +80,7 @@ class Driver:
                 # make finished a killed operation's leftovers itself: this one is live and raced in
                 raise InUse(f"volume {name} is {winner.state} in another operation; try again when it"
                             " has finished") from None
-            self._same(winner, spec, opts)
-
-    def _same(self, v: VolumeRec, spec: options.VolumeSpec | options.SnapshotSpec, opts: dict[str, str]) -> None:
-        """Create of an existing volume succeeds when the options agree, and is refused when they don't."""
-        wanted: dict[str, Any] = {}
-        have: dict[str, Any] = {}
-        shown: dict[str, str] = {}
-        if isinstance(spec, options.SnapshotSpec):
-            wanted["sourcevol"], have["sourcevol"] = spec.source, v.snapshot_of
-            if spec.cachesize is not None:
-                wanted["cachesize"], have["cachesize"] = spec.cachesize, v.cachesize
-                shown["cachesize"] = format_size(v.cachesize, long=True)
-            if spec.maxiops is not None:
-                wanted["maxiops"], have["maxiops"] = spec.maxiops, v.maxiops
-            if spec.autogrow is not None:
-                wanted["autogrow"], have["autogrow"] = spec.autogrow, v.autogrow
-        else:
-            if spec.size is not None:
-                wanted["size"], have["size"] = spec.size, v.size
-                shown["size"] = format_size(v.size, long=True)
-            if spec.layout not in (None, "auto"):
-                wanted["layout"], have["layout"] = spec.layout, v.layout
-            for key in ("fstype", "nmirror", "ncol", "maxiops", "protect"):
-                if getattr(spec, key) is not None:
-                    wanted[key], have[key] = getattr(spec, key), getattr(v, key)
-        diff = [k for k in wanted if wanted[k] != have[k]]
-        if diff:
-            desc = ", ".join(f"{k}={shown.get(k, have[k])} (asked {opts[k]})" for k in diff)
-            raise AlreadyExists(f"volume {v.name} already exists with different options: {desc};"
-                                " remove it first or use another name")
+            options.require_same(winner, spec, opts)
 
     def remove(self, name: str) -> None:
         v = self._get(name)
@@ -170,7 +140,7 @@ class Driver:
         return {"Name": v.name, "Mountpoint": str(self.dg.mountpoint(v.name)), "CreatedAt": created,
                 "Status": status}
 
-    def list(self) -> list[dict[str, str]]:
+    def list(self) -> builtins.list[dict[str, str]]:
         return [{"Name": r["name"], "Mountpoint": r["mountpoint"]}
                 for r in volumes.list_volumes(self.dg) if r["state"] == "ok"]
 
@@ -199,16 +169,15 @@ class Driver:
             self._remember_users(v.name, [u.id for u in listed])
             users = [u for u in listed if u.state in PRELIMIT_STATES]
         for u in users:
-            parent = (u.cgroup_parent or "docker").strip("/")
             try:
-                volumes.apply_maxiops(self.dg, v.name, f"{parent}/{u.id}", create=True)
+                volumes.apply_maxiops(self.dg, v.name, qos.container_cgroup(u.cgroup_parent, u.id), create=True)
             except (OSError, VeritasError) as exc:
                 log.warning("cannot pre-limit container %s of %s: %s", u.id[:12], v.name, exc)
 
     def _users_file(self, volume: str) -> Path:
         return self.dg.root / "docker-users" / f"{self.dg.node}.{volume}"
 
-    def _remember_users(self, volume: str, ids: list[str]) -> None:
+    def _remember_users(self, volume: str, ids: builtins.list[str]) -> None:
         """Keep the IDs of the containers that reference ``volume`` (a cache, rewritten at each listing)."""
         path = self._users_file(volume)
         try:
@@ -219,7 +188,7 @@ class Driver:
         except OSError as exc:
             log.warning("cannot keep the containers of %s: %s", volume, exc)
 
-    def _remembered_users(self, volume: str) -> list[str]:
+    def _remembered_users(self, volume: str) -> builtins.list[str]:
         try:
             text = self._users_file(volume).read_text()
         except OSError:
@@ -258,7 +227,7 @@ def apply_container_limits(driver: Driver, container: str | None = None) -> int:
         cg = qos.cgroup_of_pid(h, use.pid)
         if cg is None:
             continue
-        stale = h.root / "docker" / use.id
+        stale = h.root / qos.container_cgroup(None, use.id)
         if cg != stale and stale.is_dir():
             try:  # pre-created by Mount under the default parent, but the container lives elsewhere
                 stale.rmdir()
@@ -280,7 +249,7 @@ def release_prelimit(container_id: str) -> bool:
     """
     try:
         h = qos.Hierarchy.detect()
-        (h.root / "docker" / container_id).rmdir()
+        (h.root / qos.container_cgroup(None, container_id)).rmdir()
     except (OSError, VeritasError):
         return False
     log.info("removed the cgroup made ahead for container %s", container_id[:12])

@@ -16,4 +16,5 @@ if __name__ == "__main__":
     os.environ["LISTEN_FDS"] = "1"
     os.environ["LISTEN_PID"] = str(os.getpid())
     sys.argv[0] = "gunicorn"
-    sys.exit(run())
+    run()  # returns only when gunicorn has stopped
+    sys.exit(0)

@@ -11,10 +11,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from storage.catalog.base import VolumeRec
 from storage.config import FSTYPES
-from storage.errors import InvalidArgument, UnknownOption
+from storage.errors import AlreadyExists, InvalidArgument, UnknownOption
 from storage.layouts import LAYOUTS
-from storage.units import check_name, parse_size
+from storage.units import check_name, format_size, parse_size
 
 VOLUME_OPTIONS = ("size", "layout", "fstype", "nmirror", "ncol", "maxiops", "protect")
 SNAPSHOT_OPTIONS = ("sourcevol", "cachesize", "autogrow", "maxiops")
@@ -157,3 +158,43 @@ def parse_create(opts: Mapping[str, Any]) -> VolumeSpec | SnapshotSpec:
         if key in opts:
             raise InvalidArgument(f"{key} applies only to snapshots: give sourcevol=VOLUME too")
     return parse_volume(None, opts)
+
+
+def conflicts(spec: VolumeSpec | SnapshotSpec, v: VolumeRec) -> dict[str, str]:
+    """The options ``spec`` asks for that the existing volume ``v`` does not have, each with ``v``'s value
+    as a message shows it. Options not asked (None, layout "auto") match whatever ``v`` has."""
+    wanted: dict[str, object] = {}
+    have: dict[str, object] = {}
+    shown: dict[str, str] = {}
+    if isinstance(spec, SnapshotSpec):
+        wanted["sourcevol"], have["sourcevol"] = spec.source, v.snapshot_of
+        if spec.cachesize is not None:
+            wanted["cachesize"], have["cachesize"] = spec.cachesize, v.cachesize
+            shown["cachesize"] = format_size(v.cachesize, long=True)
+        if spec.maxiops is not None:
+            wanted["maxiops"], have["maxiops"] = spec.maxiops, v.maxiops
+        if spec.autogrow is not None:
+            wanted["autogrow"], have["autogrow"] = spec.autogrow, v.autogrow
+    else:
+        if spec.size is not None:
+            wanted["size"], have["size"] = spec.size, v.size
+            shown["size"] = format_size(v.size, long=True)
+        if spec.layout not in (None, "auto"):
+            wanted["layout"], have["layout"] = spec.layout, v.layout
+        for key in ("fstype", "nmirror", "ncol", "maxiops", "protect"):
+            if getattr(spec, key) is not None:
+                wanted[key], have[key] = getattr(spec, key), getattr(v, key)
+    return {k: shown.get(k, str(have[k])) for k in wanted if wanted[k] != have[k]}
+
+
+def require_same(v: VolumeRec, spec: VolumeSpec | SnapshotSpec, asked: Mapping[str, Any]) -> None:
+    """An idempotent Create: asking again for an existing volume with the options it has succeeds.
+
+    :raises AlreadyExists: naming each option that differs, its value and what was asked (``asked``
+        holds the options as given, before parsing).
+    """
+    diff = conflicts(spec, v)
+    if diff:
+        desc = ", ".join(f"{k}={have} (asked {asked[k]})" for k, have in diff.items())
+        raise AlreadyExists(f"volume {v.name} already exists with different options: {desc};"
+                            " remove it first or use another name")

@@ -18,6 +18,7 @@ from storage.errors import InvalidArgument, VeritasError
 V1_ROOT = Path("/sys/fs/cgroup/blkio")
 V2_ROOT = Path("/sys/fs/cgroup")
 _V1_FILES = ("blkio.throttle.read_iops_device", "blkio.throttle.write_iops_device")
+DOCKER_PARENT = "docker"  # the cgroup parent of Docker's cgroupfs driver when a container names none
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,18 @@ class Hierarchy:
         if path != self.root and self.root not in path.parents:
             raise InvalidArgument(f"cgroup {cgroup} is not inside {self.root}")
         return path
+
+
+def container_cgroup(parent: str | None, container_id: str) -> str:
+    """The cgroup, relative to the hierarchy root, that Docker's cgroupfs driver gives a container:
+    ``PARENT/ID``, with the container's CgroupParent or else "docker".
+
+    Mount makes it ahead of the container's start, so its limit binds from the first I/O.
+    :raises InvalidArgument: for an ID that is not one path component (it would name another cgroup).
+    """
+    if not container_id or "/" in container_id or container_id in (".", ".."):
+        raise InvalidArgument(f"container ID {container_id!r} cannot name a cgroup")
+    return f"{(parent or DOCKER_PARENT).strip('/')}/{container_id}"
 
 
 def cgroup_of_pid(h: Hierarchy, pid: int) -> Path | None:

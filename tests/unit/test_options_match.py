@@ -1,0 +1,95 @@
+"""An idempotent Create matched against the existing volume's record (storage.options, no kernel).
+
+Docker (and swarm, and several gunicorn workers) may send Create again for a volume that exists: the
+same options succeed, and different ones are refused naming each option that differs.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from storage import options
+from storage.catalog.base import VolumeRec
+from storage.errors import AlreadyExists
+from storage.units import GiB, MiB
+
+VOL = VolumeRec("v1", size=GiB, layout="mirror", fstype="btrfs", nmirror=2, ncol=1, maxiops=100, protect=True)
+SNAP = VolumeRec("s1", size=GiB, layout="concat", fstype="btrfs", maxiops=300, snapshot_of="v1",
+                 cachesize=40 * MiB, autogrow=True)
+SAME = {"size": "1g", "layout": "mirror", "fstype": "btrfs", "nmirror": "2", "ncol": "1", "maxiops": "100",
+        "protect": "true"}
+
+
+def _match(v: VolumeRec, asked: dict[str, str]) -> None:
+    options.require_same(v, options.parse_create(asked), asked)
+
+
+def test_the_same_options_match() -> None:
+    _match(VOL, SAME)
+    assert options.conflicts(options.parse_create(SAME), VOL) == {}
+
+
+def test_options_not_asked_match_whatever_the_volume_has() -> None:
+    _match(VOL, {})
+    _match(VOL, {"size": "1g"})
+    _match(VOL, {"layout": "auto"})  # auto: the layout engine's choice, whichever it was
+
+
+@pytest.mark.parametrize(("key", "asked", "have"), [
+    ("size", "2g", "1 GiB"), ("layout", "concat", "mirror"), ("fstype", "ext4", "btrfs"), ("nmirror", "3", "2"),
+    ("ncol", "2", "1"), ("maxiops", "0", "100"), ("protect", "no", "True"),
+])
+def test_each_different_option_is_refused_by_name(key: str, asked: str, have: str) -> None:
+    with pytest.raises(AlreadyExists, match="already exists with different options") as err:
+        _match(VOL, {**SAME, key: asked})
+    described = str(err.value).split(": ", 1)[1].split(";")[0]
+    assert described == f"{key}={have} (asked {asked})"  # that one option, and only it
+
+
+def test_the_message_names_every_difference_and_what_to_do() -> None:
+    with pytest.raises(AlreadyExists) as err:
+        _match(VOL, {"size": "500m", "ncol": "2"})
+    assert str(err.value) == ("volume v1 already exists with different options: size=1 GiB (asked 500m),"
+                              " ncol=1 (asked 2); remove it first or use another name")
+
+
+@pytest.mark.parametrize("spelling", ["true", "TRUE", " yes", "on", "1"])
+def test_protect_spellings_of_true_match_a_protected_volume(spelling: str) -> None:
+    _match(VOL, {"protect": spelling})
+
+
+@pytest.mark.parametrize("spelling", ["false", "No", "off", "0", ""])
+def test_protect_spellings_of_false_refuse_a_protected_volume(spelling: str) -> None:
+    with pytest.raises(AlreadyExists, match=r"protect=True \(asked"):
+        _match(VOL, {"protect": spelling})
+    _match(VolumeRec("v2", GiB, "concat", "ext4", protect=False), {"protect": spelling})
+
+
+@pytest.mark.parametrize("size", ["1g", "1G", "1024m", "1048576k", str(GiB)])
+def test_a_size_in_any_unit_matches_the_same_bytes(size: str) -> None:
+    _match(VOL, {"size": size})
+
+
+def test_a_size_one_mebibyte_off_is_refused_in_human_units() -> None:
+    with pytest.raises(AlreadyExists, match=r"size=1 GiB \(asked 1025m\)"):
+        _match(VOL, {"size": "1025m"})
+
+
+def test_a_snapshot_matches_its_source_cache_maxiops_and_autogrow() -> None:
+    _match(SNAP, {"sourcevol": "v1"})
+    _match(SNAP, {"sourcevol": "v1", "cachesize": "40m", "maxiops": "300", "autogrow": "on"})
+    _match(SNAP, {"sourcevol": "v1", "cachesize": "40960k", "autogrow": "yes"})
+
+
+@pytest.mark.parametrize(("key", "asked", "have"), [
+    ("sourcevol", "v9", "v1"), ("cachesize", "80m", "40 MiB"), ("maxiops", "200", "300"),
+    ("autogrow", "off", "True"),
+])
+def test_a_snapshot_with_other_options_is_refused_by_name(key: str, asked: str, have: str) -> None:
+    with pytest.raises(AlreadyExists, match=rf"{key}={have} \(asked {asked}\);"):
+        _match(SNAP, {"sourcevol": "v1", key: asked})
+
+
+def test_a_snapshot_asked_of_a_plain_volume_is_refused() -> None:
+    with pytest.raises(AlreadyExists, match=r"sourcevol=None \(asked v1\)"):
+        _match(VolumeRec("s1", GiB, "concat", "btrfs"), {"sourcevol": "v1"})
