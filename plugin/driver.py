@@ -174,14 +174,18 @@ class Driver:
             except (OSError, VeritasError) as exc:
                 log.warning("cannot pre-limit container %s of %s: %s", u.id[:12], v.name, exc)
 
+    def _users_dir(self) -> Path:
+        """Node-local (the state root, never the disk group's root, which other nodes may share)."""
+        return self.config.state_root / "plugin" / self.dg.name / "docker-users"
+
     def _users_file(self, volume: str) -> Path:
-        return self.dg.root / "docker-users" / f"{self.dg.node}.{volume}"
+        return self._users_dir() / volume
 
     def _remember_users(self, volume: str, ids: builtins.list[str]) -> None:
         """Keep the IDs of the containers that reference ``volume`` (a cache, rewritten at each listing)."""
         path = self._users_file(volume)
         try:
-            path.parent.mkdir(mode=0o700, exist_ok=True)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}")
             tmp.write_text("".join(f"{i}\n" for i in sorted(ids)))
             os.replace(tmp, path)
@@ -200,8 +204,8 @@ class Driver:
         if self.engine is None:
             return 0
         dropped = 0
-        for path in (self.dg.root / "docker-users").glob(f"{self.dg.node}.*"):
-            volume = path.name[len(self.dg.node) + 1:]
+        for path in self._users_dir().glob("[!.]*"):  # not a writer's temporary file
+            volume = path.name
             ids = self._remembered_users(volume)
             gone = [i for i in ids if self.engine.inspect(i) is None]
             if gone:
