@@ -352,6 +352,12 @@ def test_embedded_default_dg_is_created_on_first_make(env):
     assert {r["name"] for r in cli_json(env, "vol", "list")} == {"v1", "v2"}
 
 
+def _head(p: Path) -> tuple[int, int, str]:
+    """Size, inode and a digest of the first MiB (where the disk's XFS superblock and log start)."""
+    with open(p, "rb") as fh:
+        return p.stat().st_size, p.stat().st_ino, hashlib.sha256(fh.read(1 << 20)).hexdigest()
+
+
 def test_embedded_default_is_not_remade_over_images_whose_catalog_is_lost(env):
     """A default disk image holding a filesystem while its disk group has no catalog may hold volumes:
     the next use refuses, naming the image, and the image stays as it was. An init killed before it
@@ -361,13 +367,11 @@ def test_embedded_default_is_not_remade_over_images_whose_catalog_is_lost(env):
     env.cli("dg", "deport", dgname)
     shutil.rmtree(env.config.dg_parent / dgname)  # the catalog is lost; the disk images remain
     images = sorted((env.config.state_root / "images").iterdir())
-    before = {p: (p.stat().st_size, p.stat().st_ino, hashlib.sha256(p.read_bytes()[:1 << 20]).hexdigest())
-              for p in images}
+    before = {p: _head(p) for p in images}
     proc = env.cli("vol", "make", "v2", "500m", check=False)
     assert proc.returncode != 0 and "holds a filesystem" in proc.stderr and str(images[0]) in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert {p: (p.stat().st_size, p.stat().st_ino, hashlib.sha256(p.read_bytes()[:1 << 20]).hexdigest())
-            for p in images} == before
+    assert {p: _head(p) for p in images} == before
     assert diskgroup.list_names(env.config) == [] and under(env, "loops") == []
     # an interrupted init: its marker makes the leftovers discardable
     (env.config.dg_parent / dgname).mkdir(parents=True)
