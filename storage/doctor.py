@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from storage import mountpoints, recovery
-from storage.diskgroup import DiskGroup
+from storage import mountpoints, recovery, steps
+from storage.group import DiskGroup
 from storage.kernel import fs, loop, mounts
 
 
@@ -39,8 +39,6 @@ def _check(dg: DiskGroup, repair: bool) -> list[Finding]:
     its backing file lives on one of our disks (by device number), and a volume's when that file is the
     volume's image (by inode). Names and paths of mounts are never parsed, so nothing of another disk
     group (or of another instance with the same paths) is ever reported or touched."""
-    from storage import volumes
-
     out: list[Finding] = []
     vols = {v.name: v for v in dg.catalog.volumes()}
     wanted: dict[Path, str] = {}
@@ -84,10 +82,10 @@ def _check(dg: DiskGroup, repair: bool) -> list[Finding]:
         disk = img.parent.parent.name
         if disk in online and not img.exists() and vol not in busy:
             v = vols[vol]
-            state, _lost = volumes.health(dg, v)
+            state, _lost = steps.health(dg, v)
             fixed = False
             if repair and state == "failed":
-                volumes.teardown(dg, vol)
+                steps.teardown(dg, vol)
                 fixed = True
             out.append(Finding("missing-image", vol, f"{img} is missing (volume {state})", fixed))
 

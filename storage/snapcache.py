@@ -17,7 +17,7 @@ The policy (``decide``, pure, unit-tested):
   copy-on-write preallocation of images made before this policy): per disk,
   ``slack = free - promised - unreserved`` must stay above ``LOW_WATER``, where ``promised`` is what
   volumes may still allocate within their reservations. A new disk starts with the 64 MiB
-  (diskgroup.DISK_RESERVE) it keeps out of every reservation; that reserve is the headroom that absorbs
+  (group.DISK_RESERVE) it keeps out of every reservation; that reserve is the headroom that absorbs
   what grows between two passes. Below the low water, snapshots on that disk are invalidated, those
   past their reservation first.
 
@@ -40,9 +40,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from storage import steps
 from storage.catalog.base import SubdiskRec, VolumeRec
-from storage.diskgroup import DiskGroup
 from storage.errors import LockTimeout, NoSpace, VeritasError
+from storage.group import DiskGroup
 from storage.kernel import fs, reflink
 from storage.units import MiB, format_size
 
@@ -246,7 +247,7 @@ def invalidate(dg: DiskGroup, name: str, reason: str) -> bool:
     dg.catalog.update_volume(name, invalid=f"{reason} (at {stamp})")
     mp = dg.mountpoint(name)
     shut = False
-    if mounts_here(dg, name):
+    if steps.is_mounted(dg, name):
         try:
             shut = reflink.shutdown(mp)
         except OSError as exc:
@@ -256,16 +257,10 @@ def invalidate(dg: DiskGroup, name: str, reason: str) -> bool:
     return True
 
 
-def mounts_here(dg: DiskGroup, name: str) -> bool:
-    from storage.volumes import is_mounted
-
-    return is_mounted(dg, name)
-
-
 def release(dg: DiskGroup, name: str, shut_down: bool = False) -> None:
     """Punch an invalid snapshot's images, and give its reservation back once nothing can write to it
     (unmounted, or its filesystem shut down). Idempotent: each pass repeats it until done."""
-    mounted = mounts_here(dg, name)
+    mounted = steps.is_mounted(dg, name)
     for sd in dg.catalog.subdisks(name):
         img = dg.image(sd.disk, name, sd.idx)
         try:
@@ -351,7 +346,7 @@ def _unreleased(dg: DiskGroup, v: VolumeRec, sds: list[SubdiskRec]) -> bool:
     for sd in sds:
         if sd.volume != v.name:
             continue
-        if sd.reserved and not mounts_here(dg, v.name):
+        if sd.reserved and not steps.is_mounted(dg, v.name):
             return True
         try:
             if reflink.allocated_bytes(dg.image(sd.disk, v.name, sd.idx)) > 0:
