@@ -45,6 +45,7 @@ from storage.catalog.base import SubdiskRec, VolumeRec
 from storage.errors import LockTimeout, NoSpace, VeritasError
 from storage.group import DiskGroup
 from storage.kernel import fs, reflink
+from storage.snapshots import COWEXTSIZE
 from storage.units import MiB, format_size
 
 log = logging.getLogger("veritas.snapcache")
@@ -53,7 +54,6 @@ INTERVAL = 0.25  # seconds between passes of the plugin's watcher
 LOW_WATER = 16 * MiB  # slack a disk keeps beyond every promise; below it the disk rule acts
 AUTOGROW_AT = 0.8  # fraction of the reservation at which autogrow grows it
 AUTOGROW_MIN = 16 * MiB
-COWEXTSIZE = 4096  # copy-on-write preallocation of snapshotted images: one block (see reflink)
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,9 @@ from storage.catalog.base import IntentRec, SubdiskRec, VolumeRec
 from storage.errors import InvalidArgument, NoSuchVolume, SnapshotInvalid
 from storage.group import DiskGroup
 from storage.kernel import fs, reflink
-from storage.snapcache import COWEXTSIZE
 from storage.units import MiB, check_name, format_size, round_up
+
+COWEXTSIZE = 4096  # copy-on-write preallocation of snapshotted images: one block (see reflink, snapcache)
 
 
 def make(dg: DiskGroup, source: str, name: str, cachesize: str | int | None = None,
@@ -96,7 +97,7 @@ def _clone(dg: DiskGroup, source: str, name: str, src_sds: list[SubdiskRec], fro
 
 
 def _cow_hint(img: Path) -> None:
-    """See snapcache.COWEXTSIZE: with it the disk fills no faster than the snapshot's cache."""
+    """See COWEXTSIZE and storage.snapcache: with it the disk fills no faster than the snapshot's cache."""
     try:
         reflink.set_cowextsize(img, COWEXTSIZE)
     except OSError:
