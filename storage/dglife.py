@@ -58,7 +58,7 @@ def _init(config: Config, name: str, specs: Sequence[DiskSpec], force: bool, run
         cat.init(DiskGroupRec(name, str(uuid.uuid4()), config.node, time.time()))
     finally:
         cat.close()
-    dg = DiskGroup(config, name, runner, _creating=True)
+    dg = DiskGroup(config, name, runner, creating=True)
     try:
         dg.add_disks(specs, force)
         crash.point("init.disks")

@@ -53,13 +53,13 @@ class DiskSpec:
 class DiskGroup:
     """An imported disk group on this node: its catalog, locks, paths and disks."""
 
-    def __init__(self, config: Config, name: str, runner: Runner = run, _creating: bool = False) -> None:
+    def __init__(self, config: Config, name: str, runner: Runner = run, *, creating: bool = False) -> None:
         self.config = config
         self.name = check_name(name, "disk group name")
         self.runner = runner
         self.root = config.dg_parent / name
         # a disk group being created keeps its catalog under another name until its disks are ready
-        self.catalog_path = self.root / ("catalog.db.new" if _creating else "catalog.db")
+        self.catalog_path = self.root / ("catalog.db.new" if creating else "catalog.db")
         if not self.catalog_path.exists():
             raise NoSuchDiskGroup(f"no such disk group: {name} (create it with veritas dg init {name} DISK...)")
         self.catalog = SqliteCatalog(self.catalog_path)

@@ -12,7 +12,7 @@ from storage.group import DiskGroup
 from storage.kernel import loop
 
 
-def _int_opt(opts: Mapping[str, Any], key: str) -> int | None:
+def int_opt(opts: Mapping[str, Any], key: str) -> int | None:
     if key not in opts or opts[key] is None:
         return None
     raw = opts[key]
@@ -29,7 +29,7 @@ def _int_opt(opts: Mapping[str, Any], key: str) -> int | None:
 
 def set_maxiops(dg: DiskGroup, name: str, iops: int | str) -> VolumeRec:
     """Change the volume's IOPS limit, live in every cgroup that already limits it."""
-    value = _int_opt({"maxiops": iops}, "maxiops")
+    value = int_opt({"maxiops": iops}, "maxiops")
     if value is None:
         raise InvalidArgument(f"maxiops must be an integer, got {iops!r}")
     with dg.locks.hold(name):

@@ -17,7 +17,7 @@ from storage.units import check_name
 
 def make(dg: DiskGroup, name: str, size: str | int | None = None, *, spec: options.VolumeSpec | None = None,
          **opts: Any) -> VolumeRec:
-    """Create volume ``name``; returns its record. Options: see MAKE_OPTIONS, or a spec parsed already.
+    """Create volume ``name``; returns its record. Options: see options.VOLUME_OPTIONS, or a spec parsed already.
 
     Every option is checked before the first step; the config file's [volume] section gives the defaults.
     """
