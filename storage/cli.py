@@ -240,7 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "/etc/vx/docker/vxinfoscale-default.conf)")
     p.add_argument("--json", action="store_true", help="print JSON")
     top = p.add_subparsers(dest="group", required=True)
+    _add_dg_commands(top)
+    _add_vol_commands(top)
+    _add_snap_and_doctor_commands(top)
+    return p
 
+
+def _add_dg_commands(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     dg = top.add_parser("dg", help="disk groups").add_subparsers(dest="cmd", required=True)
     x = dg.add_parser("init", help="create a disk group on disks (block devices or image files)")
     x.add_argument("name")
@@ -270,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("name")
     x.set_defaults(fn=cmd_dg_deport)
 
+
+def _add_vol_commands(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     vol = top.add_parser("vol", help="volumes").add_subparsers(dest="cmd", required=True)
 
     def vcmd(name: str, help: str, fn: Callable[[Config, argparse.Namespace], None]) -> argparse.ArgumentParser:
@@ -310,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("name")
     x.add_argument("--cgroup", required=True, help="cgroup path, absolute or relative to the blkio root")
 
+
+def _add_snap_and_doctor_commands(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     snap = top.add_parser("snap", help="space-optimised snapshots").add_subparsers(dest="cmd", required=True)
     x = snap.add_parser("make", help="snapshot a volume (consistent while mounted)")
     x.add_argument("-g", "--diskgroup")
@@ -322,7 +332,6 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("-g", "--diskgroup")
     x.add_argument("--repair", action="store_true", help="fix what it finds")
     x.set_defaults(fn=cmd_doctor)
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import configparser
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,6 +142,30 @@ def _ranged(section: configparser.SectionProxy, key: str, default: int, bounds: 
     return value
 
 
+def _plugin_settings(plug: configparser.SectionProxy) -> PluginSettings:
+    p = PluginSettings()
+    return PluginSettings(
+        socket=Path(plug.get("socket", fallback="").strip() or p.socket),
+        workers=max(1, _int(plug, "workers", p.workers)),
+        docker_host=plug.get("docker_host", fallback="").strip() or p.docker_host,
+        driver=check_name(plug.get("driver", fallback="").strip() or p.driver, "plugin driver name"),
+    )
+
+
+def _volume_defaults(vol: configparser.SectionProxy, where: Callable[[str, str], str]) -> VolumeDefaults:
+    d = VolumeDefaults()
+    return VolumeDefaults(
+        size=parse_size(vol.get("size", fallback="1g"), "config volume.size"),
+        layout=_choice(vol, "layout", d.layout, DEFAULT_LAYOUTS, where("volume", "layout")),
+        fstype=_choice(vol, "fstype", d.fstype, FSTYPES, where("volume", "fstype")),
+        nmirror=_ranged(vol, "nmirror", d.nmirror, NMIRROR_RANGE, where("volume", "nmirror")),
+        ncol=_ranged(vol, "ncol", d.ncol, NCOL_RANGE, where("volume", "ncol")),
+        maxiops=_int(vol, "maxiops", d.maxiops),
+        cache_percent=_int(vol, "cache_percent", d.cache_percent),
+        protect=_bool(vol, "protect", False),
+    )
+
+
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     """Load the configuration from ``path``, $VERITAS_CONFIG, /etc/vx/docker, or the repository copy."""
     candidates: list[Path]
@@ -170,24 +195,8 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         if not parser.has_section(sec):
             parser.add_section(sec)
     st, vol, node, plug = parser["storage"], parser["volume"], parser["node"], parser["plugin"]
-    p = PluginSettings()
-    plugin = PluginSettings(
-        socket=Path(plug.get("socket", fallback="").strip() or p.socket),
-        workers=max(1, _int(plug, "workers", p.workers)),
-        docker_host=plug.get("docker_host", fallback="").strip() or p.docker_host,
-        driver=check_name(plug.get("driver", fallback="").strip() or p.driver, "plugin driver name"),
-    )
-    d = VolumeDefaults()
-    defaults = VolumeDefaults(
-        size=parse_size(vol.get("size", fallback="1g"), "config volume.size"),
-        layout=_choice(vol, "layout", d.layout, DEFAULT_LAYOUTS, where("volume", "layout")),
-        fstype=_choice(vol, "fstype", d.fstype, FSTYPES, where("volume", "fstype")),
-        nmirror=_ranged(vol, "nmirror", d.nmirror, NMIRROR_RANGE, where("volume", "nmirror")),
-        ncol=_ranged(vol, "ncol", d.ncol, NCOL_RANGE, where("volume", "ncol")),
-        maxiops=_int(vol, "maxiops", d.maxiops),
-        cache_percent=_int(vol, "cache_percent", d.cache_percent),
-        protect=_bool(vol, "protect", False),
-    )
+    plugin = _plugin_settings(plug)
+    defaults = _volume_defaults(vol, where)
     state_root = Path(st.get("state_root", fallback="/var/lib/veritas"))
     mount_root = Path(st.get("mount_root", fallback="/dockerfs"))
     for path, key in ((state_root, "state_root"), (mount_root, "mount_root")):

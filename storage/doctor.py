@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from storage import mountpoints, recovery
-from storage.diskgroup import DiskGroup
+from storage import mountpoints, recovery, steps
+from storage.catalog.base import VolumeRec
+from storage.group import DiskGroup
 from storage.kernel import fs, loop, mounts
 
 
@@ -34,125 +35,159 @@ def check(dg: DiskGroup, repair: bool = False) -> list[Finding]:
     return out
 
 
+@dataclass
+class _Scan:
+    """What one check knows of the disk group: catalog rows, and its image files by identity."""
+
+    dg: DiskGroup
+    repair: bool
+    vols: dict[str, VolumeRec]
+    wanted: dict[Path, str]  # image path -> volume, from the catalog
+    online: set[str]
+    busy: set[str]  # keys with an intent: their owner may be at work, nothing of theirs is touched
+    disk_devs: set[tuple[int, int]] = field(default_factory=set)  # device numbers of our disks
+    files: dict[loop.FileId, Path] = field(default_factory=dict)  # our image files, by identity
+
+    def owner(self, ident: loop.FileId) -> str | None:
+        img = self.files.get(ident)
+        return None if img is None else self.wanted.get(img, img.name.rsplit(".", 2)[0])
+
+
 def _check(dg: DiskGroup, repair: bool) -> list[Finding]:
     """Loop devices and mounts are ours when the kernel says so: a loop device is this disk group's when
     its backing file lives on one of our disks (by device number), and a volume's when that file is the
     volume's image (by inode). Names and paths of mounts are never parsed, so nothing of another disk
     group (or of another instance with the same paths) is ever reported or touched."""
-    from storage import volumes
-
-    out: list[Finding] = []
-    vols = {v.name: v for v in dg.catalog.volumes()}
-    wanted: dict[Path, str] = {}
-    for sd in dg.catalog.subdisks():
-        wanted[dg.image(sd.disk, sd.volume, sd.idx)] = sd.volume
-    online = {d.name for d in dg.catalog.disks() if d.state == "online"}
-    busy = {i.key for i in dg.catalog.intents()}
-
+    scan = _Scan(dg, repair, {v.name: v for v in dg.catalog.volumes()},
+                 {dg.image(sd.disk, sd.volume, sd.idx): sd.volume for sd in dg.catalog.subdisks()},
+                 {d.name for d in dg.catalog.disks() if d.state == "online"},
+                 {i.key for i in dg.catalog.intents()})
     # this disk group's image files, by identity: a catalog volume's, or an orphan's (by its file name)
-    disk_devs: set[tuple[int, int]] = set()
-    files: dict[loop.FileId, Path] = {}
     for d in dg.catalog.disks():
         entry = mounts.mounted_at(dg.disk_dir(d.name))
         vdir = dg.disk_dir(d.name) / "vols"
-        if d.name not in online or entry is None or not vdir.is_dir():
+        if d.name not in scan.online or entry is None or not vdir.is_dir():
             continue
-        disk_devs |= mounts.devices_of(entry)
+        scan.disk_devs |= mounts.devices_of(entry)
         for img in vdir.glob("*.img"):
             ident = loop.identity(img)
             if ident is not None:
-                files[ident] = img
-
-    def owner(ident: loop.FileId) -> str | None:
-        img = files.get(ident)
-        return None if img is None else wanted.get(img, img.name.rsplit(".", 2)[0])
-
-    # images without catalog rows
-    for img in sorted(files.values()):
-        name = img.name.rsplit(".", 2)[0]
-        if img in wanted or name in busy:
-            continue
-        fixed = False
-        if repair:
-            loop.detach_image(img, dg.runner)
-            img.unlink(missing_ok=True)
-            fixed = True
-        out.append(Finding("orphan-image", str(img), "no volume in the catalog owns it", fixed))
-
-    # catalog rows without images
-    for img, vol in wanted.items():
-        disk = img.parent.parent.name
-        if disk in online and not img.exists() and vol not in busy:
-            v = vols[vol]
-            state, _lost = volumes.health(dg, v)
-            fixed = False
-            if repair and state == "failed":
-                volumes.teardown(dg, vol)
-                fixed = True
-            out.append(Finding("missing-image", vol, f"{img} is missing (volume {state})", fixed))
-
+                scan.files[ident] = img
+    out = _orphan_images(scan) + _missing_images(scan)
     # loop devices on files of our disks (attached now: repairs above may have detached some)
     ours: dict[str, loop.FileId] = {}
     for dev in loop.attached():
         ident = loop.backing_id(dev)
-        if ident is not None and ident[:2] in disk_devs:
+        if ident is not None and ident[:2] in scan.disk_devs:
             ours[dev] = ident
-    by_num = {loop.devnum(dev): dev for dev in ours}
-    mounted_vols = {n for n, v in vols.items() if mountpoints.mounted_here(dg, v)}
+    mounted_vols = {n for n, v in scan.vols.items() if mountpoints.mounted_here(dg, v)}
+    found, used = _stray_mounts(scan, ours)
+    out += found
+    out += _stray_loops(scan, ours, used, mounted_vols)
+    out += _mount_records(scan, mounted_vols)
+    out += _foreign_mounts(scan, mounted_vols)
+    return out
 
-    # mounts of our loop devices that are not a catalog volume at its own mount point
+
+def _orphan_images(scan: _Scan) -> list[Finding]:
+    """Images without catalog rows."""
+    out = []
+    for img in sorted(scan.files.values()):
+        name = img.name.rsplit(".", 2)[0]
+        if img in scan.wanted or name in scan.busy:
+            continue
+        fixed = False
+        if scan.repair:
+            loop.detach_image(img, scan.dg.runner)
+            img.unlink(missing_ok=True)
+            fixed = True
+        out.append(Finding("orphan-image", str(img), "no volume in the catalog owns it", fixed))
+    return out
+
+
+def _missing_images(scan: _Scan) -> list[Finding]:
+    """Catalog rows without images."""
+    out = []
+    for img, vol in scan.wanted.items():
+        disk = img.parent.parent.name
+        if disk in scan.online and not img.exists() and vol not in scan.busy:
+            v = scan.vols[vol]
+            state, _lost = steps.health(scan.dg, v)
+            fixed = False
+            if scan.repair and state == "failed":
+                steps.teardown(scan.dg, vol)
+                fixed = True
+            out.append(Finding("missing-image", vol, f"{img} is missing (volume {state})", fixed))
+    return out
+
+
+def _stray_mounts(scan: _Scan, ours: dict[str, loop.FileId]) -> tuple[list[Finding], set[str]]:
+    """Mounts of our loop devices that are not a catalog volume at its own mount point; and the devices
+    that mounts still use."""
+    out = []
+    by_num = {loop.devnum(dev): dev for dev in ours}
     used: set[str] = set()
     for e in mounts.table():
         devs = [by_num[n] for n in mounts.devices_of(e) if n in by_num]
         if not devs:
             continue  # not ours: another disk group's, another instance's, or no loop device at all
-        holder = owner(ours[devs[0]])
-        if holder in busy or (holder in vols and e.target == str(dg.mountpoint(holder))):
+        holder = scan.owner(ours[devs[0]])
+        if holder in scan.busy or (holder in scan.vols and e.target == str(scan.dg.mountpoint(holder))):
             used.update(devs)
             continue
         fixed = False
-        if repair:
-            fs.umount(Path(e.target), dg.runner)
+        if scan.repair:
+            fs.umount(Path(e.target), scan.dg.runner)
             fixed = True
         else:
             used.update(devs)
-        what = f"volume {holder}'s" if holder in vols else "an image no volume owns:"
-        out.append(Finding("stray-mount", e.target, f"mounts {devs[0]}, {what} {files.get(ours[devs[0]])},"
+        what = f"volume {holder}'s" if holder in scan.vols else "an image no volume owns:"
+        out.append(Finding("stray-mount", e.target, f"mounts {devs[0]}, {what} {scan.files.get(ours[devs[0]])},"
                            " which is not its volume's mount point", fixed))
+    return out, used
 
-    # loop devices on our images that nothing mounted needs
+
+def _stray_loops(scan: _Scan, ours: dict[str, loop.FileId], used: set[str], mounted_vols: set[str]) -> list[Finding]:
+    """Loop devices on our images that nothing mounted needs."""
+    out = []
     for dev, ident in sorted(ours.items()):
-        holder = owner(ident)
-        if holder in mounted_vols or holder in busy:
+        holder = scan.owner(ident)
+        if holder in mounted_vols or holder in scan.busy:
             continue
         fixed = False
-        if repair and dev not in used:
-            loop.detach(dev, dg.runner)
+        if scan.repair and dev not in used:
+            loop.detach(dev, scan.dg.runner)
             fixed = True
-        where = files.get(ident, "a deleted image")
+        where = scan.files.get(ident, "a deleted image")
         out.append(Finding("stray-loop", dev, f"attached to {where} but its volume is not mounted", fixed))
+    return out
 
-    # catalog mount records of this node with nothing mounted
+
+def _mount_records(scan: _Scan, mounted_vols: set[str]) -> list[Finding]:
+    """Catalog mount records of this node with nothing mounted, and mounted volumes nobody counts."""
+    dg, out = scan.dg, []
     for m in dg.catalog.mounts():
-        if m.node == dg.node and m.volume not in mounted_vols and m.volume not in busy:
+        if m.node == dg.node and m.volume not in mounted_vols and m.volume not in scan.busy:
             fixed = False
-            if repair:
+            if scan.repair:
                 dg.catalog.remove_mount(m.volume, m.node, m.mount_id)
                 fixed = True
             out.append(Finding("stale-mount-record", m.volume, f"mount id {m.mount_id} but not mounted", fixed))
-
-    # mounted volumes nobody counts
     for name in sorted(mounted_vols):
-        if name in busy:
+        if name in scan.busy:
             continue
         if not [m for m in dg.catalog.mounts(name) if m.node == dg.node]:
             out.append(Finding("uncounted-mount", name, f"mounted at {dg.mountpoint(name)} with no mount id"
                                " recorded; unmount it or mount it again through veritas"))
+    return out
 
-    # a volume's mount point held by a filesystem that is not the volume: reported, never unmounted
-    for name in sorted(vols):
+
+def _foreign_mounts(scan: _Scan, mounted_vols: set[str]) -> list[Finding]:
+    """A volume's mount point held by a filesystem that is not the volume: reported, never unmounted."""
+    dg, out = scan.dg, []
+    for name in sorted(scan.vols):
         entry = mounts.mounted_at(dg.mountpoint(name))
-        if entry is not None and name not in mounted_vols and name not in busy:
+        if entry is not None and name not in mounted_vols and name not in scan.busy:
             other = mountpoints.claimant(dg, name)
             out.append(Finding("foreign-mount", str(dg.mountpoint(name)),
                                f"holds {entry.source} ({entry.fstype}), not volume {name}"

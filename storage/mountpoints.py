@@ -14,8 +14,8 @@ from contextlib import contextmanager
 
 from storage.catalog.base import VolumeRec
 from storage.catalog.sqlite import SqliteCatalog
-from storage.diskgroup import DiskGroup
 from storage.errors import InUse, VeritasError
+from storage.group import DiskGroup
 from storage.kernel import loop, mounts
 from storage.locks import LockDir
 from storage.units import check_name

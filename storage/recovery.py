@@ -10,15 +10,15 @@ back; rm, umount and grow roll forward; repair drops a half-built replacement; a
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from storage import steps
 from storage.catalog.base import IntentRec, VolumeRec
-from storage.diskgroup import DiskGroup
-from storage.errors import InUse, NoSpace, VeritasError
+from storage.errors import AlreadyExists, InUse, NoSpace, VeritasError
+from storage.group import DG_KEY, DiskGroup, finish_dg_intent
 from storage.kernel import fs, loop, mounts
 
 
@@ -75,12 +75,27 @@ def recover_held(dg: DiskGroup, key: str) -> str | None:
         return _recover_one(dg, intent)
 
 
+def check_free(dg: DiskGroup, name: str) -> None:
+    """Refuse a volume name in use; call with its lock held.
+
+    A row left 'creating' or 'removing' under a free lock is a killed process's: it is finished first
+    (rolled back or forward), as the next open would, so that a long-lived opener such as the plugin
+    neither refuses the name nor takes a half-made volume for a real one.
+    """
+    v = dg.catalog.volume(name)
+    if v is not None and v.state != "ok":
+        recover_held(dg, name)
+        v = dg.catalog.volume(name)
+    if v is not None:
+        raise AlreadyExists(f"volume {name} already exists in disk group {dg.name}")
+
+
 def _intent(dg: DiskGroup, key: str) -> IntentRec | None:
     return {i.key: i for i in dg.catalog.intents()}.get(key)
 
 
 def _recover_one(dg: DiskGroup, intent: IntentRec) -> str:
-    if intent.key != "@dg" and dg.catalog.volume(intent.key) is None:
+    if intent.key != DG_KEY and dg.catalog.volume(intent.key) is None:
         dg.catalog.finish_intent(intent.key)
         return f"{intent.op} {intent.key}: nothing left to do"
     return _handler(intent).finish(dg, intent)
@@ -94,29 +109,23 @@ def _volume(dg: DiskGroup, intent: IntentRec) -> VolumeRec:
 
 
 def _roll_back_make(dg: DiskGroup, intent: IntentRec) -> str:
-    from storage import volumes
-
     frozen = intent.data.get("frozen")
     if frozen:
         fs.thaw(Path(frozen), dg.runner)
-    volumes.teardown(dg, intent.key)
+    steps.teardown(dg, intent.key)
     return f"{intent.op} {intent.key}: rolled back"
 
 
 def _roll_forward_rm(dg: DiskGroup, intent: IntentRec) -> str:
-    from storage import volumes
-
-    volumes.teardown(dg, intent.key)
+    steps.teardown(dg, intent.key)
     return f"rm {intent.key}: rolled forward"
 
 
 def _finish_mount(dg: DiskGroup, intent: IntentRec) -> str:
-    from storage import volumes
-
     key = intent.key
     mine = [m for m in dg.catalog.mounts(key) if m.node == dg.node]
     if not mine:
-        volumes._unmount_kernel(dg, _volume(dg, intent))
+        steps.unmount_kernel(dg, _volume(dg, intent))
         dg.catalog.finish_intent(key)
         return f"mount {key}: rolled back"
     dg.catalog.finish_intent(key)
@@ -124,39 +133,33 @@ def _finish_mount(dg: DiskGroup, intent: IntentRec) -> str:
 
 
 def _roll_forward_umount(dg: DiskGroup, intent: IntentRec) -> str:
-    from storage import volumes
-
     key = intent.key
     mine = [m for m in dg.catalog.mounts(key) if m.node == dg.node]
     for m in mine:
         if intent.data.get("force") or m.mount_id == intent.data.get("mount_id"):
             dg.catalog.remove_mount(key, m.node, m.mount_id)
     if not [m for m in dg.catalog.mounts(key) if m.node == dg.node]:
-        volumes._unmount_kernel(dg, _volume(dg, intent))
+        steps.unmount_kernel(dg, _volume(dg, intent))
     dg.catalog.finish_intent(key)
     return f"umount {key}: rolled forward"
 
 
 def _roll_forward_grow(dg: DiskGroup, intent: IntentRec) -> str:
-    from storage import volumes
-
     key = intent.key
     try:  # a grow killed before (or while) reserving: its images and filesystem never got there
-        volumes.reserve_growth(dg, key, [int(n) for n in intent.data.get("sizes") or []])
+        steps.reserve_growth(dg, key, [int(n) for n in intent.data.get("sizes") or []])
     except NoSpace:
         dg.catalog.finish_intent(key)
         return f"grow {key}: rolled back (its space was taken meanwhile)"
-    volumes._grow_steps(dg, _volume(dg, intent), int(intent.data["size"]))
+    steps.grow_steps(dg, _volume(dg, intent), int(intent.data["size"]))
     return f"grow {key}: rolled forward"
 
 
 def _abandon_repair(dg: DiskGroup, intent: IntentRec) -> str:
-    from storage import volumes
-
     key = intent.key
     scratch = intent.data.get("scratch")
     if scratch and mounts.mounted_at(Path(scratch)):
-        volumes._unmount_at(dg, _volume(dg, intent), Path(scratch))
+        steps.unmount_at(dg, _volume(dg, intent), Path(scratch))
     _drop_orphan_images(dg, key)
     dg.catalog.finish_intent(key)
     return f"repair {key}: abandoned, run veritas vol repair {key} again"
@@ -192,8 +195,8 @@ HANDLERS: dict[str, Handler] = {
 
 
 def _handler(intent: IntentRec) -> Handler:
-    if intent.key == "@dg":
-        return DG_HANDLERS.get(intent.op, Handler(_dg_locks, _drop_dg))
+    if intent.key == DG_KEY:
+        return Handler(_dg_locks, _finish_dg)  # storage.group: adddisk rolls back, anything else is dropped
     return HANDLERS.get(intent.op, Handler(_volume_locks, _drop_unknown))
 
 
@@ -210,28 +213,5 @@ def _drop_orphan_images(dg: DiskGroup, volume: str) -> None:
                 img.unlink(missing_ok=True)
 
 
-def _roll_back_adddisk(dg: DiskGroup, intent: IntentRec) -> str:
-    disk = str(intent.data.get("disk"))
-    if disk not in {d.name for d in dg.catalog.disks()}:
-        target = dg.disk_dir(disk)
-        fs.umount(target, dg.runner)
-        src = Path(str(intent.data.get("source")))
-        loop.detach_image(src, dg.runner)
-        try:
-            target.rmdir()
-        except OSError:
-            pass
-        if intent.data.get("created"):
-            src.unlink(missing_ok=True)  # veritas made this image: a half-formatted copy helps nobody
-    dg.catalog.finish_intent("@dg")
-    return f"adddisk {disk}: rolled back ({json.dumps(dict(intent.data))})"
-
-
-def _drop_dg(dg: DiskGroup, intent: IntentRec) -> str:
-    dg.catalog.finish_intent("@dg")
-    return f"dg {intent.op}: dropped"
-
-
-DG_HANDLERS: dict[str, Handler] = {
-    "adddisk": Handler(_dg_locks, _roll_back_adddisk),
-}
+def _finish_dg(dg: DiskGroup, intent: IntentRec) -> str:
+    return finish_dg_intent(dg, intent) or f"dg {intent.op}: nothing left to do"

@@ -1,8 +1,9 @@
 """Space-optimised snapshots: freeze, reflink-clone every image, thaw.
 
-The clone still carries its source's filesystem UUID; it gets its own (volumes.ensure_identity) before
-it is first attached, so taking the snapshot costs no more than the clone itself (for XFS a new UUID
-rewrites the whole 64 MiB log, which would triple the time and unshare 64 MiB of the cache).
+The clone still carries its source's filesystem UUID; it gets its own (storage.steps.ensure_identity,
+done by its layout engine) before it is first attached, so taking the snapshot costs no more than the
+clone itself (for XFS a new UUID rewrites the whole 64 MiB log, which would triple the time and unshare
+64 MiB of the cache).
 
 A snapshot is a volume in its own right (mount, grow, remove). Its images share every unchanged extent
 with the source; ``cachesize`` (default a percentage of the source) is what it reserves in the disk
@@ -14,14 +15,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from storage import crash, durable, mountpoints, options, recovery
+from storage import crash, durable, mountpoints, options, recovery, steps
 from storage.catalog.base import IntentRec, SubdiskRec, VolumeRec
-from storage.diskgroup import DiskGroup
 from storage.errors import InvalidArgument, NoSuchVolume, SnapshotInvalid
+from storage.group import DiskGroup
 from storage.kernel import fs, reflink
-from storage.snapcache import COWEXTSIZE
 from storage.units import MiB, check_name, format_size, round_up
-from storage.volumes import _get, _ready, check_free, is_mounted, teardown
+
+COWEXTSIZE = 4096  # copy-on-write preallocation of snapshotted images: one block (see reflink, snapcache)
 
 
 def make(dg: DiskGroup, source: str, name: str, cachesize: str | int | None = None,
@@ -40,10 +41,10 @@ def make(dg: DiskGroup, source: str, name: str, cachesize: str | int | None = No
         src = dg.catalog.volume(source)
         if src is None:
             raise NoSuchVolume(f"no such source volume: {source} in disk group {dg.name}")
-        src = _ready(dg, source)
+        src = steps.ready(dg, source)
         if src.invalid:
             raise SnapshotInvalid(f"source {source} is an invalid snapshot ({src.invalid}); it has no data left")
-        check_free(dg, name)
+        recovery.check_free(dg, name)
         if spec.cachesize is None:
             cache = round_up(src.size * dg.config.volume.cache_percent // 100, MiB)
         else:
@@ -62,7 +63,7 @@ def make(dg: DiskGroup, source: str, name: str, cachesize: str | int | None = No
         vol = VolumeRec(name, src.size, src.layout, src.fstype, src.nmirror, src.ncol, iops,
                         source, cache, "creating", time.time(), False, identity_pending=True,
                         autogrow=bool(spec.autogrow))
-        frozen = str(dg.mountpoint(source)) if is_mounted(dg, source) else None
+        frozen = str(dg.mountpoint(source)) if steps.is_mounted(dg, source) else None
         intent = IntentRec(name, "snap", {"frozen": frozen, "source": source}, time.time())  # recovery locks both
         dg.catalog.create_volume(vol, sds, intent, dg.capacity())
         crash.point("snap.recorded")
@@ -73,11 +74,11 @@ def make(dg: DiskGroup, source: str, name: str, cachesize: str | int | None = No
         except BaseException:
             if frozen:
                 fs.thaw(dg.mountpoint(source), dg.runner)
-            teardown(dg, name)
+            steps.teardown(dg, name)
             raise
         dg.catalog.finish_intent(name, {"state": "ok"})
         crash.point("snap.done")
-    return _get(dg, name)
+    return steps.get(dg, name)
 
 
 def _clone(dg: DiskGroup, source: str, name: str, src_sds: list[SubdiskRec], frozen: str | None) -> None:
@@ -96,7 +97,7 @@ def _clone(dg: DiskGroup, source: str, name: str, src_sds: list[SubdiskRec], fro
 
 
 def _cow_hint(img: Path) -> None:
-    """See snapcache.COWEXTSIZE: with it the disk fills no faster than the snapshot's cache."""
+    """See COWEXTSIZE and storage.snapcache: with it the disk fills no faster than the snapshot's cache."""
     try:
         reflink.set_cowextsize(img, COWEXTSIZE)
     except OSError:

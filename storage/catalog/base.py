@@ -13,6 +13,9 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from storage.errors import NoSpace
+from storage.units import format_size
+
 
 @dataclass(frozen=True)
 class DiskGroupRec:
@@ -86,9 +89,6 @@ def check_space(used: Mapping[str, int], subdisks: list[SubdiskRec], capacity: M
 
     Shared by every backend so they refuse the same requests with the same words.
     """
-    from storage.errors import NoSpace
-    from storage.units import format_size
-
     want: dict[str, int] = {}
     for s in subdisks:
         want[s.disk] = want.get(s.disk, 0) + s.reserved

@@ -7,13 +7,13 @@ devices. Engines hold no state; the volume service records what they decide in t
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from storage.config import VolumeDefaults
-from storage.errors import InvalidArgument, NoSpace
-from storage.kernel import fs
+from storage.errors import InUse, InvalidArgument, NoSpace
+from storage.kernel import btrfs_super, fs, loop
 from storage.runner import Runner, run
 from storage.units import MiB, format_size, round_up
 
@@ -75,6 +75,68 @@ class LayoutEngine(abc.ABC):
               runner: Runner = run) -> None:
         opts = ["degraded"] if degraded and shape.fstype == "btrfs" else []
         fs.mount(devices, target, shape.fstype, options=opts, runner=runner)
+
+    def detach(self, devices: Sequence[str], shape: Shape, runner: Runner = run) -> None:
+        """Detach the loop devices of an unmounted volume; btrfs forgets them first, so a reused loop
+        device carries no stale registration."""
+        if shape.fstype == "btrfs" and devices:
+            fs.forget_btrfs(devices, runner)
+        for d in devices:
+            loop.detach(d, runner)
+
+    def check_grow_online(self, shape: Shape) -> None:
+        """:raises InUse: when the filesystem cannot grow while mounted here (ext4: offline only)."""
+        if shape.fstype == "ext4":
+            raise InUse("ext4 cannot grow while mounted on this host (online resize needs CAP_SYS_RESOURCE);"
+                        " unmount the volume and grow it again, or use fstype=xfs")
+
+    def grow(self, devices: Sequence[str], shape: Shape, target: Path | None, scratch: Callable[[], Path],
+             runner: Runner = run) -> None:
+        """Grow the filesystem to fill its (already grown and refreshed) devices: online at ``target``
+        when mounted there, else offline: ext4 on the devices, the others mounted at ``scratch()``."""
+        if target is not None:
+            fs.grow(shape.fstype, devices, target, runner)
+        elif shape.fstype == "ext4":
+            fs.grow("ext4", devices, None, runner)
+        else:
+            where = scratch()
+            self.mount(devices, shape, where, runner=runner)
+            try:
+                fs.grow(shape.fstype, devices, where, runner)
+            finally:
+                fs.umount(where, runner)
+                where.rmdir()
+
+    def new_identity(self, images: Sequence[Path], shape: Shape, scratch: Callable[[], Path],
+                     runner: Runner = run) -> None:
+        """Give a clone's filesystem its own identity so it mounts beside its source. btrfs rewrites the
+        fsid on the image files (no device with the source's fsid appears); XFS and ext4 are changed on
+        loop devices attached for it, with ``scratch()`` for XFS's log replay."""
+        if shape.fstype == "btrfs":
+            btrfs_super.new_fsid(list(images))
+            return
+        devs = [loop.attach(p, runner) for p in images]
+        where = scratch()
+        try:
+            fs.new_uuid(shape.fstype, devs, where, runner)
+        finally:
+            fs.umount(where, runner)
+            try:
+                where.rmdir()
+            except OSError:
+                pass
+            self.detach([d for p in images for d in loop.find(p)], shape, runner)
+
+    def replace(self, idx: int, new_dev: str, target: Path, runner: Runner = run) -> None:
+        """Rebuild subdisk ``idx`` onto ``new_dev`` in the filesystem mounted (degraded) at ``target``."""
+        raise InvalidArgument(f"layout {self.name} keeps no redundancy: a lost subdisk cannot be rebuilt")
+
+    def restore_redundancy(self, shape: Shape, target: Path, runner: Runner = run) -> None:
+        """After replacing, rewrite what was written degraded with the full profile, and verify it.
+
+        :raises Degraded: if chunks of a weaker profile remain.
+        """
+        raise InvalidArgument(f"layout {self.name} keeps no redundancy to restore")
 
     @staticmethod
     def place(sizes: Sequence[int], free: Mapping[str, int], layout: str, group: str = "the disk group") -> list[str]:

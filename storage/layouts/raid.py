@@ -7,9 +7,10 @@ There is no device-mapper or MD RAID on these hosts, so btrfs provides the RAID:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from storage.errors import InvalidArgument
-from storage.kernel import fs
+from storage.kernel import btrfs, fs
 from storage.layouts.base import LayoutEngine, Shape, check_fstype, mib
 from storage.runner import Runner, run
 
@@ -25,6 +26,18 @@ class _BtrfsEngine(LayoutEngine):
                 self.profile(shape), label=label, runner=runner)
 
 
+class _RedundantEngine(_BtrfsEngine):
+    """btrfs profiles that keep copies: a lost device is replaced, then the profile is restored."""
+
+    redundant = True
+
+    def replace(self, idx: int, new_dev: str, target: Path, runner: Runner = run) -> None:
+        btrfs.replace(idx + 1, new_dev, target, runner)  # btrfs devids count from 1 in mkfs order
+
+    def restore_redundancy(self, shape: Shape, target: Path, runner: Runner = run) -> None:
+        btrfs.convert(self.profile(shape) or "raid1", target, runner)
+
+
 def _count(value: int | None, default: int, lo: int, hi: int, what: str, layout: str) -> int:
     v = default if value is None else value
     if not lo <= v <= hi:
@@ -32,9 +45,8 @@ def _count(value: int | None, default: int, lo: int, hi: int, what: str, layout:
     return v
 
 
-class MirrorEngine(_BtrfsEngine):
+class MirrorEngine(_RedundantEngine):
     name = "mirror"
-    redundant = True
     takes_nmirror = True
 
     def shape(self, size: int, fstype: str | None, nmirror: int | None, ncol: int | None) -> Shape:
@@ -69,9 +81,8 @@ class StripeEngine(_BtrfsEngine):
         return [max(mib(-(-size // shape.ncol)), _MIN_DEV)] * shape.ncol
 
 
-class MirrorStripeEngine(_BtrfsEngine):
+class MirrorStripeEngine(_RedundantEngine):
     name = "mirror-stripe"
-    redundant = True
     takes_ncol = True
 
     def shape(self, size: int, fstype: str | None, nmirror: int | None, ncol: int | None) -> Shape:

@@ -8,6 +8,7 @@ identity and is independent of it, and removing both returns every byte of the d
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import subprocess
@@ -19,9 +20,12 @@ from pathlib import Path
 import pytest
 
 from storage import snapshots, volumes
-from storage.errors import InUse
-from storage.kernel import loop, mounts
-from storage.units import MiB
+from storage.config import VolumeDefaults
+from storage.errors import InUse, InvalidArgument
+from storage.kernel import fs, loop, mounts
+from storage.layouts import ENGINES
+from storage.runner import run
+from storage.units import MiB, parse_size
 
 
 @dataclass(frozen=True)
@@ -221,3 +225,141 @@ def _contract(env, dg, case: Case) -> None:
     assert dg.catalog.volumes() == []
     prefix = str(env.root) + "/"
     assert not [d for d, b in loop.attached().items() if b.startswith(prefix) and "/vols/" in b]
+
+
+# ------------------------------------------------------------------ each engine's methods, directly
+#
+# The same cases, without the volume service: the engine makes, grows (offline, then online where its
+# filesystem can), detaches, gives a copy of its images their own identity, and replaces a lost device
+# (redundant engines) or refuses to (the others), on loop devices over image files it is handed.
+
+
+def _opt(case: Case, key: str) -> int | None:
+    return int(case.opts[key]) if key in case.opts else None
+
+
+def image_uuid(img: Path) -> str:
+    """The filesystem UUID (btrfs: fsid) in an image file, probed on the file itself."""
+    out = subprocess.run(["blkid", "-p", "-o", "value", "-s", "UUID", str(img)], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out, f"blkid found no UUID in {img}"
+    return out
+
+
+def _grow_images(imgs: list[Path], sizes: list[int]) -> None:
+    for img, sz in zip(imgs, sizes, strict=True):
+        with open(img, "ab") as fh:  # made sparse, or extended
+            fh.truncate(sz)
+
+
+def _clean(eng, shape, work: Path) -> None:
+    """Unmount and detach whatever this test left under ``work`` (after a failure)."""
+    prefix = str(work) + "/"
+    for e in sorted(mounts.table(), key=lambda e: -len(e.target)):
+        if e.target.startswith(prefix):
+            fs.umount(Path(e.target), run)
+    eng.detach([d for d, b in loop.attached().items() if b.startswith(prefix)], shape, run)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_engine_methods_directly(env, case: Case) -> None:
+    eng = ENGINES[case.opts["layout"]]
+    size = parse_size(case.size)
+    shape = eng.shape_for(size, case.opts.get("fstype"), _opt(case, "nmirror"), _opt(case, "ncol"), VolumeDefaults())
+    assert shape.fstype == case.fstype
+    sizes = eng.subdisk_sizes(size, shape)
+    assert len(sizes) == case.nimages
+    work = env.root / "engine"
+    work.mkdir()
+    n = itertools.count()
+
+    def scratch() -> Path:
+        p = work / f"scratch{next(n)}"
+        p.mkdir()
+        return p
+
+    imgs = [work / f"src.{i}.img" for i in range(len(sizes))]
+    mp = work / "mp"
+    mp.mkdir()
+    data = os.urandom(MiB + 17)
+    try:
+        _grow_images(imgs, sizes)
+        devs = [loop.attach(p, run) for p in imgs]
+        eng.mkfs(devs, shape, "eng", run)
+        if case.fstype == "ext4":
+            time.sleep(1.1)  # mounted in a later second than mkfs: offline resize must check the fs first
+        eng.mount(devs, shape, mp, runner=run)
+        before = fs_size(mp)
+        write_synced(mp / "data.bin", data)
+        fs.umount(mp, run)
+
+        # detach: every loop device goes
+        eng.detach(devs, shape, run)
+        assert [d for p in imgs for d in loop.find(p)] == []
+
+        # grow offline: on the devices for ext4, at a scratch mount for the others, which it removes
+        _grow_images(imgs, eng.subdisk_sizes(parse_size(case.grown), shape))
+        devs = [loop.attach(p, run) for p in imgs]
+        eng.grow(devs, shape, None, scratch, run)
+        assert not [e for e in mounts.table() if e.target.startswith(str(work / "scratch"))]
+        eng.mount(devs, shape, mp, runner=run)
+        grown = fs_size(mp)
+        assert grown > before + 50 * MiB, (before, grown)
+        assert (mp / "data.bin").read_bytes() == data
+
+        # grow online, where the filesystem can; ext4 refuses while mounted
+        if case.fstype == "ext4":
+            with pytest.raises(InUse, match="ext4 cannot grow while mounted"):
+                eng.check_grow_online(shape)
+        else:
+            eng.check_grow_online(shape)
+            _grow_images(imgs, [p.stat().st_size + 256 * MiB for p in imgs])
+            for d in devs:
+                loop.refresh_size(d, run)
+            eng.grow(devs, shape, mp, scratch, run)
+            assert mounts.mounted_at(mp) is not None
+            assert fs_size(mp) > grown + 50 * MiB, (grown, fs_size(mp))
+        fs.umount(mp, run)
+        eng.detach(devs, shape, run)
+
+        # a copy of the images, given its own identity, mounts beside its source
+        clones = [work / f"clone.{i}.img" for i in range(len(imgs))]
+        for src, dst in zip(imgs, clones, strict=True):
+            subprocess.run(["cp", "--sparse=always", str(src), str(dst)], check=True)
+        assert image_uuid(clones[0]) == image_uuid(imgs[0])
+        eng.new_identity(clones, shape, scratch, run)
+        assert image_uuid(clones[0]) != image_uuid(imgs[0])
+        assert [d for p in clones for d in loop.find(p)] == [], "new_identity left a device attached"
+        devs = [loop.attach(p, run) for p in imgs]
+        cdevs = [loop.attach(p, run) for p in clones]
+        cmp_ = work / "clone-mp"
+        cmp_.mkdir()
+        eng.mount(devs, shape, mp, runner=run)
+        eng.mount(cdevs, shape, cmp_, runner=run)
+        assert (cmp_ / "data.bin").read_bytes() == data and (mp / "data.bin").read_bytes() == data
+        fs.umount(cmp_, run)
+        fs.umount(mp, run)
+        eng.detach(cdevs, shape, run)
+        eng.detach(devs, shape, run)
+
+        # replace a lost device and restore the profile; an engine without redundancy refuses
+        if not eng.redundant:
+            with pytest.raises(InvalidArgument, match="no redundancy"):
+                eng.replace(0, "/dev/null", mp, run)
+            with pytest.raises(InvalidArgument, match="no redundancy"):
+                eng.restore_redundancy(shape, mp, run)
+            return
+        imgs[0].unlink()
+        devs = [loop.attach(p, run) for p in imgs[1:]]
+        eng.mount(devs, shape, mp, degraded=True, runner=run)
+        new = work / "new.0.img"
+        _grow_images([new], [imgs[1].stat().st_size])
+        ndev = loop.attach(new, run)
+        eng.replace(0, ndev, mp, run)
+        eng.restore_redundancy(shape, mp, run)
+        assert data_profiles(mp) == {case.profile}
+        assert (mp / "data.bin").read_bytes() == data
+        fs.umount(mp, run)
+        eng.detach([ndev, *devs], shape, run)
+    finally:
+        _clean(eng, shape, work)

@@ -1,0 +1,208 @@
+"""Disk group lifecycle: create (init, the embedded default), open, import, deport, destroy.
+
+The record these return, storage.group.DiskGroup, knows its disks, paths and catalog; this module is
+what brings one into being on this node and takes it away again, finishing any abandoned operation on
+the way in (storage.recovery) and removing volumes on the way out (destroy --force).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+from storage import crash, durable, recovery
+from storage.catalog.base import DiskGroupRec, VolumeRec
+from storage.catalog.sqlite import SqliteCatalog
+from storage.config import Config
+from storage.errors import AlreadyExists, InUse, InvalidArgument
+from storage.group import DiskGroup, DiskSpec, take_offline
+from storage.kernel import fs, loop, mounts
+from storage.locks import LockDir
+from storage.runner import Runner, run
+from storage.units import check_name
+from storage.volops.remove import remove
+
+
+def init(config: Config, name: str, specs: Sequence[DiskSpec], force: bool = False,
+         runner: Runner = run) -> DiskGroup:
+    """Create disk group ``name`` on ``specs`` and import it on this node."""
+    check_name(name, "disk group name")
+    config.state_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with LockDir(config.state_root).hold(exclusive_dg=True):  # one disk group creation at a time
+        return _init(config, name, specs, force, runner)
+
+
+def _init(config: Config, name: str, specs: Sequence[DiskSpec], force: bool, runner: Runner) -> DiskGroup:
+    if not specs:
+        raise InvalidArgument("a disk group needs at least one disk")
+    root = config.dg_parent / name
+    if (root / "catalog.db").exists():
+        raise AlreadyExists(f"disk group {name} already exists")
+    seen = set()
+    for s in specs:
+        if s.source in seen:
+            raise InvalidArgument(f"disk {s.source} is named twice")
+        seen.add(s.source)
+        if not s.source.exists() and s.size is None:
+            raise InvalidArgument(f"disk {s.source} does not exist; give its size (PATH=SIZE or --size)")
+    created = [s.source for s in specs if not s.source.exists()]  # removed again if init fails
+    if root.exists():
+        _discard_partial(config, root, runner)
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    cat = SqliteCatalog(root / "catalog.db.new")
+    try:
+        cat.init(DiskGroupRec(name, str(uuid.uuid4()), config.node, time.time()))
+    finally:
+        cat.close()
+    dg = DiskGroup(config, name, runner, creating=True)
+    try:
+        dg.add_disks(specs, force)
+        crash.point("init.disks")
+        dg.close()
+        # the rename publishes the disk group: killed before it, the next init discards the remains
+        os.replace(root / "catalog.db.new", root / "catalog.db")
+        durable.sync_dir(root)  # the rename is the publication: make it survive a power failure
+        for suffix in ("-wal", "-shm"):
+            (root / f"catalog.db.new{suffix}").unlink(missing_ok=True)
+    except BaseException:
+        destroy(dg, force=True)
+        for path in created:
+            path.unlink(missing_ok=True)
+        raise
+    return DiskGroup(config, name, runner)
+
+
+def _discard_partial(config: Config, root: Path, runner: Runner) -> None:
+    """Remove what an init killed before it published its catalog left: disk mounts, loop devices."""
+    disks = root / "disks"
+    if disks.is_dir():
+        for d in disks.iterdir():
+            entry = mounts.mounted_at(d)
+            fs.umount(d, runner)
+            if entry is not None and entry.source.startswith("/dev/loop"):
+                loop.detach(entry.source, runner)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def open_dg(config: Config, name: str, runner: Runner = run, recover: bool = True) -> DiskGroup:
+    """Open an imported disk group, bring its disks online, and finish any abandoned operation."""
+    dg = DiskGroup(config, name, runner)
+    try:
+        dg.ensure_imported_here()
+        dg.online_disks()
+        if recover:
+            recovery.recover(dg)
+    except BaseException:
+        dg.close()
+        raise
+    return dg
+
+
+def import_dg(config: Config, name: str, force: bool = False, runner: Runner = run) -> DiskGroup:
+    dg = DiskGroup(config, name, runner)
+    rec = dg.catalog.diskgroup()
+    if rec.imported_on not in (None, config.node) and not force:
+        dg.close()
+        raise InUse(f"disk group {name} is imported on node {rec.imported_on}; deport it there first,"
+                    " or use --force if that node is dead")
+    dg.catalog.set_imported(config.node)
+    dg.online_disks()
+    recovery.recover(dg)
+    return dg
+
+
+def deport(dg: DiskGroup) -> None:
+    """Release the disk group's disks on this node; refused while any of its volumes is mounted."""
+    with dg.locks.hold(exclusive_dg=True):
+        busy = [m.volume for m in dg.catalog.mounts() if m.node == dg.node]
+        busy += [v.name for v in dg.catalog.volumes() if mounts.mounted_at(dg.mountpoint(v.name))]
+        if busy:
+            raise InUse(f"disk group {dg.name} has mounted volumes ({', '.join(sorted(set(busy)))});"
+                        " unmount them first")
+        _release_disks(dg)
+        dg.catalog.set_imported(None)
+
+
+def _release_disks(dg: DiskGroup) -> None:
+    for d in dg.catalog.disks():
+        vols = dg.disk_dir(d.name) / "vols"
+        if vols.is_dir():
+            for img in vols.iterdir():
+                loop.detach_image(img, dg.runner)
+        take_offline(d, dg.disk_dir(d.name), dg.runner)
+
+
+def destroy(dg: DiskGroup, force: bool = False) -> None:
+    """Destroy the disk group. Refused while it holds volumes, unless ``force`` (which removes them).
+
+    The exclusive lock is held from the check to the last removal, so no volume appears in between.
+    """
+    with dg.locks.hold(exclusive_dg=True):
+        vols = dg.catalog.volumes()
+        if vols and not force:
+            raise InUse(f"disk group {dg.name} holds volumes ({', '.join(v.name for v in vols)});"
+                        " remove them or use --force")
+        crash.point("destroy.checked")
+        # deepest snapshots first, so that every volume has none left when its turn comes
+        for v in sorted(vols, key=lambda v: -_snapshot_depth(vols, v.name)):
+            remove(dg, v.name, force=True, _cascade=True)
+        _release_disks(dg)
+        for d in dg.catalog.disks():
+            if d.kind == "file" and Path(d.source).parent == dg.config.state_root / "images":
+                Path(d.source).unlink(missing_ok=True)
+        dg.close()
+        shutil.rmtree(dg.root, ignore_errors=True)
+
+
+def _snapshot_depth(vols: Sequence[VolumeRec], name: str) -> int:
+    """0 for a volume that is no snapshot, 1 for a snapshot of one, 2 for a snapshot of a snapshot..."""
+    by_name = {v.name: v for v in vols}
+    depth, seen = 0, {name}
+    v = by_name.get(name)
+    while v is not None and v.snapshot_of is not None and v.snapshot_of not in seen:
+        depth += 1
+        seen.add(v.snapshot_of)
+        v = by_name.get(v.snapshot_of)
+    return depth
+
+
+def default_dg(config: Config, runner: Runner = run) -> DiskGroup:
+    """Open the configured disk group, creating the embedded default on sparse images if it is missing."""
+    name = config.diskgroup
+    if not (config.dg_parent / name / "catalog.db").exists():
+        config.state_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        locks = LockDir(config.state_root)
+        with locks.hold(exclusive_dg=True):
+            if not (config.dg_parent / name / "catalog.db").exists():
+                images = config.state_root / "images"
+                images.mkdir(exist_ok=True, mode=0o700)
+                interrupted = (config.dg_parent / name / "catalog.db.new").exists()
+                specs = []
+                for i in range(1, config.default_disk_count + 1):
+                    img = images / f"{name}-disk{i}.img"
+                    if img.exists():
+                        _discard_default_image(name, img, interrupted, runner)
+                    specs.append(DiskSpec(img, config.default_disk_size))
+                # not forced: the images are made sparse just now, so they are known blank, and a
+                # device that is not blank (another instance's) is never formatted
+                _init(config, name, specs, False, runner).close()
+    return open_dg(config, name, runner)
+
+
+def _discard_default_image(name: str, img: Path, interrupted: bool, runner: Runner) -> None:
+    """Delete an embedded-default disk image that no catalog records, unless it may hold data.
+
+    An init killed before it published its catalog leaves ``catalog.db.new`` and images that only it
+    wrote: those go. An image that holds a filesystem while no catalog at all is there belongs to a
+    disk group whose catalog was lost; remaking the default on it would destroy its volumes.
+    """
+    if not interrupted and fs.signature(str(img), runner) is not None:
+        raise InUse(f"disk image {img} holds a filesystem, but disk group {name}"
+                    " has no catalog: its volumes may still be on it. Move the image away (or delete it"
+                    " if its data is not wanted) before the default disk group is made again")
+    img.unlink(missing_ok=True)
+

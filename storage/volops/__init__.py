@@ -1,0 +1,1 @@
+"""Volume operations, one concern a module; storage.volumes is their public face."""

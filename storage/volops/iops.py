@@ -1,0 +1,66 @@
+"""IOPS limits: the volume's recorded limit, written live into the cgroups that limit it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from storage import qos, steps
+from storage.catalog.base import VolumeRec
+from storage.errors import InvalidArgument
+from storage.group import DiskGroup
+from storage.kernel import loop
+
+
+def int_opt(opts: Mapping[str, Any], key: str) -> int | None:
+    if key not in opts or opts[key] is None:
+        return None
+    raw = opts[key]
+    try:
+        if isinstance(raw, bool):
+            raise ValueError
+        value = int(raw)
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"option {key} must be an integer, got {raw!r}") from None
+    if value < 0 or (key != "maxiops" and value == 0):
+        raise InvalidArgument(f"option {key} must be a positive integer, got {raw!r}")
+    return value
+
+
+def set_maxiops(dg: DiskGroup, name: str, iops: int | str) -> VolumeRec:
+    """Change the volume's IOPS limit, live in every cgroup that already limits it."""
+    value = int_opt({"maxiops": iops}, "maxiops")
+    if value is None:
+        raise InvalidArgument(f"maxiops must be an integer, got {iops!r}")
+    with dg.locks.hold(name):
+        v = steps.ready(dg, name)
+        dg.catalog.update_volume(name, maxiops=value)
+        devs = steps.devices(dg, v)
+        if devs:
+            h = qos.Hierarchy.detect()
+            nums = [loop.devnum(d) for d in devs]
+            targets = set(qos.cgroups_limiting(h, nums))
+            if steps.is_mounted(dg, name) and h.version == 1:
+                targets.add(h.root)  # the writeback path
+            for cg in targets:
+                qos.set_limit(h, cg, nums, value)
+        return steps.get(dg, name)
+
+
+def apply_maxiops(dg: DiskGroup, name: str, cgroup: str, create: bool = False) -> list[tuple[int, int]]:
+    """Write the volume's IOPS limit for its loop devices into ``cgroup`` (e.g. a container's).
+
+    ``create`` makes the cgroup first: a limit in a cgroup made before its process starts binds from
+    that process's first I/O.
+    """
+    v = steps.ready(dg, name)
+    devs = steps.devices(dg, v)
+    if not devs:
+        raise InvalidArgument(f"volume {name} is not attached on this node; mount it first")
+    h = qos.Hierarchy.detect()
+    target = h.resolve(cgroup)
+    if create:
+        target.mkdir(parents=True, exist_ok=True)
+    nums = [loop.devnum(d) for d in devs]
+    qos.set_limit(h, target, nums, v.maxiops)
+    return nums

@@ -1,0 +1,91 @@
+"""Making a volume: plan its layout, record the intent, make images and filesystem, roll back on failure."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from storage import crash, durable, mountpoints, options, recovery, steps
+from storage.catalog.base import IntentRec, SubdiskRec, VolumeRec
+from storage.errors import InvalidArgument, NoSpace, VeritasError
+from storage.group import DiskGroup
+from storage.kernel import fs, loop
+from storage.layouts import ENGINES, engine
+from storage.layouts.base import LayoutEngine, Shape
+from storage.units import check_name
+
+
+def make(dg: DiskGroup, name: str, size: str | int | None = None, *, spec: options.VolumeSpec | None = None,
+         **opts: Any) -> VolumeRec:
+    """Create volume ``name``; returns its record. Options: see options.VOLUME_OPTIONS, or a spec parsed already.
+
+    Every option is checked before the first step; the config file's [volume] section gives the defaults.
+    """
+    check_name(name, "volume name")
+    if spec is None:
+        spec = options.parse_volume(size, opts)
+    elif size is not None or opts:
+        raise InvalidArgument("make takes a parsed spec or options, not both")
+    d = dg.config.volume  # fstype, nmirror and ncol are defaults per layout: see LayoutEngine.shape_for
+    nbytes = d.size if spec.size is None else spec.size
+    layout = d.layout if spec.layout is None else spec.layout
+    maxiops = d.maxiops if spec.maxiops is None else spec.maxiops
+    protect = d.protect if spec.protect is None else spec.protect
+    fstype, nmirror, ncol = spec.fstype, spec.nmirror, spec.ncol
+
+    with dg.locks.hold(name), mountpoints.claim(dg, name):
+        recovery.check_free(dg, name)
+        for attempt in range(5):
+            # placement reads free space outside the catalog transaction; a concurrent make may take the
+            # chosen disk's room first, so plan again rather than fail while other disks have space
+            eng, shape, sizes, disks = _plan(dg, layout, nbytes, fstype, nmirror, ncol)
+            vol = VolumeRec(name, nbytes, eng.name, shape.fstype, shape.nmirror, shape.ncol, maxiops,
+                            None, 0, "creating", time.time(), protect)
+            sds = [SubdiskRec(name, i, d, sz, sz) for i, (d, sz) in enumerate(zip(disks, sizes, strict=True))]
+            try:
+                dg.catalog.create_volume(vol, sds, IntentRec(name, "make", {}, time.time()), dg.capacity())
+                break
+            except NoSpace:
+                if attempt == 4:
+                    raise
+        crash.point("make.recorded")
+        try:
+            paths = [dg.image(sd.disk, name, sd.idx) for sd in sds]
+            for p, sd in zip(paths, sds, strict=True):
+                with open(p, "xb") as fh:
+                    fh.truncate(sd.size)
+            crash.point("make.images")
+            attached = [loop.attach_tracked(p, dg.runner) for p in paths]
+            devs = [dev for dev, _new in attached]
+            # images made just now are blank; a device found already attached is probed before mkfs
+            fs.refuse_formatted([dev for dev, new in attached if not new], dg.runner)
+            crash.point("make.attached")
+            eng.mkfs(devs, shape, name, dg.runner)
+            crash.point("make.mkfs")
+            steps.detach(dg, vol, paths)
+            crash.point("make.detached")
+            durable.sync_files(paths)  # the images exist for good before the catalog says so
+        except BaseException:
+            steps.teardown(dg, name)
+            raise
+        dg.catalog.finish_intent(name, {"state": "ok"})
+        crash.point("make.done")
+    return steps.get(dg, name)
+
+
+def _plan(dg: DiskGroup, layout: str, size: int, fstype: str | None, nmirror: int | None,
+          ncol: int | None) -> tuple[LayoutEngine, Shape, list[int], list[str]]:
+    free = dg.free()
+    if layout == "auto":
+        mirror = ENGINES["mirror"]
+        try:
+            shape = mirror.shape_for(size, fstype, nmirror, ncol, dg.config.volume)
+            sizes = mirror.subdisk_sizes(size, shape)
+            return mirror, shape, sizes, LayoutEngine.place(sizes, free, "mirror", dg.name)
+        except VeritasError:
+            layout = "concat"
+            nmirror = ncol = None
+    eng = engine(layout)
+    shape = eng.shape_for(size, fstype, nmirror, ncol, dg.config.volume)
+    sizes = eng.subdisk_sizes(size, shape)
+    return eng, shape, sizes, LayoutEngine.place(sizes, free, eng.name, dg.name)

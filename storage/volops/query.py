@@ -1,0 +1,48 @@
+"""Reading volumes: the list and one volume's full state, from the catalog and the kernel."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from storage import mountpoints, steps
+from storage.group import DiskGroup
+from storage.kernel import fs, mounts, reflink
+
+
+def list_volumes(dg: DiskGroup) -> list[dict[str, Any]]:
+    """One row per volume; cheap (one catalog query and one read of the mount table)."""
+    mounted = {e.target for e in mounts.table()}
+    root = str(dg.config.mount_root)
+    rows = []
+    for v in dg.catalog.volumes():
+        mp = f"{root}/{v.name}_{dg.name}"
+        rows.append({"name": v.name, "size": v.size, "layout": v.layout, "fstype": v.fstype,
+                     "maxiops": v.maxiops, "snapshot_of": v.snapshot_of, "state": v.state,
+                     "mountpoint": mp, "mounted": mp in mounted and mountpoints.mounted_here(dg, v),
+                     "invalid": v.invalid})
+    return rows
+
+
+def info(dg: DiskGroup, name: str) -> dict[str, Any]:
+    v = steps.get(dg, name)
+    out: dict[str, Any] = asdict(v)
+    mp = dg.mountpoint(name)
+    sds = dg.catalog.subdisks(name)
+    out["mountpoint"] = str(mp)
+    out["mounted"] = mountpoints.mounted_here(dg, v)  # by device: not whatever sits at the path
+    out["mounts"] = [asdict(m) for m in dg.catalog.mounts(name)]
+    out["diskgroup"] = dg.name
+    out["subdisks"] = [{"idx": s.idx, "disk": s.disk, "size": s.size, "reserved": s.reserved,
+                        "image": str(dg.image(s.disk, name, s.idx))} for s in sds]
+    out["devices"] = steps.devices(dg, v)
+    out["health"], out["lost_disks"] = steps.health(dg, v)
+    out["snapshots"] = [s.name for s in dg.catalog.volumes() if s.snapshot_of == name]
+    if out["mounted"]:
+        total, free = fs.statvfs_size(mp)
+        out["used"] = total - free
+    else:
+        out["used"] = None
+    if v.snapshot_of is not None:
+        out["cache_used"] = sum(reflink.unshared_bytes(p) for p in steps.images(dg, v) if p.exists())
+    return out
