@@ -109,7 +109,13 @@ def import_dg(config: Config, name: str, force: bool = False, runner: Runner = r
         dg.close()
         raise InUse(f"disk group {name} is imported on node {rec.imported_on}; deport it there first,"
                     " or use --force if that node is dead")
-    dg.catalog.set_imported(config.node)
+    # compare-and-set against the owner just read: a node importing meanwhile is not overwritten
+    expect = (rec.imported_on,) if force else (None, config.node)
+    try:
+        dg.catalog.set_imported(config.node, expect=expect)
+    except BaseException:
+        dg.close()
+        raise
     dg.online_disks()
     recovery.recover(dg)
     return dg
@@ -124,7 +130,7 @@ def deport(dg: DiskGroup) -> None:
             raise InUse(f"disk group {dg.name} has mounted volumes ({', '.join(sorted(set(busy)))});"
                         " unmount them first")
         _release_disks(dg)
-        dg.catalog.set_imported(None)
+        dg.catalog.set_imported(None, expect=(dg.node,))
 
 
 def _release_disks(dg: DiskGroup) -> None:
