@@ -14,7 +14,7 @@ from storage import options, steps
 from storage.recovery import check_free
 from storage.steps import devices, ensure_identity, health, images, is_mounted, reserve_growth, shape_of, teardown
 from storage.volops.grow import grow
-from storage.volops.iops import apply_maxiops, int_opt, set_maxiops
+from storage.volops.iops import apply_maxiops, set_maxiops
 from storage.volops.make import make
 from storage.volops.mount import ADMIN_MOUNT_ID, mount, umount
 from storage.volops.query import info, list_volumes
@@ -27,12 +27,11 @@ MAKE_OPTIONS = options.VOLUME_OPTIONS
 _detach = steps.detach
 _drop_writeback = steps.drop_writeback
 _get = steps.get
-_int_opt = int_opt
 _ready = steps.ready
 
 __all__ = [
-    "ADMIN_MOUNT_ID", "MAKE_OPTIONS", "_detach", "_drop_writeback", "_get", "_int_opt", "_ready", "apply_maxiops",
-    "check_free", "devices", "ensure_identity", "grow", "health", "images", "info", "int_opt", "is_mounted",
+    "ADMIN_MOUNT_ID", "MAKE_OPTIONS", "_detach", "_drop_writeback", "_get", "_ready", "apply_maxiops",
+    "check_free", "devices", "ensure_identity", "grow", "health", "images", "info", "is_mounted",
     "list_volumes", "make", "mount", "remove", "repair", "reserve_growth", "set_maxiops", "shape_of", "teardown",
     "umount",
 ]

@@ -2,36 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
-from storage import qos, steps
+from storage import options, qos, steps
 from storage.catalog.base import VolumeRec
 from storage.errors import InvalidArgument
 from storage.group import DiskGroup
 from storage.kernel import loop
 
 
-def int_opt(opts: Mapping[str, Any], key: str) -> int | None:
-    if key not in opts or opts[key] is None:
-        return None
-    raw = opts[key]
-    try:
-        if isinstance(raw, bool):
-            raise ValueError
-        value = int(raw)
-    except (TypeError, ValueError):
-        raise InvalidArgument(f"option {key} must be an integer, got {raw!r}") from None
-    if value < 0 or (key != "maxiops" and value == 0):
-        raise InvalidArgument(f"option {key} must be a positive integer, got {raw!r}")
-    return value
-
-
 def set_maxiops(dg: DiskGroup, name: str, iops: int | str) -> VolumeRec:
     """Change the volume's IOPS limit, live in every cgroup that already limits it."""
-    value = int_opt({"maxiops": iops}, "maxiops")
-    if value is None:
-        raise InvalidArgument(f"maxiops must be an integer, got {iops!r}")
+    value = options.int_option("maxiops", iops, allow_zero=True)
     with dg.locks.hold(name):
         v = steps.ready(dg, name)
         dg.catalog.update_volume(name, maxiops=value)

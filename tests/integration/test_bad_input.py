@@ -108,6 +108,9 @@ CASES = [
      ["snap", "make", "v1", "s2", "cache=1g"]),
     ("snap-bad-maxiops", lambda dg: snapshots.make(dg, "v1", "s2", maxiops="abc"), InvalidArgument,
      "option maxiops must be an integer, got 'abc'", ["snap", "make", "v1", "s2", "maxiops=abc"]),
+    *[(f"set-maxiops-{i}", partial(volumes.set_maxiops, name="v1", iops=raw), InvalidArgument,
+       "option maxiops must be", ["vol", "set", "v1", f"maxiops={raw}"])
+      for i, raw in enumerate(("1_0", "\u0661\u0662", "-5", "abc", "99999999999"))],
     ("snap-cache-too-big", lambda dg: snapshots.make(dg, "v1", "s2", "1t"), InvalidArgument,
      r"cachesize 1 TiB is larger than the source volume \(400 MiB\)", ["snap", "make", "v1", "s2", "cachesize=1t"]),
     ("size-twice", lambda dg: None, None, "size given twice",
