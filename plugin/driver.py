@@ -13,7 +13,7 @@ from typing import Any
 
 from plugin.docker_api import DOCKER_ID, ContainerUse, Engine
 from storage import diskgroup, options, qos, snapshots, volumes
-from storage.catalog.base import VolumeRec
+from storage.catalog.base import CatalogStore, VolumeRec
 from storage.config import Config
 from storage.diskgroup import DiskGroup
 from storage.errors import AlreadyExists, InUse, NoSuchVolume, VeritasError
@@ -31,6 +31,7 @@ ALL_STATES = ("created", "restarting", "running", "removing", "paused", "exited"
 class Driver:
     config: Config
     engine: Engine | None = None
+    store: CatalogStore | None = None  # where the disk group's catalog lives; None: the configured one
 
     def __post_init__(self) -> None:
         self._dg: DiskGroup | None = None
@@ -42,7 +43,7 @@ class Driver:
         """The disk group, opened once per process (gunicorn forks workers after import)."""
         with self._lock:
             if self._dg is None or self._pid != os.getpid():
-                self._dg = diskgroup.default_dg(self.config)
+                self._dg = diskgroup.default_dg(self.config, store=self.store)
                 self._pid = os.getpid()
             return self._dg
 
