@@ -213,13 +213,24 @@ class FlockLocks(Locks):
 
 
 class LockTable:
-    """The state of a set of in-process locks, shared by every MemoryLocks handle on it."""
+    """The state of a set of in-process locks, shared by every MemoryLocks handle on it, by holder
+    thread (a thread stands for a process: see abandon)."""
 
     def __init__(self) -> None:
         self.cond = threading.Condition()
-        self.shared: dict[str, int] = {}  # lock name -> number of shared holders
-        self.excl: set[str] = set()
+        self.shared: dict[str, list[int]] = {}  # lock name -> holder threads (one entry per hold)
+        self.excl: dict[str, int] = {}  # lock name -> holder thread
         self.destroyed = False
+
+    def abandon(self, thread: int) -> None:
+        """Free every lock ``thread`` holds, as the kernel frees a killed process's flocks: the thread
+        must never run again (tests stop it for good at a crash point)."""
+        with self.cond:
+            for name in [n for n, t in self.excl.items() if t == thread]:
+                del self.excl[name]
+            for holders in self.shared.values():
+                holders[:] = [t for t in holders if t != thread]
+            self.cond.notify_all()
 
 
 class MemoryLocks(Locks):
@@ -262,19 +273,21 @@ class MemoryLocks(Locks):
 
     def _take(self, name: str, mode: int) -> None:
         if mode == fcntl.LOCK_EX:
-            self._t.excl.add(name)
+            self._t.excl[name] = threading.get_ident()
         else:
-            self._t.shared[name] = self._t.shared.get(name, 0) + 1
+            self._t.shared.setdefault(name, []).append(threading.get_ident())
         self._held()[name] = mode
 
     def _release(self, taken: list[tuple[str, int]]) -> None:
         with self._t.cond:
             for name, mode in reversed(taken):
                 self._held().pop(name, None)
+                me = threading.get_ident()
                 if mode == fcntl.LOCK_EX:
-                    self._t.excl.discard(name)
-                else:
-                    self._t.shared[name] -= 1
+                    if self._t.excl.get(name) == me:
+                        self._t.excl.pop(name)
+                elif me in self._t.shared.get(name, []):
+                    self._t.shared[name].remove(me)
             self._t.cond.notify_all()
 
     @contextmanager
