@@ -64,3 +64,11 @@ class MemoryStore(CatalogStore):
         with self._lock:
             table = self._tables.setdefault(name, LockTable())
         return MemoryLocks(name or "", table)
+
+    def abandon(self, thread: int) -> None:
+        """Free every lock ``thread`` holds in this store, as the kernel frees the flocks of a killed
+        process (tests stand a thread stopped for good for a killed process)."""
+        with self._lock:
+            tables = list(self._tables.values())
+        for table in tables:
+            table.abandon(thread)

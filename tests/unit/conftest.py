@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +13,7 @@ from storage.catalog.memory_store import MemoryStore
 from storage.config import Config
 from storage.diskgroup import DiskGroup, DiskSpec
 from storage.units import GiB
-from tests.unit.fakekernel import FakeKernel, install
+from tests.unit.fakekernel import FakeKernel, install, kill_at
 
 DG = "fastdg"
 
@@ -38,9 +38,16 @@ class World:
         """Loop devices on volume images (the disks' own devices stay attached while imported)."""
         return sorted(d for d, back in self.kernel.attached().items() if "/vols/" in back)
 
+    def kill_at(self, monkeypatch: pytest.MonkeyPatch, point: str, op: Callable[[DiskGroup], object]) -> None:
+        """Run ``op`` on the disk group until crash point ``point`` and kill it there (see fakekernel)."""
+        kill_at(monkeypatch, point, lambda: op(self.dg), self.store.abandon)
+
     def reopen(self) -> DiskGroup:
         """Open the disk group again, as the next process would (recovering what a dead one left)."""
         return diskgroup.open_dg(self.config, DG, self.kernel, store=self.store)
+
+    def reopen_without_recovery(self) -> DiskGroup:
+        return diskgroup.open_dg(self.config, DG, self.kernel, recover=False, store=self.store)
 
 
 @pytest.fixture
