@@ -17,6 +17,7 @@ from storage.catalog.base import CatalogStore, VolumeRec
 from storage.config import Config
 from storage.diskgroup import DiskGroup
 from storage.errors import AlreadyExists, InUse, NoSuchVolume, VeritasError
+from storage.runner import Runner, run
 from storage.units import check_name, format_size
 
 log = logging.getLogger("veritas.plugin")
@@ -32,6 +33,7 @@ class Driver:
     config: Config
     engine: Engine | None = None
     store: CatalogStore | None = None  # where the disk group's catalog lives; None: the configured one
+    runner: Runner = run  # what runs the disk group's commands (fast tests: a fake kernel)
 
     def __post_init__(self) -> None:
         self._dg: DiskGroup | None = None
@@ -43,7 +45,7 @@ class Driver:
         """The disk group, opened once per process (gunicorn forks workers after import)."""
         with self._lock:
             if self._dg is None or self._pid != os.getpid():
-                self._dg = diskgroup.default_dg(self.config, store=self.store)
+                self._dg = diskgroup.default_dg(self.config, self.runner, store=self.store)
                 self._pid = os.getpid()
             return self._dg
 
