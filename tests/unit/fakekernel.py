@@ -208,6 +208,20 @@ class FakeKernel:
         self.frozen.discard(target)
         return 0, "", ""
 
+    def _btrfs(self, a: list[str]) -> tuple[int, str, str]:
+        """btrfs device scan, filesystem resize/df, balance: nothing to simulate; replace: the new
+        device joins the filesystem mounted at the target."""
+        if a[:2] == ["replace", "start"]:
+            new_dev, target = a[-2], a[-1]
+            for m in reversed(self.mounted):
+                if m.entry.target == target and m.entry.source in self.loops:
+                    fsid = self.filesystems[self.loops[m.entry.source][1]].fsid
+                    self.filesystems[self.loops[new_dev][1]] = FakeFs("btrfs", fsid)
+                    m.devices.add(self.devnum(new_dev))
+                    return 0, "", ""
+            return 1, "", f"ERROR: {target} is not a mounted btrfs"
+        return 0, "", ""
+
     def _new_uuid(self, dev: str) -> tuple[int, str, str]:
         found = self.filesystems.get(self.loops[dev][1]) if dev in self.loops else None
         if found is None:
@@ -243,7 +257,7 @@ _COMMANDS: dict[str, Callable[[FakeKernel, list[str]], tuple[int, str, str]]] = 
     "blkid": FakeKernel._blkid,
     "xfs_admin": lambda k, a: k._new_uuid(a[-1]),  # xfs_admin -U generate DEV
     "tune2fs": lambda k, a: k._new_uuid(a[-1]),  # tune2fs -f -U random DEV
-    "btrfs": _ok, "xfs_growfs": _ok, "resize2fs": _ok, "e2fsck": _ok,
+    "btrfs": FakeKernel._btrfs, "xfs_growfs": _ok, "resize2fs": _ok, "e2fsck": _ok,
 }
 
 

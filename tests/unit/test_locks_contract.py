@@ -173,3 +173,28 @@ def test_flock_owner_is_gone_once_its_process_is_killed(tmp_path: Path) -> None:
         if proc.is_alive():
             proc.kill()
             proc.join(20)
+
+
+# ----------------------------------------------------------------------------------------- memory only
+
+
+def test_memory_owner_is_gone_once_its_thread_is_abandoned() -> None:
+    """The in-process counterpart of a killed process: a thread stopped for good, its locks freed."""
+    table = LockTable()
+    held, never = threading.Event(), threading.Event()
+
+    def owner() -> None:
+        with MemoryLocks("testdg", table).hold("v", exclusive_dg=True):
+            held.set()
+            never.wait(300)
+
+    t = threading.Thread(target=owner, daemon=True)
+    t.start()
+    assert held.wait(20)
+    with MemoryLocks("testdg", table).owner_gone("v", exclusive_dg=True) as gone:
+        assert not gone
+    assert t.ident is not None
+    table.abandon(t.ident)
+    with MemoryLocks("testdg", table).owner_gone("v", exclusive_dg=True) as gone:
+        assert gone
+    never.set()
