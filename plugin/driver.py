@@ -13,10 +13,11 @@ from typing import Any
 
 from plugin.docker_api import DOCKER_ID, ContainerUse, Engine
 from storage import diskgroup, options, qos, snapshots, volumes
-from storage.catalog.base import VolumeRec
+from storage.catalog.base import CatalogStore, VolumeRec
 from storage.config import Config
 from storage.diskgroup import DiskGroup
 from storage.errors import AlreadyExists, InUse, NoSuchVolume, VeritasError
+from storage.runner import Runner, run
 from storage.units import check_name, format_size
 
 log = logging.getLogger("veritas.plugin")
@@ -31,6 +32,8 @@ ALL_STATES = ("created", "restarting", "running", "removing", "paused", "exited"
 class Driver:
     config: Config
     engine: Engine | None = None
+    store: CatalogStore | None = None  # where the disk group's catalog lives; None: the configured one
+    runner: Runner = run  # what runs the disk group's commands (fast tests: a fake kernel)
 
     def __post_init__(self) -> None:
         self._dg: DiskGroup | None = None
@@ -42,7 +45,7 @@ class Driver:
         """The disk group, opened once per process (gunicorn forks workers after import)."""
         with self._lock:
             if self._dg is None or self._pid != os.getpid():
-                self._dg = diskgroup.default_dg(self.config)
+                self._dg = diskgroup.default_dg(self.config, self.runner, store=self.store)
                 self._pid = os.getpid()
             return self._dg
 

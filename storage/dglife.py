@@ -7,40 +7,39 @@ the way in (storage.recovery) and removing volumes on the way out (destroy --for
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from storage import crash, durable, recovery
-from storage.catalog.base import DiskGroupRec, VolumeRec
-from storage.catalog.sqlite import SqliteCatalog
+from storage import crash, recovery
+from storage.catalog.base import CatalogStore, DiskGroupRec, VolumeRec
 from storage.config import Config
 from storage.errors import AlreadyExists, InUse, InvalidArgument
-from storage.group import DiskGroup, DiskSpec, take_offline
+from storage.group import DiskGroup, DiskSpec, store_of, take_offline
 from storage.kernel import fs, loop, mounts
-from storage.locks import LockDir
 from storage.runner import Runner, run
 from storage.units import check_name
 from storage.volops.remove import remove
 
 
 def init(config: Config, name: str, specs: Sequence[DiskSpec], force: bool = False,
-         runner: Runner = run) -> DiskGroup:
+         runner: Runner = run, store: CatalogStore | None = None) -> DiskGroup:
     """Create disk group ``name`` on ``specs`` and import it on this node."""
     check_name(name, "disk group name")
     config.state_root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with LockDir(config.state_root).hold(exclusive_dg=True):  # one disk group creation at a time
-        return _init(config, name, specs, force, runner)
+    store = store_of(config, store)
+    with store.locks().hold(exclusive_dg=True):  # one disk group creation at a time
+        return _init(config, name, specs, force, runner, store)
 
 
-def _init(config: Config, name: str, specs: Sequence[DiskSpec], force: bool, runner: Runner) -> DiskGroup:
+def _init(config: Config, name: str, specs: Sequence[DiskSpec], force: bool, runner: Runner,
+          store: CatalogStore) -> DiskGroup:
     if not specs:
         raise InvalidArgument("a disk group needs at least one disk")
     root = config.dg_parent / name
-    if (root / "catalog.db").exists():
+    if store.exists(name):
         raise AlreadyExists(f"disk group {name} already exists")
     seen = set()
     for s in specs:
@@ -50,34 +49,28 @@ def _init(config: Config, name: str, specs: Sequence[DiskSpec], force: bool, run
         if not s.source.exists() and s.size is None:
             raise InvalidArgument(f"disk {s.source} does not exist; give its size (PATH=SIZE or --size)")
     created = [s.source for s in specs if not s.source.exists()]  # removed again if init fails
-    if root.exists():
-        _discard_partial(config, root, runner)
+    if root.exists() or store.is_partial(name):
+        _discard_partial(store, name, root, runner)
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    cat = SqliteCatalog(root / "catalog.db.new")
-    try:
-        cat.init(DiskGroupRec(name, str(uuid.uuid4()), config.node, time.time()))
-    finally:
-        cat.close()
-    dg = DiskGroup(config, name, runner, creating=True)
+    store.create(DiskGroupRec(name, str(uuid.uuid4()), config.node, time.time())).close()
+    dg = DiskGroup(config, name, runner, creating=True, store=store)
     try:
         dg.add_disks(specs, force)
         crash.point("init.disks")
         dg.close()
-        # the rename publishes the disk group: killed before it, the next init discards the remains
-        os.replace(root / "catalog.db.new", root / "catalog.db")
-        durable.sync_dir(root)  # the rename is the publication: make it survive a power failure
-        for suffix in ("-wal", "-shm"):
-            (root / f"catalog.db.new{suffix}").unlink(missing_ok=True)
+        # publishing makes the disk group: killed before it, the next init discards the remains
+        store.publish(name)
     except BaseException:
         destroy(dg, force=True)
         for path in created:
             path.unlink(missing_ok=True)
         raise
-    return DiskGroup(config, name, runner)
+    return DiskGroup(config, name, runner, store=store)
 
 
-def _discard_partial(config: Config, root: Path, runner: Runner) -> None:
+def _discard_partial(store: CatalogStore, name: str, root: Path, runner: Runner) -> None:
     """Remove what an init killed before it published its catalog left: disk mounts, loop devices."""
+    store.discard(name)
     disks = root / "disks"
     if disks.is_dir():
         for d in disks.iterdir():
@@ -88,9 +81,10 @@ def _discard_partial(config: Config, root: Path, runner: Runner) -> None:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def open_dg(config: Config, name: str, runner: Runner = run, recover: bool = True) -> DiskGroup:
+def open_dg(config: Config, name: str, runner: Runner = run, recover: bool = True,
+            store: CatalogStore | None = None) -> DiskGroup:
     """Open an imported disk group, bring its disks online, and finish any abandoned operation."""
-    dg = DiskGroup(config, name, runner)
+    dg = DiskGroup(config, name, runner, store=store)
     try:
         dg.ensure_imported_here()
         dg.online_disks()
@@ -102,8 +96,9 @@ def open_dg(config: Config, name: str, runner: Runner = run, recover: bool = Tru
     return dg
 
 
-def import_dg(config: Config, name: str, force: bool = False, runner: Runner = run) -> DiskGroup:
-    dg = DiskGroup(config, name, runner)
+def import_dg(config: Config, name: str, force: bool = False, runner: Runner = run,
+              store: CatalogStore | None = None) -> DiskGroup:
+    dg = DiskGroup(config, name, runner, store=store)
     rec = dg.catalog.diskgroup()
     if rec.imported_on not in (None, config.node) and not force:
         dg.close()
@@ -161,6 +156,7 @@ def destroy(dg: DiskGroup, force: bool = False) -> None:
             if d.kind == "file" and Path(d.source).parent == dg.config.state_root / "images":
                 Path(d.source).unlink(missing_ok=True)
         dg.close()
+        dg.store.destroy(dg.name)  # its catalog and locks: a waiter for them learns it is gone
         shutil.rmtree(dg.root, ignore_errors=True)
 
 
@@ -176,17 +172,17 @@ def _snapshot_depth(vols: Sequence[VolumeRec], name: str) -> int:
     return depth
 
 
-def default_dg(config: Config, runner: Runner = run) -> DiskGroup:
+def default_dg(config: Config, runner: Runner = run, store: CatalogStore | None = None) -> DiskGroup:
     """Open the configured disk group, creating the embedded default on sparse images if it is missing."""
     name = config.diskgroup
-    if not (config.dg_parent / name / "catalog.db").exists():
+    store = store_of(config, store)
+    if not store.exists(name):
         config.state_root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        locks = LockDir(config.state_root)
-        with locks.hold(exclusive_dg=True):
-            if not (config.dg_parent / name / "catalog.db").exists():
+        with store.locks().hold(exclusive_dg=True):
+            if not store.exists(name):
                 images = config.state_root / "images"
                 images.mkdir(exist_ok=True, mode=0o700)
-                interrupted = (config.dg_parent / name / "catalog.db.new").exists()
+                interrupted = store.is_partial(name)
                 specs = []
                 for i in range(1, config.default_disk_count + 1):
                     img = images / f"{name}-disk{i}.img"
@@ -195,14 +191,14 @@ def default_dg(config: Config, runner: Runner = run) -> DiskGroup:
                     specs.append(DiskSpec(img, config.default_disk_size))
                 # not forced: the images are made sparse just now, so they are known blank, and a
                 # device that is not blank (another instance's) is never formatted
-                _init(config, name, specs, False, runner).close()
-    return open_dg(config, name, runner)
+                _init(config, name, specs, False, runner, store).close()
+    return open_dg(config, name, runner, store=store)
 
 
 def _discard_default_image(name: str, img: Path, interrupted: bool, runner: Runner) -> None:
     """Delete an embedded-default disk image that no catalog records, unless it may hold data.
 
-    An init killed before it published its catalog leaves ``catalog.db.new`` and images that only it
+    An init killed before it published its catalog leaves an unpublished catalog and images that only it
     wrote: those go. An image that holds a filesystem while no catalog at all is there belongs to a
     disk group whose catalog was lost; remaking the default on it would destroy its volumes.
     """

@@ -3,10 +3,9 @@ catalog and locks, as one node sees it once the group is imported; and adding di
 
 Opening, importing, deporting, creating and destroying disk groups live in storage.dglife.
 
-Layout of a disk group root (``<state_root>/dg/<name>``)::
+Its catalog and locks come from a catalog store (storage.catalog.base.CatalogStore; by default the
+SQLite one, which keeps them in this same root). Layout of a disk group root (``<state_root>/dg/<name>``)::
 
-    catalog.db          the catalog (SQLite, WAL)
-    locks/              flock stripes
     disks/<disk>/       each disk's XFS, mounted; images under vols/, identity in .veritas-disk
     tmp/                scratch mount points for offline work (grow, repair, new identity)
 """
@@ -21,12 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from storage import crash, durable
-from storage.catalog.base import DiskGroupRec, DiskRec, IntentRec
-from storage.catalog.sqlite import SqliteCatalog
+from storage.catalog.base import CatalogStore, DiskGroupRec, DiskRec, IntentRec
+from storage.catalog.sqlite_store import SqliteStore
 from storage.config import Config
-from storage.errors import InUse, InvalidArgument, NoSuchDiskGroup, VeritasError
+from storage.errors import InUse, InvalidArgument, VeritasError
 from storage.kernel import fs, loop, mounts
-from storage.locks import LockDir
 from storage.runner import Runner, run
 from storage.units import MiB, check_name, parse_size
 
@@ -53,17 +51,16 @@ class DiskSpec:
 class DiskGroup:
     """An imported disk group on this node: its catalog, locks, paths and disks."""
 
-    def __init__(self, config: Config, name: str, runner: Runner = run, *, creating: bool = False) -> None:
+    def __init__(self, config: Config, name: str, runner: Runner = run, *, creating: bool = False,
+                 store: CatalogStore | None = None) -> None:
         self.config = config
         self.name = check_name(name, "disk group name")
         self.runner = runner
+        self.store = store_of(config, store)
         self.root = config.dg_parent / name
-        # a disk group being created keeps its catalog under another name until its disks are ready
-        self.catalog_path = self.root / ("catalog.db.new" if creating else "catalog.db")
-        if not self.catalog_path.exists():
-            raise NoSuchDiskGroup(f"no such disk group: {name} (create it with veritas dg init {name} DISK...)")
-        self.catalog = SqliteCatalog(self.catalog_path)
-        self.locks = LockDir(self.root / "locks")
+        # a disk group being created has an unpublished catalog until its disks are ready
+        self.catalog = self.store.open(name, partial=creating)
+        self.locks = self.store.locks(name)
         self.node = config.node
 
     # paths
@@ -163,11 +160,13 @@ class DiskGroup:
             return names
 
 
-def list_names(config: Config) -> list[str]:
-    parent = config.dg_parent
-    if not parent.is_dir():
-        return []
-    return sorted(p.name for p in parent.iterdir() if (p / "catalog.db").exists())
+def store_of(config: Config, store: CatalogStore | None = None) -> CatalogStore:
+    """``store``, or the configured one: SQLite catalogs in the disk group roots, locks beside them."""
+    return store if store is not None else SqliteStore(config.dg_parent, config.state_root)
+
+
+def list_names(config: Config, store: CatalogStore | None = None) -> list[str]:
+    return store_of(config, store).names()
 
 
 def _prepare_source(spec: DiskSpec, force: bool, runner: Runner) -> str:

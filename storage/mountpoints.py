@@ -13,11 +13,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from storage.catalog.base import VolumeRec
-from storage.catalog.sqlite import SqliteCatalog
 from storage.errors import InUse, VeritasError
 from storage.group import DiskGroup
 from storage.kernel import loop, mounts
-from storage.locks import LockDir
 from storage.units import check_name
 
 
@@ -58,7 +56,7 @@ def claimant(dg: DiskGroup, name: str) -> str | None:
         except VeritasError:
             continue
         try:
-            cat = SqliteCatalog(dg.config.dg_parent / other / "catalog.db")
+            cat = dg.store.open(other)
         except VeritasError:
             continue  # being destroyed meanwhile
         try:
@@ -70,11 +68,7 @@ def claimant(dg: DiskGroup, name: str) -> str | None:
 
 
 def _diskgroups(dg: DiskGroup) -> list[str]:
-    parent = dg.config.dg_parent
-    try:
-        return sorted(p.name for p in parent.iterdir() if (p / "catalog.db").exists())
-    except OSError:
-        return []
+    return dg.store.names()
 
 
 def refuse_taken(dg: DiskGroup, name: str) -> None:
@@ -94,7 +88,7 @@ def refuse_taken(dg: DiskGroup, name: str) -> None:
 def claim(dg: DiskGroup, name: str) -> Iterator[None]:
     """Hold the host-wide lock of volume ``name``'s mount point while checking it is free and creating
     the volume, so that two disk groups cannot take one mount point at the same time."""
-    with LockDir(dg.config.state_root).hold(f"mountpoint:{dg.mountpoint(name).name}", shared_dg=False):
+    with dg.store.locks().hold(f"mountpoint:{dg.mountpoint(name).name}", shared_dg=False):
         if dg.catalog.volume(name) is None:  # an existing name is the caller's to refuse (AlreadyExists)
             refuse_taken(dg, name)
         yield

@@ -1,11 +1,11 @@
 """Finishing operations a killed process left half done, rolled forward or back by kind.
 
 One protocol for every intent: an operation records its intent holding its locks, and only a holder of
-exactly those locks recovers it (an intent whose locks are free has no live owner: flock dies with its
-process). ``recover`` (at open) takes them without waiting and leaves an intent whose locks are taken
-to its owner; ``recover_held`` serves an operation that holds them already and finds a dead one's
-intent on its key. ``HANDLERS`` says what each operation's recovery does: make, snap and mount roll
-back; rm, umount and grow roll forward; repair drops a half-built replacement; adddisk rolls back.
+exactly those locks recovers it, once the locks interface says its owner is gone (``locks.Locks.owner_gone``;
+locally: flock dies with its process). ``recover`` (at open) takes them without waiting and leaves an
+intent whose owner may be alive to it; ``recover_held`` serves an operation that holds them already
+and finds a dead one's intent on its key. ``HANDLERS`` says what each operation's recovery does: make,
+snap and mount roll back; rm, umount and grow roll forward; repair drops a half-built replacement; adddisk rolls back.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from storage.kernel import fs, loop, mounts
 
 
 @dataclass(frozen=True)
-class Locks:
+class LockSet:
     """The locks an operation takes: the disk group lock (shared or exclusive) and volume stripes."""
 
     keys: tuple[str, ...] = ()
@@ -34,7 +34,7 @@ class Locks:
 class Handler:
     """How to recover one kind of operation: the locks it took, and what finishing it does."""
 
-    locks: Callable[[IntentRec], Locks]
+    locks: Callable[[IntentRec], LockSet]
     finish: Callable[[DiskGroup, IntentRec], str]
 
 
@@ -43,8 +43,8 @@ def recover(dg: DiskGroup) -> list[str]:
     done: list[str] = []
     for intent in dg.catalog.intents():
         need = _handler(intent).locks(intent)
-        with dg.locks.try_hold(*need.keys, exclusive_dg=need.exclusive_dg) as free:
-            if not free:
+        with dg.locks.owner_gone(*need.keys, exclusive_dg=need.exclusive_dg) as gone:
+            if not gone:
                 continue  # its owner may be alive and still working
             # re-read: the owner may have finished between listing and locking
             current = _intent(dg, intent.key)
@@ -68,8 +68,8 @@ def recover_held(dg: DiskGroup, key: str) -> str | None:
     if intent is None:
         return None
     need = _handler(intent).locks(intent)
-    with dg.locks.try_hold(*need.keys, exclusive_dg=need.exclusive_dg) as free:
-        if not free:
+    with dg.locks.owner_gone(*need.keys, exclusive_dg=need.exclusive_dg) as gone:
+        if not gone:
             raise InUse(f"an unfinished {intent.op} on {key} cannot be recovered now: another operation"
                         " holds its locks; retry shortly")
         return _recover_one(dg, intent)
@@ -170,17 +170,17 @@ def _drop_unknown(dg: DiskGroup, intent: IntentRec) -> str:
     return f"unknown intent {intent.op} on {intent.key}: dropped"
 
 
-def _volume_locks(intent: IntentRec) -> Locks:
-    return Locks((intent.key,))
+def _volume_locks(intent: IntentRec) -> LockSet:
+    return LockSet((intent.key,))
 
 
-def _snap_locks(intent: IntentRec) -> Locks:
+def _snap_locks(intent: IntentRec) -> LockSet:
     source = intent.data.get("source")
-    return Locks((intent.key, str(source)) if source else (intent.key,))
+    return LockSet((intent.key, str(source)) if source else (intent.key,))
 
 
-def _dg_locks(intent: IntentRec) -> Locks:
-    return Locks((), exclusive_dg=True)
+def _dg_locks(intent: IntentRec) -> LockSet:
+    return LockSet((), exclusive_dg=True)
 
 
 HANDLERS: dict[str, Handler] = {

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from storage.errors import NoSpace
+from storage.locks import Locks
 from storage.units import format_size
 
 
@@ -215,3 +216,59 @@ class Catalog(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release backend resources."""
+
+
+class CatalogStore(abc.ABC):
+    """Where disk groups' catalogs live, and their locks: which disk groups exist, creating one
+    unpublished and publishing it in one step, discarding one an interrupted creation left, destroying one.
+
+    Callers never see files: the SQLite store keeps each catalog in a file under its parent directory,
+    the memory store in memory, and a store spanning hosts (etcd) under its keys.
+    """
+
+    @abc.abstractmethod
+    def exists(self, name: str) -> bool:
+        """Disk group ``name`` is published (an unpublished, partial one does not count)."""
+
+    @abc.abstractmethod
+    def names(self) -> list[str]:
+        """The published disk groups, sorted."""
+
+    @abc.abstractmethod
+    def create(self, rec: DiskGroupRec) -> Catalog:
+        """A new, unpublished catalog holding ``rec``: ``exists`` stays False until ``publish``.
+
+        A partial one of that name is replaced. :raises AlreadyExists: if ``rec.name`` is published.
+        """
+
+    @abc.abstractmethod
+    def publish(self, name: str) -> None:
+        """Make the unpublished catalog of ``name`` the disk group's, atomically and durably.
+
+        Close every Catalog object of the unpublished one first. :raises NoSuchDiskGroup: if there is none.
+        """
+
+    @abc.abstractmethod
+    def is_partial(self, name: str) -> bool:
+        """An unpublished catalog of ``name`` is there: a creation was interrupted before publishing."""
+
+    @abc.abstractmethod
+    def discard(self, name: str) -> None:
+        """Remove the unpublished catalog of ``name``, if any; a published one is left alone."""
+
+    @abc.abstractmethod
+    def open(self, name: str, partial: bool = False) -> Catalog:
+        """The catalog of published disk group ``name`` (with ``partial``: of the unpublished one).
+
+        :raises NoSuchDiskGroup: if there is none.
+        """
+
+    @abc.abstractmethod
+    def destroy(self, name: str) -> None:
+        """Remove the catalog of ``name``, published or not, and its locks: waiters for them fail with
+        NoSuchDiskGroup. Absent is not an error. Close its Catalog objects first."""
+
+    @abc.abstractmethod
+    def locks(self, name: str | None = None) -> Locks:
+        """The locks of disk group ``name``; with None, the store's own, for what spans its disk groups
+        (creating one; claiming a mount point that names volumes of several)."""

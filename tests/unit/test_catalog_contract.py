@@ -1,4 +1,5 @@
-"""Contract tests every Catalog backend must pass (SqliteCatalog and MemoryCatalog today).
+"""Contract tests every Catalog backend must pass (SqliteCatalog and MemoryCatalog today), and every
+CatalogStore (SqliteStore and MemoryStore).
 
 The ``catalog`` fixture is parametrized over the backends; every test in the contract section runs
 against each of them. SQLite-only behaviour (persistence, several processes on one file) is tested
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,9 +25,13 @@ from storage.catalog import (
     SubdiskRec,
     VolumeRec,
 )
+from storage.catalog.base import CatalogStore
 from storage.catalog.memory import MemoryCatalog
+from storage.catalog.memory_store import MemoryStore
 from storage.catalog.sqlite import SqliteCatalog
+from storage.catalog.sqlite_store import SqliteStore
 from storage.errors import AlreadyExists, IntentPending, InUse, NoSpace, NoSuchDiskGroup, NoSuchVolume
+from storage.locks import Locks
 from storage.units import GiB, MiB
 
 DG = DiskGroupRec(name="testdg", uuid="0f8e2c3a-1111-2222-3333-444455556666", imported_on=None,
@@ -863,3 +869,150 @@ def test_sqlite_errors_come_back_as_storage_errors(tmp_path: Path) -> None:
     path.write_bytes(b"this is not a database" * 300)
     with pytest.raises(CatalogError, match=str(path)):
         SqliteCatalog(path)
+
+
+# ------------------------------------------------------------------------- catalog stores (every backend)
+
+
+def _store(kind: str, tmp_path: Path) -> CatalogStore:
+    if kind == "sqlite":
+        return SqliteStore(tmp_path / "dg", tmp_path / "shared-locks")
+    return MemoryStore()
+
+
+@pytest.fixture(params=["sqlite", "memory"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> CatalogStore:
+    return _store(request.param, tmp_path)
+
+
+def test_store_starts_empty(store: CatalogStore) -> None:
+    assert store.names() == [] and not store.exists("testdg") and not store.is_partial("testdg")
+    with pytest.raises(NoSuchDiskGroup, match="no such disk group: testdg"):
+        store.open("testdg")
+    with pytest.raises(NoSuchDiskGroup):
+        store.open("testdg", partial=True)
+
+
+def test_store_created_catalog_is_unpublished_until_publish(store: CatalogStore) -> None:
+    cat = store.create(DG)
+    cat.add_disk(D1)
+    cat.close()
+    assert store.is_partial("testdg") and not store.exists("testdg") and store.names() == []
+    with pytest.raises(NoSuchDiskGroup):
+        store.open("testdg")
+    partial = store.open("testdg", partial=True)
+    assert partial.diskgroup() == DG and partial.disks() == [D1]
+    partial.close()
+    store.publish("testdg")
+    assert store.exists("testdg") and not store.is_partial("testdg") and store.names() == ["testdg"]
+    cat = store.open("testdg")
+    try:
+        assert cat.diskgroup() == DG and cat.disks() == [D1]  # what was written before publishing
+    finally:
+        cat.close()
+
+
+def test_store_refuses_to_create_a_published_disk_group(store: CatalogStore) -> None:
+    store.create(DG).close()
+    store.publish("testdg")
+    with pytest.raises(AlreadyExists, match="disk group testdg already exists"):
+        store.create(DiskGroupRec("testdg", "another-uuid", None, 1.0))
+    assert not store.is_partial("testdg")
+    cat = store.open("testdg")
+    try:
+        assert cat.diskgroup() == DG
+    finally:
+        cat.close()
+
+
+def test_store_create_replaces_a_partial_one(store: CatalogStore) -> None:
+    cat = store.create(DiskGroupRec("testdg", "old-uuid", None, 1.0))
+    cat.add_disk(D1)
+    cat.close()
+    store.create(DG).close()
+    cat = store.open("testdg", partial=True)
+    try:
+        assert cat.diskgroup() == DG and cat.disks() == []
+    finally:
+        cat.close()
+
+
+def test_store_discard_removes_only_the_partial_catalog(store: CatalogStore) -> None:
+    store.create(DG).close()
+    store.discard("testdg")
+    assert not store.is_partial("testdg") and not store.exists("testdg")
+    with pytest.raises(NoSuchDiskGroup):
+        store.publish("testdg")
+    store.create(DG).close()
+    store.publish("testdg")
+    store.discard("testdg")  # nothing partial: the published one stays
+    assert store.exists("testdg")
+    store.discard("nothing")  # absent is not an error
+
+
+def test_store_destroy_removes_published_and_partial(store: CatalogStore) -> None:
+    store.create(DG).close()
+    store.publish("testdg")
+    other = DiskGroupRec("other", "u2", None, 2.0)
+    store.create(other).close()
+    store.destroy("testdg")
+    store.destroy("other")
+    store.destroy("never")  # absent is not an error
+    assert store.names() == [] and not store.is_partial("other")
+    with pytest.raises(NoSuchDiskGroup):
+        store.open("testdg")
+    store.create(DG).close()  # the name is free again
+    store.publish("testdg")
+    assert store.names() == ["testdg"]
+
+
+def test_store_names_are_sorted_and_published_only(store: CatalogStore) -> None:
+    for n in ("b", "a", "c"):
+        store.create(DiskGroupRec(n, f"u-{n}", None, 1.0)).close()
+    store.publish("c")
+    store.publish("a")
+    assert store.names() == ["a", "c"]
+
+
+def test_store_locks_per_disk_group_and_store_wide(store: CatalogStore) -> None:
+    store.create(DG).close()
+    store.publish("testdg")
+    one, two, other, wide = store.locks("testdg"), store.locks("testdg"), store.locks("x"), store.locks()
+    assert all(isinstance(lk, Locks) for lk in (one, two, other, wide))
+    with one.hold(exclusive_dg=True):
+        with two.try_hold() as free:
+            assert not free  # two handles on one disk group's locks conflict
+        with other.try_hold(exclusive_dg=True) as free, wide.try_hold(exclusive_dg=True) as free2:
+            assert free and free2  # other disk groups' and the store's own locks are apart
+
+
+def test_store_destroy_fails_waiters_for_its_locks(store: CatalogStore) -> None:
+    store.create(DG).close()
+    store.publish("testdg")
+    holder, waiter = store.locks("testdg"), store.locks("testdg")
+    got: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            with waiter.hold("v1", timeout=20):
+                pass
+        except BaseException as exc:
+            got.append(exc)
+
+    with holder.hold("v1", exclusive_dg=True):
+        t = threading.Thread(target=wait)
+        t.start()
+        time.sleep(0.1)
+        store.destroy("testdg")
+    t.join(20)
+    assert not t.is_alive()
+    assert len(got) == 1 and isinstance(got[0], NoSuchDiskGroup)
+
+
+def test_sqlite_store_persists_across_store_objects(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "dg", tmp_path)
+    store.create(DG).close()
+    again = SqliteStore(tmp_path / "dg", tmp_path)
+    assert again.is_partial("testdg") and not again.exists("testdg")
+    store.publish("testdg")
+    assert again.exists("testdg") and again.names() == ["testdg"]
