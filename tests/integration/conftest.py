@@ -91,35 +91,10 @@ def write_config(root: Path, diskgroup: str = "testdg", disks: int = 3, disk_siz
     return path
 
 
-# loop devices attached when the current test began, by identity: what the machine had, not ours
-_loops_at_start: dict[str, object] = {}
-
-
-@pytest.fixture(autouse=True)
-def _record_loops() -> None:
-    _loops_at_start.clear()
-    _loops_at_start.update({dev: loop.backing_id(dev) for dev in loop.attached()})
-
-
-def stranded_loops() -> list[str]:
-    """Loop devices attached since the test began whose backing file this namespace cannot reach by
-    its path and identity: once the mount namespace or the disk mount that attached one is gone,
-    sysfs shows its path without the prefix (``/vols/x.0.img``), so a match by prefix misses it."""
-    out = []
-    for dev, back in loop.attached().items():
-        ident = loop.backing_id(dev)
-        if ident is None or _loops_at_start.get(dev) == ident:
-            continue
-        if loop.identity(Path(back)) != ident:
-            out.append(f"loop {dev} -> {back} (stranded: no file here is its backing file)")
-    return out
-
-
 def leaks(root: Path) -> list[str]:
-    """Loop devices and mounts that still reference ``root``, and loop devices this test stranded."""
+    """Loop devices and mounts that still reference ``root``."""
     prefix = str(root) + "/"
     out = [f"loop {dev} -> {back}" for dev, back in loop.attached().items() if back.startswith(prefix)]
-    out += [s for s in stranded_loops() if not s.split(" -> ", 1)[1].startswith(prefix)]
     out += [f"mount {e.target}" for e in mounts.table() if e.target.startswith(prefix)]
     return out
 
