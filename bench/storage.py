@@ -323,7 +323,7 @@ class Bench:
         reps = 10 if self.quick else 30
         ours_t: list[float] = []
         bare_t: list[float] = []
-        db = sqlite3.connect(f"file:{dg.catalog_path}?mode=ro", uri=True)
+        db = sqlite3.connect(f"file:{dg.catalog.path}?mode=ro", uri=True)  # the bare baseline reads the SQLite file
 
         def bare() -> None:
             db.execute("SELECT * FROM volume ORDER BY name").fetchall()
