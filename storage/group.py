@@ -326,6 +326,7 @@ def _format_dir(dg: DiskGroup, name: str, spec: DiskSpec, force: bool) -> DiskRe
         durable.write_file(src / _IDENTITY, json.dumps({"dg": rec.name, "dg_uuid": rec.uuid, "disk": name}))
         _link(target, src)
         made.append(target)
+        crash.point("adddisk.dir")
     except BaseException:
         _undo_dir(made)
         raise

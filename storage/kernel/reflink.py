@@ -45,10 +45,10 @@ def probe(directory: Path) -> OSError | None:
     src = directory / f".veritas-probe.{os.getpid()}"
     dst = directory / f".veritas-probe.{os.getpid()}.clone"
     try:
-        dst.unlink(missing_ok=True)  # a killed probe's leftover
-        with open(src, "wb") as fh:
-            fh.write(bytes(4096))
-        clone(src, dst)
+        with open(src, "w+b") as sfh, open(dst, "wb") as dfh:  # "wb": a killed probe's leftovers are reused
+            sfh.write(bytes(4096))
+            sfh.flush()
+            fcntl.ioctl(dfh.fileno(), FICLONE, sfh.fileno())
     except OSError as exc:
         return exc
     finally:

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from storage.config import load_config
 from storage.diskgroup import DiskSpec
 from storage.errors import InvalidArgument, NoSpace, SharedFailureDomain
 from storage.kernel import loop, mounts
-from tests.integration.conftest import Env, destroy_all, finish, write_config
+from tests.integration.conftest import Env, destroy_all, force_clean, leaks, write_config
 
 DG = "dirdg"
 
@@ -45,15 +47,32 @@ class Host:
         self.mounted.append(target)
 
     def stop(self) -> list[str]:
+        """Unmount what this host mounted and remove its zram device. Loop devices still backed by files
+        on that device are this test's by construction (the device is ours): they are detached first,
+        so a failed test cannot strand the zram device."""
         problems = []
+        if self.zram is not None:
+            num = os.stat(f"/dev/zram{self.zram}").st_rdev
+            for dev in loop.attached():
+                ident = loop.backing_id(dev)
+                if ident is not None and ident[:2] == (os.major(num), os.minor(num)):
+                    problems.append(f"loop {dev} on a file of the test's XFS left attached")
+                    subprocess.run(["umount", "-l", dev], capture_output=True, check=False)
+                    loop.detach(dev)
         for target in reversed(self.mounted):
             proc = subprocess.run(["umount", str(target)], capture_output=True, text=True, check=False)
             if proc.returncode != 0:
                 problems.append(f"umount {target}: {proc.stderr.strip()}")
-        if self.zram is not None and not problems:
-            Path("/sys/class/zram-control/hot_remove").write_text(str(self.zram))
-        elif self.zram is not None:
-            problems.append(f"zram{self.zram} left in place: its filesystem could not be unmounted")
+                subprocess.run(["umount", "-l", str(target)], capture_output=True, check=False)
+        if self.zram is not None:
+            for _ in range(50):  # a lazily unmounted filesystem lets go of its device a moment later
+                try:
+                    Path("/sys/class/zram-control/hot_remove").write_text(str(self.zram))
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            else:
+                problems.append(f"zram{self.zram} could not be removed")
         return problems
 
     def dirs(self, *names: str) -> list[Path]:
@@ -74,10 +93,13 @@ def host() -> Iterator[tuple[Host, Env]]:
         yield h, e
     finally:
         problems = destroy_all(e.config)
+        own = {f"mount {t}" for t in h.mounted}
+        left = [x for x in leaks(h.root) if x not in own]
         problems += h.stop()
-        finish(e.config, h.root)  # leak checks; nothing left to destroy
-        if problems:
-            pytest.fail("; ".join(problems))
+        force_clean(h.root)
+        shutil.rmtree(h.root, ignore_errors=True)
+        if problems or left:
+            pytest.fail("teardown found leaks or failures: " + "; ".join(problems + left))
 
 
 def write_synced(path: Path, data: bytes) -> None:
@@ -335,5 +357,25 @@ def test_embedded_default_uses_directory_disks_on_a_reflink_state_root(host):
     dg = diskgroup.default_dg(e.config)
     try:
         assert {d.kind for d in dg.catalog.disks()} == {"file"}
+    finally:
+        dg.close()
+
+
+@pytest.mark.parametrize("point", ["adddisk.recorded", "adddisk.dir"])
+def test_adddisk_killed_is_rolled_back_and_the_directory_can_be_added_again(host, point):
+    h, e = host
+    d1, d2 = h.dirs("d1", "d2")
+    diskgroup.init(e.config, DG, [DiskSpec(d1, 1024**3)]).close()
+    proc = e.cli("dg", "adddisk", DG, f"{d2}=500m", check=False, env={"VERITAS_CRASH_AT": point})
+    assert proc.returncode == -9, proc
+    if point == "adddisk.dir":
+        assert (d2 / ".veritas-disk").exists(), "killed before the identity was written"
+    dg = e.open(DG)  # recovery rolls the half-added disk back
+    try:
+        assert [d.source for d in dg.catalog.disks()] == [str(d1)]
+        assert list(d2.iterdir()) == [], "the rolled-back directory still holds veritas files"
+        assert sorted(p.name for p in (dg.root / "disks").iterdir()) == [dg.catalog.disks()[0].name]
+        dg.add_disks([DiskSpec(d2, 500 * 1024**2)])  # unforced: nothing of the killed attempt is left
+        assert [d.state for d in dg.catalog.disks()] == ["online", "online"]
     finally:
         dg.close()
