@@ -379,3 +379,43 @@ def test_adddisk_killed_is_rolled_back_and_the_directory_can_be_added_again(host
         assert [d.state for d in dg.catalog.disks()] == ["online", "online"]
     finally:
         dg.close()
+
+
+def test_repair_puts_the_lost_copy_outside_the_survivors_failure_domain(host):
+    h, e = host
+    d1, d2 = h.dirs("d1", "d2")
+    dg = diskgroup.init(e.config, DG, [DiskSpec(d1, 1024**3), DiskSpec(d2, 1024**3),
+                                       DiskSpec(e.disk_image("f3"), 1024**3)])
+    try:
+        names = [d.name for d in dg.catalog.disks()]
+        volumes.make(dg, "m1", "200m", layout="mirror")
+        assert sorted(sd.disk for sd in dg.catalog.subdisks("m1")) == [names[0], names[2]]
+        volumes.mount(dg, "m1", "t")
+        data = os.urandom(4 << 20)
+        write_synced(dg.mountpoint("m1") / "data", data)
+        volumes.umount(dg, "m1", "t")
+        # the image-file disk dies: its filesystem, loop device and image gone
+        lost = dg.catalog.disks()[2]
+        subprocess.run(["umount", str(dg.disk_dir(lost.name))], check=True)
+        loop.detach_image(Path(lost.source))
+        os.unlink(lost.source)
+    finally:
+        dg.close()
+    dg = e.open(DG)
+    try:
+        assert volumes.info(dg, "m1")["health"] == "degraded"
+        # the only disk with room is a directory on the survivor's filesystem: no redundancy there
+        with pytest.raises(SharedFailureDomain, match="failure domain"):
+            volumes.repair(dg, "m1")
+        assert sorted(sd.disk for sd in dg.catalog.subdisks("m1")) == [names[0], names[2]]
+        assert not (d2 / "vols" / "m1.1.img").exists() and not (d2 / "vols" / "m1.0.img").exists()
+        (new,) = dg.add_disks([DiskSpec(e.disk_image("f4"), 1024**3)])
+        volumes.repair(dg, "m1")
+        assert sorted(sd.disk for sd in dg.catalog.subdisks("m1")) == sorted([names[0], new])
+        assert volumes.info(dg, "m1")["health"] == "ok"
+        volumes.mount(dg, "m1", "t")
+        assert (dg.mountpoint("m1") / "data").read_bytes() == data
+        volumes.umount(dg, "m1", "t")
+        assert doctor.check(dg) == []
+    finally:
+        dg.close()
