@@ -274,11 +274,15 @@ def _prepare_dir(dg: DiskGroup, spec: DiskSpec, force: bool) -> None:
 
 def _filesystem(path: Path) -> str | None:
     """The filesystem ``path`` lies on, as a description that is the same for every path on it (by the
-    device number the kernel gives the file); None when ``path`` cannot be read."""
+    device number the kernel gives the file; on btrfs, whose subvolumes each have one, by its fsid);
+    None when ``path`` cannot be read."""
     try:
         st = os.stat(path)
     except OSError:
         return None
+    fsid = mounts.btrfs_fsid(path)
+    if fsid is not None:
+        return f"the btrfs filesystem {fsid}"
     num = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
     entry = next((e for e in reversed(mounts.table()) if e.major_minor == num), None)
     return f"the {entry.fstype} filesystem at {entry.target} (device {num})" if entry else f"filesystem {num}"

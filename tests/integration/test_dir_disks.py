@@ -32,6 +32,7 @@ class Host:
         self.root = Path(tempfile.mkdtemp(prefix="vdir-", dir="/tmp"))
         self.xfs = self.root / "xfs"
         self.mounted: list[Path] = []
+        self.loops: list[str] = []  # loop devices this test attached for filesystems of its own
         self.zram: int | None = None
 
     def start(self) -> None:
@@ -64,6 +65,9 @@ class Host:
             if proc.returncode != 0:
                 problems.append(f"umount {target}: {proc.stderr.strip()}")
                 subprocess.run(["umount", "-l", str(target)], capture_output=True, check=False)
+        for dev in self.loops:
+            subprocess.run(["btrfs", "device", "scan", "--forget", dev], capture_output=True, check=False)
+            loop.detach(dev)
         if self.zram is not None:
             for _ in range(50):  # a lazily unmounted filesystem lets go of its device a moment later
                 try:
@@ -93,8 +97,9 @@ def host() -> Iterator[tuple[Host, Env]]:
         yield h, e
     finally:
         problems = destroy_all(e.config)
-        own = {f"mount {t}" for t in h.mounted}
-        left = [x for x in leaks(h.root) if x not in own]
+        own = {f"mount {t}" for t in h.mounted}  # the host's own filesystems, removed by h.stop
+        left = [x for x in leaks(h.root) if x not in own and x.split(" -> ")[0] not in
+                {f"loop {dev}" for dev in h.loops}]
         problems += h.stop()
         force_clean(h.root)
         shutil.rmtree(h.root, ignore_errors=True)
@@ -416,6 +421,33 @@ def test_repair_puts_the_lost_copy_outside_the_survivors_failure_domain(host):
         volumes.mount(dg, "m1", "t")
         assert (dg.mountpoint("m1") / "data").read_bytes() == data
         volumes.umount(dg, "m1", "t")
+        assert doctor.check(dg) == []
+    finally:
+        dg.close()
+
+
+def test_directories_in_two_subvolumes_of_one_btrfs_are_one_failure_domain(host):
+    h, e = host
+    img = h.root / "btrfs.img"
+    with open(img, "wb") as fh:
+        fh.truncate(1024**3)
+    dev = subprocess.run(["losetup", "--find", "--show", str(img)], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    h.loops.append(dev)
+    subprocess.run(["mkfs.btrfs", "-q", "-f", dev], check=True)
+    h.mount(["-t", "btrfs", dev], h.root / "btrfs")
+    for sv in ("sv1", "sv2"):
+        subprocess.run(["btrfs", "subvolume", "create", str(h.root / "btrfs" / sv)], capture_output=True, check=True)
+    d1, d2 = h.root / "btrfs" / "sv1", h.root / "btrfs" / "sv2"
+    assert os.stat(d1).st_dev != os.stat(d2).st_dev  # what a device-number test alone would call apart
+    proc = e.cli("dg", "init", DG, f"{d1}=300m", f"{d2}=300m")
+    assert "one failure domain" in proc.stderr and "btrfs filesystem" in proc.stderr, proc.stderr
+    dg = e.open(DG)
+    try:
+        with pytest.raises(SharedFailureDomain):
+            volumes.make(dg, "m1", "200m", layout="mirror")
+        volumes.make(dg, "c1", "100m")  # a volume on btrfs's reflink works as on XFS
+        snapshots.make(dg, "c1", "s1")
         assert doctor.check(dg) == []
     finally:
         dg.close()
