@@ -381,7 +381,10 @@ def _bring_online(d: DiskRec, target: Path, runner: Runner) -> None:
     if d.kind == "dir":  # nothing to attach or mount: the directory is there, and the link leads to it
         if not src.is_dir():
             raise VeritasError(f"disk {d.name}: directory {src} is missing")
-        _link(target, src)
+        try:
+            _link(target, src)
+        except OSError as exc:
+            raise VeritasError(f"disk {d.name}: cannot link {target} to {src}: {exc.strerror}") from None
         return
     if not src.exists():
         raise VeritasError(f"disk {d.name}: {src} is missing")
