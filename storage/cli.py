@@ -55,9 +55,19 @@ def _table(rows: list[list[str]]) -> str:
 # ------------------------------------------------------------- dg
 
 
+def _warn_shared(dg: DiskGroup, new: Sequence[str]) -> None:
+    """Say on stderr when disks just added share a failure domain (directories of one filesystem)."""
+    for where, names in dg.shared_domains():
+        if set(names) & set(new):
+            print(f"veritas: warning: disks {', '.join(names)} of disk group {dg.name} are directories on"
+                  f" {where}: one failure domain, lost together. vol make refuses a mirror across them"
+                  " unless --force", file=sys.stderr)
+
+
 def cmd_dg_init(cfg: Config, a: argparse.Namespace) -> None:
     size = parse_size(a.size, "disk size") if a.size else None
     dg = diskgroup.init(cfg, a.name, [DiskSpec.parse(d, size) for d in a.disks], force=a.force)
+    _warn_shared(dg, [d.name for d in dg.catalog.disks()])
     _emit(a, dg.summary(), lambda s: f"disk group {s['name']} created with {len(s['disks'])} disk(s)")
     dg.close()
 
@@ -67,6 +77,7 @@ def cmd_dg_adddisk(cfg: Config, a: argparse.Namespace) -> None:
     dg = diskgroup.open_dg(cfg, a.name)
     try:
         names = dg.add_disks([DiskSpec.parse(d, size) for d in a.disks], force=a.force)
+        _warn_shared(dg, names)
         _emit(a, names, lambda n: "added " + ", ".join(n))
     finally:
         dg.close()
@@ -140,7 +151,7 @@ def cmd_vol_make(cfg: Config, a: argparse.Namespace) -> None:
     spec = options.parse_volume(a.size, _kv(a.options))  # all checked before the disk group is touched
     dg = _open(cfg, a.diskgroup)
     try:
-        volumes.make(dg, a.name, spec=spec)
+        volumes.make(dg, a.name, spec=spec, force=a.force)
         _emit(a, volumes.info(dg, a.name), _vol_text)
     finally:
         dg.close()
@@ -248,11 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_dg_commands(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     dg = top.add_parser("dg", help="disk groups").add_subparsers(dest="cmd", required=True)
-    x = dg.add_parser("init", help="create a disk group on disks (block devices or image files)")
+    x = dg.add_parser("init", help="create a disk group on disks (block devices, image files, directories)")
     x.add_argument("name")
-    x.add_argument("disks", nargs="+", metavar="DISK", help="block device, or image file path[=SIZE]")
-    x.add_argument("--size", help="size of image files that do not exist yet")
-    x.add_argument("--force", action="store_true", help="overwrite disks that hold a filesystem")
+    x.add_argument("disks", nargs="+", metavar="DISK",
+                   help="block device, image file path[=SIZE], or directory=SIZE on XFS (reflink=1) or btrfs")
+    x.add_argument("--size", help="size of image files that do not exist yet, and of directory disks")
+    x.add_argument("--force", action="store_true", help="overwrite disks that hold a filesystem (a directory:"
+                   " a gone disk group's identity and images)")
     x.set_defaults(fn=cmd_dg_init)
     x = dg.add_parser("adddisk", help="add disks to a disk group")
     x.add_argument("name")
@@ -292,6 +305,8 @@ def _add_vol_commands(top: argparse._SubParsersAction[argparse.ArgumentParser]) 
     x.add_argument("options", nargs="*", metavar="KEY=VALUE",
                    help="layout=concat|stripe|mirror|mirror-stripe|auto nmirror=N ncol=N fstype=xfs|ext4|btrfs"
                    " maxiops=N protect=true")
+    x.add_argument("--force", action="store_true",
+                   help="accept mirrors in one failure domain (directory disks of one filesystem)")
     vcmd("list", "list volumes", cmd_vol_list)
     for name, help, fn in (("info", "show a volume", lambda dg, a: volumes.info(dg, a.name)),
                            ("repair", "restore a degraded volume's redundancy onto another disk", _repair)):

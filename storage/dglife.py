@@ -7,6 +7,7 @@ the way in (storage.recovery) and removing volumes on the way out (destroy --for
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 import uuid
@@ -17,10 +18,10 @@ from storage import crash, recovery
 from storage.catalog.base import CatalogStore, DiskGroupRec, VolumeRec
 from storage.config import Config
 from storage.errors import AlreadyExists, InUse, InvalidArgument
-from storage.group import DiskGroup, DiskSpec, store_of, take_offline
-from storage.kernel import fs, loop, mounts
+from storage.group import DiskGroup, DiskSpec, release_dir, store_of, take_offline
+from storage.kernel import fs, loop, mounts, reflink
 from storage.runner import Runner, run
-from storage.units import check_name
+from storage.units import MiB, check_name
 from storage.volops.remove import remove
 
 
@@ -74,11 +75,32 @@ def _discard_partial(store: CatalogStore, name: str, root: Path, runner: Runner)
     disks = root / "disks"
     if disks.is_dir():
         for d in disks.iterdir():
+            if d.is_symlink():  # a directory disk: its identity and empty vols/ go, the link with the root
+                _forget_dir_disk(d.resolve(), name)
+                continue
             entry = mounts.mounted_at(d)
             fs.umount(d, runner)
             if entry is not None and entry.source.startswith("/dev/loop"):
                 loop.detach(entry.source, runner)
     shutil.rmtree(root, ignore_errors=True)
+
+
+def _forget_dir_disk(src: Path, name: str) -> None:
+    """Remove what an interrupted init of disk group ``name`` wrote in a directory disk, unless images
+    are in it (an init writes none: they are someone's data then)."""
+    vols = src / "vols"
+    if vols.is_dir() and any(vols.glob("*.img")):
+        return
+    try:
+        ident = json.loads((src / ".veritas-disk").read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(ident, dict) and ident.get("dg") == name:
+        (src / ".veritas-disk").unlink(missing_ok=True)
+        try:
+            vols.rmdir()
+        except OSError:
+            pass
 
 
 def open_dg(config: Config, name: str, runner: Runner = run, recover: bool = True,
@@ -152,9 +174,17 @@ def destroy(dg: DiskGroup, force: bool = False) -> None:
         for v in sorted(vols, key=lambda v: -_snapshot_depth(vols, v.name)):
             remove(dg, v.name, force=True, _cascade=True)
         _release_disks(dg)
+        rec = dg.catalog.diskgroup()
         for d in dg.catalog.disks():
             if d.kind == "file" and Path(d.source).parent == dg.config.state_root / "images":
                 Path(d.source).unlink(missing_ok=True)
+            if d.kind == "dir":
+                release_dir(d, dg.disk_dir(d.name), rec)
+                if Path(d.source).parent == dg.config.state_root / "disks":  # the embedded default's
+                    try:
+                        Path(d.source).rmdir()
+                    except OSError:
+                        pass
         dg.close()
         dg.store.destroy(dg.name)  # its catalog and locks: a waiter for them learns it is gone
         shutil.rmtree(dg.root, ignore_errors=True)
@@ -173,13 +203,17 @@ def _snapshot_depth(vols: Sequence[VolumeRec], name: str) -> int:
 
 
 def default_dg(config: Config, runner: Runner = run, store: CatalogStore | None = None) -> DiskGroup:
-    """Open the configured disk group, creating the embedded default on sparse images if it is missing."""
+    """Open the configured disk group, creating the embedded default if it is missing: on directory disks
+    under the state root when its filesystem has reflink, else on sparse images there."""
     name = config.diskgroup
     store = store_of(config, store)
     if not store.exists(name):
         config.state_root.mkdir(parents=True, exist_ok=True, mode=0o700)
         with store.locks().hold(exclusive_dg=True):
-            if not store.exists(name):
+            if not store.exists(name) and reflink.probe(config.state_root) is None:
+                _init(config, name, _default_dirs(config, name, store.is_partial(name)), False, runner,
+                      store).close()
+            elif not store.exists(name):
                 images = config.state_root / "images"
                 images.mkdir(exist_ok=True, mode=0o700)
                 interrupted = store.is_partial(name)
@@ -193,6 +227,28 @@ def default_dg(config: Config, runner: Runner = run, store: CatalogStore | None 
                 # device that is not blank (another instance's) is never formatted
                 _init(config, name, specs, False, runner, store).close()
     return open_dg(config, name, runner, store=store)
+
+
+def _default_dirs(config: Config, name: str, interrupted: bool) -> list[DiskSpec]:
+    """The embedded default's directory disks, ``<state_root>/disks/<dg>-disk<i>``: each of
+    default_disk_size, or an even share of the free space when that is less (so a small filesystem
+    still gets its default disk group; its volumes then meet the real limit, not a promise)."""
+    parent = config.state_root / "disks"
+    parent.mkdir(exist_ok=True, mode=0o700)
+    count = config.default_disk_count
+    dirs = [parent / f"{name}-disk{i}" for i in range(1, count + 1)]
+    for d in dirs:
+        if d.is_dir():
+            vols = d / "vols"
+            if not interrupted and vols.is_dir() and any(vols.glob("*.img")):
+                raise InUse(f"directory disk {d} holds volume images, but disk group {name} has no catalog:"
+                            " its volumes may still be there. Move the directory away (or delete it if its"
+                            " data is not wanted) before the default disk group is made again")
+            _forget_dir_disk(d, name)
+        d.mkdir(exist_ok=True, mode=0o700)
+    _total, free = fs.statvfs_size(parent)
+    share = (max(free - 64 * MiB, 0) // count) // MiB * MiB
+    return [DiskSpec(d, min(config.default_disk_size, share)) for d in dirs]
 
 
 def _discard_default_image(name: str, img: Path, interrupted: bool, runner: Runner) -> None:

@@ -64,21 +64,25 @@ def _check(dg: DiskGroup, repair: bool) -> list[Finding]:
                  {i.key for i in dg.catalog.intents()})
     # this disk group's image files, by identity: a catalog volume's, or an orphan's (by its file name)
     for d in dg.catalog.disks():
-        entry = mounts.mounted_at(dg.disk_dir(d.name))
         vdir = dg.disk_dir(d.name) / "vols"
-        if d.name not in scan.online or entry is None or not vdir.is_dir():
+        if d.name not in scan.online or not vdir.is_dir():
             continue
-        scan.disk_devs |= mounts.devices_of(entry)
+        if d.kind != "dir":  # a directory disk has no mount: its filesystem is shared with others' files
+            entry = mounts.mounted_at(dg.disk_dir(d.name))
+            if entry is None:
+                continue
+            scan.disk_devs |= mounts.devices_of(entry)
         for img in vdir.glob("*.img"):
             ident = loop.identity(img)
             if ident is not None:
                 scan.files[ident] = img
     out = _orphan_images(scan) + _missing_images(scan)
-    # loop devices on files of our disks (attached now: repairs above may have detached some)
+    # loop devices on files of our disks (attached now: repairs above may have detached some); on a
+    # directory disk's filesystem only those on our images, since any other file there is not ours
     ours: dict[str, loop.FileId] = {}
     for dev in loop.attached():
         ident = loop.backing_id(dev)
-        if ident is not None and ident[:2] in scan.disk_devs:
+        if ident is not None and (ident[:2] in scan.disk_devs or ident in scan.files):
             ours[dev] = ident
     mounted_vols = {n for n, v in scan.vols.items() if mountpoints.mounted_here(dg, v)}
     found, used = _stray_mounts(scan, ours)

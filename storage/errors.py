@@ -42,6 +42,10 @@ class Unsupported(InvalidArgument):
     """A valid-looking request the product refuses on purpose (e.g. raid5)."""
 
 
+class SharedFailureDomain(InvalidArgument):
+    """A redundant layout would keep copies on disks that fail together (directories of one filesystem)."""
+
+
 class NotFound(VeritasError):
     exit_code = 3
 

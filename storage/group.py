@@ -1,17 +1,25 @@
-"""The disk group record: a set of disks (XFS with reflink on an image file or block device) plus a
-catalog and locks, as one node sees it once the group is imported; and adding disks to it.
+"""The disk group record: a set of disks plus a catalog and locks, as one node sees it once the group
+is imported; and adding disks to it.
+
+A disk is an XFS with reflink that veritas makes on an image file or a block device (kinds "file" and
+"block"), or a directory on a reflink-capable filesystem the host already has (kind "dir": XFS made
+with reflink=1, or btrfs), used as it is: no loop device and no filesystem of our own, only the space
+given to it (``PATH=SIZE``), its ``vols/`` and its identity file. Directories of one filesystem fail
+together: they are one failure domain, and redundant layouts keep their copies in distinct ones.
 
 Opening, importing, deporting, creating and destroying disk groups live in storage.dglife.
 
 Its catalog and locks come from a catalog store (storage.catalog.base.CatalogStore; by default the
 SQLite one, which keeps them in this same root). Layout of a disk group root (``<state_root>/dg/<name>``)::
 
-    disks/<disk>/       each disk's XFS, mounted; images under vols/, identity in .veritas-disk
+    disks/<disk>/       each disk's XFS, mounted; images under vols/, identity in .veritas-disk;
+                        for a directory disk, a symbolic link to that directory
     tmp/                scratch mount points for offline work (grow, repair, new identity)
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -23,10 +31,10 @@ from storage import crash, durable
 from storage.catalog.base import CatalogStore, DiskGroupRec, DiskRec, IntentRec
 from storage.catalog.sqlite_store import SqliteStore
 from storage.config import Config
-from storage.errors import InUse, InvalidArgument, VeritasError
-from storage.kernel import fs, loop, mounts
+from storage.errors import InUse, InvalidArgument, NoSpace, VeritasError
+from storage.kernel import fs, loop, mounts, reflink
 from storage.runner import Runner, run
-from storage.units import MiB, check_name, parse_size
+from storage.units import MiB, check_name, format_size, parse_size
 
 _IDENTITY = ".veritas-disk"
 DG_KEY = "@dg"  # the intent key of operations on the disk group itself (adddisk)
@@ -35,7 +43,8 @@ DISK_RESERVE = 64 * MiB  # left free on each disk for XFS metadata and log growt
 
 @dataclass(frozen=True)
 class DiskSpec:
-    """A disk named on the command line: a block device, or an image file (created sparse if missing)."""
+    """A disk named on the command line: a block device, an image file (created sparse if missing), or an
+    existing directory on a reflink-capable filesystem (its size is required: the space it may use)."""
 
     source: Path
     size: int | None = None
@@ -44,7 +53,7 @@ class DiskSpec:
     def parse(cls, text: str, default_size: int | None = None) -> DiskSpec:
         path, sep, size = text.partition("=")
         if not path.startswith("/"):
-            raise InvalidArgument(f"disk {text!r}: give an absolute path to a block device or image file")
+            raise InvalidArgument(f"disk {text!r}: give an absolute path to a block device, image file or directory")
         return cls(Path(path), parse_size(size, "disk size") if sep else default_size)
 
 
@@ -91,7 +100,7 @@ class DiskGroup:
         """Make sure every disk's filesystem is mounted (after a reboot, or a lost disk coming back)."""
         for d in self.catalog.disks():
             target = self.disk_dir(d.name)
-            if mounts.mounted_at(target) is not None:
+            if d.kind != "dir" and mounts.mounted_at(target) is not None:
                 if d.state != "online":
                     self.catalog.set_disk_state(d.name, "online")
                 continue
@@ -127,6 +136,21 @@ class DiskGroup:
             "volumes": len(self.catalog.volumes()),
         }
 
+    def failure_domains(self) -> dict[str, str]:
+        """Each disk's failure domain, as a description: a directory disk's is the filesystem it lies on
+        (by device number: two paths to one filesystem are one domain); any other disk is its own."""
+        out = {}
+        for d in self.catalog.disks():
+            out[d.name] = (_filesystem(Path(d.source)) if d.kind == "dir" else None) or f"disk {d.name}"
+        return out
+
+    def shared_domains(self) -> list[tuple[str, list[str]]]:
+        """Failure domains holding more than one disk, with their disks: directory disks of one filesystem."""
+        by: dict[str, list[str]] = {}
+        for disk, dom in sorted(self.failure_domains().items()):
+            by.setdefault(dom, []).append(disk)
+        return [(dom, names) for dom, names in sorted(by.items()) if len(names) > 1]
+
     def close(self) -> None:
         self.catalog.close()
 
@@ -145,7 +169,8 @@ class DiskGroup:
                 created = not spec.source.exists()  # an image we create is ours to delete on rollback
                 finish_dg_intent(self)  # a killed adddisk's half-made disk goes first
                 self.catalog.put_intent(IntentRec(DG_KEY, "adddisk", {"disk": name, "source": str(spec.source),
-                                                                       "created": created}, time.time()))
+                                                                       "created": created,
+                                                                       "dir": spec.source.is_dir()}, time.time()))
                 crash.point("adddisk.recorded")
                 try:
                     rec = _format_disk(self, name, spec, force)
@@ -179,7 +204,7 @@ def _prepare_source(spec: DiskSpec, force: bool, runner: Runner) -> str:
             if spec.size and src.stat().st_size < spec.size:
                 os.truncate(src, spec.size)
         else:
-            raise InvalidArgument(f"disk {src} is neither a block device nor a regular file")
+            raise InvalidArgument(f"disk {src} is neither a block device, a regular file nor a directory")
         num = f"{os.major(src.stat().st_rdev)}:{os.minor(src.stat().st_rdev)}" if kind == "block" else None
         if any(e.source == str(src) or e.major_minor == num for e in mounts.table()):  # by number: any name
             raise InUse(f"disk {src} is mounted; unmount it before adding it to a disk group")
@@ -198,8 +223,169 @@ def _prepare_source(spec: DiskSpec, force: bool, runner: Runner) -> str:
     return "file"
 
 
+def _prepare_dir(dg: DiskGroup, spec: DiskSpec, force: bool) -> None:
+    """Check that directory ``spec.source`` can be a disk: a size, reflink, room, and not another group's
+    disk (with ``force``, a leftover identity and images of a disk group that is gone are removed)."""
+    src = spec.source
+    if spec.size is None:
+        raise InvalidArgument(f"directory disk {src}: give the space it may use (PATH=SIZE or --size)")
+    err = reflink.probe(src)
+    if err is not None:
+        where = _filesystem(src) or "its filesystem"
+        if err.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL, errno.EXDEV, errno.ENOSYS):
+            raise InvalidArgument(
+                f"directory {src} lies on {where}, which has no reflink (FICLONE: {err.strerror}); veritas"
+                " snapshots clone volume images by reflink. Use a directory on XFS made with reflink=1"
+                " or on btrfs, or give a block device or an image file (PATH=SIZE) instead")
+        raise InvalidArgument(f"directory {src}: cannot write a probe file in it ({err.strerror})")
+    here = os.stat(src)
+    for other in dg.catalog.disks():
+        try:
+            st = os.stat(other.source)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (here.st_dev, here.st_ino):
+            raise InUse(f"directory {src} already is disk {other.name} of disk group {dg.name}")
+    vols = src / "vols"
+    images = sorted(vols.glob("*.img")) if vols.is_dir() else []
+    ident = src / _IDENTITY
+    data: dict[str, object] = {}
+    try:
+        data = json.loads(ident.read_text())
+    except (OSError, ValueError):
+        pass
+    live = data.get("dg") in dg.store.names() and (data.get("dg") != dg.name
+                                                    or data.get("dg_uuid") == dg.catalog.diskgroup().uuid)
+    if live:  # a live group's disk is never taken over, not even forced
+        raise InUse(f"directory {src} is disk {data.get('disk')} of disk group {data.get('dg')};"
+                    " it cannot be added to another disk group")
+    if (ident.exists() or images) and not force:
+        owner = f" (disk {data.get('disk')} of disk group {data.get('dg')})" if data else ""
+        raise InUse(f"directory {src} already is a veritas disk{owner} or holds volume images in {vols};"
+                    " use --force to take it over (its images are deleted)")
+    for img in images:
+        if loop.find(img):
+            raise InUse(f"directory {src}: image {img} is attached to {loop.find(img)[0]}; detach it first")
+    _check_room(dg, src.resolve(), spec.size)
+    for img in images:
+        img.unlink()
+    ident.unlink(missing_ok=True)
+
+
+def _filesystem(path: Path) -> str | None:
+    """The filesystem ``path`` lies on, as a description that is the same for every path on it (by the
+    device number the kernel gives the file; on btrfs, whose subvolumes each have one, by its fsid);
+    None when ``path`` cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    fsid = mounts.btrfs_fsid(path)
+    if fsid is not None:
+        return f"the btrfs filesystem {fsid}"
+    num = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    entry = next((e for e in reversed(mounts.table()) if e.major_minor == num), None)
+    return f"the {entry.fstype} filesystem at {entry.target} (device {num})" if entry else f"filesystem {num}"
+
+
+def _allocated(vols: Path) -> int:
+    """Bytes the images under ``vols`` take on their filesystem."""
+    total = 0
+    for img in vols.glob("*.img") if vols.is_dir() else []:
+        try:
+            total += img.stat().st_blocks * 512
+        except OSError:
+            continue
+    return total
+
+
+def _check_room(dg: DiskGroup, src: Path, size: int) -> None:
+    """Refuse a directory disk larger than its filesystem's free space, less what this group's other
+    directory disks there may still take (their size less what their images already hold)."""
+    _total, free = fs.statvfs_size(src)
+    where = _filesystem(src)
+    promised = sum(max(o.size - _allocated(Path(o.source) / "vols"), 0) for o in dg.catalog.disks()
+                   if o.kind == "dir" and _filesystem(Path(o.source)) == where)
+    if size > free - promised:
+        taken = (f", of which {format_size(promised, long=True)} is promised to this group's other directory"
+                 " disks there" if promised else "")
+        raise NoSpace(f"directory disk {src}: {format_size(size, long=True)} asked, but {where} has"
+                      f" {format_size(free, long=True)} free{taken}; give a smaller size (PATH=SIZE)")
+
+
+def _format_dir(dg: DiskGroup, name: str, spec: DiskSpec, force: bool) -> DiskRec:
+    """Make directory ``spec.source`` disk ``name``: checks, then vols/, identity file, link."""
+    _prepare_dir(dg, spec, force)
+    src = spec.source.resolve()
+    size = spec.size or 0
+    target = dg.disk_dir(name)
+    made: list[Path] = []
+    try:
+        vols = src / "vols"
+        if not vols.is_dir():
+            vols.mkdir()
+            made.append(vols)
+        rec = dg.catalog.diskgroup()
+        made.append(src / _IDENTITY)
+        durable.write_file(src / _IDENTITY, json.dumps({"dg": rec.name, "dg_uuid": rec.uuid, "disk": name}))
+        _link(target, src)
+        made.append(target)
+        crash.point("adddisk.dir")
+    except BaseException:
+        _undo_dir(made)
+        raise
+    return DiskRec(name, str(src), "dir", size, "online")
+
+
+def _undo_dir(made: list[Path]) -> None:
+    for p in reversed(made):
+        try:
+            if p.is_symlink() or p.is_file():
+                p.unlink()
+            else:
+                p.rmdir()
+        except OSError:
+            pass
+
+
+def _link(target: Path, src: Path) -> None:
+    """Make ``target`` (the disk's place in the group root) a link to directory ``src``."""
+    if target.is_symlink():
+        if Path(os.readlink(target)) == src:
+            return
+        target.unlink()
+    elif target.is_dir():
+        target.rmdir()  # an empty mount point left from before; anything in it is not ours to drop
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(src, target)
+
+
+def release_dir(d: DiskRec, target: Path, dg: DiskGroupRec) -> None:
+    """Give a destroyed group's directory disk back: its identity, its (empty) vols/ and link go."""
+    src = Path(d.source)
+    try:
+        _check_identity(src, dg, d.name)
+    except VeritasError:
+        return  # not (or no longer) ours: another group's disk now
+    try:
+        (src / "vols").rmdir()
+    except OSError:
+        pass
+    (src / _IDENTITY).unlink(missing_ok=True)
+    if target.is_symlink():
+        target.unlink()
+
+
 def _bring_online(d: DiskRec, target: Path, runner: Runner) -> None:
     src = Path(d.source)
+    if d.kind == "dir":  # nothing to attach or mount: the directory is there, and the link leads to it
+        if not src.is_dir():
+            raise VeritasError(f"disk {d.name}: directory {src} is missing")
+        try:
+            _link(target, src)
+        except OSError as exc:
+            raise VeritasError(f"disk {d.name}: cannot link {target} to {src}: {exc.strerror}") from None
+        return
     if not src.exists():
         raise VeritasError(f"disk {d.name}: {src} is missing")
     dev, attached = loop.attach_tracked(src, runner) if d.kind == "file" else (str(src), False)
@@ -213,6 +399,8 @@ def _bring_online(d: DiskRec, target: Path, runner: Runner) -> None:
 
 
 def take_offline(d: DiskRec, target: Path, runner: Runner) -> None:
+    if d.kind == "dir":
+        return  # nothing mounted, nothing attached: its volumes' loop devices are already detached
     fs.umount(target, runner)
     if d.kind == "file":
         loop.detach_image(Path(d.source), runner)
@@ -229,6 +417,8 @@ def _check_identity(target: Path, dg: DiskGroupRec, disk: str) -> None:
 
 
 def _format_disk(dg: DiskGroup, name: str, spec: DiskSpec, force: bool) -> DiskRec:
+    if spec.source.is_dir():
+        return _format_dir(dg, name, spec, force)
     created = not spec.source.exists()
     kind = _prepare_source(spec, force, dg.runner)
     src = spec.source.resolve()
@@ -274,7 +464,13 @@ def finish_dg_intent(dg: DiskGroup, intent: IntentRec | None = None) -> str | No
         dg.catalog.finish_intent(DG_KEY)
         return f"dg {intent.op}: dropped"
     disk = str(intent.data.get("disk"))
-    if disk not in {d.name for d in dg.catalog.disks()}:
+    if disk not in {d.name for d in dg.catalog.disks()} and intent.data.get("dir"):
+        src = Path(str(intent.data.get("source"))).resolve()
+        release_dir(DiskRec(disk, str(src), "dir", 0), dg.disk_dir(disk), dg.catalog.diskgroup())
+        target = dg.disk_dir(disk)
+        if target.is_symlink():
+            target.unlink()
+    elif disk not in {d.name for d in dg.catalog.disks()}:
         target = dg.disk_dir(disk)
         fs.umount(target, dg.runner)
         src = Path(str(intent.data.get("source")))

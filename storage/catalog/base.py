@@ -32,7 +32,7 @@ class DiskRec:
 
     name: str
     source: str
-    kind: str  # "file" | "block"
+    kind: str  # "file" | "block" | "dir" (a directory on a reflink filesystem: no XFS of its own)
     size: int
     state: str = "online"  # "online" | "missing"
 

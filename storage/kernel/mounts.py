@@ -67,20 +67,28 @@ def targets_of(devices: set[str]) -> list[str]:
 _BTRFS_IOC_FS_INFO = 0x8400941F  # _IOR(0x94, 31, struct btrfs_ioctl_fs_info_args), 1024 bytes; fsid at 16
 
 
-def _btrfs_members(target: Path) -> set[tuple[int, int]]:
-    """Device numbers of the member devices of the btrfs mounted at ``target`` (from its fsid's sysfs
-    directory), or none when ``target`` holds no btrfs."""
+def btrfs_fsid(path: Path) -> str | None:
+    """The fsid of the btrfs ``path`` lies on, or None when it is not on btrfs. Each btrfs subvolume has
+    a device number of its own, so the fsid is what tells two of them apart from two filesystems."""
     try:
-        fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
-        return set()
+        return None
     try:
         info = fcntl.ioctl(fd, _BTRFS_IOC_FS_INFO, bytes(1024))
     except OSError:
-        return set()
+        return None
     finally:
         os.close(fd)
-    fsid = str(uuid.UUID(bytes=bytes(info[16:32])))
+    return str(uuid.UUID(bytes=bytes(info[16:32])))
+
+
+def _btrfs_members(target: Path) -> set[tuple[int, int]]:
+    """Device numbers of the member devices of the btrfs mounted at ``target`` (from its fsid's sysfs
+    directory), or none when ``target`` holds no btrfs."""
+    fsid = btrfs_fsid(target)
+    if fsid is None:
+        return set()
     out: set[tuple[int, int]] = set()
     try:
         members = list(os.scandir(f"/sys/fs/btrfs/{fsid}/devices"))

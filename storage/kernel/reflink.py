@@ -38,6 +38,25 @@ def clone(src: Path, dst: Path) -> None:
         os.close(sfd)
 
 
+def probe(directory: Path) -> OSError | None:
+    """Try one reflink clone in ``directory``: None when it works, else the kernel's error (EOPNOTSUPP on
+    ext4 and tmpfs, say). Whether a filesystem supports reflink is what FICLONE does, not its name: XFS
+    made without reflink=1 refuses as ext4 does. Both probe files are removed again."""
+    src = directory / f".veritas-probe.{os.getpid()}"
+    dst = directory / f".veritas-probe.{os.getpid()}.clone"
+    try:
+        with open(src, "w+b") as sfh, open(dst, "wb") as dfh:  # "wb": a killed probe's leftovers are reused
+            sfh.write(bytes(4096))
+            sfh.flush()
+            fcntl.ioctl(dfh.fileno(), FICLONE, sfh.fileno())
+    except OSError as exc:
+        return exc
+    finally:
+        src.unlink(missing_ok=True)
+        dst.unlink(missing_ok=True)
+    return None
+
+
 def unshared_bytes(path: Path) -> int:
     """Bytes of ``path`` stored in extents it shares with no other file (a snapshot's cache use)."""
     total = 0

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from storage.config import VolumeDefaults
-from storage.errors import InUse, InvalidArgument, NoSpace
+from storage.errors import InUse, InvalidArgument, NoSpace, SharedFailureDomain
 from storage.kernel import btrfs_super, fs, loop
 from storage.runner import Runner, run
 from storage.units import MiB, format_size, round_up
@@ -139,17 +139,40 @@ class LayoutEngine(abc.ABC):
         raise InvalidArgument(f"layout {self.name} keeps no redundancy to restore")
 
     @staticmethod
-    def place(sizes: Sequence[int], free: Mapping[str, int], layout: str, group: str = "the disk group") -> list[str]:
-        """Choose a distinct disk for each image, emptiest first, so load spreads across the group.
+    def place(sizes: Sequence[int], free: Mapping[str, int], layout: str, group: str = "the disk group",
+              domains: Mapping[str, str] | None = None) -> list[str]:
+        """Choose a distinct disk for each image, emptiest first, so load spreads across the group; with
+        ``domains`` (disk -> failure domain), each in a distinct failure domain too.
 
         :raises NoSpace: saying, in human units, what is needed and what free space there is.
+        :raises SharedFailureDomain: when only disks sharing a failure domain have room for the images.
         """
+        if domains is None:
+            return LayoutEngine._place(sizes, free, layout, group, None)
+        try:
+            return LayoutEngine._place(sizes, free, layout, group, domains)
+        except NoSpace:
+            chosen = LayoutEngine._place(sizes, free, layout, group, None)  # the plain NoSpace, if that
+        shared = sorted({domains.get(d, d) for d in chosen})
+        by = {dom: sorted(d for d in chosen if domains.get(d, d) == dom) for dom in shared}
+        where = "; ".join(f"{', '.join(ds)} on {dom}" for dom, ds in by.items() if len(ds) > 1)
+        raise SharedFailureDomain(
+            f"layout {layout} keeps copies on {len(sizes)} disks that must fail apart, but the disks of {group}"
+            f" with room share a failure domain ({where}): directories of one filesystem are lost together."
+            " Add a disk on another filesystem or device, or pass --force (veritas vol make --force) to accept"
+        )
+
+    @staticmethod
+    def _place(sizes: Sequence[int], free: Mapping[str, int], layout: str, group: str,
+               domains: Mapping[str, str] | None) -> list[str]:
         order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
         candidates = sorted(free, key=lambda d: (-free[d], d))
         chosen: dict[int, str] = {}
         used: set[str] = set()
+        taken: set[str] = set()  # failure domains used
         for i in order:
-            disk = next((d for d in candidates if d not in used and free[d] >= sizes[i]), None)
+            disk = next((d for d in candidates if d not in used and free[d] >= sizes[i]
+                         and (domains is None or domains.get(d, d) not in taken)), None)
             if disk is None:
                 n = len(sizes)
                 disks = f"{n} disk{'s' if n != 1 else ''}"
@@ -173,6 +196,8 @@ class LayoutEngine(abc.ABC):
                 )
             chosen[i] = disk
             used.add(disk)
+            if domains is not None:
+                taken.add(domains.get(disk, disk))
         return [chosen[i] for i in range(len(sizes))]
 
 

@@ -16,8 +16,11 @@ from storage.units import check_name
 
 
 def make(dg: DiskGroup, name: str, size: str | int | None = None, *, spec: options.VolumeSpec | None = None,
-         **opts: Any) -> VolumeRec:
+         force: bool = False, **opts: Any) -> VolumeRec:
     """Create volume ``name``; returns its record. Options: see options.VOLUME_OPTIONS, or a spec parsed already.
+
+    A redundant layout keeps its copies in distinct failure domains (storage.group: directory disks of
+    one filesystem are one); ``force`` accepts copies that share one.
 
     Every option is checked before the first step; the config file's [volume] section gives the defaults.
     """
@@ -38,7 +41,7 @@ def make(dg: DiskGroup, name: str, size: str | int | None = None, *, spec: optio
         for attempt in range(5):
             # placement reads free space outside the catalog transaction; a concurrent make may take the
             # chosen disk's room first, so plan again rather than fail while other disks have space
-            eng, shape, sizes, disks = _plan(dg, layout, nbytes, fstype, nmirror, ncol)
+            eng, shape, sizes, disks = _plan(dg, layout, nbytes, fstype, nmirror, ncol, force)
             vol = VolumeRec(name, nbytes, eng.name, shape.fstype, shape.nmirror, shape.ncol, maxiops,
                             None, 0, "creating", time.time(), protect)
             sds = [SubdiskRec(name, i, d, sz, sz) for i, (d, sz) in enumerate(zip(disks, sizes, strict=True))]
@@ -74,18 +77,20 @@ def make(dg: DiskGroup, name: str, size: str | int | None = None, *, spec: optio
 
 
 def _plan(dg: DiskGroup, layout: str, size: int, fstype: str | None, nmirror: int | None,
-          ncol: int | None) -> tuple[LayoutEngine, Shape, list[int], list[str]]:
+          ncol: int | None, force: bool = False) -> tuple[LayoutEngine, Shape, list[int], list[str]]:
     free = dg.free()
+    domains = None if force else dg.failure_domains()  # only redundant layouts are held to them
     if layout == "auto":
         mirror = ENGINES["mirror"]
         try:
             shape = mirror.shape_for(size, fstype, nmirror, ncol, dg.config.volume)
             sizes = mirror.subdisk_sizes(size, shape)
-            return mirror, shape, sizes, LayoutEngine.place(sizes, free, "mirror", dg.name)
+            return mirror, shape, sizes, LayoutEngine.place(sizes, free, "mirror", dg.name, domains)
         except VeritasError:
             layout = "concat"
             nmirror = ncol = None
     eng = engine(layout)
     shape = eng.shape_for(size, fstype, nmirror, ncol, dg.config.volume)
     sizes = eng.subdisk_sizes(size, shape)
-    return eng, shape, sizes, LayoutEngine.place(sizes, free, eng.name, dg.name)
+    return eng, shape, sizes, LayoutEngine.place(sizes, free, eng.name, dg.name,
+                                                 domains if eng.redundant else None)

@@ -6,8 +6,8 @@ import time
 from pathlib import Path
 
 from storage import crash, durable, recovery, steps
-from storage.catalog.base import IntentRec, VolumeRec
-from storage.errors import Degraded, InvalidArgument
+from storage.catalog.base import IntentRec, SubdiskRec, VolumeRec
+from storage.errors import Degraded, InvalidArgument, NoSpace, SharedFailureDomain
 from storage.group import DiskGroup
 from storage.kernel import loop
 from storage.layouts.base import LayoutEngine
@@ -32,7 +32,7 @@ def repair(dg: DiskGroup, name: str) -> VolumeRec:
         free = {d: n for d, n in dg.free().items() if d not in used_disks}
         online = {d.name for d in dg.catalog.disks() if d.state == "online"}
         broken = [sd for sd in sds if sd.disk not in online or not dg.image(sd.disk, name, sd.idx).exists()]
-        targets = LayoutEngine.place([sd.size for sd in broken], free, v.layout)
+        targets = _place_apart(dg, name, broken, [sd for sd in sds if sd not in broken], free, v.layout)
         mp = dg.mountpoint(name)
         was_mounted = steps.is_mounted(dg, name)
         target = mp if was_mounted else dg.scratch(f"repair-{name}")
@@ -79,3 +79,22 @@ def _drop_replacement(dg: DiskGroup, v: VolumeRec, img: Path) -> None:
     out of the filesystem, or the filesystem unmounted: either way nothing uses it)."""
     steps.engine_of(v).detach(loop.find(img), steps.shape_of(v), dg.runner)
     img.unlink(missing_ok=True)
+
+
+def _place_apart(dg: DiskGroup, name: str, broken: list[SubdiskRec], kept: list[SubdiskRec],
+                 free: dict[str, int], layout: str) -> list[str]:
+    """Disks for the lost copies outside the failure domains of the surviving ones (directory disks
+    of one filesystem are one), unless the volume was made with its copies in one domain (forced)."""
+    domains = dg.failure_domains()
+    held = {domains.get(sd.disk, sd.disk) for sd in kept}
+    sizes = [sd.size for sd in broken]
+    if any(domains.get(sd.disk, sd.disk) in held for sd in broken):
+        return LayoutEngine.place(sizes, free, layout)  # its copies shared a domain from the start
+    apart = {d: n for d, n in free.items() if domains.get(d, d) not in held}
+    try:
+        return LayoutEngine.place(sizes, apart, layout, dg.name, domains)
+    except (NoSpace, SharedFailureDomain):
+        LayoutEngine.place(sizes, free, layout)  # no room on any disk: that NoSpace says so
+    raise SharedFailureDomain(
+        f"volume {name}: the disks with room for its lost copy share a failure domain with its surviving"
+        " copy (directories of one filesystem); add a disk on another filesystem or device and repair again")

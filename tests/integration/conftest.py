@@ -124,6 +124,16 @@ def force_clean(root: Path) -> None:
 
 def finish(config: Config, root: Path) -> None:
     """Destroy every disk group under ``root``, then fail the test if anything leaked or failed."""
+    problems = destroy_all(config)
+    left = leaks(root)
+    force_clean(root)
+    shutil.rmtree(root, ignore_errors=True)
+    if problems or left:
+        pytest.fail("teardown found leaks or failures: " + "; ".join(problems + left))
+
+
+def destroy_all(config: Config) -> list[str]:
+    """Destroy every disk group of ``config`` (volumes and all); what failed, as messages."""
     problems: list[str] = []
     for name in diskgroup.list_names(config):
         try:
@@ -137,11 +147,7 @@ def finish(config: Config, root: Path) -> None:
             diskgroup.destroy(dg, force=True)
         except Exception as exc:  # teardown must go on and report
             problems.append(f"destroying {name}: {exc}")
-    left = leaks(root)
-    force_clean(root)
-    shutil.rmtree(root, ignore_errors=True)
-    if problems or left:
-        pytest.fail("teardown found leaks or failures: " + "; ".join(problems + left))
+    return problems
 
 
 @pytest.fixture
