@@ -96,8 +96,7 @@ class DiskGroup:
                     self.catalog.set_disk_state(d.name, "online")
                 continue
             try:
-                _bring_online(d, target, self.runner)
-                _check_identity(target, self.catalog.diskgroup(), d.name)
+                _bring_online(d, target, self.runner, self.catalog.diskgroup())
                 state = "online"
             except VeritasError:
                 state = "missing"
@@ -198,15 +197,25 @@ def _prepare_source(spec: DiskSpec, force: bool, runner: Runner) -> str:
     return "file"
 
 
-def _bring_online(d: DiskRec, target: Path, runner: Runner) -> None:
+def _bring_online(d: DiskRec, target: Path, runner: Runner, dg: DiskGroupRec) -> None:
+    """Mount disk ``d`` at ``target`` if what its source holds is that disk; otherwise leave it as found.
+
+    A block device's name is not its identity (sdX and zramN are handed out again): a foreign disk
+    left mounted here would count as online at the next open, by its mount alone.
+    """
     src = Path(d.source)
     if not src.exists():
         raise VeritasError(f"disk {d.name}: {src} is missing")
     dev, attached = loop.attach_tracked(src, runner) if d.kind == "file" else (str(src), False)
     target.mkdir(parents=True, exist_ok=True)
+    mounted = False
     try:
         fs.mount([dev], target, "xfs", runner=runner)
+        mounted = True
+        _check_identity(target, dg, d.name)
     except VeritasError:
+        if mounted:
+            fs.umount(target, runner)
         if attached:  # a device found attached may hold this disk mounted elsewhere: not ours to drop
             loop.detach(dev, runner)
         raise
