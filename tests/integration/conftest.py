@@ -95,10 +95,15 @@ def write_config(root: Path, diskgroup: str = "testdg", disks: int = 3, disk_siz
 _loops_at_start: dict[str, object] = {}
 
 
-@pytest.fixture(autouse=True)
-def _record_loops() -> None:
+def record_loops() -> None:
+    """Take the loop devices attached now as the machine's: only ones attached later can be leaks."""
     _loops_at_start.clear()
     _loops_at_start.update({dev: loop.backing_id(dev) for dev in loop.attached()})
+
+
+@pytest.fixture(autouse=True)
+def _record_loops() -> None:
+    record_loops()
 
 
 def stranded_loops() -> list[str]:

@@ -36,7 +36,7 @@ from storage.config import Config, load_config
 from storage.diskgroup import DiskGroup, DiskSpec
 from storage.kernel import fs, loop, mounts
 from storage.units import MiB
-from tests.integration.conftest import force_clean, leaks
+from tests.integration.conftest import force_clean, leaks, record_loops
 
 REPO = Path(__file__).resolve().parents[2]
 DG = "testdg"
@@ -488,6 +488,7 @@ def discover() -> dict[str, list[str]]:
     if os.geteuid() != 0 or shutil.which("losetup") is None:
         _DISCOVERY_ERROR = "discovery needs root and losetup"
         return _DISCOVERED
+    record_loops()  # at collection no test recorded them: a loop stranded before discovery is not its leak
     root = Path(tempfile.mkdtemp(prefix="vcrash-discover-", dir="/tmp"))
     config_path = _write_config(root)
     dg = None
