@@ -8,6 +8,7 @@ the way in (storage.recovery) and removing volumes on the way out (destroy --for
 from __future__ import annotations
 
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Sequence
@@ -41,11 +42,12 @@ def _init(config: Config, name: str, specs: Sequence[DiskSpec], force: bool, run
     root = config.dg_parent / name
     if store.exists(name):
         raise AlreadyExists(f"disk group {name} already exists")
-    seen = set()
+    seen: set[object] = set()
     for s in specs:
-        if s.source in seen:
+        key = _disk_key(s.source)
+        if key in seen:
             raise InvalidArgument(f"disk {s.source} is named twice")
-        seen.add(s.source)
+        seen.add(key)
         if not s.source.exists() and s.size is None:
             raise InvalidArgument(f"disk {s.source} does not exist; give its size (PATH=SIZE or --size)")
     created = [s.source for s in specs if not s.source.exists()]  # removed again if init fails
@@ -66,6 +68,18 @@ def _init(config: Config, name: str, specs: Sequence[DiskSpec], force: bool, run
             path.unlink(missing_ok=True)
         raise
     return DiskGroup(config, name, runner, store=store)
+
+
+def _disk_key(path: Path) -> object:
+    """What a disk is, whatever name it is given: a block device by its number, a file by (device,
+    inode); a path that does not exist yet by its resolved path."""
+    try:
+        st = path.stat()
+    except OSError:  # not there yet (or not reachable): the init's own checks report it
+        return path.resolve()
+    if stat.S_ISBLK(st.st_mode):
+        return ("block", st.st_rdev)
+    return ("file", st.st_dev, st.st_ino)
 
 
 def _discard_partial(store: CatalogStore, name: str, root: Path, runner: Runner) -> None:

@@ -339,3 +339,19 @@ def test_zram_pool_reports_a_device_it_cannot_remove(tmp_path: Path) -> None:
         subprocess.run(["umount", str(target)], check=False, capture_output=True)
         assert pool.remove_all() == []
     assert pool.left() == [] and not sysfs(num).exists()
+
+
+def test_init_refuses_one_device_named_twice(block_env: Env, zram_devices: Zram) -> None:
+    """One device under two names (its node and a symlink, as /dev/disk/by-id gives) is refused before
+    anything is written: it used to be formatted under the first name and refused as mounted under the
+    second, leaving a fresh XFS on it."""
+    from storage.errors import InvalidArgument
+
+    dev = zram_devices(1, SIZE)[0]
+    alias = block_env.root / "by-id-alias"
+    alias.symlink_to(dev)
+    proc = block_env.cli("dg", "init", DG, str(dev), str(alias), check=False)
+    assert proc.returncode == InvalidArgument.exit_code and "named twice" in proc.stderr, proc.stderr
+    assert subprocess.run(["blkid", "-p", str(dev)], capture_output=True).returncode != 0, \
+        "the refused init wrote a filesystem on the device"
+    assert json.loads(block_env.cli("--json", "dg", "list").stdout) == []
