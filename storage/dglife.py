@@ -8,7 +8,6 @@ the way in (storage.recovery) and removing volumes on the way out (destroy --for
 from __future__ import annotations
 
 import shutil
-import stat
 import time
 import uuid
 from collections.abc import Sequence
@@ -18,7 +17,7 @@ from storage import crash, recovery
 from storage.catalog.base import CatalogStore, DiskGroupRec, VolumeRec
 from storage.config import Config
 from storage.errors import AlreadyExists, InUse, InvalidArgument
-from storage.group import DiskGroup, DiskSpec, store_of, take_offline
+from storage.group import DiskGroup, DiskSpec, disk_key, store_of, take_offline
 from storage.kernel import fs, loop, mounts
 from storage.runner import Runner, run
 from storage.units import check_name
@@ -44,7 +43,7 @@ def _init(config: Config, name: str, specs: Sequence[DiskSpec], force: bool, run
         raise AlreadyExists(f"disk group {name} already exists")
     seen: set[object] = set()
     for s in specs:
-        key = _disk_key(s.source)
+        key = disk_key(s.source)
         if key in seen:
             raise InvalidArgument(f"disk {s.source} is named twice")
         seen.add(key)
@@ -68,18 +67,6 @@ def _init(config: Config, name: str, specs: Sequence[DiskSpec], force: bool, run
             path.unlink(missing_ok=True)
         raise
     return DiskGroup(config, name, runner, store=store)
-
-
-def _disk_key(path: Path) -> object:
-    """What a disk is, whatever name it is given: a block device by its number, a file by (device,
-    inode); a path that does not exist yet by its resolved path."""
-    try:
-        st = path.stat()
-    except OSError:  # not there yet (or not reachable): the init's own checks report it
-        return path.resolve()
-    if stat.S_ISBLK(st.st_mode):
-        return ("block", st.st_rdev)
-    return ("file", st.st_dev, st.st_ino)
 
 
 def _discard_partial(store: CatalogStore, name: str, root: Path, runner: Runner) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from storage import crash, durable
 from storage.catalog.base import CatalogStore, DiskGroupRec, DiskRec, IntentRec
 from storage.catalog.sqlite_store import SqliteStore
 from storage.config import Config
-from storage.errors import InUse, InvalidArgument, VeritasError
+from storage.errors import AlreadyExists, InUse, InvalidArgument, VeritasError
 from storage.kernel import fs, loop, mounts
 from storage.runner import Runner, run
 from storage.units import MiB, check_name, parse_size
@@ -141,6 +142,7 @@ class DiskGroup:
                     n += 1
                 name = f"{self.name}{n:02d}"
                 taken.add(name)
+                _refuse_member(self, spec.source)
                 created = not spec.source.exists()  # an image we create is ours to delete on rollback
                 finish_dg_intent(self)  # a killed adddisk's half-made disk goes first
                 self.catalog.put_intent(IntentRec(DG_KEY, "adddisk", {"disk": name, "source": str(spec.source),
@@ -166,6 +168,28 @@ def store_of(config: Config, store: CatalogStore | None = None) -> CatalogStore:
 
 def list_names(config: Config, store: CatalogStore | None = None) -> list[str]:
     return store_of(config, store).names()
+
+
+def disk_key(path: Path) -> object:
+    """What a disk is, whatever name it is given: a block device by its number, a file by (device,
+    inode); a path that does not exist (or cannot be reached) by its resolved path."""
+    try:
+        st = path.stat()
+    except OSError:
+        return path.resolve()
+    if stat.S_ISBLK(st.st_mode):
+        return ("block", st.st_rdev)
+    return ("file", st.st_dev, st.st_ino)
+
+
+def _refuse_member(dg: DiskGroup, source: Path) -> None:
+    """Refuse, before anything is written, a source that already is one of the group's disks under any
+    name, online or not: a lost disk keeps its record (and its source) for repair to report and replace."""
+    key = disk_key(source)
+    for d in dg.catalog.disks():
+        if disk_key(Path(d.source)) == key or Path(d.source) == source.resolve():
+            hint = "" if d.state == "online" else "; a replacement needs a name of its own"
+            raise AlreadyExists(f"disk {source} is already disk {d.name} of {dg.name} ({d.state}){hint}")
 
 
 def _prepare_source(spec: DiskSpec, force: bool, runner: Runner) -> str:

@@ -20,6 +20,7 @@ import pytest
 
 from storage import diskgroup, volumes
 from storage.diskgroup import DiskGroup, DiskSpec
+from storage.errors import AlreadyExists
 from storage.kernel import loop, mounts
 from storage.units import MiB
 from tests.integration.conftest import Env
@@ -103,10 +104,13 @@ def test_cli_init_concat_and_mirror(block_env: Env, zram_devices: Zram) -> None:
     data_c, data_m = os.urandom(40 * MiB + 3), os.urandom(20 * MiB + 7)
     write_and_check(block_env, "c1", data_c)
     write_and_check(block_env, "m1", data_m)
-    # an adddisk refuses a device that is mounted, whatever name it is given
+    # an adddisk refuses a device that already is a disk of the group, whatever name it is given
     third = zram_devices(1, SIZE)[0]
-    proc = block_env.cli("dg", "adddisk", DG, str(devs[0]), check=False)
-    assert proc.returncode != 0 and "mounted" in proc.stderr, proc.stderr
+    alias = block_env.root / "alias"
+    alias.symlink_to(devs[0])
+    for name in (devs[0], alias):
+        proc = block_env.cli("dg", "adddisk", DG, str(name), "--force", check=False)
+        assert proc.returncode == AlreadyExists.exit_code and f"already disk {DG}01" in proc.stderr, proc.stderr
     ok(block_env.cli("dg", "adddisk", DG, str(third)))
     check_block_disks(block_env, [*devs, third])
 
@@ -204,7 +208,13 @@ def wipe(dev: Path) -> None:
         os.fsync(fh.fileno())
 
 
-def test_lose_mirror_device_then_repair_onto_added_device(block_env: Env, zram_devices: Zram) -> None:
+@pytest.mark.parametrize("mounted", [False, True], ids=["unmounted", "mounted-degraded"])
+def test_lose_mirror_device_then_repair_onto_added_device(block_env: Env, zram_devices: Zram,
+                                                          mounted: bool) -> None:
+    """A mirror loses one device (wiped); repair onto a device added with adddisk, the volume unmounted
+    or mounted degraded meanwhile. The wiped device itself, still the lost disk's source, is refused by
+    adddisk under any name before anything is written (it used to be formatted and mounted, then
+    refused by the catalog, and left so until the next open rolled the adddisk back)."""
     devs = zram_devices(2, SIZE)
     ok(block_env.cli("dg", "init", DG, *map(str, devs)))
     ok(block_env.cli("vol", "make", "m1", "400m", "layout=mirror"))
@@ -223,24 +233,47 @@ def test_lose_mirror_device_then_repair_onto_added_device(block_env: Env, zram_d
     assert states == {str(devs[0]): "missing", str(devs[1]): "online"}
     assert mounts_of(devs[0]) == [], "the wiped device was mounted again"
 
-    spare = zram_devices(1, SIZE)[0]
-    added = json.loads(ok(block_env.cli("--json", "dg", "adddisk", DG, str(spare))).stdout)
+    mp = block_env.config.mount_root / f"m1_{DG}"
+    more = os.urandom(3 * MiB)
+    if mounted:
+        ok(block_env.cli("vol", "mount", "m1", "--degraded"))
+        assert (mp / "data").read_bytes() == data
+        write_file(mp / "written-while-degraded", more)
+    alias = block_env.root / "lost-alias"
+    alias.symlink_to(devs[0])
+    for name in (devs[0], alias):
+        proc = block_env.cli("dg", "adddisk", DG, str(name), "--force", check=False)
+        assert proc.returncode == AlreadyExists.exit_code, proc.stderr
+        assert f"already disk {lost_rec.name}" in proc.stderr, proc.stderr
+        assert mounts_of(devs[0]) == [], "a refused adddisk left the device mounted"
+        assert subprocess.run(["blkid", "-p", str(devs[0])], capture_output=True).returncode != 0, \
+            "a refused adddisk wrote a filesystem on the device"
+        assert [d["name"] for d in disk_info(block_env)] == [f"{DG}01", f"{DG}02"]
+    new = zram_devices(1, SIZE)[0]
+    added = json.loads(ok(block_env.cli("--json", "dg", "adddisk", DG, str(new))).stdout)
     ok(block_env.cli("vol", "repair", "m1"))
+    if mounted:
+        assert mounts.mounted_at(mp) is not None, "repair of a mounted volume must keep it mounted"
+        ok(block_env.cli("vol", "umount", "m1"))
 
-    info = json.loads(block_env.cli("--json", "vol", "info", "m1").stdout)
-    assert info["health"] == "ok" and info["lost_disks"] == [], info
+    for _ in range(2):  # each open finds the same disks: the lost one stays lost
+        info = json.loads(block_env.cli("--json", "vol", "info", "m1").stdout)
+        assert info["health"] == "ok" and info["lost_disks"] == [], info
+        by_name = {str(d["name"]): d for d in disk_info(block_env)}
+        assert by_name[lost_rec.name]["state"] == "missing" and by_name[added[0]]["state"] == "online"
+        assert mounts_of(new) == [str(block_env.config.dg_parent / DG / "disks" / added[0])]
     kept = next(str(d["name"]) for d in disk_info(block_env) if d["source"] == str(devs[1]))
     assert sorted(sd["disk"] for sd in info["subdisks"]) == sorted([kept, *added]), info
     ok(block_env.cli("vol", "mount", "m1"))
-    mp = block_env.config.mount_root / f"m1_{DG}"
     try:
         assert "degraded" not in mounts.mounted_at(mp).options  # type: ignore[union-attr]
         assert (mp / "data").read_bytes() == data
+        if mounted:
+            assert (mp / "written-while-degraded").read_bytes() == more
         found = profiles(mp)
         assert all(p == {"RAID1"} for p in found.values()), found
     finally:
         ok(block_env.cli("vol", "umount", "m1"))
-    assert mounts_of(devs[0]) == []
 
 
 # ------------------------------------------------------------------ deport / import
