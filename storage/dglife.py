@@ -18,7 +18,7 @@ from storage import crash, recovery
 from storage.catalog.base import CatalogStore, DiskGroupRec, VolumeRec
 from storage.config import Config
 from storage.errors import AlreadyExists, InUse, InvalidArgument
-from storage.group import DiskGroup, DiskSpec, release_dir, store_of, take_offline
+from storage.group import DiskGroup, DiskSpec, disk_key, release_dir, store_of, take_offline
 from storage.kernel import fs, loop, mounts, reflink
 from storage.runner import Runner, run
 from storage.units import MiB, check_name
@@ -42,11 +42,12 @@ def _init(config: Config, name: str, specs: Sequence[DiskSpec], force: bool, run
     root = config.dg_parent / name
     if store.exists(name):
         raise AlreadyExists(f"disk group {name} already exists")
-    seen = set()
+    seen: set[object] = set()
     for s in specs:
-        if s.source in seen:
+        key = disk_key(s.source)
+        if key in seen:
             raise InvalidArgument(f"disk {s.source} is named twice")
-        seen.add(s.source)
+        seen.add(key)
         if not s.source.exists() and s.size is None:
             raise InvalidArgument(f"disk {s.source} does not exist; give its size (PATH=SIZE or --size)")
     created = [s.source for s in specs if not s.source.exists()]  # removed again if init fails

@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from storage import crash, durable
 from storage.catalog.base import CatalogStore, DiskGroupRec, DiskRec, IntentRec
 from storage.catalog.sqlite_store import SqliteStore
 from storage.config import Config
-from storage.errors import InUse, InvalidArgument, NoSpace, VeritasError
+from storage.errors import AlreadyExists, InUse, InvalidArgument, NoSpace, VeritasError
 from storage.kernel import fs, loop, mounts, reflink
 from storage.runner import Runner, run
 from storage.units import MiB, check_name, format_size, parse_size
@@ -105,8 +106,7 @@ class DiskGroup:
                     self.catalog.set_disk_state(d.name, "online")
                 continue
             try:
-                _bring_online(d, target, self.runner)
-                _check_identity(target, self.catalog.diskgroup(), d.name)
+                _bring_online(d, target, self.runner, self.catalog.diskgroup())
                 state = "online"
             except VeritasError:
                 state = "missing"
@@ -166,6 +166,7 @@ class DiskGroup:
                     n += 1
                 name = f"{self.name}{n:02d}"
                 taken.add(name)
+                _refuse_member(self, spec.source)
                 created = not spec.source.exists()  # an image we create is ours to delete on rollback
                 finish_dg_intent(self)  # a killed adddisk's half-made disk goes first
                 self.catalog.put_intent(IntentRec(DG_KEY, "adddisk", {"disk": name, "source": str(spec.source),
@@ -192,6 +193,28 @@ def store_of(config: Config, store: CatalogStore | None = None) -> CatalogStore:
 
 def list_names(config: Config, store: CatalogStore | None = None) -> list[str]:
     return store_of(config, store).names()
+
+
+def disk_key(path: Path) -> object:
+    """What a disk is, whatever name it is given: a block device by its number, a file by (device,
+    inode); a path that does not exist (or cannot be reached) by its resolved path."""
+    try:
+        st = path.stat()
+    except OSError:
+        return path.resolve()
+    if stat.S_ISBLK(st.st_mode):
+        return ("block", st.st_rdev)
+    return ("file", st.st_dev, st.st_ino)
+
+
+def _refuse_member(dg: DiskGroup, source: Path) -> None:
+    """Refuse, before anything is written, a source that already is one of the group's disks under any
+    name, online or not: a lost disk keeps its record (and its source) for repair to report and replace."""
+    key = disk_key(source)
+    for d in dg.catalog.disks():
+        if disk_key(Path(d.source)) == key or Path(d.source) == source.resolve():
+            hint = "" if d.state == "online" else "; a replacement needs a name of its own"
+            raise AlreadyExists(f"disk {source} is already disk {d.name} of {dg.name} ({d.state}){hint}")
 
 
 def _prepare_source(spec: DiskSpec, force: bool, runner: Runner) -> str:
@@ -376,7 +399,12 @@ def release_dir(d: DiskRec, target: Path, dg: DiskGroupRec) -> None:
         target.unlink()
 
 
-def _bring_online(d: DiskRec, target: Path, runner: Runner) -> None:
+def _bring_online(d: DiskRec, target: Path, runner: Runner, dg: DiskGroupRec) -> None:
+    """Mount disk ``d`` at ``target`` if what its source holds is that disk; otherwise leave it as found.
+
+    A block device's name is not its identity (sdX and zramN are handed out again): a foreign disk
+    left mounted here would count as online at the next open, by its mount alone.
+    """
     src = Path(d.source)
     if d.kind == "dir":  # nothing to attach or mount: the directory is there, and the link leads to it
         if not src.is_dir():
@@ -385,14 +413,20 @@ def _bring_online(d: DiskRec, target: Path, runner: Runner) -> None:
             _link(target, src)
         except OSError as exc:
             raise VeritasError(f"disk {d.name}: cannot link {target} to {src}: {exc.strerror}") from None
+        _check_identity(src, dg, d.name)  # the directory is the disk: it must still be this one
         return
     if not src.exists():
         raise VeritasError(f"disk {d.name}: {src} is missing")
     dev, attached = loop.attach_tracked(src, runner) if d.kind == "file" else (str(src), False)
     target.mkdir(parents=True, exist_ok=True)
+    mounted = False
     try:
         fs.mount([dev], target, "xfs", runner=runner)
+        mounted = True
+        _check_identity(target, dg, d.name)
     except VeritasError:
+        if mounted:
+            fs.umount(target, runner)
         if attached:  # a device found attached may hold this disk mounted elsewhere: not ours to drop
             loop.detach(dev, runner)
         raise

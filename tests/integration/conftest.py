@@ -11,7 +11,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,6 +152,36 @@ def destroy_all(config: Config) -> list[str]:
 
 @pytest.fixture
 def env() -> Iterator[Env]:
+    root = Path(tempfile.mkdtemp(prefix="vtest-", dir="/tmp"))
+    path = write_config(root)
+    e = Env(root, path, load_config(path))
+    try:
+        yield e
+    finally:
+        finish(e.config, root)
+
+
+@pytest.fixture
+def zram_devices() -> Iterator[Callable[[int, str], list[Path]]]:
+    """A maker of real block devices: ``zram_devices(n, size)`` adds ``n`` zram devices of ``size``
+    (``1G``) and gives their /dev paths. At teardown exactly the numbers added are removed; one that
+    cannot be removed (still held) or is still there fails the test."""
+    from tests.integration.zram import ZramPool
+
+    pool = ZramPool()
+    try:
+        yield lambda n, size: [pool.add(size) for _ in range(n)]
+    finally:
+        problems = pool.remove_all()
+        problems += [f"{d} left behind" for d in pool.left() if not any(d in p for p in problems)]
+        if problems:
+            pytest.fail("zram teardown: " + "; ".join(problems))
+
+
+@pytest.fixture
+def block_env(zram_devices: Callable[[int, str], list[Path]]) -> Iterator[Env]:
+    """``env`` for tests on zram devices: torn down (disk groups destroyed, leaks checked) before the
+    devices are removed, which the dependency on ``zram_devices`` orders."""
     root = Path(tempfile.mkdtemp(prefix="vtest-", dir="/tmp"))
     path = write_config(root)
     e = Env(root, path, load_config(path))
