@@ -55,7 +55,7 @@ def make(dg: DiskGroup, name: str, size: str | int | None = None, *, spec: optio
             for p, sd in zip(paths, sds, strict=True):
                 with open(p, "xb") as fh:
                     fh.truncate(sd.size)
-                    if provisioning == "thick":
+                    if provisioning == "thick":  # before mkfs: a disk without the room fails first
                         alloc.allocate(fh.fileno(), p, 0, sd.size)
             crash.point("make.images")
             attached = [loop.attach_tracked(p, dg.runner) for p in paths]
@@ -67,6 +67,12 @@ def make(dg: DiskGroup, name: str, size: str | int | None = None, *, spec: optio
             crash.point("make.mkfs")
             steps.detach(dg, vol, paths)
             crash.point("make.detached")
+            if provisioning == "thick":
+                # mkfs discarded the whole device, which punched the image's allocation out again:
+                # allocate once more (the filesystem's blocks are kept; the room was found above)
+                for p, sd in zip(paths, sds, strict=True):
+                    with open(p, "r+b") as fh:
+                        alloc.allocate(fh.fileno(), p, 0, sd.size)
             durable.sync_files(paths)  # the images exist for good before the catalog says so
         except BaseException:
             steps.teardown(dg, name)
