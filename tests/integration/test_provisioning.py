@@ -194,3 +194,21 @@ def test_bad_provisioning_is_refused_and_changes_nothing(env, dg):
     assert json.loads(env.cli("--json", "vol", "list").stdout) == []
     assert sorted(dg.root.glob("disks/*/vols/*")) == []
     assert sorted(b for b in loop.attached().values() if b.startswith(mine)) == loops
+
+
+def test_repair_of_a_thick_mirror_allocates_the_new_copy(env):
+    from tests.integration.test_mirror_repair import lose_disk
+
+    dg = env.make_dg(ndisks=3)
+    try:
+        volumes.make(dg, "m1", "500m", layout="mirror", provisioning="thick")
+        lose_disk(dg, dg.catalog.subdisks("m1")[0].disk)
+    finally:
+        dg.close()
+    dg = env.open()
+    try:
+        volumes.repair(dg, "m1")
+        imgs = _images(dg, "m1")
+        assert len(imgs) == 2 and all(_allocated(p) >= 500 * MiB for p in imgs), [_allocated(p) for p in imgs]
+    finally:
+        dg.close()
