@@ -212,3 +212,17 @@ def test_repair_of_a_thick_mirror_allocates_the_new_copy(env):
         assert len(imgs) == 2 and all(_allocated(p) >= 500 * MiB for p in imgs), [_allocated(p) for p in imgs]
     finally:
         dg.close()
+
+
+@pytest.mark.parametrize("killed_at", ["make.images", "make.detached"])
+def test_a_thick_make_killed_midway_is_rolled_back_and_made_again_in_full(env, dg, killed_at):
+    """Killed after allocating (before mkfs), or after mkfs discarded the allocation: the next make of the
+    name rolls the half-made one back, frees its room, and makes a fully allocated volume."""
+    died = env.cli("vol", "make", "k1", "1g", "provisioning=thick", check=False, env={"VERITAS_CRASH_AT": killed_at})
+    assert died.returncode == -9, died
+    v = volumes.make(dg, "k1", "1g", provisioning="thick")
+    assert v.state == "ok" and v.provisioning == "thick"
+    (img,) = _images(dg, "k1")
+    assert _allocated(img) >= GiB, _allocated(img)
+    assert sorted(dg.root.glob("disks/*/vols/*")) == [img]
+    assert dg.catalog.intents() == []
