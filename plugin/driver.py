@@ -123,6 +123,7 @@ class Driver:
             "fstype": v.fstype,
             "maxiops": v.maxiops,
             "protect": v.protect,
+            "provisioning": v.provisioning,
             "health": info["health"],
             "attached": sorted({m["node"] for m in info["mounts"]}),
             "mounts": len(info["mounts"]),

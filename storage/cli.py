@@ -135,8 +135,8 @@ def cmd_dg_deport(cfg: Config, a: argparse.Namespace) -> None:
 
 def _vol_text(r: dict[str, Any]) -> str:
     lines = [f"{k}: {r[k]}" for k in ("name", "diskgroup", "size", "layout", "fstype", "nmirror", "ncol",
-                                       "maxiops", "snapshot_of", "cachesize", "autogrow", "protect", "state",
-                                       "health",
+                                       "maxiops", "snapshot_of", "cachesize", "autogrow", "protect", "provisioning",
+                                       "state", "health",
                                        "mountpoint", "mounted", "used", "devices", "snapshots")]
     if "cache_used" in r:
         lines.append(f"cache_used: {r['cache_used']}")
@@ -163,9 +163,9 @@ def cmd_vol_list(cfg: Config, a: argparse.Namespace) -> None:
         rows = volumes.list_volumes(dg)
     finally:
         dg.close()
-    _emit(a, rows, lambda rs: _table([["NAME", "SIZE", "LAYOUT", "FSTYPE", "MAXIOPS", "SNAPSHOT-OF", "STATE",
-                                       "MOUNTED"]] + [
-        [r["name"], format_size(r["size"]), r["layout"], r["fstype"], str(r["maxiops"] or "-"),
+    _emit(a, rows, lambda rs: _table([["NAME", "SIZE", "LAYOUT", "FSTYPE", "PROV", "MAXIOPS", "SNAPSHOT-OF",
+                                       "STATE", "MOUNTED"]] + [
+        [r["name"], format_size(r["size"]), r["layout"], r["fstype"], r["provisioning"], str(r["maxiops"] or "-"),
          r["snapshot_of"] or "-", "invalid" if r["invalid"] else r["state"],
          r["mountpoint"] if r["mounted"] else "-"] for r in rs]))
 
@@ -304,7 +304,7 @@ def _add_vol_commands(top: argparse._SubParsersAction[argparse.ArgumentParser]) 
     x.add_argument("size")
     x.add_argument("options", nargs="*", metavar="KEY=VALUE",
                    help="layout=concat|stripe|mirror|mirror-stripe|auto nmirror=N ncol=N fstype=xfs|ext4|btrfs"
-                   " maxiops=N protect=true")
+                   " maxiops=N protect=true provisioning=thin|thick")
     x.add_argument("--force", action="store_true",
                    help="accept mirrors in one failure domain (directory disks of one filesystem)")
     vcmd("list", "list volumes", cmd_vol_list)

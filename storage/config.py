@@ -22,13 +22,15 @@ _REPO_DEFAULT = Path(__file__).resolve().parent.parent / "etc" / "vxinfoscale-de
 # every section and key the file may hold: anything else is a typo, refused rather than ignored
 VALID_KEYS: dict[str, tuple[str, ...]] = {
     "storage": ("diskgroup", "state_root", "mount_root", "default_disk_size", "default_disk_count"),
-    "volume": ("size", "layout", "fstype", "nmirror", "ncol", "maxiops", "cache_percent", "protect"),
+    "volume": ("size", "layout", "fstype", "nmirror", "ncol", "maxiops", "cache_percent", "protect",
+               "provisioning"),
     "node": ("name",),
     "plugin": ("socket", "workers", "docker_host", "driver"),
 }
 # defaults of make: layouts and file systems it can be given without asking (see storage.layouts)
 DEFAULT_LAYOUTS = ("concat", "mirror", "stripe", "mirror-stripe", "auto")
 FSTYPES = ("xfs", "ext4", "btrfs")
+PROVISIONING = ("thin", "thick")  # sparse images, or allocated in full at make and grow
 NMIRROR_RANGE = (2, 4)
 NCOL_RANGE = (2, 16)
 
@@ -43,6 +45,7 @@ class VolumeDefaults:
     maxiops: int = 0
     cache_percent: int = 30
     protect: bool = False
+    provisioning: str = "thin"
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,7 @@ def _volume_defaults(vol: configparser.SectionProxy, where: Callable[[str, str],
         maxiops=_int(vol, "maxiops", d.maxiops),
         cache_percent=_int(vol, "cache_percent", d.cache_percent),
         protect=_bool(vol, "protect", False),
+        provisioning=_choice(vol, "provisioning", d.provisioning, PROVISIONING, where("volume", "provisioning")),
     )
 
 

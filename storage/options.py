@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from storage.catalog.base import VolumeRec
-from storage.config import FSTYPES
+from storage.config import FSTYPES, PROVISIONING
 from storage.errors import AlreadyExists, InvalidArgument, UnknownOption
 from storage.layouts import LAYOUTS
 from storage.units import check_name, format_size, parse_size
 
-VOLUME_OPTIONS = ("size", "layout", "fstype", "nmirror", "ncol", "maxiops", "protect")
+VOLUME_OPTIONS = ("size", "layout", "fstype", "nmirror", "ncol", "maxiops", "protect", "provisioning")
 SNAPSHOT_OPTIONS = ("sourcevol", "cachesize", "autogrow", "maxiops")
 ALL_OPTIONS = tuple(dict.fromkeys(VOLUME_OPTIONS + SNAPSHOT_OPTIONS))
 _TRUE = ("1", "true", "yes", "on")
@@ -35,6 +35,7 @@ class VolumeSpec:
     ncol: int | None = None
     maxiops: int | None = None
     protect: bool | None = None
+    provisioning: str | None = None  # "thin" | "thick"
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,14 @@ def parse_volume(size: str | int | None, opts: Mapping[str, Any]) -> VolumeSpec:
         if fstype not in FSTYPES:
             raise InvalidArgument(f"unknown fstype {fstype!r}; valid: {', '.join(FSTYPES)}")
 
+    provisioning = opts.get("provisioning")
+    if provisioning is not None:
+        provisioning = str(provisioning).strip().lower()
+        if provisioning not in PROVISIONING:
+            raise InvalidArgument(f"option provisioning must be {' or '.join(PROVISIONING)}, got"
+                                  f" {opts['provisioning']!r} (thin: sparse images, allocated as written;"
+                                  " thick: allocated in full at make)")
+
     def num(key: str, allow_zero: bool = False) -> int | None:
         raw = opts.get(key)
         return None if raw is None else int_option(key, raw, allow_zero)
@@ -132,6 +141,7 @@ def parse_volume(size: str | int | None, opts: Mapping[str, Any]) -> VolumeSpec:
         ncol=num("ncol"),
         maxiops=num("maxiops", allow_zero=True),
         protect=None if opts.get("protect") is None else bool_option("protect", opts["protect"]),
+        provisioning=provisioning,
     )
 
 
@@ -181,7 +191,7 @@ def conflicts(spec: VolumeSpec | SnapshotSpec, v: VolumeRec) -> dict[str, str]:
             shown["size"] = format_size(v.size, long=True)
         if spec.layout not in (None, "auto"):
             wanted["layout"], have["layout"] = spec.layout, v.layout
-        for key in ("fstype", "nmirror", "ncol", "maxiops", "protect"):
+        for key in ("fstype", "nmirror", "ncol", "maxiops", "protect", "provisioning"):
             if getattr(spec, key) is not None:
                 wanted[key], have[key] = getattr(spec, key), getattr(v, key)
     return {k: shown.get(k, str(have[k])) for k in wanted if wanted[k] != have[k]}

@@ -62,7 +62,7 @@ def make(dg: DiskGroup, source: str, name: str, cachesize: str | int | None = No
         iops = src.maxiops if spec.maxiops is None else spec.maxiops
         vol = VolumeRec(name, src.size, src.layout, src.fstype, src.nmirror, src.ncol, iops,
                         source, cache, "creating", time.time(), False, identity_pending=True,
-                        autogrow=bool(spec.autogrow))
+                        autogrow=bool(spec.autogrow), provisioning=src.provisioning)  # for display only
         frozen = str(dg.mountpoint(source)) if steps.is_mounted(dg, source) else None
         intent = IntentRec(name, "snap", {"frozen": frozen, "source": source}, time.time())  # recovery locks both
         dg.catalog.create_volume(vol, sds, intent, dg.capacity())

@@ -14,7 +14,7 @@ from storage import crash, durable, mountpoints, qos
 from storage.catalog.base import SubdiskRec, VolumeRec
 from storage.errors import InUse, NoSuchVolume, VeritasError
 from storage.group import DiskGroup
-from storage.kernel import fs, loop
+from storage.kernel import alloc, fs, loop
 from storage.layouts import engine
 from storage.layouts.base import LayoutEngine, Shape
 
@@ -192,6 +192,11 @@ def grow_steps(dg: DiskGroup, v: VolumeRec, new: int) -> None:
         if p.stat().st_size < sd.size:
             with open(p, "r+b") as fh:
                 fh.truncate(sd.size)
+        if v.provisioning == "thick" and v.snapshot_of is None:
+            # the whole image again, not only the added range: recovery may rerun this after the
+            # truncate above was done; allocating what is allocated already costs nothing
+            with open(p, "r+b") as fh:
+                alloc.allocate(fh.fileno(), p, 0, sd.size)
     crash.point("grow.images")
     mp = dg.mountpoint(v.name)
     if is_mounted(dg, v.name):

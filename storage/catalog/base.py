@@ -54,6 +54,7 @@ class VolumeRec:
     identity_pending: bool = False  # a snapshot whose filesystem still carries its source's UUID
     autogrow: bool = False  # a snapshot whose cache grows from the disk group's free space (storage.snapcache)
     invalid: str = ""  # why a snapshot was invalidated (its cache ran out); empty while it is valid
+    provisioning: str = "thin"  # "thin": sparse images; "thick": allocated in full at make and grow
 
 
 @dataclass(frozen=True)

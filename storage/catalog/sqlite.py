@@ -42,7 +42,7 @@ CREATE TABLE IF NOT EXISTS volume (
   nmirror INTEGER NOT NULL, ncol INTEGER NOT NULL, maxiops INTEGER NOT NULL, snapshot_of TEXT,
   cachesize INTEGER NOT NULL, state TEXT NOT NULL, created REAL NOT NULL, protect INTEGER NOT NULL,
   identity_pending INTEGER NOT NULL DEFAULT 0, autogrow INTEGER NOT NULL DEFAULT 0,
-  invalid TEXT NOT NULL DEFAULT '');
+  invalid TEXT NOT NULL DEFAULT '', provisioning TEXT NOT NULL DEFAULT 'thin');
 CREATE TABLE IF NOT EXISTS subdisk (
   volume TEXT NOT NULL REFERENCES volume(name), idx INTEGER NOT NULL,
   disk TEXT NOT NULL REFERENCES disk(name), size INTEGER NOT NULL, reserved INTEGER NOT NULL,
@@ -55,7 +55,7 @@ CREATE TABLE IF NOT EXISTS intent (
   key TEXT PRIMARY KEY, op TEXT NOT NULL, data TEXT NOT NULL, created REAL NOT NULL);
 """
 
-SCHEMA_VERSION = 2  # 1: release 0.1.0; 2: snapshot cache columns (autogrow, invalid)
+SCHEMA_VERSION = 3  # 1: release 0.1.0; 2: snapshot cache columns (autogrow, invalid); 3: provisioning
 
 
 def _to_2(db: sqlite3.Connection) -> None:
@@ -69,8 +69,14 @@ def _to_2(db: sqlite3.Connection) -> None:
         db.execute("UPDATE volume SET autogrow=1 WHERE snapshot_of IS NOT NULL")
 
 
+def _to_3(db: sqlite3.Connection) -> None:
+    """Volumes made before provisioning was a choice are thin: their images were made sparse."""
+    if "provisioning" not in {r[1] for r in db.execute("PRAGMA table_info(volume)")}:
+        db.execute("ALTER TABLE volume ADD COLUMN provisioning TEXT NOT NULL DEFAULT 'thin'")
+
+
 # version N -> N + 1, each run inside the one transaction that also records the new version
-_UPGRADES: dict[int, Callable[[sqlite3.Connection], None]] = {1: _to_2}
+_UPGRADES: dict[int, Callable[[sqlite3.Connection], None]] = {1: _to_2, 2: _to_3}
 _VOL_FIELDS = {f for f in VolumeRec.__dataclass_fields__ if f != "name"}
 _SD_FIELDS = {"disk", "size", "reserved"}
 
@@ -202,7 +208,7 @@ class SqliteCatalog(Catalog):
             used = dict(db.execute("SELECT disk, SUM(reserved) FROM subdisk GROUP BY disk").fetchall())
             check_space(used, subdisks, capacity)
             _refuse_pending(db, intent.key)
-            db.execute("INSERT INTO volume VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", _vol_row(vol))
+            db.execute("INSERT INTO volume VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", _vol_row(vol))
             db.executemany("INSERT INTO subdisk VALUES (?,?,?,?,?)",
                            [(s.volume, s.idx, s.disk, s.size, s.reserved) for s in subdisks])
             db.execute("INSERT INTO intent VALUES (?,?,?,?)", _intent_row(intent))
@@ -317,14 +323,14 @@ def _update_volume(db: sqlite3.Connection, name: str, fields: dict[str, Any]) ->
 def _vol_row(v: VolumeRec) -> tuple[Any, ...]:
     return (v.name, v.size, v.layout, v.fstype, v.nmirror, v.ncol, v.maxiops, v.snapshot_of,
             v.cachesize, v.state, v.created or time.time(), int(v.protect), int(v.identity_pending),
-            int(v.autogrow), v.invalid)
+            int(v.autogrow), v.invalid, v.provisioning)
 
 
 def _vol(r: sqlite3.Row | tuple[Any, ...]) -> VolumeRec:
     (name, size, layout, fstype, nmirror, ncol, maxiops, snap, cache, state, created, protect, pending,
-     autogrow, invalid) = r
+     autogrow, invalid, provisioning) = r
     return VolumeRec(name, size, layout, fstype, nmirror, ncol, maxiops, snap, cache, state, created,
-                     bool(protect), bool(pending), bool(autogrow), invalid)
+                     bool(protect), bool(pending), bool(autogrow), invalid, provisioning)
 
 
 def _intent_row(i: IntentRec) -> tuple[Any, ...]:

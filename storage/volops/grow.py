@@ -6,8 +6,9 @@ import time
 
 from storage import crash, recovery, steps
 from storage.catalog.base import IntentRec, VolumeRec
-from storage.errors import Degraded, InvalidArgument, SnapshotInvalid
+from storage.errors import Degraded, InvalidArgument, NoSpace, SnapshotInvalid
 from storage.group import DiskGroup
+from storage.kernel import alloc
 from storage.units import format_size, parse_size
 
 
@@ -30,6 +31,8 @@ def grow(dg: DiskGroup, name: str, size: str | int) -> VolumeRec:
         if steps.health(dg, v)[0] != "ok":
             raise Degraded(f"volume {name} is degraded; run veritas vol repair {name} before growing it")
         sizes = eng.subdisk_sizes(new, steps.shape_of(v))
+        if v.provisioning == "thick" and v.snapshot_of is None:
+            _check_room(dg, v, sizes)
         dg.catalog.put_intent(IntentRec(name, "grow", {"size": new, "sizes": sizes}, time.time()))
         crash.point("grow.recorded")
         try:
@@ -40,3 +43,16 @@ def grow(dg: DiskGroup, name: str, size: str | int) -> VolumeRec:
         crash.point("grow.reserved")
         steps.grow_steps(dg, v, new)
         return steps.get(dg, name)
+
+
+def _check_room(dg: DiskGroup, v: VolumeRec, sizes: list[int]) -> None:
+    """A thick grow allocates the added range (storage.steps.grow_steps): refuse it before anything is
+    recorded when a disk's filesystem lacks that room, whatever the accounting says, rather than fail
+    halfway with a grow intent that recovery could not finish either."""
+    for sd, sz in zip(dg.catalog.subdisks(v.name), sizes, strict=True):
+        img = dg.image(sd.disk, v.name, sd.idx)
+        need = sz - sd.size
+        if need > 0 and alloc.free_bytes(img.parent) < need:
+            raise NoSpace(f"disk {sd.disk}'s filesystem has {format_size(alloc.free_bytes(img.parent), long=True)}"
+                          f" free, {format_size(need, long=True)} needed to grow thick volume {v.name};"
+                          " free room on that disk or add a disk")

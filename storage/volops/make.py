@@ -9,7 +9,7 @@ from storage import crash, durable, mountpoints, options, recovery, steps
 from storage.catalog.base import IntentRec, SubdiskRec, VolumeRec
 from storage.errors import InvalidArgument, NoSpace, VeritasError
 from storage.group import DiskGroup
-from storage.kernel import fs, loop
+from storage.kernel import alloc, fs, loop
 from storage.layouts import ENGINES, engine
 from storage.layouts.base import LayoutEngine, Shape
 from storage.units import check_name
@@ -34,6 +34,7 @@ def make(dg: DiskGroup, name: str, size: str | int | None = None, *, spec: optio
     layout = d.layout if spec.layout is None else spec.layout
     maxiops = d.maxiops if spec.maxiops is None else spec.maxiops
     protect = d.protect if spec.protect is None else spec.protect
+    provisioning = d.provisioning if spec.provisioning is None else spec.provisioning
     fstype, nmirror, ncol = spec.fstype, spec.nmirror, spec.ncol
 
     with dg.locks.hold(name), mountpoints.claim(dg, name):
@@ -43,7 +44,7 @@ def make(dg: DiskGroup, name: str, size: str | int | None = None, *, spec: optio
             # chosen disk's room first, so plan again rather than fail while other disks have space
             eng, shape, sizes, disks = _plan(dg, layout, nbytes, fstype, nmirror, ncol, force)
             vol = VolumeRec(name, nbytes, eng.name, shape.fstype, shape.nmirror, shape.ncol, maxiops,
-                            None, 0, "creating", time.time(), protect)
+                            None, 0, "creating", time.time(), protect, provisioning=provisioning)
             sds = [SubdiskRec(name, i, d, sz, sz) for i, (d, sz) in enumerate(zip(disks, sizes, strict=True))]
             try:
                 dg.catalog.create_volume(vol, sds, IntentRec(name, "make", {}, time.time()), dg.capacity())
@@ -57,6 +58,8 @@ def make(dg: DiskGroup, name: str, size: str | int | None = None, *, spec: optio
             for p, sd in zip(paths, sds, strict=True):
                 with open(p, "xb") as fh:
                     fh.truncate(sd.size)
+                    if provisioning == "thick":  # before mkfs: a disk without the room fails first
+                        alloc.allocate(fh.fileno(), p, 0, sd.size)
             crash.point("make.images")
             attached = [loop.attach_tracked(p, dg.runner) for p in paths]
             devs = [dev for dev, _new in attached]
@@ -67,6 +70,12 @@ def make(dg: DiskGroup, name: str, size: str | int | None = None, *, spec: optio
             crash.point("make.mkfs")
             steps.detach(dg, vol, paths)
             crash.point("make.detached")
+            if provisioning == "thick":
+                # mkfs discarded the whole device, which punched the image's allocation out again:
+                # allocate once more (the filesystem's blocks are kept; the room was found above)
+                for p, sd in zip(paths, sds, strict=True):
+                    with open(p, "r+b") as fh:
+                        alloc.allocate(fh.fileno(), p, 0, sd.size)
             durable.sync_files(paths)  # the images exist for good before the catalog says so
         except BaseException:
             steps.teardown(dg, name)

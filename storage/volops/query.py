@@ -20,7 +20,7 @@ def list_volumes(dg: DiskGroup) -> list[dict[str, Any]]:
         rows.append({"name": v.name, "size": v.size, "layout": v.layout, "fstype": v.fstype,
                      "maxiops": v.maxiops, "snapshot_of": v.snapshot_of, "state": v.state,
                      "mountpoint": mp, "mounted": mp in mounted and mountpoints.mounted_here(dg, v),
-                     "invalid": v.invalid})
+                     "invalid": v.invalid, "provisioning": v.provisioning})
     return rows
 
 

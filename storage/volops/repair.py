@@ -9,7 +9,7 @@ from storage import crash, durable, recovery, steps
 from storage.catalog.base import IntentRec, SubdiskRec, VolumeRec
 from storage.errors import Degraded, InvalidArgument, NoSpace, SharedFailureDomain
 from storage.group import DiskGroup
-from storage.kernel import loop
+from storage.kernel import alloc, loop
 from storage.layouts.base import LayoutEngine
 
 
@@ -52,6 +52,8 @@ def repair(dg: DiskGroup, name: str) -> VolumeRec:
                 pending = img
                 with open(img, "xb") as fh:
                     fh.truncate(sd.size)
+                    if v.provisioning == "thick" and v.snapshot_of is None:  # as make made it
+                        alloc.allocate(fh.fileno(), img, 0, sd.size)
                 dev = loop.attach(img, dg.runner)
                 eng.replace(sd.idx, dev, target, dg.runner)
                 pending = None  # a member of the filesystem now: detaching it would hurt a mounted volume
@@ -59,6 +61,13 @@ def repair(dg: DiskGroup, name: str) -> VolumeRec:
                 crash.point("repair.replaced")
                 dg.catalog.update_subdisk(name, sd.idx, capacity=dg.capacity(), disk=disk)
             eng.restore_redundancy(steps.shape_of(v), target, dg.runner)
+            if v.provisioning == "thick" and v.snapshot_of is None:
+                # replace discarded what it did not write: fill the holes again (the room was found
+                # before the replace; the filesystem's blocks are kept)
+                for sd, disk in zip(broken, targets, strict=True):
+                    img = dg.image(disk, name, sd.idx)
+                    with open(img, "r+b") as fh:
+                        alloc.allocate(fh.fileno(), img, 0, sd.size)
         except BaseException:
             try:
                 if not was_mounted:

@@ -418,6 +418,31 @@ def test_get_status(stack):
     assert snap["cache_used"] not in ("0B", "0", 0), snap
 
 
+def test_create_thick_is_allocated_and_shown_and_compared(stack):
+    """-o provisioning=thick: every image allocated at Create, shown by Get, compared by a repeated
+    Create; a bad value is refused and changes nothing; a snapshot shows its source's."""
+    create(stack, "t1", provisioning="thick")
+    create(stack, "n1")
+    dg = open_dg(stack)
+    try:
+        (img,) = [dg.image(sd.disk, "t1", sd.idx) for sd in dg.catalog.subdisks("t1")]
+        (thin,) = [dg.image(sd.disk, "n1", sd.idx) for sd in dg.catalog.subdisks("n1")]
+        assert img.stat().st_blocks * 512 >= 400 * 2**20 and thin.stat().st_blocks * 512 < 100 * 2**20
+    finally:
+        dg.close()
+    assert ok(stack, "VolumeDriver.Get", {"Name": "t1"})["Volume"]["Status"]["provisioning"] == "thick"
+    assert ok(stack, "VolumeDriver.Get", {"Name": "n1"})["Volume"]["Status"]["provisioning"] == "thin"
+    before = state(stack)
+    create(stack, "t1", provisioning="thick")
+    message = err(stack, "VolumeDriver.Create", {"Name": "t1", "Opts": {"size": SMALL, "provisioning": "thin"}})
+    assert "provisioning=thick (asked thin)" in message, message
+    message = err(stack, "VolumeDriver.Create", {"Name": "x1", "Opts": {"provisioning": "fat"}})
+    assert "provisioning must be thin or thick" in message, message
+    assert state(stack) == before
+    ok(stack, "VolumeDriver.Create", {"Name": "s1", "Opts": {"sourcevol": "t1"}})
+    assert ok(stack, "VolumeDriver.Get", {"Name": "s1"})["Volume"]["Status"]["provisioning"] == "thick"
+
+
 def test_path_follows_the_mount_state(stack):
     create(stack, "v1")
     assert ok(stack, "VolumeDriver.Path", {"Name": "v1"})["Mountpoint"] == ""

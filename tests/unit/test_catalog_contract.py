@@ -245,6 +245,14 @@ def test_snapshot_cache_fields_round_trip_and_update(ready: Catalog) -> None:
     assert got is not None and got.invalid == "its cache ran out" and got.autogrow is False
 
 
+def test_provisioning_round_trips_and_defaults_to_thin(ready: Catalog) -> None:
+    create(ready, vol("thin1"), [sd("thin1", 0, "d1", 100 * MiB)])
+    create(ready, vol("thick1", provisioning="thick"), [sd("thick1", 0, "d1", 100 * MiB)])
+    assert ready.volume("thin1") == vol("thin1") and ready.volume("thin1").provisioning == "thin"  # type: ignore[union-attr]
+    assert ready.volume("thick1") == vol("thick1", provisioning="thick")
+    assert [v.provisioning for v in ready.volumes()] == ["thick", "thin"]
+
+
 def test_create_volume_duplicate_name_changes_nothing(ready: Catalog) -> None:
     v = vol("v1", 100 * MiB)
     create(ready, v, [sd("v1", 0, "d1", 100 * MiB)], it=intent("v1", "create", step=1))
@@ -837,6 +845,7 @@ def test_sqlite_upgrades_a_catalog_made_by_release_0_1_0(tmp_path: Path) -> None
         assert s1 is not None and s1.snapshot_of == "v1" and s1.cachesize == 100 * MiB
         assert s1.autogrow is True and s1.invalid == ""  # nothing held it to its cache before
         assert v1 is not None and v1.autogrow is False and v1.size == 400 * MiB
+        assert {v.provisioning for v in cat.volumes()} == {"thin"}  # 0.1.0 made every image sparse
         assert [m.mount_id for m in cat.mounts("v1")] == ["admin"]
         assert cat.intents() == []
     finally:

@@ -278,3 +278,15 @@ def test_volume_defaults_out_of_range_are_refused_with_the_line(tmp_path: Path, 
     with pytest.raises(InvalidArgument, match=rf"{word}") as info:
         load_config(path)
     assert f"line {n}" in str(info.value) and str(path) in str(info.value), info.value
+
+
+def test_provisioning_defaults_to_thin_and_is_read(tmp_path: Path) -> None:
+    assert load_config(minimal(tmp_path)).volume.provisioning == "thin"
+    assert load_config(REPO_DEFAULT).volume.provisioning == "thin"
+    assert load_config(minimal(tmp_path, volume="provisioning = thick")).volume.provisioning == "thick"
+
+
+@pytest.mark.parametrize("value", ["thik", "sparse", "THICK"])
+def test_bad_provisioning_is_refused_with_file_and_line(tmp_path: Path, value: str) -> None:
+    with pytest.raises(InvalidArgument, match=r"line \d+: volume.provisioning = .* is not one of thin, thick"):
+        load_config(minimal(tmp_path, volume=f"provisioning = {value}"))

@@ -76,3 +76,22 @@ def test_no_space_message_is_in_human_units_and_says_what_is_free() -> None:
                                " much (free: d1 7.9 GiB, d2 3 GiB); choose a smaller size or add disks")
     with pytest.raises(NoSpace, match="layout stripe needs 3 disks, dockerdg has 2 online"):
         LayoutEngine.place([GiB] * 3, free, "stripe", "dockerdg")
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("thin", "thin"), ("thick", "thick"), ("THICK", "thick"),
+                                               (" thin ", "thin")])
+def test_provisioning_is_thin_or_thick(raw: str, expected: str) -> None:
+    assert options.parse_create({"provisioning": raw}) == options.VolumeSpec(provisioning=expected)
+    assert options.parse_volume("1g", {"provisioning": raw}).provisioning == expected
+
+
+@pytest.mark.parametrize("raw", ["thickish", "", "fat", "sparse", "1"])
+def test_bad_provisioning_is_refused_naming_the_valid_values(raw: str) -> None:
+    with pytest.raises(InvalidArgument, match="provisioning must be thin or thick"):
+        options.parse_create({"provisioning": raw})
+
+
+def test_a_snapshot_takes_no_provisioning_of_its_own() -> None:
+    """A snapshot shares its source's extents whatever the source's provisioning: asking is an error."""
+    with pytest.raises(InvalidArgument, match="drop provisioning"):
+        options.parse_create({"sourcevol": "v1", "provisioning": "thick"})

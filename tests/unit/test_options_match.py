@@ -93,3 +93,14 @@ def test_a_snapshot_with_other_options_is_refused_by_name(key: str, asked: str, 
 def test_a_snapshot_asked_of_a_plain_volume_is_refused() -> None:
     with pytest.raises(AlreadyExists, match=r"sourcevol=None \(asked v1\)"):
         _match(VolumeRec("s1", GiB, "concat", "btrfs"), {"sourcevol": "v1"})
+
+
+def test_provisioning_is_compared_by_an_idempotent_create() -> None:
+    """Create again with provisioning=thick for a thin volume is refused; the same (or none) matches."""
+    thick = VolumeRec("t1", size=GiB, layout="concat", fstype="xfs", provisioning="thick")
+    _match(thick, {"provisioning": "thick"})
+    _match(thick, {})
+    with pytest.raises(AlreadyExists, match=r"provisioning=thick \(asked thin\)"):
+        _match(thick, {"provisioning": "thin"})
+    with pytest.raises(AlreadyExists, match=r"provisioning=thin \(asked thick\)"):
+        _match(VOL, {**SAME, "provisioning": "thick"})
