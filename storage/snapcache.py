@@ -105,6 +105,11 @@ def measure(dg: DiskGroup, memory: Memory | None = None) -> tuple[list[SubdiskUs
             except FileNotFoundError:
                 promised += sd.reserved  # being made or removed: count what it may still take
         uses += here
+        # promised was read after free: an allocation given back meanwhile (mkfs discarding a thick
+        # image before it is allocated again, an image removed) lowered what the images hold but not
+        # yet the free space read first, which would show a deficit that is not there and invalidate a
+        # valid snapshot. The later of two readings counts that; a real deficit shows at the next pass.
+        free = max(free, fs.statvfs_size(dg.disk_dir(disk))[1])
         disks[disk] = DiskState(free, promised, cap[disk] - reserved.get(disk, 0))
         if memory is not None:
             memory.disks[disk] = (now, free, layout, here, promised)

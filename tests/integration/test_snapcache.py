@@ -313,8 +313,9 @@ def test_each_cli_call_checks_snapshot_caches(env):
         p = dd("if=/dev/urandom", f"of={src / 'fill'}", "bs=1M", "count=60", "oflag=direct", "conv=notrunc")
         assert p.returncode == 0, p.stderr
         assert dg.catalog.volume("snap").invalid == ""  # type: ignore[union-attr]  # nobody looked yet
-        rows = {line.split()[0]: line.split() for line in env.cli("vol", "list").stdout.splitlines()[1:]}
-        assert rows["snap"][6] == "invalid", rows
+        header, *lines = env.cli("vol", "list").stdout.splitlines()
+        rows = {line.split()[0]: dict(zip(header.split(), line.split(), strict=True)) for line in lines}
+        assert rows["snap"]["STATE"] == "invalid", rows
         assert "ran out" in dg.catalog.volume("snap").invalid  # type: ignore[union-attr]
         assert sum(dg.free().values()) == free + 20 * MiB
         info = json.loads(env.cli("--json", "vol", "info", "snap").stdout)
