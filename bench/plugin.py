@@ -287,12 +287,12 @@ class Bench:
         table = self.docker("exec", ctr, "cat", "/proc/mounts").splitlines()
         return next((f.split()[2] for f in table if f.split()[1:2] == ["/data"]), None)
 
-    def fio_job(self, ctr: str, rw: str, bs: str, size: str, depth: int, runtime: int) -> dict[str, float]:
+    def fio_job(self, ctr: str, rw: str, bs: str, size: str, depth: int, runtime: float) -> dict[str, float]:
         """One direct-I/O fio job on /data/fio-<rw>.dat inside ``ctr``: its write MB/s and IOPS."""
         engine = ["--ioengine=psync"] if depth == 1 else ["--ioengine=libaio", f"--iodepth={depth}"]
         out = self.docker("exec", ctr, "/fio", "--name=b", f"--filename=/data/fio-{rw}.dat",
                           f"--rw={rw}", f"--bs={bs}", "--direct=1", *engine, f"--size={size}",
-                          f"--runtime={runtime}", "--time_based", "--output-format=json",
+                          f"--runtime={round(runtime * 1000)}ms", "--time_based", "--output-format=json",
                           timeout=runtime + 120)
         w = json.loads(out[out.index("{"):])["jobs"][0]["write"]
         return {"MB/s": w["bw_bytes"] / 1e6, "IOPS": w["iops"]}
@@ -306,7 +306,7 @@ class Bench:
                         "--output-format=json", timeout=300)
 
     def fio(self) -> None:
-        runtime = 1 if self.quick else 3
+        runtime = 0.5 if self.quick else 3
         reps = 1 if self.quick else 5
         seq, rnd = ("128m", "32m") if self.quick else ("512m", "64m")
         log(f"d. fio in containers ({reps} x {runtime} s each): veritas vs local volume on the host's filesystem")
@@ -400,7 +400,7 @@ class Bench:
         """Measure one kind of disk; emits its figures, or returns why it could not (a missing feature)."""
         pairs = 1 if self.quick else 7
         cap = 2 if self.quick else 15
-        runtime = 1 if self.quick else 5
+        runtime = 0.5 if self.quick else 5
         sizes = {"randwrite": "32m" if self.quick else "256m", "write": "128m" if self.quick else "512m"}
         base = self.root / f"same-{kind}"
         base.mkdir()
