@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import operator
 import os
 import shutil
@@ -50,8 +51,9 @@ def emit(metric: str, value: float | None, unit: str, baseline: float | None, ta
          note: str | None = None) -> None:
     """One figure on stdout. ``ratio`` is value / baseline unless given (the median of per-pair ratios);
     ``met`` is the verdict of ``target`` on it (None for information); ``spread`` is [min, max] of the
-    per-pair ratios where the figure comes from interleaved pairs, and ``settled`` says whether every pair
-    gives the same verdict (None where there is no target or no pairs). A figure that could not be taken
+    per-pair ratios where the figure comes from interleaved pairs, and ``settled`` says whether the
+    confidence interval of their median lies on one side of the target (Pairs.interval; None where
+    there is no target or no pairs). A figure that could not be taken
     (a feature missing) has value null, met false and a ``note`` saying why."""
     if ratio is None and value is not None and baseline is not None:
         ratio = value / baseline if baseline else float("inf")
@@ -98,11 +100,24 @@ class Pairs:
         r = self.ratios()
         return min(r), max(r)
 
+    def interval(self, by_value: bool = False) -> tuple[float, float]:
+        """A distribution-free ~95 % confidence interval of the median per-pair ratio (of the median value
+        with ``by_value``): the k-th smallest and k-th largest of n, k the largest with
+        2 P(Binomial(n, 1/2) < k) <= 0.05, at least 1. Up to 8 pairs that is [min, max], the spread
+        itself; with more pairs it narrows (15 pairs: the 4th to the 12th), so that more pairs can
+        settle a figure whose first ones straddled its target, which the spread (it only widens) cannot."""
+        xs = sorted(self.ours if by_value else self.ratios())
+        n, k = len(xs), 1
+        while 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n <= 0.05:
+            k += 1
+        return xs[k - 1], xs[n - k]
+
     def settled(self, target: str | None) -> bool | None:
-        """True when every pair gives the same verdict on ``target`` (the spread does not straddle it)."""
+        """True when the interval of the median lies on one side of ``target`` (does not straddle it)."""
         if target is None:
             return None
-        return len({verdict(target, r, o) for r, o in zip(self.ratios(), self.ours, strict=True)}) == 1
+        lo, hi = self.interval(by_value=target.startswith("value"))
+        return verdict(target, lo, lo) == verdict(target, hi, hi)
 
     def emit(self, metric: str, unit: str, target: str | None) -> None:
         emit(metric, self.value, unit, self.baseline, target, ratio=self.ratio, spread=self.spread(),
@@ -111,9 +126,9 @@ class Pairs:
 
 def run_pairs(ours: Callable[[int], float], base: Callable[[int], float], target: str | None, pairs: int,
               cap: int | None = None, warmup: bool = False) -> Pairs:
-    """``pairs`` interleaved pairs (ours then base, then base then ours, ...); while the pairs disagree on
-    ``target`` (the spread straddles it), more pairs, up to ``cap`` in all. With ``warmup`` one unrecorded
-    run of each side first (index -1)."""
+    """``pairs`` interleaved pairs (ours then base, then base then ours, ...); while the interval of their
+    median straddles ``target`` (Pairs.settled false), more pairs, up to ``cap`` in all. With ``warmup``
+    one unrecorded run of each side first (index -1)."""
     cap = max(pairs, cap or pairs)
     if warmup:
         ours(-1)
