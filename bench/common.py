@@ -5,16 +5,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import operator
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+from storage.kernel import mounts
 
 _PREFIX = ["bench"]
 
@@ -23,12 +29,181 @@ def log(msg: str) -> None:
     print(f"[{_PREFIX[0]} {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def emit(metric: str, value: float, unit: str, baseline: float, target: str) -> None:
-    """One figure on stdout; ``ratio`` is always value / baseline."""
-    ratio = value / baseline if baseline else float("inf")
-    print(json.dumps({"metric": metric, "value": round(value, 3), "unit": unit,
-                      "baseline": round(baseline, 3), "ratio": round(ratio, 3), "target": target}),
-          flush=True)
+def verdict(target: str | None, ratio: float, value: float) -> bool | None:
+    """Whether a figure meets ``target``: a condition on the ratio (">=0.85", "<=1.5"), on the value itself
+    when it starts with "value" ("value<100"), or None (information: no verdict)."""
+    if target is None:
+        return None
+    x = value if target.startswith("value") else ratio
+    cond = target.removeprefix("value")
+    for op, test in (("<=", operator.le), (">=", operator.ge), ("<", operator.lt), (">", operator.gt)):
+        if cond.startswith(op):
+            return bool(test(x, float(cond[len(op):])))
+    raise ValueError(f"bad target {target!r}")
+
+
+def _r(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
+
+
+def emit(metric: str, value: float | None, unit: str, baseline: float | None, target: str | None,
+         ratio: float | None = None, spread: tuple[float, float] | None = None, settled: bool | None = None,
+         note: str | None = None) -> None:
+    """One figure on stdout. ``ratio`` is value / baseline unless given (the median of per-pair ratios);
+    ``met`` is the verdict of ``target`` on it (None for information); ``spread`` is [min, max] of the
+    per-pair ratios where the figure comes from interleaved pairs, and ``settled`` says whether the
+    confidence interval of their median lies on one side of the target (Pairs.interval; None where
+    there is no target or no pairs). A figure that could not be taken
+    (a feature missing) has value null, met false and a ``note`` saying why."""
+    if ratio is None and value is not None and baseline is not None:
+        ratio = value / baseline if baseline else float("inf")
+    met = None if target is None else (False if value is None or ratio is None else verdict(target, ratio, value))
+    fig: dict[str, Any] = {"metric": metric, "value": _r(value), "unit": unit, "baseline": _r(baseline),
+                           "ratio": _r(ratio), "target": target, "met": met,
+                           "spread": None if spread is None else [_r(spread[0]), _r(spread[1])],
+                           "settled": settled}
+    if note is not None:
+        fig["note"] = note
+    print(json.dumps(fig), flush=True)
+
+
+def emit_missing(metric: str, unit: str, target: str | None, note: str) -> None:
+    """A figure this build cannot take yet (the feature it measures is missing): null, not met, and why."""
+    emit(metric, None, unit, None, target, note=note)
+
+
+@dataclass
+class Pairs:
+    """Interleaved measurements: ``ours[i]`` and ``base[i]`` were taken back to back (order alternating)."""
+
+    ours: list[float] = field(default_factory=list)
+    base: list[float] = field(default_factory=list)
+
+    def ratios(self) -> list[float]:
+        return [o / b if b else float("inf") for o, b in zip(self.ours, self.base, strict=True)]
+
+    @property
+    def value(self) -> float:
+        return statistics.median(self.ours)
+
+    @property
+    def baseline(self) -> float:
+        return statistics.median(self.base)
+
+    @property
+    def ratio(self) -> float:
+        """The median of the per-pair ratios: drift over the run (other load, a warming cache) lands on
+        both halves of a pair alike, so it cancels in each pair's ratio."""
+        return statistics.median(self.ratios())
+
+    def spread(self) -> tuple[float, float]:
+        r = self.ratios()
+        return min(r), max(r)
+
+    def interval(self, by_value: bool = False) -> tuple[float, float]:
+        """A distribution-free ~95 % confidence interval of the median per-pair ratio (of the median value
+        with ``by_value``): the k-th smallest and k-th largest of n, k the largest with
+        2 P(Binomial(n, 1/2) < k) <= 0.05, at least 1. Up to 8 pairs that is [min, max], the spread
+        itself; with more pairs it narrows (15 pairs: the 4th to the 12th), so that more pairs can
+        settle a figure whose first ones straddled its target, which the spread (it only widens) cannot."""
+        xs = sorted(self.ours if by_value else self.ratios())
+        n, k = len(xs), 1
+        while 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n <= 0.05:
+            k += 1
+        return xs[k - 1], xs[n - k]
+
+    def settled(self, target: str | None) -> bool | None:
+        """True when the interval of the median lies on one side of ``target`` (does not straddle it)."""
+        if target is None:
+            return None
+        lo, hi = self.interval(by_value=target.startswith("value"))
+        return verdict(target, lo, lo) == verdict(target, hi, hi)
+
+    def emit(self, metric: str, unit: str, target: str | None) -> None:
+        emit(metric, self.value, unit, self.baseline, target, ratio=self.ratio, spread=self.spread(),
+             settled=self.settled(target))
+
+
+def run_pairs(ours: Callable[[int], float], base: Callable[[int], float], target: str | None, pairs: int,
+              cap: int | None = None, warmup: bool = False) -> Pairs:
+    """``pairs`` interleaved pairs (ours then base, then base then ours, ...); while the interval of their
+    median straddles ``target`` (Pairs.settled false), more pairs, up to ``cap`` in all. With ``warmup``
+    one unrecorded run of each side first (index -1)."""
+    cap = max(pairs, cap or pairs)
+    if warmup:
+        ours(-1)
+        base(-1)
+    res = Pairs()
+    i = 0
+    while i < pairs or (i < cap and res.settled(target) is False):
+        if i % 2 == 0:
+            o = ours(i)
+            b = base(i)
+        else:
+            b = base(i)
+            o = ours(i)
+        res.ours.append(o)
+        res.base.append(b)
+        i += 1
+    if i > pairs:
+        log(f"   {i} pairs (spread {res.spread()[0]:.3f}..{res.spread()[1]:.3f} around {target})")
+    return res
+
+
+class Zram:
+    """zram block devices this run made (hot_add), removed again by exactly those numbers (hot_remove);
+    any other zram device, /dev/zram0 above all, belongs to someone else and is never touched."""
+
+    CONTROL = Path("/sys/class/zram-control")
+
+    def __init__(self) -> None:
+        self.mine: list[int] = []
+
+    def add(self, size: str) -> Path:
+        n = int((self.CONTROL / "hot_add").read_text().strip())
+        self.mine.append(n)  # recorded first: removed at clean-up whatever fails next
+        log(f"zram: made /dev/zram{n}")
+        (Path(f"/sys/block/zram{n}") / "disksize").write_text(size)
+        dev = Path(f"/dev/zram{n}")
+        deadline = time.monotonic() + 5
+        while not dev.is_block_device():  # no udev here: the kernel's devtmpfs makes the node
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{dev} did not appear")
+            time.sleep(0.05)
+        return dev
+
+    def remove(self, dev: Path) -> None:
+        n = int(dev.name.removeprefix("zram"))
+        if n not in self.mine:
+            raise RuntimeError(f"{dev} is not one this run made")
+        for attempt in range(20):  # a device unmounted a moment ago may still be held briefly (EBUSY)
+            try:
+                (self.CONTROL / "hot_remove").write_text(str(n))
+                break
+            except OSError as exc:
+                if attempt == 19:
+                    raise RuntimeError(f"hot_remove of zram{n}: {exc}") from exc
+                time.sleep(0.25)
+        self.mine.remove(n)
+        log(f"zram: removed zram{n}")
+
+    def remove_all(self) -> None:
+        """Clean-up: every device still ours, after unmounting whatever of it is still mounted."""
+        for n in list(self.mine):
+            dev = Path(f"/dev/zram{n}")
+            try:
+                rdev = dev.stat().st_rdev
+                num: str | None = f"{os.major(rdev)}:{os.minor(rdev)}"
+            except OSError:
+                num = None
+            for e in sorted(mounts.table(), key=lambda e: -len(e.target)):
+                if e.source == str(dev) or (num is not None and e.major_minor == num):
+                    log(f"forced clean-up: umount {e.target} (zram{n})")
+                    subprocess.run(["umount", "-l", e.target], capture_output=True, check=False)
+            try:
+                self.remove(dev)
+            except RuntimeError as exc:
+                log(f"zram{n} left behind: {exc}")
 
 
 def sh(*argv: str | Path, timeout: float = 600) -> str:

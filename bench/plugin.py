@@ -3,11 +3,14 @@
 
 Prints one JSON object per figure on stdout (progress goes to stderr)::
 
-    {"metric": ..., "value": ..., "unit": ..., "baseline": ..., "ratio": ..., "target": ...}
+    {"metric", "value", "unit", "baseline", "ratio", "target", "met", "spread", "settled"[, "note"]}
 
-``ratio`` is always value / baseline; ``target`` is a condition on ``ratio`` ("<=1.5", ">=0.9") or "info".
-Runs of the two sides are interleaved (ours, bare, bare, ours, ...) so load from other processes lands on
-both alike.
+Both sides are measured in interleaved pairs (ours then theirs, then theirs then ours, ...) so load from
+other processes lands on both alike. ``value`` and ``baseline`` are each side's median; ``ratio`` is the
+median of the per-pair ratios value/baseline, and ``spread`` their [min, max]. ``target`` is a condition
+on ``ratio`` (">=0.85") or null (information); ``met`` is its verdict on ``ratio`` (null for information).
+Where the pairs straddle the target, more pairs run, up to a cap (15 for the fio figures); ``settled`` is
+false if they still do. A figure whose feature this build lacks has value null, met false and a ``note``.
 
 Figures:
   plugin_create_1g_p50          VolumeDriver.Create of a 1 GiB volume (defaults: concat, xfs) timed at the
@@ -17,15 +20,27 @@ Figures:
   docker_volume_create_p50/_p95 `docker volume create` end to end, veritas vs the local driver
   docker_run_true_p50           `docker run --rm -v VOL:/data localbusybox true`, veritas vs local volume
   fio_seqwrite_1m_qd8           direct sequential 1 MiB writes (fio, libaio, QD8) inside a container,
-                                veritas vs local volume (MB/s); _qd1 the same with psync (information)
-  fio_randwrite_4k_qd32         direct 4k random writes (fio, libaio, QD32) inside a container (IOPS);
-                                _qd1 the same with psync (information: two loop layers' latency);
-                                _disk_fs_vs_local and _volume_vs_disk_fs (information) split the
-                                figure: the same job on a bind mount of the disk group's own
-                                filesystem (one loop layer, over the disk's image on the host) against
-                                the local volume, and the veritas volume against that filesystem
-                                (fio: the host's binary bind-mounted; files written once before; medians
-                                of 5 interleaved 3 s runs)
+                                veritas vs local volume on the host's filesystem (MB/s); _qd1 the same
+                                with psync (information)
+  container_randwrite_4k_qd32_vs_host_fs
+                                direct 4k random writes (fio, libaio, QD32) inside a container, veritas on
+                                the embedded image-file disks vs a local volume on the host's filesystem
+                                (information: it measures the image files as much as veritas);
+                                fio_randwrite_4k_qd32_disk_fs_vs_local splits it: the same job on a bind
+                                mount of the disk group's own filesystem against the local volume;
+                                fio_randwrite_4k_qd1 the same with psync (information)
+  container_randwrite_4k_qd32_same_disk_{image,block,dir}  (>= 0.85)
+  container_seqwrite_1m_qd8_same_disk_{image,block,dir}    (>= 0.9)
+                                the same disk with and without veritas: a veritas volume on a one-disk
+                                disk group of that kind against a local-driver volume bound
+                                (type=none, o=bind) to a directory on that disk's own filesystem, both
+                                written by fio from a container (files written once before; median of 7
+                                interleaved 5 s pairs, up to 15). Disks: image = an image file on the
+                                host's filesystem, block = a zram block device (made for the run and
+                                removed by its number), dir = a directory on XFS (reflink=1) on zram.
+                                Suffix _thick: the same with provisioning=thick (thin is the plain name).
+                                Where dg init refuses a directory, or volumes refuse provisioning=thick,
+                                those lines are null with a note.
 
 Runs as root. It starts its own dockerd (own mount and network namespaces, so it never touches the
 host's engine or its docker0) and ``veritas plugin serve`` under a fresh /tmp directory with the
@@ -37,8 +52,8 @@ containers, volumes, the disk group, mounts, loop devices), also on error or SIG
 from __future__ import annotations
 
 import json
+import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -54,9 +69,11 @@ sys.path.insert(0, str(REPO))
 import requests_unixsocket  # noqa: E402
 
 from bench import common  # noqa: E402
-from bench.common import emit, log, pct, rotated, sh, timed  # noqa: E402
-from storage import diskgroup  # noqa: E402
-from storage.config import load_config  # noqa: E402
+from bench.common import Pairs, Zram, emit, emit_missing, log, pct, run_pairs, sh, timed  # noqa: E402
+from storage import diskgroup, options, volumes  # noqa: E402
+from storage.config import Config, load_config  # noqa: E402
+from storage.diskgroup import DiskSpec  # noqa: E402
+from storage.errors import VeritasError  # noqa: E402
 from storage.kernel import loop, mounts  # noqa: E402
 from tests.integration.dockerstack import (  # noqa: E402
     IMAGE,
@@ -93,6 +110,8 @@ class Bench:
         self.config = None
         self.session = requests_unixsocket.Session()
         self.shared = False
+        self.zram = Zram()
+        self.extra_plugins: list[PluginProcess] = []
 
     # ------------------------------------------------------------ set-up / clean-up
 
@@ -118,22 +137,20 @@ class Bench:
                 self.plugin.stop()
             except Exception as exc:  # go on with the rest
                 log(f"stopping the plugin: {exc!r}")
+        # the same-disk figures' plugins run to the end: dockerd asks every driver it knows for its
+        # volumes, and waits 15 s on one whose socket is gone
+        for extra in self.extra_plugins:
+            try:
+                extra.stop()
+            except Exception as exc:  # go on with the rest
+                log(f"stopping a plugin: {exc!r}")
         if self.config is not None:
-            for name in diskgroup.list_names(self.config):
-                for attempt in range(3):
-                    try:
-                        dg = diskgroup.open_dg(self.config, name)
-                        for v in dg.catalog.volumes():
-                            for m in dg.catalog.mounts(v.name):
-                                dg.catalog.remove_mount(v.name, m.node, m.mount_id)
-                        diskgroup.destroy(dg, force=True)
-                        break
-                    except Exception as exc:  # the forced clean-up below still runs
-                        log(f"destroying disk group {name} (attempt {attempt + 1}): {exc!r}")
-                        time.sleep(1)
+            for name in diskgroup.list_names(self.config):  # every disk group under the state root
+                destroy_all(self.config, name)
         if self.shared:
             unshare_mount_root(self.root / "mnt")
         self._force_clean()
+        self.zram.remove_all()  # after the mounts on them are gone
         shutil.rmtree(self.root, ignore_errors=True)
 
     def _force_clean(self) -> None:
@@ -162,6 +179,10 @@ class Bench:
         if out.get("Err"):
             raise RuntimeError(f"{endpoint}: {out['Err']}")
         return out
+
+    def cap(self, n: int) -> int:
+        """How many pairs a figure of ``n`` may grow to while its pairs straddle the target (--quick: none)."""
+        return n if self.quick else n + 10
 
     def docker(self, *args: str, timeout: float = 300) -> str:
         return sh("docker", "-H", self.node.url, *args, timeout=timeout)
@@ -209,9 +230,9 @@ class Bench:
                 img.unlink(missing_ok=True)
 
         ours(99)  # warm-up: the workers' first disk group open and imports
-        a, b = rotated(n, ours, bare)
-        log(f"   plugin p50 {statistics.median(a) * 1e3:.1f} ms, bare p50 {statistics.median(b) * 1e3:.1f} ms")
-        emit("plugin_create_1g_p50", statistics.median(a) * 1e3, "ms", statistics.median(b) * 1e3, "<=1.5")
+        res = run_pairs(lambda i: ours(i) * 1e3, lambda i: bare(i) * 1e3, "<=1.5", n, cap=self.cap(n))
+        log(f"   plugin p50 {res.value:.1f} ms, bare p50 {res.baseline:.1f} ms")
+        res.emit("plugin_create_1g_p50", "ms", "<=1.5")
         bare_dir.rmdir()
 
     # ------------------------------------------------------------ b. docker volume create
@@ -228,11 +249,12 @@ class Bench:
                 return t
             return run
 
-        a, b = rotated(n, with_driver("veritas"), with_driver("local"))
-        for q, label in ((0.5, "p50"), (0.95, "p95")):
-            v, base = pct(a, q) * 1e3, pct(b, q) * 1e3
-            log(f"   {label}: veritas {v:.1f} ms, local {base:.1f} ms")
-            emit(f"docker_volume_create_{label}", v, "ms", base, "info")
+        res = run_pairs(with_driver("veritas"), with_driver("local"), None, n)
+        log(f"   p50: veritas {res.value * 1e3:.1f} ms, local {res.baseline * 1e3:.1f} ms")
+        Pairs([x * 1e3 for x in res.ours], [x * 1e3 for x in res.base]).emit("docker_volume_create_p50", "ms", None)
+        v, base = pct(res.ours, 0.95) * 1e3, pct(res.base, 0.95) * 1e3
+        log(f"   p95: veritas {v:.1f} ms, local {base:.1f} ms")
+        emit("docker_volume_create_p95", v, "ms", base, None)
 
     # ------------------------------------------------------------ c. docker run --rm true
 
@@ -248,69 +270,80 @@ class Bench:
 
         run_with("runvol")(0)  # warm-up
         run_with("runlocal")(0)
-        a, b = rotated(n, run_with("runvol"), run_with("runlocal"))
-        log(f"   veritas p50 {statistics.median(a) * 1e3:.1f} ms, local p50 {statistics.median(b) * 1e3:.1f} ms")
-        emit("docker_run_true_p50", statistics.median(a) * 1e3, "ms", statistics.median(b) * 1e3, "<=1.3")
+        res = run_pairs(lambda i: run_with("runvol")(i) * 1e3, lambda i: run_with("runlocal")(i) * 1e3, "<=1.3",
+                        n, cap=self.cap(n))
+        log(f"   veritas p50 {res.value:.1f} ms, local p50 {res.baseline:.1f} ms")
+        res.emit("docker_run_true_p50", "ms", "<=1.3")
         self.docker("volume", "rm", "runvol", "runlocal")
 
     # ------------------------------------------------------------ d. fio inside containers
 
+    def fio_container(self, vol: str) -> str:
+        """A long-running container with ``vol`` at /data and the host's fio at /fio."""
+        return self.docker("run", "-d", "--network", "none", "-v", f"{vol}:/data", *FIO_MOUNTS,
+                           IMAGE, "sleep", "3600").strip()
+
+    def fstype_in(self, ctr: str) -> str | None:
+        table = self.docker("exec", ctr, "cat", "/proc/mounts").splitlines()
+        return next((f.split()[2] for f in table if f.split()[1:2] == ["/data"]), None)
+
+    def fio_job(self, ctr: str, rw: str, bs: str, size: str, depth: int, runtime: float) -> dict[str, float]:
+        """One direct-I/O fio job on /data/fio-<rw>.dat inside ``ctr``: its write MB/s and IOPS."""
+        engine = ["--ioengine=psync"] if depth == 1 else ["--ioengine=libaio", f"--iodepth={depth}"]
+        out = self.docker("exec", ctr, "/fio", "--name=b", f"--filename=/data/fio-{rw}.dat",
+                          f"--rw={rw}", f"--bs={bs}", "--direct=1", *engine, f"--size={size}",
+                          f"--runtime={round(runtime * 1000)}ms", "--time_based", "--output-format=json",
+                          timeout=runtime + 120)
+        w = json.loads(out[out.index("{"):])["jobs"][0]["write"]
+        return {"MB/s": w["bw_bytes"] / 1e6, "IOPS": w["iops"]}
+
+    def fio_fill(self, ctr: str, files: tuple[tuple[str, str], ...]) -> None:
+        """Write every file once first (steady state), so that no side counts first-write block allocation
+        (in the volume's filesystem, and for veritas in the disk holding its image too)."""
+        for rw, size in files:
+            self.docker("exec", ctr, "/fio", "--name=fill", f"--filename=/data/fio-{rw}.dat",
+                        "--rw=write", "--bs=1m", "--direct=1", "--ioengine=psync", f"--size={size}",
+                        "--output-format=json", timeout=300)
+
     def fio(self) -> None:
-        runtime = 1 if self.quick else 3
+        runtime = 0.5 if self.quick else 3
         reps = 1 if self.quick else 5
-        log(f"d. fio in containers ({reps} x {runtime} s each): veritas vs local volume")
+        seq, rnd = ("128m", "32m") if self.quick else ("512m", "64m")
+        log(f"d. fio in containers ({reps} x {runtime} s each): veritas vs local volume on the host's filesystem")
         self.docker("volume", "create", "-d", "veritas", "--name", "fiovol")
         self.docker("volume", "create", "-d", "local", "--name", "fiolocal")
         src, diskfs = self._disk_fs_dir("fiovol")
         ctrs = {}
         try:
             for vol in ("fiovol", "fiolocal", str(diskfs)):
-                ctrs[vol] = self.docker("run", "-d", "--network", "none", "-v", f"{vol}:/data", *FIO_MOUNTS,
-                                        IMAGE, "sleep", "3600").strip()
+                ctrs[vol] = self.fio_container(vol)
             # the bind mount must reach the disk's XFS, not the empty directory under it
-            table = self.docker("exec", ctrs[str(diskfs)], "cat", "/proc/mounts").splitlines()
-            fstype = next((f.split()[2] for f in table if f.split()[1:2] == ["/data"]), None)
-            if fstype != "xfs":
+            if (fstype := self.fstype_in(ctrs[str(diskfs)])) != "xfs":
                 raise RuntimeError(f"the disk group's filesystem is not visible in the container ({fstype})")
+            for ctr in ctrs.values():
+                self.fio_fill(ctr, (("write", seq), ("randwrite", rnd)))
 
-            def job(vol: str, rw: str, bs: str, size: str, depth: int) -> dict[str, Any]:
-                engine = ["--ioengine=psync"] if depth == 1 else ["--ioengine=libaio", f"--iodepth={depth}"]
-                out = self.docker("exec", ctrs[vol], "/fio", "--name=b", f"--filename=/data/fio-{rw}.dat",
-                                  f"--rw={rw}", f"--bs={bs}", "--direct=1", *engine, f"--size={size}",
-                                  f"--runtime={runtime}", "--time_based", "--output-format=json",
-                                  timeout=runtime + 120)
-                data = json.loads(out[out.index("{"):])
-                w = data["jobs"][0]["write"]
-                return {"MB/s": w["bw_bytes"] / 1e6, "IOPS": w["iops"]}
-
-            # steady state: write every file once first, so that neither side counts first-write block
-            # allocation (in the volume's filesystem, and for veritas in the disk holding its image too)
-            for vol in ctrs:
-                for rw, size in (("write", "512m"), ("randwrite", "64m")):
-                    self.docker("exec", ctrs[vol], "/fio", "--name=fill", f"--filename=/data/fio-{rw}.dat",
-                                "--rw=write", "--bs=1m", "--direct=1", "--ioengine=psync", f"--size={size}",
-                                "--output-format=json", timeout=300)
-
-            # the targets use the same jobs as bench/storage.py (libaio, QD8 sequential, QD32 random); the
-            # QD1 figures (psync) show the per-I/O latency of the two loop layers and are reported too.
-            # The random QD32 runs also run on the disk group's own filesystem (one loop layer, over an
-            # image on the host's filesystem): what the embedded disk group's image costs, apart from
-            # what the volume adds on top of it.
+            # the same jobs as bench/storage.py (libaio, QD8 sequential, QD32 random); the QD1 figures
+            # (psync) show the per-I/O latency of the two loop layers. The QD32 random figure against the
+            # host's own filesystem is information (the same-disk figures of group "same" carry the
+            # target); it is split by the same job on the disk group's own filesystem (one loop layer,
+            # over an image on the host's filesystem): what the embedded disk group's image costs.
             for metric, rw, bs, size, depth, unit, target in (
-                    ("fio_seqwrite_1m_qd8", "write", "1m", "512m", 8, "MB/s", ">=0.9"),
-                    ("fio_randwrite_4k_qd32", "randwrite", "4k", "64m", 32, "IOPS", ">=0.7"),
-                    ("fio_seqwrite_1m_qd1", "write", "1m", "512m", 1, "MB/s", "info"),
-                    ("fio_randwrite_4k_qd1", "randwrite", "4k", "64m", 1, "IOPS", "info")):
-                sides = ["fiovol", "fiolocal"] + ([str(diskfs)] if metric == "fio_randwrite_4k_qd32" else [])
-                res = rotated(reps, *[lambda i, v=v, a=(rw, bs, size, depth, unit): job(v, *a[:4])[a[4]]
-                                      for v in sides])
-                log(f"   {metric}: veritas {res[0]}, local {res[1]}" + (f", disk fs {res[2]}" if len(res) > 2 else ""))
-                ours, local = statistics.median(res[0]), statistics.median(res[1])
-                emit(metric, ours, unit, local, target)
-                if len(res) > 2:
-                    disk = statistics.median(res[2])
-                    emit(metric + "_disk_fs_vs_local", disk, unit, local, "info")
-                    emit(metric + "_volume_vs_disk_fs", ours, unit, disk, "info")
+                    ("fio_seqwrite_1m_qd8", "write", "1m", seq, 8, "MB/s", ">=0.9"),
+                    ("container_randwrite_4k_qd32_vs_host_fs", "randwrite", "4k", rnd, 32, "IOPS", None),
+                    ("fio_seqwrite_1m_qd1", "write", "1m", seq, 1, "MB/s", None),
+                    ("fio_randwrite_4k_qd1", "randwrite", "4k", rnd, 1, "IOPS", None)):
+                def side(vol: str, a: tuple[str, str, str, int, str] = (rw, bs, size, depth, unit)) -> \
+                        Callable[[int], float]:
+                    return lambda i: self.fio_job(ctrs[vol], *a[:4], runtime)[a[4]]
+
+                res = run_pairs(side("fiovol"), side("fiolocal"), target, reps, cap=self.cap(reps))
+                log(f"   {metric}: veritas {res.ours}, local {res.base}")
+                res.emit(metric, unit, target)
+                if metric == "container_randwrite_4k_qd32_vs_host_fs":
+                    disk = run_pairs(side(str(diskfs)), side("fiolocal"), None, reps)
+                    log(f"   disk fs {disk.ours}, local {disk.base}")
+                    disk.emit("fio_randwrite_4k_qd32_disk_fs_vs_local", unit, None)
         finally:
             for c in ctrs.values():
                 subprocess.run(["docker", "-H", self.node.url, "rm", "-f", c], capture_output=True, check=False)
@@ -319,28 +352,204 @@ class Bench:
             subprocess.run(["umount", str(diskfs)], capture_output=True, check=False)
             shutil.rmtree(src, ignore_errors=True)  # the fio files on the disk, outside any volume
 
-    def _disk_fs_dir(self, volume: str) -> tuple[Path, Path]:
+    def _disk_fs_dir(self, volume: str, dg_name: str = "dockerdg", config: Config | None = None,
+                     label: str = "diskfs") -> tuple[Path, Path]:
         """A directory on the filesystem of the disk that holds ``volume``'s image, bind-mounted under the
         (shared) mount root so that dockerd's namespace sees it."""
-        assert self.config is not None
-        dg = diskgroup.open_dg(self.config, "dockerdg")
+        config = config or self.config
+        assert config is not None
+        dg = diskgroup.open_dg(config, dg_name)
         try:
-            disk = dg.catalog.subdisks(volume)[0].disk
-            src = dg.disk_dir(disk) / "bench-fio"
+            rec = dg.catalog.volume(volume)
+            assert rec is not None, volume
+            img = volumes.images(dg, rec)[0]  # <disk>/vols/<image>: the disk's filesystem holds it
         finally:
             dg.close()
+        src = img.parent.parent / f"bench-{label}"
         src.mkdir(exist_ok=True)
-        dst = self.config.mount_root / "bench-fio-diskfs"
+        if os.stat(src).st_dev != os.stat(img).st_dev:  # the kernel's word, not the path's
+            raise RuntimeError(f"{src} is not on the filesystem holding {img}")
+        dst = config.mount_root / f"bench-fio-{label}"
         dst.mkdir(exist_ok=True)
         sh("mount", "--bind", src, dst)
         return src, dst
 
+    # ------------------------------------------------------------ e. the same disk, with and without veritas
+
+    def same_disk(self) -> None:
+        """For each kind of disk: a veritas volume on a one-disk disk group of that kind against a local-driver
+        volume bound to a directory on that same disk's filesystem, both written by fio from a container."""
+        thick = _thick_accepted()
+        for kind in DISK_KINDS:
+            provs = ["thin", "thick"] if thick is None else ["thin"]
+            metrics = [(f"container_{job}_same_disk_{kind}{'' if prov == 'thin' else '_' + prov}", prov, job)
+                       for prov in ("thin", "thick") for job in SAME_DISK_JOBS]
+            try:
+                note = self._same_disk_kind(kind, provs, metrics)
+            except Exception:
+                log(f"e. {kind} disks failed")
+                raise
+            for metric, prov, job in metrics:
+                if prov not in provs:
+                    emit_missing(metric, SAME_DISK_JOBS[job][5], SAME_DISK_JOBS[job][6],
+                                 f"thick provisioning not available ({thick})")
+                elif note is not None:
+                    emit_missing(metric, SAME_DISK_JOBS[job][5], SAME_DISK_JOBS[job][6], note)
+
+    def _same_disk_kind(self, kind: str, provs: list[str], metrics: list[tuple[str, str, str]]) -> str | None:
+        """Measure one kind of disk; emits its figures, or returns why it could not (a missing feature)."""
+        pairs = 1 if self.quick else 7
+        cap = 2 if self.quick else 15
+        runtime = 0.5 if self.quick else 5
+        sizes = {"randwrite": "32m" if self.quick else "256m", "write": "128m" if self.quick else "512m"}
+        base = self.root / f"same-{kind}"
+        base.mkdir()
+        dg_name = f"bench{kind}"
+        log(f"e. same disk, {kind} disks: {pairs} pairs (up to {cap}) of {runtime} s, provisioning {provs}")
+        zdevs: list[Path] = []
+        dirfs: Path | None = None
+        cfg = None
+        ctrs: list[str] = []
+        vols: list[str] = []
+        binds: list[Path] = []
+        try:
+            if kind == "image":
+                spec = f"{base}/d1.img=4g"
+            elif kind == "block":
+                zdevs.append(self.zram.add("4G"))
+                spec = str(zdevs[-1])
+            else:  # a directory on XFS (reflink=1) on zram: how a host's reflink-capable root stands in here
+                zdevs.append(self.zram.add("8G"))
+                sh("mkfs.xfs", "-q", "-m", "reflink=1", zdevs[-1])
+                dirfs = base / "xfs"
+                dirfs.mkdir()
+                sh("mount", zdevs[-1], dirfs)
+                (dirfs / "d1").mkdir()
+                spec = f"{dirfs}/d1=4g"
+            cfg_path = base / "veritas.conf"
+            driver = f"veritas{kind}"
+            write_kind_config(cfg_path, self.root, self.node, dg_name, driver)
+            cfg = load_config(cfg_path)
+            try:
+                diskgroup.init(cfg, dg_name, [DiskSpec.parse(spec)]).close()
+            except VeritasError as exc:
+                if kind == "dir":
+                    log(f"   dg init refused a directory disk: {exc}")
+                    return f"directory disks not available: {exc}"
+                raise
+            plugin = PluginProcess(cfg_path, self.node.plugins / f"{driver}.sock", base / "plugin.log")
+            self.extra_plugins.append(plugin)
+            plugin.start()
+
+            local = f"sdlocal{kind}"
+            ours: dict[str, str] = {}
+            for prov in provs:
+                vol = f"sd{kind}{prov}"
+                opts = ["-o", f"provisioning={prov}"] if "thick" in provs else []
+                self.docker("volume", "create", "-d", driver, "--name", vol, *opts)
+                vols.append(vol)
+                ours[prov] = vol
+            # the local volume's directory lies on the filesystem of the disk holding the (first) veritas
+            # volume's image; the other volumes' images lie on the same disk (a one-disk group)
+            src, dst = self._disk_fs_dir(ours[provs[0]], dg_name, cfg, label=f"local-{kind}")
+            binds.append(dst)
+            self.docker("volume", "create", "-d", "local", "-o", "type=none", "-o", "o=bind",
+                        "-o", f"device={dst}", "--name", local)
+            vols.append(local)
+            cl = self.fio_container(local)
+            ctrs.append(cl)
+            if (fstype := self.fstype_in(cl)) != "xfs":
+                raise RuntimeError(f"the local volume does not reach the disk's filesystem ({fstype})")
+            co = {}
+            for prov, vol in ours.items():
+                co[prov] = self.fio_container(vol)
+                ctrs.append(co[prov])
+            for c in ctrs:
+                self.fio_fill(c, tuple(sizes.items()))
+            for metric, prov, job in metrics:
+                if prov not in provs:
+                    continue
+                rw, bs, depth, field, _, unit, target = SAME_DISK_JOBS[job]
+                ctr_ours = co[prov]
+
+                def side(ctr: str, rw: str = rw, bs: str = bs, depth: int = depth, unit: str = unit) -> \
+                        Callable[[int], float]:
+                    return lambda i: self.fio_job(ctr, rw, bs, sizes[rw], depth, runtime)[unit]
+
+                res = run_pairs(side(ctr_ours), side(cl), target, pairs, cap=cap)
+                log(f"   {metric}: veritas {[round(x) for x in res.ours]}, local {[round(x) for x in res.base]}")
+                res.emit(metric, unit, target)
+            return None
+        finally:
+            for c in ctrs:
+                subprocess.run(["docker", "-H", self.node.url, "rm", "-f", c], capture_output=True, check=False)
+            for v in vols:
+                subprocess.run(["docker", "-H", self.node.url, "volume", "rm", v], capture_output=True, check=False)
+            for b in binds:
+                subprocess.run(["umount", str(b)], capture_output=True, check=False)
+            if cfg is not None and dg_name in diskgroup.list_names(cfg):
+                destroy_all(cfg, dg_name)
+            if dirfs is not None and mounts.mounted_at(dirfs):
+                sh("umount", dirfs)
+            for z in zdevs:
+                self.zram.remove(z)
+            shutil.rmtree(base, ignore_errors=True)
+
+
+# job: (rw, bs, iodepth, -, -, unit, target)
+SAME_DISK_JOBS: dict[str, tuple[str, str, int, str, str, str, str]] = {
+    "randwrite_4k_qd32": ("randwrite", "4k", 32, "iops", "", "IOPS", ">=0.85"),
+    "seqwrite_1m_qd8": ("write", "1m", 8, "bw_bytes", "", "MB/s", ">=0.9"),
+}
+DISK_KINDS = ("image", "block", "dir")  # image files on the host's filesystem; zram devices; a directory
+
+
+def _thick_accepted() -> str | None:
+    """None when volumes take ``provisioning=thick``, else why not (this build has no such option)."""
+    try:
+        options.parse_create({"provisioning": "thick"})
+    except VeritasError as exc:
+        return str(exc)
+    return None
+
+
+def write_kind_config(path: Path, root: Path, node: DockerNode, dg_name: str, driver: str) -> None:
+    """A plugin config serving disk group ``dg_name`` as driver ``driver`` (a socket of its own), sharing
+    the bench's state and mount roots and engine."""
+    path.write_text(
+        "[storage]\n"
+        f"diskgroup = {dg_name}\n"
+        f"state_root = {root}/state\n"
+        f"mount_root = {root}/mnt\n"
+        "[node]\nname = node1\n"
+        "[plugin]\n"
+        f"socket = {node.plugins}/{driver}.sock\n"
+        f"docker_host = {node.url}\n"
+        "workers = 2\n"
+    )
+
+
+def destroy_all(config: Config, name: str) -> None:
+    """Destroy disk group ``name`` with its volumes (their mount records first: the plugin is gone)."""
+    for attempt in range(3):
+        try:
+            dg = diskgroup.open_dg(config, name)
+            for v in dg.catalog.volumes():
+                for m in dg.catalog.mounts(v.name):
+                    dg.catalog.remove_mount(v.name, m.node, m.mount_id)
+            diskgroup.destroy(dg, force=True)
+            return
+        except Exception as exc:  # the forced clean-up still runs
+            log(f"destroying disk group {name} (attempt {attempt + 1}): {exc!r}")
+            time.sleep(1)
+
 
 def main(argv: list[str] | None = None) -> int:
-    methods = {"create": "create_at_socket", "volume": "docker_volume_create", "run": "docker_run", "fio": "fio"}
+    methods = {"create": "create_at_socket", "volume": "docker_volume_create", "run": "docker_run", "fio": "fio",
+               "same": "same_disk"}
     return common.main("bench-plugin", __doc__, argv,
-                       tools=("dockerd", "docker", "fio", "mkfs.xfs", "losetup", "truncate"),
-                       groups=["create", "volume", "run", "fio"], make=Bench,
+                       tools=("dockerd", "docker", "fio", "mkfs.xfs", "losetup", "truncate", "umount"),
+                       groups=list(methods), make=Bench,
                        run_group=lambda bench, group: getattr(bench, methods[group])())
 
 

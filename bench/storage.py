@@ -3,12 +3,15 @@
 
 Prints one JSON object per figure on stdout (progress goes to stderr)::
 
-    {"metric": ..., "value": ..., "unit": ..., "baseline": ..., "ratio": ..., "target": ...}
+    {"metric", "value", "unit", "baseline", "ratio", "target", "met", "spread", "settled"}
 
-``ratio`` is always value / baseline. ``target`` is a condition on ``ratio`` ("<=1.5", ">=0.8"), a condition
-on ``value`` when it starts with "value" ("value<100": the value itself, in ``unit``), or "info" for
-figures reported without a target. Times are medians (p50) of interleaved runs (ours, then bare, then
-bare, then ours, ...), so load from other processes lands on both sides alike.
+``target`` is a condition on ``ratio`` ("<=1.5", ">=0.8"), a condition on ``value`` when it starts with
+"value" ("value<100": the value itself, in ``unit``), or null for figures reported without a target;
+``met`` is its verdict (null without a target). Both sides run in interleaved pairs (ours, then bare,
+then bare, then ours, ...), so load from other processes lands on both alike: ``value`` and ``baseline``
+are each side's median (p50), ``ratio`` the median of the per-pair ratios and ``spread`` their
+[min, max]. Where the pairs straddle the target more pairs run, up to a cap; ``settled`` is false if they
+still do (null without a target). make_cost has no pairs: its ratio is value / baseline, spread null.
 
 Figures:
   make_mount_1g / umount_rm_1g   volumes.make + mount of a 1 GiB concat volume vs truncate, losetup,
@@ -22,7 +25,7 @@ Figures:
                                  import of storage.cli)
   fio_randwrite_4k_qd32 / fio_seqwrite_1m_qd8
                                  fio direct I/O on a mounted concat volume vs on the disk group disk's own
-                                 filesystem (median of 7 interleaved 5 s runs)
+                                 filesystem (median of 7 interleaved 5 s pairs, up to 15)
 
 Runs as root. It makes its own config, state root, mount root and disk group (3 sparse disks) under a
 fresh /tmp directory and removes all of it at the end, also on error or SIGTERM. ``--quick`` (fewer
@@ -47,7 +50,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(REPO))
 
 from bench import common  # noqa: E402
-from bench.common import alternate, emit, log, sh, timed  # noqa: E402
+from bench.common import Pairs, emit, log, run_pairs, sh, timed  # noqa: E402
 from storage import diskgroup, snapshots, volumes  # noqa: E402
 from storage.config import load_config  # noqa: E402
 from storage.diskgroup import DiskGroup, DiskSpec  # noqa: E402
@@ -101,6 +104,10 @@ class Bench:
         self.dg = diskgroup.init(self.config, DG_NAME, specs)
         self.bare_mp.mkdir()
         return self.dg
+
+    def cap(self, n: int) -> int:
+        """How many pairs a figure of ``n`` may grow to while its pairs straddle the target (--quick: none)."""
+        return n if self.quick else n + 10
 
     def bare_dir(self, disk: str) -> Path:
         assert self.dg is not None
@@ -182,22 +189,20 @@ class Bench:
         disk = self.next_disk()
         bdir = self.bare_dir(disk)
         log(f"make+mount of a 1 GiB concat volume, {runs} runs (+1 warm-up) each, bare image on {disk}")
-        ours_up: list[float] = []
         ours_down: list[float] = []
-        bare_up: list[float] = []
         bare_down: list[float] = []
 
-        def ours(i: int) -> None:
+        def ours(i: int) -> float:
             name = f"mm{i}"
             up = timed(lambda: (volumes.make(dg, name, "1g", layout="concat"), volumes.mount(dg, name)))
             sd = dg.catalog.subdisks(name)
             assert sd[0].disk == disk, f"volume placed on {sd[0].disk}, bare image on {disk}"
             down = timed(lambda: (volumes.umount(dg, name), volumes.remove(dg, name)))
             if i >= 0:
-                ours_up.append(up)
-                ours_down.append(down)
+                ours_down.append(ms(down))
+            return ms(up)
 
-        def bare(i: int) -> None:
+        def bare(i: int) -> float:
             img = bdir / f"mm{i}.img"
             dev = ""
 
@@ -216,16 +221,15 @@ class Bench:
             tu = timed(up)
             td = timed(down)
             if i >= 0:
-                bare_up.append(tu)
-                bare_down.append(td)
+                bare_down.append(ms(td))
+            return ms(tu)
 
-        alternate(runs, ours, bare)
-        v, b = p50(ours_up), p50(bare_up)
-        log(f"  make+mount p50 {ms(v):.1f} ms, bare {ms(b):.1f} ms")
-        emit("make_mount_1g_p50", ms(v), "ms", ms(b), "<=1.5")
-        v, b = p50(ours_down), p50(bare_down)
-        log(f"  umount+rm p50 {ms(v):.1f} ms, bare {ms(b):.1f} ms")
-        emit("umount_rm_1g_p50", ms(v), "ms", ms(b), "info")
+        res = run_pairs(ours, bare, "<=1.5", runs, cap=self.cap(runs), warmup=True)
+        log(f"  make+mount p50 {res.value:.1f} ms, bare {res.baseline:.1f} ms")
+        res.emit("make_mount_1g_p50", "ms", "<=1.5")
+        down = Pairs(ours_down, bare_down)  # the same pairs' other half
+        log(f"  umount+rm p50 {down.value:.1f} ms, bare {down.baseline:.1f} ms")
+        down.emit("umount_rm_1g_p50", "ms", None)
 
     # ------------------------------------------------------------ b. snapshot
 
@@ -249,17 +253,14 @@ class Bench:
         src_img = volumes.images(dg, dg.catalog.volume("snapsrc"))[0]  # type: ignore[arg-type]
         bdir = src_img.parent.parent / "bench-bare"
         bdir.mkdir(exist_ok=True)
-        ours_t: list[float] = []
-        bare_t: list[float] = []
 
-        def ours(i: int) -> None:
+        def ours(i: int) -> float:
             name = f"snap{i + 1}"
             t = timed(lambda: snapshots.make(dg, "snapsrc", name))
             volumes.remove(dg, name)
-            if i >= 0:
-                ours_t.append(t)
+            return ms(t)
 
-        def bare(i: int) -> None:
+        def bare(i: int) -> float:
             dst = bdir / f"clone{i + 1}.img"
 
             def run() -> None:
@@ -271,14 +272,12 @@ class Bench:
 
             t = timed(run)
             dst.unlink()
-            if i >= 0:
-                bare_t.append(t)
+            return ms(t)
 
         log(f"  {runs} snapshots (+1 warm-up) each way")
-        alternate(runs, ours, bare)
-        v, b = p50(ours_t), p50(bare_t)
-        log(f"  snapshot p50 {ms(v):.1f} ms, bare {ms(b):.1f} ms")
-        emit("snapshot_1g_500m_p50", ms(v), "ms", ms(b), "<=1.5")
+        res = run_pairs(ours, bare, "<=1.5", runs, cap=self.cap(runs), warmup=True)
+        log(f"  snapshot p50 {res.value:.1f} ms, bare {res.baseline:.1f} ms")
+        res.emit("snapshot_1g_500m_p50", "ms", "<=1.5")
 
         # where the deferred cost lands: a snapshot's first mount gives it its own filesystem UUID
         # (for XFS a rewrite of the 64 MiB log); compared with mounting an ordinary volume
@@ -292,9 +291,9 @@ class Bench:
             plain_t.append(timed(lambda name=name: volumes.mount(dg, name)))  # type: ignore[misc]
             volumes.umount(dg, name)
             volumes.remove(dg, name)
-        f, pl = p50(first_t), p50(plain_t)
-        log(f"  snapshot first mount p50 {ms(f):.1f} ms, later mounts {ms(pl):.1f} ms")
-        emit("snapshot_first_mount_p50", ms(f), "ms", ms(pl), "info")
+        first = Pairs([ms(x) for x in first_t], [ms(x) for x in plain_t])
+        log(f"  snapshot first mount p50 {first.value:.1f} ms, later mounts {first.baseline:.1f} ms")
+        first.emit("snapshot_first_mount_p50", "ms", None)
         volumes.umount(dg, "snapsrc")
         volumes.remove(dg, "snapsrc")
 
@@ -318,7 +317,7 @@ class Bench:
         assert len(dg.catalog.volumes()) == n
         first, last = p50(cost[:edge]), p50(cost[-edge:])
         log(f"  make p50 first {edge}: {ms(first):.1f} ms, last {edge}: {ms(last):.1f} ms")
-        emit(f"make_cost_{n}th_vs_1st_p50", ms(last), "ms", ms(first), "<=1.2")
+        emit(f"make_cost_{n}th_vs_1st_p50", ms(last), "ms", ms(first), "<=1.2")  # no pairs: no spread
 
         reps = 10 if self.quick else 30
         ours_t: list[float] = []
@@ -337,9 +336,9 @@ class Bench:
             ours_t.append(timed(lambda: volumes.list_volumes(dg)))
             bare_t.append(timed(bare))
         db.close()
-        v, b = p50(ours_t), p50(bare_t)
-        log(f"  list_volumes p50 {ms(v):.2f} ms, bare query {ms(b):.2f} ms")
-        emit(f"vol_list_{n}_p50", ms(v), "ms", ms(b), "value<100")
+        lst = Pairs([ms(x) for x in ours_t], [ms(x) for x in bare_t])
+        log(f"  list_volumes p50 {lst.value:.2f} ms, bare query {lst.baseline:.2f} ms")
+        lst.emit(f"vol_list_{n}_p50", "ms", "value<100")
 
         env = {**os.environ, "VERITAS_CONFIG": str(self.config_path)}
         cli = [sys.executable, "-m", "storage.cli", "vol", "list"]
@@ -360,9 +359,9 @@ class Bench:
         for _ in range(3 if self.quick else 7):
             cli_t.append(timed(lambda: run(cli, n + 1)))
             imp_t.append(timed(lambda: run(imp)))
-        v, b = p50(cli_t), p50(imp_t)
-        log(f"  CLI vol list p50 {ms(v):.1f} ms, python + import storage.cli {ms(b):.1f} ms")
-        emit(f"cli_vol_list_{n}_p50", ms(v), "ms", ms(b), "info")
+        cli_p = Pairs([ms(x) for x in cli_t], [ms(x) for x in imp_t])
+        log(f"  CLI vol list p50 {cli_p.value:.1f} ms, python + import storage.cli {cli_p.baseline:.1f} ms")
+        cli_p.emit(f"cli_vol_list_{n}_p50", "ms", None)
 
     # ------------------------------------------------------------ d. fio
 
@@ -370,6 +369,7 @@ class Bench:
         dg = self.dg
         assert dg is not None
         reps = 1 if self.quick else 7  # this VM's host varies by 15 % run to run: a median of 3 swung 0.75-0.93
+        cap = 2 if self.quick else 15  # more pairs while they straddle the target
         runtime = 2 if self.quick else 5
         size = "256m" if self.quick else "1g"
         volumes.make(dg, "fiovol", "2g", layout="concat")
@@ -385,18 +385,16 @@ class Bench:
             "fio_seqwrite_1m_qd8": (["--rw=write", "--bs=1m", "--iodepth=8"], "bw_bytes", "MB/s", ">=0.9"),
         }
         for metric, (args, field, unit, target) in jobs.items():
-            res: dict[str, list[float]] = {"volume": [], "disk": []}
-            for i in range(reps):
-                order = ["volume", "disk"] if i % 2 == 0 else ["disk", "volume"]
-                for where in order:
-                    out = sh("fio", f"--name={metric}", f"--filename={targets[where]}", *args, *common,
-                             f"--runtime={runtime}", "--time_based")
-                    job = json.loads(out[out.index("{"):])["jobs"][0]
-                    val = float(job["write"][field])
-                    res[where].append(val / 1e6 if field == "bw_bytes" else val)
-            v, b = p50(res["volume"]), p50(res["disk"])
-            log(f"  {metric}: volume {v:.0f} {unit}, disk {b:.0f} {unit} (runs {res})")
-            emit(metric, v, unit, b, target)
+            def run(where: str, metric: str = metric, args: list[str] = args, field: str = field) -> float:
+                out = sh("fio", f"--name={metric}", f"--filename={targets[where]}", *args, *common,
+                         f"--runtime={runtime}", "--time_based")
+                val = float(json.loads(out[out.index("{"):])["jobs"][0]["write"][field])
+                return val / 1e6 if field == "bw_bytes" else val
+
+            res = run_pairs(lambda i: run("volume"), lambda i: run("disk"), target, reps, cap=cap)
+            log(f"  {metric}: volume {res.value:.0f} {unit}, disk {res.baseline:.0f} {unit}"
+                f" (runs {res.ours} / {res.base})")
+            res.emit(metric, unit, target)
         (mp / "fio.dat").unlink()
         targets["disk"].unlink()
         volumes.umount(dg, "fiovol")

@@ -1,40 +1,53 @@
 """``python bench/plugin.py --quick`` runs, cleans up after itself (also the host engine's docker0 it
-must not touch), and prints only figure lines."""
+must not touch, the zram devices it made and its plugins), and prints only figure lines: the same-disk
+figures for every kind of disk, with spread, settled and met."""
 
 from __future__ import annotations
 
-import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.integration import conftest, hostengine
+from tests.integration import benchfigs, conftest, hostengine
 
 REPO = Path(__file__).resolve().parents[2]
-KEYS = {"metric", "value", "unit", "baseline", "ratio", "target"}
+SAME_DISK = [f"container_{job}_same_disk_{kind}{prov}" for kind in ("image", "block", "dir")
+             for prov in ("", "_thick") for job in ("randwrite_4k_qd32", "seqwrite_1m_qd8")]
 
 
 def test_bench_plugin_quick(host_engine: hostengine.HostState):
     assert hostengine.docker0_ifindex() == host_engine.docker0_ifindex is not None, \
         "the host engine's docker0 is already gone or changed" + hostengine.engines_in_host_netns(host_engine.pid)
+    zram0 = Path("/sys/block/zram0").exists()
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "plugin.py"), "--quick"], capture_output=True,
                           text=True, timeout=300, cwd=REPO, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    assert len(lines) == 10, proc.stdout
-    metrics = []
-    for line in lines:
-        fig = json.loads(line)
-        assert isinstance(fig, dict) and set(fig) == KEYS, line
-        assert isinstance(fig["value"], (int, float)) and fig["value"] > 0, line
-        assert isinstance(fig["baseline"], (int, float)) and fig["baseline"] > 0, line
-        assert abs(fig["ratio"] - fig["value"] / fig["baseline"]) < 0.01 * fig["ratio"] + 0.002, line
-        metrics.append(fig["metric"])
-    assert metrics == ["plugin_create_1g_p50", "docker_volume_create_p50", "docker_volume_create_p95",
-                       "docker_run_true_p50", "fio_seqwrite_1m_qd8", "fio_randwrite_4k_qd32",
-                       "fio_randwrite_4k_qd32_disk_fs_vs_local", "fio_randwrite_4k_qd32_volume_vs_disk_fs",
-                       "fio_seqwrite_1m_qd1", "fio_randwrite_4k_qd1"]
+    figs = [benchfigs.check(line) for line in lines]
+    metrics = [f["metric"] for f in figs]
+    assert metrics[:9] == ["plugin_create_1g_p50", "docker_volume_create_p50", "docker_volume_create_p95",
+                           "docker_run_true_p50", "fio_seqwrite_1m_qd8", "container_randwrite_4k_qd32_vs_host_fs",
+                           "fio_randwrite_4k_qd32_disk_fs_vs_local", "fio_seqwrite_1m_qd1", "fio_randwrite_4k_qd1"]
+    assert sorted(metrics[9:]) == sorted(SAME_DISK), metrics
+    by_name = {f["metric"]: f for f in figs}
+    assert by_name["container_randwrite_4k_qd32_vs_host_fs"]["target"] is None
+    assert by_name["container_randwrite_4k_qd32_vs_host_fs"]["met"] is None
+    for name in SAME_DISK:
+        fig = by_name[name]
+        assert fig["target"] == (">=0.85" if "randwrite" in name else ">=0.9"), fig
+        if "_dir" in name or name.endswith("_thick"):
+            continue  # null with a note until directory disks / provisioning=thick land; then measured
+        # image files and zram block devices work today: measured, in pairs, with a verdict
+        assert fig["value"] is not None and fig["spread"] is not None, fig
+        assert isinstance(fig["met"], bool) and isinstance(fig["settled"], bool), fig
+    made = re.findall(r"zram: made /dev/zram(\d+)", proc.stderr)
+    assert made, "the block and dir disks are zram devices the bench makes"
+    assert benchfigs.zram_left(proc.stderr) == [], proc.stderr[-3000:]
+    assert Path("/sys/block/zram0").exists() == zram0, "the machine's /dev/zram0 is not the bench's to touch"
     conftest.assert_bench_left_nothing(proc.stderr)
+    root = re.search(r"\] root (/tmp/vbench-\S+)", proc.stderr)
+    assert root and benchfigs.processes_under(Path(root.group(1))) == [], "bench left processes behind"
     # its engine ran in a network namespace of its own: the host engine's bridge is the same one
     assert hostengine.docker0_ifindex() == host_engine.docker0_ifindex, \
         "the benchmark changed the host's docker0" + hostengine.engines_in_host_netns(host_engine.pid)
