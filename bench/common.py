@@ -57,7 +57,9 @@ def emit(metric: str, value: float | None, unit: str, baseline: float | None, ta
     (a feature missing) has value null, met false and a ``note`` saying why."""
     if ratio is None and value is not None and baseline is not None:
         ratio = value / baseline if baseline else float("inf")
-    met = None if target is None else (False if value is None or ratio is None else verdict(target, ratio, value))
+    # judged on the printed (rounded) figures, so a line never contradicts itself at the third decimal
+    met = None if target is None else (False if value is None or ratio is None
+                                       else verdict(target, _r(ratio), _r(value)))
     fig: dict[str, Any] = {"metric": metric, "value": _r(value), "unit": unit, "baseline": _r(baseline),
                            "ratio": _r(ratio), "target": target, "met": met,
                            "spread": None if spread is None else [_r(spread[0]), _r(spread[1])],
