@@ -26,7 +26,7 @@ import os
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
@@ -34,6 +34,30 @@ from storage.errors import LockTimeout, NoSuchDiskGroup
 
 STRIPES = 64
 
+
+
+def wanted(keys: tuple[str, ...], shared_dg: bool, exclusive_dg: bool) -> list[tuple[str, int]]:
+    """The locks to take, in the one order every taker uses: disk group lock, then sorted stripes."""
+    want: list[tuple[str, int]] = []
+    if exclusive_dg or shared_dg:
+        want.append(("dg.lock", fcntl.LOCK_EX if exclusive_dg else fcntl.LOCK_SH))
+    want += [(name, fcntl.LOCK_EX) for name in sorted({stripe(k) for k in keys})]
+    return want
+
+
+def not_held(want: list[tuple[str, int]], held: dict[str, int],
+             describe: Callable[[str], str]) -> list[tuple[str, int]]:
+    """Of ``want``, those this thread does not hold yet (a thread takes its own locks again for free);
+    refuses an upgrade of shared to exclusive, which would deadlock against another shared holder."""
+    out = []
+    for name, mode in want:
+        have = held.get(name)
+        if have is None:
+            out.append((name, mode))
+        elif have == fcntl.LOCK_SH and mode == fcntl.LOCK_EX:
+            raise LockTimeout(f"lock {describe(name)} is held shared by this thread and cannot be"
+                              " upgraded to exclusive; this is a bug in veritas, please report it")
+    return out
 
 class Locks(abc.ABC):
     """The locks of one disk group (or of a store's disk groups together, for what spans them)."""
@@ -88,26 +112,8 @@ class FlockLocks(Locks):
     def stripe(self, key: str) -> str:
         return stripe(key)
 
-    def _wanted(self, keys: tuple[str, ...], shared_dg: bool, exclusive_dg: bool) -> list[tuple[str, int]]:
-        """The locks to take, in the one order every taker uses: disk group lock, then sorted stripes."""
-        want: list[tuple[str, int]] = []
-        if exclusive_dg or shared_dg:
-            want.append(("dg.lock", fcntl.LOCK_EX if exclusive_dg else fcntl.LOCK_SH))
-        want += [(name, fcntl.LOCK_EX) for name in sorted({self.stripe(k) for k in keys})]
-        return want
-
-    def _needed(self, want: list[tuple[str, int]]) -> list[tuple[str, int]]:
-        """Of ``want``, those this thread does not hold yet; refuses an upgrade of shared to exclusive."""
-        held = self._held()
-        out = []
-        for name, mode in want:
-            have = held.get(name)
-            if have is None:
-                out.append((name, mode))
-            elif have == fcntl.LOCK_SH and mode == fcntl.LOCK_EX:
-                raise LockTimeout(f"lock {self._path(name)} is held shared by this thread and cannot be"
-                                  " upgraded to exclusive; this is a bug in veritas, please report it")
-        return out
+    def _needed(self, keys: tuple[str, ...], shared_dg: bool, exclusive_dg: bool) -> list[tuple[str, int]]:
+        return not_held(wanted(keys, shared_dg, exclusive_dg), self._held(), lambda name: str(self._path(name)))
 
     @contextmanager
     def hold(self, *keys: str, shared_dg: bool = True, exclusive_dg: bool = False,
@@ -116,7 +122,7 @@ class FlockLocks(Locks):
         taken: list[tuple[str, int]] = []
         held = self._held()
         try:
-            for name, mode in self._needed(self._wanted(keys, shared_dg, exclusive_dg)):
+            for name, mode in self._needed(keys, shared_dg, exclusive_dg):
                 taken.append((name, self._acquire(name, mode, timeout)))
                 held[name] = mode
             yield
@@ -141,7 +147,7 @@ class FlockLocks(Locks):
                 os.close(fd)
 
         try:
-            for name, mode in self._needed(self._wanted(keys, shared_dg, exclusive_dg)):
+            for name, mode in self._needed(keys, shared_dg, exclusive_dg):
                 fd = self._try(name, mode)
                 if fd is None:
                     release()  # all or nothing: a refused try holds nothing new while the caller goes on
@@ -253,20 +259,7 @@ class MemoryLocks(Locks):
         return held
 
     def _wanted(self, keys: tuple[str, ...], shared_dg: bool, exclusive_dg: bool) -> list[tuple[str, int]]:
-        want: list[tuple[str, int]] = []
-        if exclusive_dg or shared_dg:
-            want.append(("dg.lock", fcntl.LOCK_EX if exclusive_dg else fcntl.LOCK_SH))
-        want += [(name, fcntl.LOCK_EX) for name in sorted({stripe(k) for k in keys})]
-        held = self._held()
-        out = []
-        for name, mode in want:
-            have = held.get(name)
-            if have is None:
-                out.append((name, mode))
-            elif have == fcntl.LOCK_SH and mode == fcntl.LOCK_EX:
-                raise LockTimeout(f"lock {name} is held shared by this thread and cannot be upgraded to"
-                                  " exclusive; this is a bug in veritas, please report it")
-        return out
+        return not_held(wanted(keys, shared_dg, exclusive_dg), self._held(), str)
 
     def _free(self, name: str, mode: int) -> bool:
         return name not in self._t.excl and (mode == fcntl.LOCK_SH or not self._t.shared.get(name))
