@@ -274,6 +274,26 @@ class Supervisor:
             end_pids([p for p in tree if alive(p)], signal.SIGKILL)
         self.proc.wait()
         self.proc = None
+        # a worker the arbiter forked after the tree was read is in no tree; it holds the socket
+        deadline = time.monotonic() + 20
+        while holders := self.holders():
+            assert time.monotonic() < deadline, f"processes {holders} still hold the plugin's socket"
+            end_pids(holders, signal.SIGKILL, 5)
+
+    def holders(self) -> list[int]:
+        """PIDs other than ours with the listening socket open, found by the socket's inode."""
+        link = f"socket:[{os.fstat(self.sock.fileno()).st_ino}]"
+        out = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            try:
+                fds = os.listdir(f"/proc/{entry}/fd")
+                if any(os.readlink(f"/proc/{entry}/fd/{fd}") == link for fd in fds):
+                    out.append(int(entry))
+            except OSError:
+                continue
+        return [p for p in out if alive(p)]
 
     def close(self) -> None:
         self.end(signal.SIGKILL)
