@@ -77,6 +77,26 @@ class MountRec:
 
 
 @dataclass(frozen=True)
+class LeaseRec:
+    """A node's claim to be alive in this disk group, renewed every lease_interval; ``expires`` is
+    wall-clock seconds (time.time()) as the backend judges it (etcd: the server's lease TTL)."""
+
+    node: str
+    expires: float
+    ttl: float
+
+
+@dataclass(frozen=True)
+class AttachRec:
+    """The one node a volume is attached on. Valid while that node's lease is live; a node whose lease
+    expired has lost every attachment it held, whether or not the record is still there."""
+
+    volume: str
+    node: str
+    since: float
+
+
+@dataclass(frozen=True)
 class IntentRec:
     """A multi-step operation in progress on ``key`` (a volume name, or ``@dg``)."""
 
@@ -207,6 +227,40 @@ class Catalog(abc.ABC):
 
     @abc.abstractmethod
     def intents(self) -> list[IntentRec]: ...
+
+    # --- several nodes: leases and exclusive attachment (issue 10). Every backend implements these;
+    # the defaults only keep a backend that predates them importable.
+
+    def renew_lease(self, node: str, ttl: float) -> LeaseRec:
+        """Create or extend ``node``'s lease to expire ``ttl`` seconds from now, atomically.
+
+        :raises CatalogError: when the catalog cannot be reached (the caller self-fences)."""
+        raise NotImplementedError
+
+    def drop_lease(self, node: str) -> None:
+        """End ``node``'s lease now (a clean shutdown); its attachments go with it. Absent is no error."""
+        raise NotImplementedError
+
+    def leases(self) -> list[LeaseRec]:
+        """Every recorded lease, live or expired, sorted by node; callers compare ``expires`` with now."""
+        raise NotImplementedError
+
+    def attach(self, volume: str, node: str) -> AttachRec:
+        """Make ``node`` the volume's one attachment, compare-and-set in one step: it succeeds when the
+        volume is attached nowhere, already on ``node``, or on a node whose lease has expired (that
+        attachment is replaced). ``node`` must hold a live lease.
+
+        :raises InUse: naming the node that holds it (and until when its lease runs), nothing changed.
+        :raises NoSuchVolume: if the volume is not in the catalog."""
+        raise NotImplementedError
+
+    def detach(self, volume: str, node: str) -> bool:
+        """Drop the attachment if ``node`` holds it; False (nothing changed) if it does not."""
+        raise NotImplementedError
+
+    def attachments(self) -> list[AttachRec]:
+        """Every attachment record, sorted by volume, including those of nodes whose lease expired."""
+        raise NotImplementedError
 
     def reserved(self) -> dict[str, int]:
         """Bytes reserved on each disk by all subdisks."""
