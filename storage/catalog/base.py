@@ -94,6 +94,7 @@ class AttachRec:
     volume: str
     node: str
     since: float
+    wanted_by: str | None = None  # a node that asked for it since (Catalog.want)
 
 
 @dataclass(frozen=True)
@@ -252,6 +253,11 @@ class Catalog(abc.ABC):
 
         :raises InUse: naming the node that holds it (and until when its lease runs), nothing changed.
         :raises NoSuchVolume: if the volume is not in the catalog."""
+        raise NotImplementedError
+
+    def want(self, volume: str, node: str) -> None:
+        """Record that ``node`` asked for the volume and was refused (swarm moved its task there), so the
+        holder learns it is wanted elsewhere (AttachRec.wanted_by). A successful attach clears it."""
         raise NotImplementedError
 
     def detach(self, volume: str, node: str) -> bool:
