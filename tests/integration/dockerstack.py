@@ -243,8 +243,10 @@ class DockerNode:
         self.proc = None
         if self._log:
             self._log.close()
-        # containers killed with their engine leave their cgroups (the runtime never ran its clean-up)
-        for cg in sorted(container_cgroups() - self._cgroups_before):
+        # containers killed with their engine leave their cgroups (the runtime never ran its clean-up);
+        # only this engine's containers: another engine's (a parallel run's) are not ours to remove
+        ours = {p.name for p in (self.base / "data" / "containers").glob("*")}
+        for cg in sorted(c for c in container_cgroups() - self._cgroups_before if c.name in ours):
             with contextlib.suppress(OSError):
                 cg.rmdir()  # empty ones only: a live container's cannot go
         if left:
