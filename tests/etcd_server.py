@@ -24,6 +24,7 @@ def free_port() -> int:
 class EtcdServer:
     def __init__(self, data_dir: Path | None = None) -> None:
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="vetcd-", dir="/tmp"))
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         self.client_port = free_port()
         self.peer_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None

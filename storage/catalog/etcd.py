@@ -175,7 +175,7 @@ class Etcd:
 
     def time_to_live(self, what: str, lease: int) -> int:
         """Seconds the lease has left as the server judges; -1 when expired or unknown."""
-        return int(self.post(what, "/kv/lease/timetolive", {"ID": lease}).get("TTL", -1))
+        return int(self.post(what, "/kv/lease/timetolive", {"ID": lease}).get("TTL", 0))  # 0 is left out
 
     def revoke(self, what: str, lease: int) -> None:
         try:

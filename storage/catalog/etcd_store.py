@@ -248,8 +248,8 @@ class EtcdLocks(Locks):
             for name, _ in want:
                 kv = self.etcd.get("read a lock holder", self._x(name))
                 if kv is not None:
-                    holder = kv["value"].decode().split(" ", 1)[-1]
-                    return f"another veritas operation still holds {name} ({holder})"
+                    _, host, pid = (kv["value"].decode().split(" ") + ["?", "?"])[:3]
+                    return f"another veritas operation still holds {name} (pid {pid} on host {host})"
         except CatalogError:
             pass
         return "another veritas operation is still running"
