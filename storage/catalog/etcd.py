@@ -514,12 +514,14 @@ class EtcdCatalog(Catalog):
             new = self.etcd.grant(what, ttl)
             now = self._clock()
             moved: list[Op] = []
+            unmoved: list[Op] = []  # ...each as it was read, or the renewal starts over
             if rec is not None:  # a live lease of another TTL: its attachments move to the new one
                 for _, kv in self._load(what, "attach/").kvs_under("attach/"):
                     if kv["lease"] == int(rec["id"]):
                         moved.append(put(kv["key"], kv["value"], new))
+                        unmoved.append(mod_is(kv["key"], kv["mod"]))
             try:
-                ok, _ = self.etcd.txn(what, [mod_is(self._k(rel), st.mod(rel))],
+                ok, _ = self.etcd.txn(what, [mod_is(self._k(rel), st.mod(rel)), *unmoved],
                                       [put(self._k(rel), _js({"id": new, "ttl": ttl, "renewed": now})),
                                        put(self._k(f"alive/{q(node)}"), node, new), *moved])
             except CatalogError:
