@@ -212,14 +212,14 @@ def test_memory_owner_is_gone_once_its_thread_is_abandoned() -> None:
 
 
 def _hold_in_etcd(endpoint: str, prefix: str, ready: multiprocessing.synchronize.Event) -> None:
-    store = EtcdStore([endpoint], prefix=prefix, lock_ttl=1)
+    store = EtcdStore([endpoint], prefix=prefix, lock_ttl=3)
     with store.locks("testdg").hold("v", exclusive_dg=True):
         ready.set()
         time.sleep(300)
 
 
 def test_etcd_owner_is_gone_once_its_lease_expires_after_its_process_is_killed(etcd_server) -> None:
-    """Another host sees a killed holder's locks free once its lease runs out (TTL 1 s here), not before:
+    """Another host sees a killed holder's locks free once its lease runs out (TTL 3 s here), not before:
     until then the owner may be alive and cut off, and its intent is left to it."""
     prefix = f"/vtest/{uuid.uuid4().hex}"
     ctx = multiprocessing.get_context("fork")
