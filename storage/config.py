@@ -12,6 +12,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from storage.errors import InvalidArgument
 from storage.units import check_name, parse_size
@@ -26,11 +27,13 @@ VALID_KEYS: dict[str, tuple[str, ...]] = {
                "provisioning"),
     "node": ("name",),
     "plugin": ("socket", "workers", "docker_host", "driver"),
+    "cluster": ("catalog", "etcd_endpoints"),
 }
 # defaults of make: layouts and file systems it can be given without asking (see storage.layouts)
 DEFAULT_LAYOUTS = ("concat", "mirror", "stripe", "mirror-stripe", "auto")
 FSTYPES = ("xfs", "ext4", "btrfs")
 PROVISIONING = ("thin", "thick")  # sparse images, or allocated in full at make and grow
+CATALOGS = ("sqlite", "etcd")  # SQLite in each disk group root (one host), or etcd (nodes on several hosts)
 NMIRROR_RANGE = (2, 4)
 NCOL_RANGE = (2, 16)
 
@@ -59,6 +62,14 @@ class PluginSettings:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    """Where the catalog and locks live: ``sqlite`` (one host), or ``etcd`` at ``etcd_endpoints``."""
+
+    catalog: str = "sqlite"
+    etcd_endpoints: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     diskgroup: str = "dockerdg"
     state_root: Path = Path("/var/lib/veritas")
@@ -69,6 +80,7 @@ class Config:
     volume: VolumeDefaults = field(default_factory=VolumeDefaults)
     plugin: PluginSettings = field(default_factory=PluginSettings)
     source: Path | None = None
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
 
     @property
     def dg_parent(self) -> Path:
@@ -155,6 +167,24 @@ def _plugin_settings(plug: configparser.SectionProxy) -> PluginSettings:
     )
 
 
+def _cluster_settings(sec: configparser.SectionProxy, where: Callable[[str, str], str]) -> ClusterSettings:
+    catalog = _choice(sec, "catalog", "sqlite", CATALOGS, where("cluster", "catalog"))
+    raw = [e.strip() for e in sec.get("etcd_endpoints", fallback="").split(",") if e.strip()]
+    for ep in raw:
+        u = urlsplit(ep)
+        try:
+            port = u.port
+        except ValueError:
+            port = None
+        if u.scheme not in ("http", "https") or not u.hostname or port is None or u.path.strip("/"):
+            raise InvalidArgument(f"config{where('cluster', 'etcd_endpoints')}: cluster.etcd_endpoints: {ep!r} is"
+                                  " not of the form http://HOST:PORT")
+    if catalog == "etcd" and not raw:
+        raise InvalidArgument(f"config{where('cluster', 'catalog')}: cluster.catalog = etcd needs"
+                              " cluster.etcd_endpoints = http://HOST:PORT[,...]")
+    return ClusterSettings(catalog=catalog, etcd_endpoints=tuple(e.rstrip("/") for e in raw))
+
+
 def _volume_defaults(vol: configparser.SectionProxy, where: Callable[[str, str], str]) -> VolumeDefaults:
     d = VolumeDefaults()
     return VolumeDefaults(
@@ -195,7 +225,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     def where(sec: str, key: str) -> str:
         n = lines.get((sec, key))
         return f" file {chosen}, line {n}" if n else f" file {chosen}"
-    for sec in ("storage", "volume", "node", "plugin"):
+    for sec in ("storage", "volume", "node", "plugin", "cluster"):
         if not parser.has_section(sec):
             parser.add_section(sec)
     st, vol, node, plug = parser["storage"], parser["volume"], parser["node"], parser["plugin"]
@@ -216,4 +246,5 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         volume=defaults,
         plugin=plugin,
         source=chosen,
+        cluster=_cluster_settings(parser["cluster"], where),
     )

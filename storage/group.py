@@ -187,8 +187,15 @@ class DiskGroup:
 
 
 def store_of(config: Config, store: CatalogStore | None = None) -> CatalogStore:
-    """``store``, or the configured one: SQLite catalogs in the disk group roots, locks beside them."""
-    return store if store is not None else SqliteStore(config.dg_parent, config.state_root)
+    """``store``, or the configured one: SQLite catalogs in the disk group roots, locks beside them; or
+    with ``[cluster] catalog = etcd``, catalogs and locks in etcd (the disks stay under the state root)."""
+    if store is not None:
+        return store
+    if config.cluster.catalog == "etcd":
+        from storage.catalog.etcd_store import shared_store  # etcd3gw is needed only by who uses it
+
+        return shared_store(config.cluster.etcd_endpoints)
+    return SqliteStore(config.dg_parent, config.state_root)
 
 
 def list_names(config: Config, store: CatalogStore | None = None) -> list[str]:

@@ -1,5 +1,5 @@
-"""Contract tests every Catalog backend must pass (SqliteCatalog and MemoryCatalog today), and every
-CatalogStore (SqliteStore and MemoryStore).
+"""Contract tests every Catalog backend must pass (SqliteCatalog, MemoryCatalog and EtcdCatalog, the
+last on a real etcd: tests/etcd_server.py), and every CatalogStore (SqliteStore, MemoryStore, EtcdStore).
 
 The ``catalog`` fixture is parametrized over the backends; every test in the contract section runs
 against each of them. SQLite-only behaviour (persistence, several processes on one file) is tested
@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from storage.catalog import (
     VolumeRec,
 )
 from storage.catalog.base import CatalogStore
+from storage.catalog.etcd import Etcd, EtcdCatalog
+from storage.catalog.etcd_store import EtcdStore
 from storage.catalog.memory import MemoryCatalog
 from storage.catalog.memory_store import MemoryStore
 from storage.catalog.sqlite import SqliteCatalog
@@ -56,15 +59,23 @@ def intent(key: str, op: str = "create", created: float = 1700000200.0, **data: 
     return IntentRec(key=key, op=op, data=data, created=created)
 
 
-def _make(kind: str, tmp_path: Path) -> Catalog:
+def _prefix() -> str:
+    """A key prefix of its own for each test on the session's etcd."""
+    return f"/vtest/{uuid.uuid4().hex}"
+
+
+def _make(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Catalog:
     if kind == "sqlite":
         return SqliteCatalog(tmp_path / "catalog.db")
+    if kind == "etcd":
+        server = request.getfixturevalue("etcd_server")
+        return EtcdCatalog(Etcd([server.endpoint]), _prefix() + "/", label="testdg")
     return MemoryCatalog()
 
 
-@pytest.fixture(params=["sqlite", "memory"])
+@pytest.fixture(params=["sqlite", "memory", "etcd"])
 def catalog(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Catalog]:
-    cat = _make(request.param, tmp_path)
+    cat = _make(request.param, tmp_path, request)
     try:
         yield cat
     finally:
@@ -883,15 +894,20 @@ def test_sqlite_errors_come_back_as_storage_errors(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------- catalog stores (every backend)
 
 
-def _store(kind: str, tmp_path: Path) -> CatalogStore:
+def _store(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> CatalogStore:
     if kind == "sqlite":
         return SqliteStore(tmp_path / "dg", tmp_path / "shared-locks")
+    if kind == "etcd":
+        return EtcdStore([request.getfixturevalue("etcd_server").endpoint], prefix=_prefix())
     return MemoryStore()
 
 
-@pytest.fixture(params=["sqlite", "memory"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> CatalogStore:
-    return _store(request.param, tmp_path)
+@pytest.fixture(params=["sqlite", "memory", "etcd"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CatalogStore]:
+    s = _store(request.param, tmp_path, request)
+    yield s
+    if isinstance(s, EtcdStore):
+        s.close()
 
 
 def test_store_starts_empty(store: CatalogStore) -> None:

@@ -1,4 +1,5 @@
-"""Contract tests every Locks implementation must pass (FlockLocks and MemoryLocks today).
+"""Contract tests every Locks implementation must pass (FlockLocks, MemoryLocks, and EtcdLocks on a real
+etcd: tests/etcd_server.py).
 
 The ``handles`` fixture makes handles on one set of locks, as two processes (or two DiskGroup objects)
 opening the same disk group have; every test in the contract section runs against each implementation.
@@ -11,23 +12,30 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from storage.catalog.etcd_store import EtcdStore
 from storage.errors import LockTimeout, NoSuchDiskGroup
 from storage.locks import FlockLocks, Locks, LockTable, MemoryLocks, stripe
 
 Handles = Callable[[], Locks]
 
 
-@pytest.fixture(params=["flock", "memory"])
-def handles(request: pytest.FixtureRequest, tmp_path: Path) -> Handles:
+@pytest.fixture(params=["flock", "memory", "etcd"])
+def handles(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Handles]:
     if request.param == "flock":
-        return lambda: FlockLocks(tmp_path / "locks")
-    table = LockTable()
-    return lambda: MemoryLocks("testdg", table)
+        yield lambda: FlockLocks(tmp_path / "locks")
+    elif request.param == "etcd":
+        store = EtcdStore([request.getfixturevalue("etcd_server").endpoint], prefix=f"/vtest/{uuid.uuid4().hex}")
+        yield lambda: store.locks("testdg")
+        store.close()
+    else:
+        table = LockTable()
+        yield lambda: MemoryLocks("testdg", table)
 
 
 def _two_stripes() -> tuple[str, str]:
@@ -198,3 +206,68 @@ def test_memory_owner_is_gone_once_its_thread_is_abandoned() -> None:
     with MemoryLocks("testdg", table).owner_gone("v", exclusive_dg=True) as gone:
         assert gone
     never.set()
+
+
+# ------------------------------------------------------------------------------------------- etcd only
+
+
+def _hold_in_etcd(endpoint: str, prefix: str, ready: multiprocessing.synchronize.Event) -> None:
+    store = EtcdStore([endpoint], prefix=prefix, lock_ttl=3)
+    with store.locks("testdg").hold("v", exclusive_dg=True):
+        ready.set()
+        time.sleep(300)
+
+
+def test_etcd_owner_is_gone_once_its_lease_expires_after_its_process_is_killed(etcd_server) -> None:
+    """Another host sees a killed holder's locks free once its lease runs out (TTL 3 s here), not before:
+    until then the owner may be alive and cut off, and its intent is left to it."""
+    prefix = f"/vtest/{uuid.uuid4().hex}"
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    proc = ctx.Process(target=_hold_in_etcd, args=(etcd_server.endpoint, prefix, ready))
+    proc.start()
+    other = EtcdStore([etcd_server.endpoint], prefix=prefix)
+    try:
+        assert ready.wait(20)
+        with other.locks("testdg").owner_gone("v", exclusive_dg=True) as gone:
+            assert not gone
+        assert proc.pid is not None
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(20)
+        with other.locks("testdg").owner_gone("v", exclusive_dg=True) as gone:
+            assert not gone  # its lease still runs
+        deadline = time.monotonic() + 10
+        while True:
+            with other.locks("testdg").owner_gone("v", exclusive_dg=True) as gone:
+                if gone:
+                    break
+            assert time.monotonic() < deadline, "the dead holder's locks outlived its lease"
+            time.sleep(0.1)
+    finally:
+        other.close()
+        if proc.is_alive():
+            proc.kill()
+            proc.join(20)
+
+
+def test_etcd_locks_of_two_processes_exclude_each_other(etcd_server) -> None:
+    """Two processes (as two hosts would be) on one disk group's locks: a holder's lock is refused to the
+    other, and the other's timeout names the holder."""
+    prefix = f"/vtest/{uuid.uuid4().hex}"
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    proc = ctx.Process(target=_hold_in_etcd, args=(etcd_server.endpoint, prefix, ready))
+    proc.start()
+    mine = EtcdStore([etcd_server.endpoint], prefix=prefix)
+    try:
+        assert ready.wait(20)
+        with mine.locks("testdg").try_hold("v", shared_dg=False) as free:
+            assert not free
+        with pytest.raises(LockTimeout, match=r"pid \d+"):  # the timeout names the holder
+            with mine.locks("testdg").hold(timeout=0.3):
+                pass
+    finally:
+        mine.close()
+        if proc.is_alive():
+            proc.kill()
+            proc.join(20)
