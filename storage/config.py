@@ -26,6 +26,7 @@ VALID_KEYS: dict[str, tuple[str, ...]] = {
                "provisioning"),
     "node": ("name",),
     "plugin": ("socket", "workers", "docker_host", "driver"),
+    "cluster": ("lease_ttl", "lease_interval"),
 }
 # defaults of make: layouts and file systems it can be given without asking (see storage.layouts)
 DEFAULT_LAYOUTS = ("concat", "mirror", "stripe", "mirror-stripe", "auto")
@@ -59,6 +60,27 @@ class PluginSettings:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    """Leases of several nodes on one disk group (storage.lease). A node renews its lease every
+    ``lease_interval`` seconds; another node may take its volumes ``lease_ttl`` seconds after its last
+    renewal. A node that could not renew for ``fence_after`` seconds stops its containers and unmounts
+    its volumes, so that it has stopped writing ``fence_margin`` seconds before its lease runs out."""
+
+    lease_ttl: float = 10.0
+    lease_interval: float = 2.0
+
+    @property
+    def fence_margin(self) -> float:
+        """Time left for stopping containers and unmounting: half the TTL (derived, not configured, so
+        that a shorter TTL can never leave the fencing less time than the renewals)."""
+        return self.lease_ttl / 2
+
+    @property
+    def fence_after(self) -> float:
+        return self.lease_ttl - self.fence_margin
+
+
+@dataclass(frozen=True)
 class Config:
     diskgroup: str = "dockerdg"
     state_root: Path = Path("/var/lib/veritas")
@@ -68,6 +90,7 @@ class Config:
     node: str = field(default_factory=socket.gethostname)
     volume: VolumeDefaults = field(default_factory=VolumeDefaults)
     plugin: PluginSettings = field(default_factory=PluginSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
     source: Path | None = None
 
     @property
@@ -170,6 +193,35 @@ def _volume_defaults(vol: configparser.SectionProxy, where: Callable[[str, str],
     )
 
 
+def _seconds(section: configparser.SectionProxy, key: str, default: float, where: str) -> float:
+    raw = section.get(key, fallback="").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidArgument(f"config{where}: {section.name}.{key} = {raw!r} is not a number of seconds") from None
+    if not 0 < value < 86400:
+        raise InvalidArgument(f"config{where}: {section.name}.{key} = {raw} must be more than 0 and less than"
+                              " a day (seconds)")
+    return value
+
+
+def _cluster_settings(sec: configparser.SectionProxy, where: Callable[[str, str], str]) -> ClusterSettings:
+    d = ClusterSettings()
+    ttl = _seconds(sec, "lease_ttl", d.lease_ttl, where("cluster", "lease_ttl"))
+    interval = _seconds(sec, "lease_interval", d.lease_interval, where("cluster", "lease_interval"))
+    if ttl < 2:
+        raise InvalidArgument(f"config{where('cluster', 'lease_ttl')}: cluster.lease_ttl = {ttl:g} is too short:"
+                              " at least 2 seconds, so that a node can stop its containers before its lease ends")
+    if interval >= ttl / 4:
+        raise InvalidArgument(f"config{where('cluster', 'lease_interval')}: cluster.lease_interval = {interval:g}"
+                              f" must be less than a quarter of cluster.lease_ttl ({ttl:g} / 4 = {ttl / 4:g}):"
+                              " a node fences itself after half the TTL without a renewal, and must have"
+                              " tried to renew at least twice by then")
+    return ClusterSettings(lease_ttl=ttl, lease_interval=interval)
+
+
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     """Load the configuration from ``path``, $VERITAS_CONFIG, /etc/vx/docker, or the repository copy."""
     candidates: list[Path]
@@ -195,11 +247,12 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     def where(sec: str, key: str) -> str:
         n = lines.get((sec, key))
         return f" file {chosen}, line {n}" if n else f" file {chosen}"
-    for sec in ("storage", "volume", "node", "plugin"):
+    for sec in ("storage", "volume", "node", "plugin", "cluster"):
         if not parser.has_section(sec):
             parser.add_section(sec)
     st, vol, node, plug = parser["storage"], parser["volume"], parser["node"], parser["plugin"]
     plugin = _plugin_settings(plug)
+    cluster = _cluster_settings(parser["cluster"], where)
     defaults = _volume_defaults(vol, where)
     state_root = Path(st.get("state_root", fallback="/var/lib/veritas"))
     mount_root = Path(st.get("mount_root", fallback="/dockerfs"))
@@ -215,5 +268,6 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         node=node.get("name", fallback="").strip() or socket.gethostname(),
         volume=defaults,
         plugin=plugin,
+        cluster=cluster,
         source=chosen,
     )
