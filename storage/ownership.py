@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from storage.catalog.base import LeaseRec
+from storage.catalog.base import AttachRec, LeaseRec
 from storage.errors import InUse
 from storage.group import DiskGroup
 
@@ -61,13 +61,10 @@ def release(dg: DiskGroup, name: str) -> None:
         dg.catalog.detach(name, dg.node)
 
 
-def holder(dg: DiskGroup, name: str) -> dict[str, object] | None:
-    """Where the volume is attached and until when the holder's lease runs (None: attached nowhere, or
-    on a node whose lease ran out)."""
+def holder(dg: DiskGroup, name: str) -> tuple[AttachRec, float] | None:
+    """The volume's attachment and its holder's lease expiry (0 without a lease), or None."""
     att = next((a for a in dg.catalog.attachments() if a.volume == name), None)
     if att is None:
         return None
     lease = leases(dg).get(att.node)
-    expires = lease.expires if lease is not None else 0.0
-    return {"node": att.node, "since": att.since, "lease_expires": expires, "live": expires > time.time(),
-            "wanted_by": att.wanted_by}
+    return att, (lease.expires if lease is not None else 0.0)
