@@ -291,7 +291,10 @@ class LeaseKeeper:
         attached = {a.volume: a.node for a in dg.catalog.attachments()}
         lease_of = {rec.node: rec for rec in dg.catalog.leases()}
         now = time.time()
-        for name in sorted({m.volume for m in dg.catalog.mounts() if m.node == self.node}):
+        # by its mount records, and by the kernel: the taker dropped the records of a node that expired
+        mine = {m.volume for m in dg.catalog.mounts() if m.node == self.node}
+        mine |= {n for n in self.mounted_here() if dg.catalog.volume(n) is not None}
+        for name in sorted(mine):
             holder = attached.get(name)
             other_live = holder not in (None, self.node) and lease_of.get(str(holder)) is not None \
                 and lease_of[str(holder)].expires > now
