@@ -202,31 +202,42 @@ class LeaseKeeper:
         return out
 
     def fence(self, names: set[str], engine_alive: bool = True) -> None:
-        """Stop everything that writes to ``names`` on this node and unmount them, without the catalog."""
+        """Stop everything that writes to ``names`` on this node and unmount them, without the catalog.
+
+        Docker is asked to stop the containers (their own stop signal first), but never waited on: a
+        stop waits for the volume's Unmount, which may be waiting on the very catalog that failed. After
+        ``stop_timeout`` what still runs in the containers' cgroups is killed, then the volumes unmounted.
+        """
         ids: set[str] = set()
         for name in names:
             ids |= self.containers.get(name, set())
         if engine_alive:
             for name in names:
                 try:
-                    found = {u.id for u in self.engine.listed(name, ACTIVE_STATES)}
+                    ids |= {u.id for u in self.engine.listed(name, ACTIVE_STATES)}
                 except Engine.ERRORS as exc:
                     log.warning("lease: cannot list the containers using %s: %s", name, exc)
-                    continue
-                ids |= found
-                for cid in found:
-                    try:
-                        self.engine.client.api.stop(cid, timeout=self.stop_timeout)
-                        log.warning("lease: stopped container %s (it uses %s)", cid[:12], name)
-                    except Engine.ERRORS as exc:
-                        log.warning("lease: cannot stop container %s: %s", cid[:12], exc)
+            for cid in ids:
+                threading.Thread(target=self._stop_container, args=(cid,), daemon=True).start()
+            deadline = self.clock() + self.stop_timeout + 0.5
+            while self.clock() < deadline and [p for p in container_pids(ids) if _running(p)]:
+                time.sleep(0.05)
         killed = kill_containers(ids)
         if killed:
             log.warning("lease: killed %d process(es) of containers using %s", len(killed), ", ".join(sorted(names)))
         for name in sorted(names):
             mp = self.config.mount_root / f"{name}_{self.config.diskgroup}"
-            if not unmount_point(mp):
+            if unmount_point(mp):
+                log.warning("lease: %s unmounted from %s", name, mp)
+            else:
                 log.error("lease: %s is still mounted at %s after fencing", name, mp)
+
+    def _stop_container(self, cid: str) -> None:
+        try:
+            self.engine.client.api.stop(cid, timeout=self.stop_timeout)
+            log.warning("lease: stopped container %s", cid[:12])
+        except Engine.ERRORS as exc:
+            log.warning("lease: stopping container %s: %s", cid[:12], exc)
 
     def _release(self, names: set[str], why: str) -> None:
         """Forget volumes this node no longer uses, in the catalog: unmount what is left when the volume is
