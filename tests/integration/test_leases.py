@@ -236,3 +236,47 @@ def test_a_that_cannot_renew_stops_its_container_and_unmounts_before_its_lease_e
     rc, out = read_on(b, "vol")
     assert rc == 0 and out.strip() == "hello", out
     wait_for("vol to be released", lambda: pair.attached("vol") is None)
+
+
+def _writer_pid(node: Node, ctr: str) -> int:
+    time.sleep(2 * INTERVAL)  # the plugin's lease thread notes which containers use the volume
+    return int(node.run("inspect", "-f", "{{.State.Pid}}", ctr))
+
+
+def test_a_whose_engine_is_gone_kills_what_uses_a_volume_wanted_elsewhere_after_the_grace(pair: Pair) -> None:
+    a, b = pair.a, pair.b
+    a.run("volume", "create", "-d", "veritas", "--name", "vol", "-o", "size=400m")
+    start_writer(a, "wa", "vol")
+    pid = _writer_pid(a, "wa")
+    a.docker.kill()  # dockerd SIGKILLed: its container runs on, and no Unmount will ever come
+    killed_engine = time.monotonic()
+    rc, out = read_on(b, "vol", check=False)  # swarm would retry this until it works
+    assert rc != 0 and "attached on node nodeA" in out, out
+    assert pair.attached("vol").wanted_by == "nodeB"  # type: ignore[union-attr]
+    wait_for("A to kill its container's processes", lambda: not alive(pid), timeout=TTL + 10)
+    assert time.monotonic() - killed_engine >= TTL - 1, "killed before the grace of one lease_ttl"
+    wait_for("A to release vol", lambda: pair.attached("vol") is None)
+    assert mounts.mounted_at(a.mountpoint("vol")) is None
+    assert "killing what uses them" in a.plugin.log.read_text()
+    rc, out = read_on(b, "vol")
+    assert rc == 0 and out.strip() == "hello", out
+
+
+def test_an_engine_back_within_the_grace_has_nothing_killed(pair: Pair) -> None:
+    a, b = pair.a, pair.b
+    a.run("volume", "create", "-d", "veritas", "--name", "vol", "-o", "size=400m")
+    start_writer(a, "wa", "vol")
+    pid = _writer_pid(a, "wa")
+    a.docker.kill()
+    killed_engine = time.monotonic()
+    rc, out = read_on(b, "vol", check=False)
+    assert rc != 0 and "nodeA" in out, out
+    time.sleep(TTL * 0.6)
+    assert alive(pid)  # within the grace: the plugin waits for its engine
+    att = pair.attached("vol")
+    assert att is not None and att.node == "nodeA" and att.wanted_by == "nodeB"
+    a.docker.start()  # back in time (dockerd itself may then stop the container it finds: its choice)
+    wait_for("the grace to pass", lambda: time.monotonic() - killed_engine > TTL + 3 * INTERVAL, timeout=TTL + 10)
+    assert "killing what uses them" not in a.plugin.log.read_text()
+    att = pair.attached("vol")
+    assert att is None or att.node == "nodeA"
