@@ -106,8 +106,10 @@ def unmount_point(mp: Path) -> bool:
 class LeaseKeeper:
     """Renews this node's lease in the configured disk group and fences the node when it cannot."""
 
-    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic,
+                 open_catalog: Callable[[], Catalog] | None = None) -> None:
         self.config = config
+        self._open_catalog = open_catalog or (lambda: store_of(config).open(config.diskgroup))
         self.node = config.node
         self.settings = config.cluster
         self.clock = clock
@@ -128,7 +130,7 @@ class LeaseKeeper:
 
     def _cat(self) -> Catalog:
         if self._catalog is None:
-            self._catalog = store_of(self.config).open(self.config.diskgroup)
+            self._catalog = self._open_catalog()
         return self._catalog
 
     def renew(self) -> bool:
@@ -175,20 +177,26 @@ class LeaseKeeper:
     def _watchdog(self) -> None:
         tick = min(0.25, self.settings.lease_interval / 2)
         while not self._stop.wait(tick):
-            with self._lock:
-                last, held, peers = self.last_ok, set(self.held), set(self.peers)
-            if last is None or not peers:
-                continue  # alone in the disk group: nobody could take its volumes, stopping them helps nobody
-            if self.clock() - last >= self.settings.fence_after:
-                with self._lock:
-                    todo = (held | self.mounted_here()) - self.fenced
-                if todo:
-                    log.error("lease: no renewal for %.1f s (lease_ttl %.1f s): fencing this node, stopping"
-                              " what uses %s", self.clock() - last, self.settings.lease_ttl, ", ".join(sorted(todo)))
-                    self.fence(todo)
-                    with self._lock:
-                        self.fenced |= todo
-                        self.held = {k: v for k, v in self.held.items() if k not in todo}
+            self.check()
+
+    def check(self) -> set[str]:
+        """Fence now if the last renewal that succeeded started ``fence_after`` ago or more; the volumes
+        fenced (none while a peer could not take them anyway: fencing is for nodes that share)."""
+        with self._lock:
+            last, held, peers = self.last_ok, set(self.held), set(self.peers)
+        if last is None or not peers or self.clock() - last < self.settings.fence_after:
+            return set()
+        with self._lock:
+            todo = (held | self.mounted_here()) - self.fenced
+        if not todo:
+            return set()
+        log.error("lease: no renewal for %.1f s (lease_ttl %.1f s): fencing this node, stopping what uses %s",
+                  self.clock() - last, self.settings.lease_ttl, ", ".join(sorted(todo)))
+        self.fence(todo)
+        with self._lock:
+            self.fenced |= todo
+            self.held = {k: v for k, v in self.held.items() if k not in todo}
+        return todo
 
     def mounted_here(self) -> set[str]:
         """Volumes of the disk group mounted at this node's mount points now (the kernel's word): one

@@ -120,3 +120,30 @@ def test_doctor_reports_attachments_that_disagree_with_mounts(world: World, node
     assert volumes.is_mounted(world.dg, "w")
     volumes.umount(world.dg, "w", "id-w")
     volumes.umount(world.dg, "v", force=True)
+
+
+@pytest.mark.parametrize("point", ["mount.recorded", "mount.attached", "mount.mounted"])
+def test_a_killed_mount_rolled_back_releases_the_attachment(world: World, node2: DiskGroup,
+                                                            monkeypatch: pytest.MonkeyPatch, point: str) -> None:
+    """A mount killed after it attached the volume must not keep it from the other node for as long as
+    this node lives: recovery rolls the mount back and detaches."""
+    volumes.make(world.dg, "v", "400m")
+    world.kill_at(monkeypatch, point, lambda dg: volumes.mount(dg, "v", "m1"))
+    assert attached(world.dg) == [("v", "node1", None)]
+    world.dg.catalog.renew_lease("node1", TTL)
+    world.dg = world.reopen()
+    assert attached(world.dg) == [] and world.dg.catalog.intents() == []
+    node2.catalog.renew_lease("node2", TTL)
+    volumes.mount(node2, "v", "id-b")
+    volumes.umount(node2, "v", "id-b")
+
+
+@pytest.mark.parametrize("point", ["umount.recorded", "umount.unmounted"])
+def test_a_killed_umount_rolled_forward_releases_the_attachment(world: World, node2: DiskGroup,
+                                                                monkeypatch: pytest.MonkeyPatch, point: str) -> None:
+    volumes.make(world.dg, "v", "400m")
+    volumes.mount(world.dg, "v", "m1")
+    world.kill_at(monkeypatch, point, lambda dg: volumes.umount(dg, "v", "m1"))
+    world.dg.catalog.renew_lease("node1", TTL)
+    world.dg = world.reopen()
+    assert attached(world.dg) == [] and not volumes.is_mounted(world.dg, "v")
