@@ -233,6 +233,8 @@ def test_a_that_cannot_renew_stops_its_container_and_unmounts_before_its_lease_e
     finally:
         lock.execute("ROLLBACK")
         lock.close()
+    # B could not renew either while the lock was held: its plugin renews again first (swarm retries)
+    wait_for("B's lease to be renewed", lambda: (pair.lease("nodeB") or LeaseRec("", 0, 0)).expires > time.time())
     rc, out = read_on(b, "vol")
     assert rc == 0 and out.strip() == "hello", out
     wait_for("vol to be released", lambda: pair.attached("vol") is None)
