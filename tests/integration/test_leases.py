@@ -187,7 +187,7 @@ def test_a_killed_plugin_loses_the_volume_at_lease_expiry_and_leaves_it_alone_wh
     assert rc != 0 and "nodeA" in out, out  # A's lease still runs
     wait_for("A's lease to expire", lambda: time.time() > expires + 0.2, timeout=TTL + 5)
     ctr_b = b.run("run", "-d", "--network", "none", "--volume-driver", "veritas", "-v", "vol:/data", IMAGE,
-                  "sh", "-c", "cat /data/f > /data/seen-by-b; sleep 600")
+                  "sh", "-c", "cat /data/f > /data/.seen; mv /data/.seen /data/seen-by-b; sleep 600")
     wait_for("B's container to read", lambda: (b.mountpoint("vol") / "seen-by-b").exists())
     assert (b.mountpoint("vol") / "seen-by-b").read_text().strip() == "hello"
     assert pair.attached("vol").node == "nodeB"  # type: ignore[union-attr]
