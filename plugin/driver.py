@@ -6,13 +6,14 @@ import builtins
 import logging
 import os
 import threading
+import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from plugin.docker_api import DOCKER_ID, ContainerUse, Engine
-from storage import diskgroup, options, qos, snapshots, volumes
+from storage import diskgroup, options, ownership, qos, snapshots, volumes
 from storage.catalog.base import CatalogStore, VolumeRec
 from storage.config import Config
 from storage.diskgroup import DiskGroup
@@ -128,6 +129,11 @@ class Driver:
             "attached": sorted({m["node"] for m in info["mounts"]}),
             "mounts": len(info["mounts"]),
         }
+        held = ownership.holder(self.dg, v.name)
+        if held is not None:  # several nodes: where it is attached, and until when that node's lease runs
+            att, expires = held
+            status["attachment"] = {"node": att.node, "since": _iso(att.since), "lease_expires": _iso(expires),
+                                    "lease_live": expires > time.time(), "wanted_by": att.wanted_by}
         if info["used"] is not None:
             status["used"] = format_size(info["used"])
         if v.snapshot_of:
@@ -218,6 +224,10 @@ class Driver:
                 self._remember_users(volume, [i for i in ids if i not in gone])
                 dropped += len(gone)
         return dropped
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, tz=UTC).isoformat(timespec="seconds")
 
 
 def apply_container_limits(driver: Driver, container: str | None = None) -> int:

@@ -30,6 +30,7 @@ from typing import IO
 from plugin.docker_api import Engine
 from plugin.driver import Driver
 from plugin.events import EventFollower
+from plugin.lease import LeaseKeeper
 from plugin.reconcile import reconcile
 from storage import diskgroup, snapcache
 from storage.config import Config
@@ -177,12 +178,15 @@ def _run(config: Config, listener: socketlib.socket, how: str, workers: int | No
     # short: a dockerd that is restoring containers serves no API until their Mounts, queued behind
     # this reconciliation, are answered; without an answer every mounted volume is kept
     engine = Engine(config.plugin.docker_host, config.plugin.driver, timeout=2.0)
+    keeper = LeaseKeeper(config)  # this node's lease, renewed from here on, and self-fencing
+    keeper.start()  # first: a disk group imported on another node is shared by nodes holding a lease
     try:
         dg = diskgroup.default_dg(config)
     except VeritasError as exc:
         log.warning("cannot open the disk group yet, workers will retry: %s", exc)
     else:
         try:
+            keeper.adopt(dg)  # volumes another node took while this one was away are left alone
             reconcile(dg, engine)
         except VeritasError as exc:
             log.warning("reconciliation incomplete: %s", exc)
@@ -220,4 +224,5 @@ def _run(config: Config, listener: socketlib.socket, how: str, workers: int | No
     rc = child.wait()
     enforcer.stop()
     watcher.stop()
+    keeper.stop()
     return rc

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -164,10 +165,36 @@ def cmd_vol_list(cfg: Config, a: argparse.Namespace) -> None:
     finally:
         dg.close()
     _emit(a, rows, lambda rs: _table([["NAME", "SIZE", "LAYOUT", "FSTYPE", "PROV", "MAXIOPS", "SNAPSHOT-OF",
-                                       "STATE", "MOUNTED"]] + [
+                                       "STATE", "MOUNTED", "ATTACHED"]] + [
         [r["name"], format_size(r["size"]), r["layout"], r["fstype"], r["provisioning"], str(r["maxiops"] or "-"),
          r["snapshot_of"] or "-", "invalid" if r["invalid"] else r["state"],
-         r["mountpoint"] if r["mounted"] else "-"] for r in rs]))
+         r["mountpoint"] if r["mounted"] else "-", _attached(r["attached_on"], r["lease_expires"])] for r in rs]))
+
+
+def _attached(node: str | None, expires: float | None) -> str:
+    """Where a volume is attached, and until when its holder's lease runs ("-": nowhere)."""
+    if node is None:
+        return "-"
+    if expires is None or expires <= time.time():
+        return f"{node} (lease expired)"
+    return f"{node} (lease to {time.strftime('%H:%M:%S', time.localtime(expires))})"
+
+
+def cmd_dg_leases(cfg: Config, a: argparse.Namespace) -> None:
+    """Each node's lease in the disk group, and how many volumes are attached on it."""
+    dg = DiskGroup(cfg, a.name or cfg.diskgroup)
+    try:
+        now = time.time()
+        count: dict[str, int] = {}
+        for att in dg.catalog.attachments():
+            count[att.node] = count.get(att.node, 0) + 1
+        rows = [{"node": rec.node, "expires": rec.expires, "ttl": rec.ttl, "live": rec.expires > now,
+                 "attached": count.get(rec.node, 0)} for rec in dg.catalog.leases()]
+    finally:
+        dg.close()
+    _emit(a, rows, lambda rs: _table([["NODE", "LEASE-EXPIRES", "TTL", "STATE", "ATTACHED"]] + [
+        [r["node"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["expires"])), f"{r['ttl']:g}s",
+         "live" if r["live"] else "expired", str(r["attached"])] for r in rs]))
 
 
 def _with_vol(fn: Callable[[DiskGroup, argparse.Namespace], Any]) -> Callable[[Config, argparse.Namespace], None]:
@@ -285,6 +312,9 @@ def _add_dg_commands(top: argparse._SubParsersAction[argparse.ArgumentParser]) -
     x.add_argument("name")
     x.add_argument("--force", action="store_true", help="take it from a node that is dead")
     x.set_defaults(fn=cmd_dg_import)
+    x = dg.add_parser("leases", help="each node's lease in a disk group several nodes share")
+    x.add_argument("name", nargs="?", help="disk group (default from the config file)")
+    x.set_defaults(fn=cmd_dg_leases)
     x = dg.add_parser("deport", help="release a disk group's disks on this node")
     x.add_argument("name")
     x.set_defaults(fn=cmd_dg_deport)

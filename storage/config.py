@@ -27,7 +27,7 @@ VALID_KEYS: dict[str, tuple[str, ...]] = {
                "provisioning"),
     "node": ("name",),
     "plugin": ("socket", "workers", "docker_host", "driver"),
-    "cluster": ("catalog", "etcd_endpoints"),
+    "cluster": ("catalog", "etcd_endpoints", "lease_ttl", "lease_interval"),
 }
 # defaults of make: layouts and file systems it can be given without asking (see storage.layouts)
 DEFAULT_LAYOUTS = ("concat", "mirror", "stripe", "mirror-stripe", "auto")
@@ -63,10 +63,27 @@ class PluginSettings:
 
 @dataclass(frozen=True)
 class ClusterSettings:
-    """Where the catalog and locks live: ``sqlite`` (one host), or ``etcd`` at ``etcd_endpoints``."""
+    """Where the catalog and locks live: ``sqlite`` (one host), or ``etcd`` at ``etcd_endpoints``.
+
+    Leases of several nodes on one disk group (storage.lease). A node renews its lease every
+    ``lease_interval`` seconds; another node may take its volumes ``lease_ttl`` seconds after its last
+    renewal. A node that could not renew for ``fence_after`` seconds stops its containers and unmounts
+    its volumes, so that it has stopped writing ``fence_margin`` seconds before its lease runs out."""
 
     catalog: str = "sqlite"
     etcd_endpoints: tuple[str, ...] = ()
+    lease_ttl: float = 10.0
+    lease_interval: float = 2.0
+
+    @property
+    def fence_margin(self) -> float:
+        """Time left for stopping containers and unmounting: half the TTL (derived, not configured, so
+        that a shorter TTL can never leave the fencing less time than the renewals)."""
+        return self.lease_ttl / 2
+
+    @property
+    def fence_after(self) -> float:
+        return self.lease_ttl - self.fence_margin
 
 
 @dataclass(frozen=True)
@@ -79,8 +96,8 @@ class Config:
     node: str = field(default_factory=socket.gethostname)
     volume: VolumeDefaults = field(default_factory=VolumeDefaults)
     plugin: PluginSettings = field(default_factory=PluginSettings)
-    source: Path | None = None
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    source: Path | None = None
 
     @property
     def dg_parent(self) -> Path:
@@ -167,7 +184,36 @@ def _plugin_settings(plug: configparser.SectionProxy) -> PluginSettings:
     )
 
 
-def _cluster_settings(sec: configparser.SectionProxy, where: Callable[[str, str], str]) -> ClusterSettings:
+def _volume_defaults(vol: configparser.SectionProxy, where: Callable[[str, str], str]) -> VolumeDefaults:
+    d = VolumeDefaults()
+    return VolumeDefaults(
+        size=parse_size(vol.get("size", fallback="1g"), "config volume.size"),
+        layout=_choice(vol, "layout", d.layout, DEFAULT_LAYOUTS, where("volume", "layout")),
+        fstype=_choice(vol, "fstype", d.fstype, FSTYPES, where("volume", "fstype")),
+        nmirror=_ranged(vol, "nmirror", d.nmirror, NMIRROR_RANGE, where("volume", "nmirror")),
+        ncol=_ranged(vol, "ncol", d.ncol, NCOL_RANGE, where("volume", "ncol")),
+        maxiops=_int(vol, "maxiops", d.maxiops),
+        cache_percent=_int(vol, "cache_percent", d.cache_percent),
+        protect=_bool(vol, "protect", False),
+        provisioning=_choice(vol, "provisioning", d.provisioning, PROVISIONING, where("volume", "provisioning")),
+    )
+
+
+def _seconds(section: configparser.SectionProxy, key: str, default: float, where: str) -> float:
+    raw = section.get(key, fallback="").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidArgument(f"config{where}: {section.name}.{key} = {raw!r} is not a number of seconds") from None
+    if not 0 < value < 86400:
+        raise InvalidArgument(f"config{where}: {section.name}.{key} = {raw} must be more than 0 and less than"
+                              " a day (seconds)")
+    return value
+
+
+def _etcd_settings(sec: configparser.SectionProxy, where: Callable[[str, str], str]) -> tuple[str, tuple[str, ...]]:
     catalog = _choice(sec, "catalog", "sqlite", CATALOGS, where("cluster", "catalog"))
     raw = [e.strip() for e in sec.get("etcd_endpoints", fallback="").split(",") if e.strip()]
     for ep in raw:
@@ -182,22 +228,23 @@ def _cluster_settings(sec: configparser.SectionProxy, where: Callable[[str, str]
     if catalog == "etcd" and not raw:
         raise InvalidArgument(f"config{where('cluster', 'catalog')}: cluster.catalog = etcd needs"
                               " cluster.etcd_endpoints = http://HOST:PORT[,...]")
-    return ClusterSettings(catalog=catalog, etcd_endpoints=tuple(e.rstrip("/") for e in raw))
+    return catalog, tuple(e.rstrip("/") for e in raw)
 
 
-def _volume_defaults(vol: configparser.SectionProxy, where: Callable[[str, str], str]) -> VolumeDefaults:
-    d = VolumeDefaults()
-    return VolumeDefaults(
-        size=parse_size(vol.get("size", fallback="1g"), "config volume.size"),
-        layout=_choice(vol, "layout", d.layout, DEFAULT_LAYOUTS, where("volume", "layout")),
-        fstype=_choice(vol, "fstype", d.fstype, FSTYPES, where("volume", "fstype")),
-        nmirror=_ranged(vol, "nmirror", d.nmirror, NMIRROR_RANGE, where("volume", "nmirror")),
-        ncol=_ranged(vol, "ncol", d.ncol, NCOL_RANGE, where("volume", "ncol")),
-        maxiops=_int(vol, "maxiops", d.maxiops),
-        cache_percent=_int(vol, "cache_percent", d.cache_percent),
-        protect=_bool(vol, "protect", False),
-        provisioning=_choice(vol, "provisioning", d.provisioning, PROVISIONING, where("volume", "provisioning")),
-    )
+def _cluster_settings(sec: configparser.SectionProxy, where: Callable[[str, str], str]) -> ClusterSettings:
+    d = ClusterSettings()
+    catalog, endpoints = _etcd_settings(sec, where)
+    ttl = _seconds(sec, "lease_ttl", d.lease_ttl, where("cluster", "lease_ttl"))
+    interval = _seconds(sec, "lease_interval", d.lease_interval, where("cluster", "lease_interval"))
+    if ttl < 2:
+        raise InvalidArgument(f"config{where('cluster', 'lease_ttl')}: cluster.lease_ttl = {ttl:g} is too short:"
+                              " at least 2 seconds, so that a node can stop its containers before its lease ends")
+    if interval >= ttl / 4:
+        raise InvalidArgument(f"config{where('cluster', 'lease_interval')}: cluster.lease_interval = {interval:g}"
+                              f" must be less than a quarter of cluster.lease_ttl ({ttl:g} / 4 = {ttl / 4:g}):"
+                              " a node fences itself after half the TTL without a renewal, and must have"
+                              " tried to renew at least twice by then")
+    return ClusterSettings(catalog=catalog, etcd_endpoints=endpoints, lease_ttl=ttl, lease_interval=interval)
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
@@ -230,6 +277,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
             parser.add_section(sec)
     st, vol, node, plug = parser["storage"], parser["volume"], parser["node"], parser["plugin"]
     plugin = _plugin_settings(plug)
+    cluster = _cluster_settings(parser["cluster"], where)
     defaults = _volume_defaults(vol, where)
     state_root = Path(st.get("state_root", fallback="/var/lib/veritas"))
     mount_root = Path(st.get("mount_root", fallback="/dockerfs"))
@@ -245,6 +293,6 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         node=node.get("name", fallback="").strip() or socket.gethostname(),
         volume=defaults,
         plugin=plugin,
+        cluster=cluster,
         source=chosen,
-        cluster=_cluster_settings(parser["cluster"], where),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +63,9 @@ def _check(dg: DiskGroup, repair: bool) -> list[Finding]:
                  {dg.image(sd.disk, sd.volume, sd.idx): sd.volume for sd in dg.catalog.subdisks()},
                  {d.name for d in dg.catalog.disks() if d.state == "online"},
                  {i.key for i in dg.catalog.intents()})
+    # a volume attached on another node is that node's: its mounts and loop devices (on one kernel,
+    # lab nodes see them) are never stray here
+    scan.busy |= {a.volume for a in dg.catalog.attachments() if a.node != dg.node}
     # this disk group's image files, by identity: a catalog volume's, or an orphan's (by its file name)
     for d in dg.catalog.disks():
         vdir = dg.disk_dir(d.name) / "vols"
@@ -90,6 +94,40 @@ def _check(dg: DiskGroup, repair: bool) -> list[Finding]:
     out += _stray_loops(scan, ours, used, mounted_vols)
     out += _mount_records(scan, mounted_vols)
     out += _foreign_mounts(scan, mounted_vols)
+    out += _attachments(scan, mounted_vols)
+    return out
+
+
+def _attachments(scan: _Scan, mounted_vols: set[str]) -> list[Finding]:
+    """Attachments that disagree with the mounts this node sees, and attachments of nodes whose lease ran
+    out (whoever mounts the volume next takes them; until then they are reported)."""
+    dg, out = scan.dg, list[Finding]()
+    leases = {rec.node: rec for rec in dg.catalog.leases()}
+    if not leases:
+        return out  # one node: no attachments are kept
+    now = time.time()
+    attached = {a.volume: a for a in dg.catalog.attachments()}
+    for name, a in sorted(attached.items()):
+        lease = leases.get(a.node)
+        if lease is None or lease.expires <= now:
+            out.append(Finding("expired-attachment", name, f"attached on node {a.node}, whose lease "
+                               + ("expired " + time.strftime("%H:%M:%S", time.localtime(lease.expires))
+                                  if lease else "is gone") + "; the next node to mount it takes it"))
+        elif a.node == dg.node and name not in mounted_vols and name not in scan.busy:
+            fixed = False
+            if scan.repair and not [m for m in dg.catalog.mounts(name) if m.node == dg.node]:
+                dg.catalog.detach(name, dg.node)
+                fixed = True
+            out.append(Finding("idle-attachment", name, "attached on this node but not mounted here", fixed))
+    mine = leases.get(dg.node)
+    pending = {i.key for i in dg.catalog.intents()}
+    for name in sorted(mounted_vols - pending):
+        held = attached.get(name)
+        if held is None or held.node != dg.node:
+            out.append(Finding("unattached-mount", name, f"mounted here but attached on "
+                               f"{'node ' + held.node if held else 'no node'}"
+                               + ("" if mine and mine.expires > now else "; this node holds no live lease")
+                               + "; unmount it here (veritas vol umount --force)"))
     return out
 
 

@@ -93,9 +93,16 @@ class DiskGroup:
         rec = self.catalog.diskgroup()
         if rec.imported_on is None:
             raise InUse(f"disk group {self.name} is deported; run veritas dg import {self.name}")
-        if rec.imported_on != self.node:
+        if rec.imported_on != self.node and not self._shares_lease():
             raise InUse(f"disk group {self.name} is imported on node {rec.imported_on}, not {self.node};"
                         f" deport it there first (or import with --force if that node is dead)")
+
+    def _shares_lease(self) -> bool:
+        """Whether this node shares the disk group imported on another node: it holds a live lease in
+        its catalog (its plugin renews one), so volumes are attached on one node at a time
+        (storage.ownership) and the import no longer has to be exclusive."""
+        now = time.time()
+        return any(rec.node == self.node and rec.expires > now for rec in self.catalog.leases())
 
     def online_disks(self) -> None:
         """Make sure every disk's filesystem is mounted (after a reboot, or a lost disk coming back)."""

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from storage import steps
+from storage import ownership, steps
 from storage.catalog.base import IntentRec, VolumeRec
 from storage.errors import AlreadyExists, InUse, NoSpace, VeritasError
 from storage.group import DG_KEY, DiskGroup, finish_dg_intent
@@ -126,6 +126,7 @@ def _finish_mount(dg: DiskGroup, intent: IntentRec) -> str:
     mine = [m for m in dg.catalog.mounts(key) if m.node == dg.node]
     if not mine:
         steps.unmount_kernel(dg, _volume(dg, intent))
+        ownership.release(dg, key)
         dg.catalog.finish_intent(key)
         return f"mount {key}: rolled back"
     dg.catalog.finish_intent(key)
@@ -140,6 +141,7 @@ def _roll_forward_umount(dg: DiskGroup, intent: IntentRec) -> str:
             dg.catalog.remove_mount(key, m.node, m.mount_id)
     if not [m for m in dg.catalog.mounts(key) if m.node == dg.node]:
         steps.unmount_kernel(dg, _volume(dg, intent))
+        ownership.release(dg, key)
     dg.catalog.finish_intent(key)
     return f"umount {key}: rolled forward"
 

@@ -9,6 +9,7 @@ the same contract tests (tests/unit/test_catalog_contract.py).
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,6 +123,31 @@ def check_space(used: Mapping[str, int], subdisks: list[SubdiskRec], capacity: M
                 f"disk {disk} has {format_size(max(have, 0), long=True)} free, {format_size(n, long=True)} needed;"
                 " add a disk (veritas dg adddisk) or choose a smaller size"
             )
+
+
+def lease_live(leases: Mapping[str, LeaseRec], node: str, now: float) -> bool:
+    """Whether ``node`` holds a lease that has not run out at ``now``."""
+    lease = leases.get(node)
+    return lease is not None and lease.expires > now
+
+
+def refuse_attach(volume: str, node: str, cur: AttachRec | None, leases: Mapping[str, LeaseRec],
+                  now: float) -> AttachRec:
+    """The compare of attach's compare-and-set, shared so every backend decides and refuses alike:
+    the attachment to record, or InUse naming the live holder. Re-attaching on the holder keeps its
+    ``since`` and a pending ``wanted_by``: the node that asked still waits."""
+    from storage.errors import InUse
+
+    if not lease_live(leases, node, now):
+        raise InUse(f"node {node} holds no live lease in this disk group, so it cannot attach volume {volume};"
+                    " its plugin renews the lease (is it running?)")
+    if cur is not None and cur.node == node:
+        return cur
+    if cur is not None and lease_live(leases, cur.node, now):
+        until = time.strftime("%H:%M:%S", time.localtime(leases[cur.node].expires))
+        raise InUse(f"volume {volume} is attached on node {cur.node} (its lease runs until {until}, renewed"
+                    f" while that node lives); unmount it there first, or wait for that node's lease to expire")
+    return AttachRec(volume, node, now)
 
 
 def check_owner(dg: str, current: str | None, expect: Collection[str | None] | None) -> None:

@@ -5,26 +5,33 @@ from __future__ import annotations
 import copy
 import dataclasses
 import threading
-from collections.abc import Collection, Mapping
+import time
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from storage.catalog.base import (
+    AttachRec,
     Catalog,
     DiskGroupRec,
     DiskRec,
     IntentRec,
+    LeaseRec,
     MountRec,
     SubdiskRec,
     VolumeRec,
     check_owner,
     check_space,
+    refuse_attach,
 )
 from storage.errors import AlreadyExists, IntentPending, InUse, NoSuchDiskGroup, NoSuchVolume
 
 
 class MemoryCatalog(Catalog):
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock  # wall clock of lease expiry; tests pass a fake one
         self._lock = threading.RLock()
+        self._leases: dict[str, LeaseRec] = {}
+        self._attach: dict[str, AttachRec] = {}
         self._dg: DiskGroupRec | None = None
         self._disks: dict[str, DiskRec] = {}
         self._vols: dict[str, VolumeRec] = {}
@@ -124,6 +131,7 @@ class MemoryCatalog(Catalog):
         with self._lock:
             self._vols.pop(name, None)
             self._intents.pop(name, None)
+            self._attach.pop(name, None)
             for k in [k for k in self._sds if k[0] == name]:
                 del self._sds[k]
             for mk in [k for k in self._mounts if k[0] == name]:
@@ -165,6 +173,54 @@ class MemoryCatalog(Catalog):
     def intents(self) -> list[IntentRec]:
         with self._lock:
             return sorted((_copy_intent(i) for i in self._intents.values()), key=lambda i: i.created)
+
+    def renew_lease(self, node: str, ttl: float) -> LeaseRec:
+        with self._lock:
+            now = self._clock()
+            old = self._leases.get(node)
+            if old is not None and old.expires <= now:  # ran out: its attachments were lost with it
+                self._drop_attachments(node)
+            self._leases[node] = LeaseRec(node, now + ttl, ttl)
+            return self._leases[node]
+
+    def _drop_attachments(self, node: str) -> None:
+        for vol in [v for v, a in self._attach.items() if a.node == node]:
+            del self._attach[vol]
+
+    def drop_lease(self, node: str) -> None:
+        with self._lock:
+            self._drop_attachments(node)
+            self._leases.pop(node, None)
+
+    def leases(self) -> list[LeaseRec]:
+        with self._lock:
+            return sorted(self._leases.values(), key=lambda rec: rec.node)
+
+    def attach(self, volume: str, node: str) -> AttachRec:
+        with self._lock:
+            if volume not in self._vols:
+                raise NoSuchVolume(f"no such volume: {volume}")
+            new = refuse_attach(volume, node, self._attach.get(volume), self._leases, self._clock())
+            self._attach[volume] = new
+            return new
+
+    def want(self, volume: str, node: str) -> None:
+        with self._lock:
+            cur = self._attach.get(volume)
+            if cur is not None and cur.node != node:
+                self._attach[volume] = dataclasses.replace(cur, wanted_by=node)
+
+    def detach(self, volume: str, node: str) -> bool:
+        with self._lock:
+            cur = self._attach.get(volume)
+            if cur is None or cur.node != node:
+                return False
+            del self._attach[volume]
+            return True
+
+    def attachments(self) -> list[AttachRec]:
+        with self._lock:
+            return sorted(self._attach.values(), key=lambda a: a.volume)
 
 
 _VOL_FIELDS = {f for f in VolumeRec.__dataclass_fields__ if f != "name"}

@@ -12,15 +12,18 @@ from pathlib import Path
 from typing import Any
 
 from storage.catalog.base import (
+    AttachRec,
     Catalog,
     DiskGroupRec,
     DiskRec,
     IntentRec,
+    LeaseRec,
     MountRec,
     SubdiskRec,
     VolumeRec,
     check_owner,
     check_space,
+    refuse_attach,
 )
 from storage.errors import (
     AlreadyExists,
@@ -55,7 +58,15 @@ CREATE TABLE IF NOT EXISTS intent (
   key TEXT PRIMARY KEY, op TEXT NOT NULL, data TEXT NOT NULL, created REAL NOT NULL);
 """
 
-SCHEMA_VERSION = 3  # 1: release 0.1.0; 2: snapshot cache columns (autogrow, invalid); 3: provisioning
+_LEASE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS lease (node TEXT PRIMARY KEY, expires REAL NOT NULL, ttl REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS attachment (
+  volume TEXT PRIMARY KEY, node TEXT NOT NULL, since REAL NOT NULL, wanted_by TEXT);
+"""
+_SCHEMA += _LEASE_SCHEMA
+
+SCHEMA_VERSION = 4  # 1: release 0.1.0; 2: snapshot cache columns (autogrow, invalid); 3: provisioning;
+# 4: node leases and volume attachments (several nodes on one disk group)
 
 
 def _to_2(db: sqlite3.Connection) -> None:
@@ -75,8 +86,15 @@ def _to_3(db: sqlite3.Connection) -> None:
         db.execute("ALTER TABLE volume ADD COLUMN provisioning TEXT NOT NULL DEFAULT 'thin'")
 
 
+def _to_4(db: sqlite3.Connection) -> None:
+    """Leases and attachments start empty: a catalog from before them was used by one node only."""
+    for stmt in _LEASE_SCHEMA.split(";"):
+        if stmt.strip():
+            db.execute(stmt)
+
+
 # version N -> N + 1, each run inside the one transaction that also records the new version
-_UPGRADES: dict[int, Callable[[sqlite3.Connection], None]] = {1: _to_2, 2: _to_3}
+_UPGRADES: dict[int, Callable[[sqlite3.Connection], None]] = {1: _to_2, 2: _to_3, 3: _to_4}
 _VOL_FIELDS = {f for f in VolumeRec.__dataclass_fields__ if f != "name"}
 _SD_FIELDS = {"disk", "size", "reserved"}
 
@@ -84,8 +102,9 @@ _SD_FIELDS = {"disk", "size", "reserved"}
 class SqliteCatalog(Catalog):
     """Catalog in ``path`` (WAL). Writers take the database lock up front (BEGIN IMMEDIATE)."""
 
-    def __init__(self, path: Path, timeout: float = 60.0) -> None:
+    def __init__(self, path: Path, timeout: float = 60.0, clock: Callable[[], float] = time.time) -> None:
         self.path = path
+        self._clock = clock  # wall clock of lease expiry; tests pass a fake one
         # one connection shared by this object's threads: serialise its transactions and reads
         self._lock = threading.RLock()
         try:
@@ -255,6 +274,7 @@ class SqliteCatalog(Catalog):
             db.execute("DELETE FROM subdisk WHERE volume=?", (name,))
             db.execute("DELETE FROM mount WHERE volume=?", (name,))
             db.execute("DELETE FROM intent WHERE key=?", (name,))
+            db.execute("DELETE FROM attachment WHERE volume=?", (name,))
             db.execute("DELETE FROM volume WHERE name=?", (name,))
 
     # mounts
@@ -292,6 +312,51 @@ class SqliteCatalog(Catalog):
     def intents(self) -> list[IntentRec]:
         return [IntentRec(k, op, json.loads(d), c)
                 for k, op, d, c in self._q("SELECT key, op, data, created FROM intent ORDER BY created")]
+
+    # leases and attachments
+    def renew_lease(self, node: str, ttl: float) -> LeaseRec:
+        with self._tx() as db:
+            now = self._clock()
+            row = db.execute("SELECT expires FROM lease WHERE node=?", (node,)).fetchone()
+            if row is not None and row[0] <= now:
+                # the lease ran out: its attachments were lost then, and a renewal never brings them back
+                db.execute("DELETE FROM attachment WHERE node=?", (node,))
+            db.execute("INSERT OR REPLACE INTO lease VALUES (?,?,?)", (node, now + ttl, ttl))
+            return LeaseRec(node, now + ttl, ttl)
+
+    def drop_lease(self, node: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM attachment WHERE node=?", (node,))
+            db.execute("DELETE FROM lease WHERE node=?", (node,))
+
+    def leases(self) -> list[LeaseRec]:
+        return [LeaseRec(*r) for r in self._q("SELECT node, expires, ttl FROM lease ORDER BY node")]
+
+    def attach(self, volume: str, node: str) -> AttachRec:
+        with self._tx() as db:
+            now = self._clock()
+            if not db.execute("SELECT 1 FROM volume WHERE name=?", (volume,)).fetchone():
+                raise NoSuchVolume(f"no such volume: {volume}")
+            leases = {n: LeaseRec(n, e, t) for n, e, t in db.execute("SELECT node, expires, ttl FROM lease")}
+            row = db.execute("SELECT volume, node, since, wanted_by FROM attachment WHERE volume=?",
+                             (volume,)).fetchone()
+            cur = AttachRec(*row) if row else None
+            new = refuse_attach(volume, node, cur, leases, now)
+            db.execute("INSERT OR REPLACE INTO attachment VALUES (?,?,?,?)",
+                       (new.volume, new.node, new.since, new.wanted_by))
+            return new
+
+    def want(self, volume: str, node: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE attachment SET wanted_by=? WHERE volume=? AND node<>?", (node, volume, node))
+
+    def detach(self, volume: str, node: str) -> bool:
+        with self._tx() as db:
+            return db.execute("DELETE FROM attachment WHERE volume=? AND node=?", (volume, node)).rowcount == 1
+
+    def attachments(self) -> list[AttachRec]:
+        return [AttachRec(*r) for r in
+                self._q("SELECT volume, node, since, wanted_by FROM attachment ORDER BY volume")]
 
     def reserved(self) -> dict[str, int]:
         return {d: int(n) for d, n in self._q("SELECT disk, SUM(reserved) FROM subdisk GROUP BY disk")}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from storage import crash, mountpoints, qos, recovery, steps
+from storage import crash, mountpoints, ownership, qos, recovery, steps
 from storage.catalog.base import IntentRec, MountRec
 from storage.errors import Degraded, InUse, SnapshotInvalid
 from storage.group import DiskGroup
@@ -22,6 +22,7 @@ def mount(dg: DiskGroup, name: str, mount_id: str = ADMIN_MOUNT_ID, degraded: bo
             raise SnapshotInvalid(f"snapshot {name} is invalid and cannot be mounted: {v.invalid}; its data was"
                                   f" released, remove it (veritas vol rm {name})")
         mp = dg.mountpoint(name)
+        ownership.claim(dg, name)  # attached here, or refused naming the node that holds it
         if steps.is_mounted(dg, name):
             dg.catalog.add_mount(MountRec(name, dg.node, mount_id, time.time()))
             return mp
@@ -60,6 +61,8 @@ def mount(dg: DiskGroup, name: str, mount_id: str = ADMIN_MOUNT_ID, degraded: bo
         except BaseException:
             steps.unmount_kernel(dg, v, only=attached)
             dg.catalog.finish_intent(name)
+            if not [m for m in dg.catalog.mounts(name) if m.node == dg.node]:
+                ownership.release(dg, name)
             raise
         dg.catalog.finish_intent(name)
         crash.point("mount.done")
@@ -91,5 +94,6 @@ def umount(dg: DiskGroup, name: str, mount_id: str = ADMIN_MOUNT_ID, force: bool
         crash.point("umount.unmounted")
         for m in mine:
             dg.catalog.remove_mount(name, m.node, m.mount_id)
+        ownership.release(dg, name)  # before the intent ends: a crash in between is rolled forward
         dg.catalog.finish_intent(name)
         return True

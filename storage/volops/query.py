@@ -15,12 +15,17 @@ def list_volumes(dg: DiskGroup) -> list[dict[str, Any]]:
     mounted = {e.target for e in mounts.table()}
     root = str(dg.config.mount_root)
     rows = []
+    # several nodes: the node each volume is attached on, and when that node's lease runs out
+    attached = {a.volume: a.node for a in dg.catalog.attachments()}
+    expires = {rec.node: rec.expires for rec in dg.catalog.leases()} if attached else {}
     for v in dg.catalog.volumes():
         mp = f"{root}/{v.name}_{dg.name}"
+        node = attached.get(v.name)
         rows.append({"name": v.name, "size": v.size, "layout": v.layout, "fstype": v.fstype,
                      "maxiops": v.maxiops, "snapshot_of": v.snapshot_of, "state": v.state,
                      "mountpoint": mp, "mounted": mp in mounted and mountpoints.mounted_here(dg, v),
-                     "invalid": v.invalid, "provisioning": v.provisioning})
+                     "invalid": v.invalid, "provisioning": v.provisioning, "attached_on": node,
+                     "lease_expires": expires.get(node) if node else None})
     return rows
 
 

@@ -12,7 +12,8 @@ import multiprocessing
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ from storage.catalog import (
     SubdiskRec,
     VolumeRec,
 )
-from storage.catalog.base import CatalogStore
+from storage.catalog.base import AttachRec, CatalogStore
 from storage.catalog.etcd import Etcd, EtcdCatalog
 from storage.catalog.etcd_store import EtcdStore
 from storage.catalog.memory import MemoryCatalog
@@ -1041,3 +1042,287 @@ def test_sqlite_store_persists_across_store_objects(tmp_path: Path) -> None:
     assert again.is_partial("testdg") and not again.exists("testdg")
     store.publish("testdg")
     assert again.exists("testdg") and again.names() == ["testdg"]
+
+
+# ---------------------------------------------------------------------- leases and attachments (issue 10)
+
+
+class FakeClock:
+    """Wall-clock seconds that move only when a test says so."""
+
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Timed:
+    """A catalog and a way to let time pass for it: a fake clock where the backend takes one (a
+    backend whose server keeps time, as etcd's leases do, sleeps instead)."""
+
+    cat: Catalog
+    advance: Callable[[float], None]
+    now: Callable[[], float]
+
+
+def _make_timed(kind: str, tmp_path: Path) -> Timed:
+    clock = FakeClock()
+
+    def advance(s: float) -> None:
+        clock.now += s
+
+    cat: Catalog = SqliteCatalog(tmp_path / "catalog.db", clock=clock) if kind == "sqlite" else MemoryCatalog(clock)
+    cat.init(DG)
+    cat.add_disk(D1)
+    for name in ("v1", "v2"):
+        create(cat, vol(name), [sd(name, 0, "d1", 10 * MiB)])
+        cat.finish_intent(name)
+    return Timed(cat, advance, clock)
+
+
+@pytest.fixture(params=["sqlite", "memory"])
+def timed(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Timed]:
+    t = _make_timed(request.param, tmp_path)
+    try:
+        yield t
+    finally:
+        t.cat.close()
+
+
+TTL = 10.0
+
+
+def test_renew_lease_creates_and_extends(timed: Timed) -> None:
+    cat = timed.cat
+    assert cat.leases() == []
+    first = cat.renew_lease("nodeB", TTL)
+    assert first.node == "nodeB" and first.ttl == TTL and first.expires == pytest.approx(timed.now() + TTL)
+    timed.advance(3)
+    second = cat.renew_lease("nodeB", TTL)
+    assert second.expires == pytest.approx(first.expires + 3)
+    cat.renew_lease("nodeA", 5.0)
+    assert [(rec.node, rec.ttl) for rec in cat.leases()] == [("nodeA", 5.0), ("nodeB", TTL)]
+    assert cat.leases()[1] == second
+
+
+def test_attach_needs_a_live_lease_and_an_existing_volume(timed: Timed) -> None:
+    cat = timed.cat
+    with pytest.raises(InUse, match="node nodeA holds no live lease"):
+        cat.attach("v1", "nodeA")
+    cat.renew_lease("nodeA", TTL)
+    with pytest.raises(NoSuchVolume):
+        cat.attach("nope", "nodeA")
+    assert cat.attachments() == []
+    timed.advance(TTL + 1)
+    with pytest.raises(InUse, match="no live lease"):
+        cat.attach("v1", "nodeA")
+    assert cat.attachments() == []
+
+
+def test_attach_is_exclusive_while_the_holder_lives(timed: Timed) -> None:
+    cat = timed.cat
+    cat.renew_lease("nodeA", TTL)
+    cat.renew_lease("nodeB", TTL)
+    got = cat.attach("v1", "nodeA")
+    assert got == AttachRec("v1", "nodeA", pytest.approx(timed.now()), None)
+    assert cat.attach("v1", "nodeA") == got  # again on the holder: unchanged
+    with pytest.raises(InUse, match="attached on node nodeA") as err:
+        cat.attach("v1", "nodeB")
+    assert "lease runs until" in str(err.value)
+    assert cat.attachments() == [got]
+    assert cat.attach("v2", "nodeB").node == "nodeB"  # another volume is free
+    assert [(a.volume, a.node) for a in cat.attachments()] == [("v1", "nodeA"), ("v2", "nodeB")]
+
+
+def test_want_marks_the_holder_and_a_successful_attach_clears_it(timed: Timed) -> None:
+    cat = timed.cat
+    cat.renew_lease("nodeA", TTL)
+    cat.renew_lease("nodeB", TTL)
+    cat.want("v1", "nodeB")  # attached nowhere: nothing to mark
+    assert cat.attachments() == []
+    cat.attach("v1", "nodeA")
+    cat.want("v1", "nodeA")  # the holder itself: no change
+    assert cat.attachments()[0].wanted_by is None
+    cat.want("v1", "nodeB")
+    assert cat.attachments()[0].wanted_by == "nodeB"
+    cat.attach("v1", "nodeA")  # the holder mounting it again does not forget that B waits
+    assert cat.attachments()[0].wanted_by == "nodeB"
+    assert cat.detach("v1", "nodeA") is True
+    got = cat.attach("v1", "nodeB")
+    assert got.node == "nodeB" and got.wanted_by is None
+
+
+def test_detach_only_by_the_holder(timed: Timed) -> None:
+    cat = timed.cat
+    cat.renew_lease("nodeA", TTL)
+    cat.attach("v1", "nodeA")
+    assert cat.detach("v1", "nodeB") is False
+    assert cat.detach("v2", "nodeA") is False
+    assert [a.node for a in cat.attachments()] == ["nodeA"]
+    assert cat.detach("v1", "nodeA") is True
+    assert cat.detach("v1", "nodeA") is False
+    assert cat.attachments() == []
+
+
+def test_expired_holder_is_taken_over(timed: Timed) -> None:
+    cat = timed.cat
+    cat.renew_lease("nodeA", TTL)
+    cat.attach("v1", "nodeA")
+    timed.advance(TTL - 1)
+    cat.renew_lease("nodeB", TTL)
+    with pytest.raises(InUse, match="nodeA"):
+        cat.attach("v1", "nodeB")  # A's lease still runs for a second
+    timed.advance(1.5)
+    assert cat.attachments()[0].node == "nodeA"  # the record stays until someone takes it...
+    got = cat.attach("v1", "nodeB")  # ...but it is worth nothing: A's lease ran out
+    assert got.node == "nodeB" and got.since == pytest.approx(timed.now())
+    assert [(a.volume, a.node) for a in cat.attachments()] == [("v1", "nodeB")]
+
+
+def test_an_expired_node_cannot_renew_or_detach_its_way_back(timed: Timed) -> None:
+    """A node whose lease ran out lost its attachments: renewing gives it a lease again but none of
+    them (whether or not another node took them meanwhile), and its detach cannot drop the taker's."""
+    cat = timed.cat
+    cat.renew_lease("nodeA", TTL)
+    cat.attach("v1", "nodeA")
+    cat.attach("v2", "nodeA")
+    timed.advance(TTL + 1)
+    cat.renew_lease("nodeB", TTL)
+    cat.attach("v1", "nodeB")
+    cat.renew_lease("nodeA", TTL)  # A comes back
+    assert [(a.volume, a.node) for a in cat.attachments()] == [("v1", "nodeB")]  # v2 went with the lease
+    assert cat.detach("v1", "nodeA") is False
+    with pytest.raises(InUse, match="attached on node nodeB"):
+        cat.attach("v1", "nodeA")
+    assert [(a.volume, a.node) for a in cat.attachments()] == [("v1", "nodeB")]
+    assert cat.attach("v2", "nodeA").node == "nodeA"  # free again, so A may take it anew
+
+
+def test_renewing_a_live_lease_keeps_its_attachments(timed: Timed) -> None:
+    cat = timed.cat
+    cat.renew_lease("nodeA", TTL)
+    cat.attach("v1", "nodeA")
+    for _ in range(5):
+        timed.advance(TTL / 2)
+        cat.renew_lease("nodeA", TTL)
+    assert [a.node for a in cat.attachments()] == ["nodeA"]
+
+
+def test_drop_lease_releases_its_attachments(timed: Timed) -> None:
+    cat = timed.cat
+    cat.renew_lease("nodeA", TTL)
+    cat.renew_lease("nodeB", TTL)
+    cat.attach("v1", "nodeA")
+    cat.attach("v2", "nodeB")
+    cat.drop_lease("nodeA")
+    cat.drop_lease("nodeC")  # absent: no error
+    assert [rec.node for rec in cat.leases()] == ["nodeB"]
+    assert [(a.volume, a.node) for a in cat.attachments()] == [("v2", "nodeB")]
+    assert cat.attach("v1", "nodeB").node == "nodeB"
+
+
+def test_delete_volume_drops_its_attachment(timed: Timed) -> None:
+    cat = timed.cat
+    cat.renew_lease("nodeA", TTL)
+    cat.attach("v1", "nodeA")
+    cat.delete_volume("v1")
+    assert cat.attachments() == []
+    create(cat, vol("v1"), [sd("v1", 0, "d1", 10 * MiB)])
+    cat.renew_lease("nodeB", TTL)
+    assert cat.attach("v1", "nodeB").node == "nodeB"  # the new volume of that name is free
+
+
+def test_concurrent_attach_from_threads_exactly_one_wins(timed: Timed) -> None:
+    cat = timed.cat
+    nodes = [f"node{i}" for i in range(WORKERS)]
+    for n in nodes:
+        cat.renew_lease(n, TTL)
+    barrier = threading.Barrier(WORKERS)
+    won: list[str] = []
+    refused: list[str] = []
+    lock = threading.Lock()
+
+    def run(n: str) -> None:
+        barrier.wait()
+        try:
+            cat.attach("v1", n)
+            with lock:
+                won.append(n)
+        except InUse as exc:
+            with lock:
+                refused.append(str(exc))
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in nodes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert len(won) == 1 and len(refused) == WORKERS - 1
+    assert all(f"attached on node {won[0]}" in r for r in refused)
+    assert [a.node for a in cat.attachments()] == won
+
+
+def _attach_in_process(path: str, node: str, barrier: object, out: object) -> None:
+    """Top-level for multiprocessing: one node, one process, one catalog object of its own."""
+    cat = SqliteCatalog(Path(path), timeout=30.0)
+    try:
+        cat.renew_lease(node, TTL)
+        barrier.wait()  # type: ignore[attr-defined]
+        try:
+            cat.attach("v1", node)
+            result = "won"
+        except InUse as exc:
+            result = str(exc)
+    finally:
+        cat.close()
+    out.put((node, result))  # type: ignore[attr-defined]
+
+
+def test_sqlite_concurrent_attach_from_processes_exactly_one_wins(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.db"
+    _make_timed("sqlite", tmp_path).cat.close()
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(WORKERS)
+    out = ctx.Queue()
+    nodes = [f"node{i}" for i in range(WORKERS)]
+    procs = [ctx.Process(target=_attach_in_process, args=(str(path), n, barrier, out)) for n in nodes]
+    for p in procs:
+        p.start()
+    try:
+        got = dict(out.get(timeout=30) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    winners = [n for n, r in got.items() if r == "won"]
+    assert len(winners) == 1, got
+    assert all(f"attached on node {winners[0]}" in r for n, r in got.items() if n != winners[0])
+    cat = SqliteCatalog(path)
+    try:
+        assert [a.node for a in cat.attachments()] == winners
+    finally:
+        cat.close()
+
+
+def test_sqlite_leases_and_attachments_persist_and_upgrade_from_0_1_0(tmp_path: Path) -> None:
+    """The 0.1.0 catalog gains the (empty) lease and attachment tables, and they keep what is put in."""
+    import shutil
+
+    path = tmp_path / "catalog.db"
+    shutil.copy(FIXTURE, path)
+    cat = SqliteCatalog(path)
+    try:
+        assert cat.leases() == [] and cat.attachments() == []
+        cat.renew_lease("nodeA", TTL)
+        cat.attach("v1", "nodeA")
+    finally:
+        cat.close()
+    again = SqliteCatalog(path)
+    try:
+        assert [rec.node for rec in again.leases()] == ["nodeA"]
+        assert [(a.volume, a.node) for a in again.attachments()] == [("v1", "nodeA")]
+    finally:
+        again.close()

@@ -290,3 +290,29 @@ def test_provisioning_defaults_to_thin_and_is_read(tmp_path: Path) -> None:
 def test_bad_provisioning_is_refused_with_file_and_line(tmp_path: Path, value: str) -> None:
     with pytest.raises(InvalidArgument, match=r"line \d+: volume.provisioning = .* is not one of thin, thick"):
         load_config(minimal(tmp_path, volume=f"provisioning = {value}"))
+
+
+def test_cluster_lease_settings_default_and_are_read(tmp_path: Path) -> None:
+    from storage.config import ClusterSettings
+
+    assert load_config(minimal(tmp_path)).cluster == ClusterSettings(lease_ttl=10.0, lease_interval=2.0)
+    assert load_config(REPO_DEFAULT).cluster == ClusterSettings(lease_ttl=10.0, lease_interval=2.0)
+    path = write(tmp_path, minimal(tmp_path).read_text() + "[cluster]\nlease_ttl = 6\nlease_interval = 0.5\n")
+    cfg = load_config(path).cluster
+    assert (cfg.lease_ttl, cfg.lease_interval, cfg.fence_after, cfg.fence_margin) == (6.0, 0.5, 3.0, 3.0)
+
+
+@pytest.mark.parametrize(("lines", "words"), [
+    ("lease_ttl = ten", "not a number of seconds"),
+    ("lease_ttl = -5", "more than 0"),
+    ("lease_interval = 0", "more than 0"),
+    ("lease_ttl = 1\nlease_interval = 0.1", "too short"),
+    ("lease_ttl = 10\nlease_interval = 5", "less than a quarter of cluster.lease_ttl"),
+    ("lease_ttl = 10\nlease_interval = 2.5", "less than a quarter"),
+    ("lease_timeout = 3", "unknown key 'lease_timeout'"),
+])
+def test_bad_cluster_lease_settings_are_refused_with_the_line(tmp_path: Path, lines: str, words: str) -> None:
+    path = write(tmp_path, minimal(tmp_path).read_text() + "[cluster]\n" + lines + "\n")
+    with pytest.raises(InvalidArgument, match=words) as err:
+        load_config(path)
+    assert str(path) in str(err.value) and "line" in str(err.value)

@@ -1,0 +1,284 @@
+"""Leases, exclusive attachment and self-fencing with two real nodes on one shared disk group root.
+
+Each node is a real dockerd (its own mount and network namespace) with its own veritas plugin, node
+name and mount root; both plugins use one state root, so one SQLite catalog (the "shared storage" of
+a site). Short leases (lease_ttl 6 s, lease_interval 1 s) keep the waits short.
+
+The catalog is made to fail for real in the fencing test: the test holds SQLite's write lock on the
+catalog file (BEGIN EXCLUSIVE), so node A's renewals fail with "database is locked" exactly as they do
+when another writer or a stalled shared filesystem holds it. Node B cannot write meanwhile either, so
+it takes over after the lock goes, once A's lease has expired (or A released it).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from storage.catalog.base import AttachRec, LeaseRec
+from storage.catalog.sqlite import SqliteCatalog
+from storage.config import load_config
+from storage.kernel import mounts
+from tests.integration import conftest
+from tests.integration.dockerstack import (
+    REPO,
+    DockerNode,
+    PluginProcess,
+    alive,
+    share_mount_root,
+    unshare_mount_root,
+)
+
+IMAGE = "localbusybox"
+TTL = 6.0
+INTERVAL = 1.0
+WRITER = "echo hello > /data/f; i=0; while true; do echo $i >> /data/log; i=$((i+1)); sleep 0.05; done"
+
+
+def wait_for(what: str, cond: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.1)
+
+
+@dataclass
+class Node:
+    name: str
+    docker: DockerNode
+    plugin: PluginProcess
+    mnt: Path
+
+    def mountpoint(self, vol: str) -> Path:
+        return self.mnt / f"{vol}_dockerdg"
+
+    def run(self, *args: str, check: bool = True) -> str:
+        return self.docker.cli(*args, check=check).stdout.strip()
+
+    def veritas(self, *args: str) -> str:
+        """The veritas CLI with this node's config, as an administrator on the node runs it."""
+        env = {**os.environ, "VERITAS_CONFIG": str(self.plugin.config_path)}
+        proc = subprocess.run([sys.executable, "-m", "storage.cli", *args], capture_output=True, text=True,
+                              cwd=REPO, env=env, timeout=120, check=False)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+
+@dataclass
+class Pair:
+    root: Path
+    a: Node
+    b: Node
+
+    @property
+    def db(self) -> Path:
+        return self.root / "state" / "dg" / "dockerdg" / "catalog.db"
+
+    def catalog(self) -> tuple[list[LeaseRec], list[AttachRec]]:
+        cat = SqliteCatalog(self.db)
+        try:
+            return cat.leases(), cat.attachments()
+        finally:
+            cat.close()
+
+    def attached(self, vol: str) -> AttachRec | None:
+        return next((a for a in self.catalog()[1] if a.volume == vol), None)
+
+    def lease(self, node: str) -> LeaseRec | None:
+        return next((rec for rec in self.catalog()[0] if rec.node == node), None)
+
+
+def _config(root: Path, name: str, node: DockerNode, mnt: Path) -> Path:
+    path = root / f"{name}.conf"
+    path.write_text(
+        "[storage]\ndiskgroup = dockerdg\n"
+        f"state_root = {root}/state\nmount_root = {mnt}\n"
+        "default_disk_size = 4g\ndefault_disk_count = 2\n"
+        f"[node]\nname = {name}\n"
+        f"[plugin]\nsocket = {node.plugins}/veritas.sock\ndocker_host = {node.url}\nworkers = 2\n"
+        f"[cluster]\nlease_ttl = {TTL:g}\nlease_interval = {INTERVAL:g}\n"
+    )
+    return path
+
+
+@pytest.fixture
+def pair() -> Iterator[Pair]:
+    root = Path(tempfile.mkdtemp(prefix="vlease-", dir="/tmp"))
+    nodes: list[Node] = []
+    try:
+        for name in ("nodeA", "nodeB"):
+            mnt = root / f"mnt-{name}"
+            share_mount_root(mnt)  # before the node's namespace is made, or it never sees volume mounts
+            docker = DockerNode(root / name, keep_root=root)
+            conf = _config(root, name, docker, mnt)
+            plugin = PluginProcess(conf, docker.plugins / "veritas.sock", root / f"plugin-{name}.log")
+            nodes.append(Node(name, docker, plugin, mnt))
+            docker.start()
+            plugin.start()  # nodeA first: it makes the default disk group; nodeB shares it
+        yield Pair(root, nodes[0], nodes[1])
+    finally:
+        for n in nodes:
+            n.docker.stop()
+        for n in nodes:
+            n.plugin.stop()
+        for n in nodes:
+            unshare_mount_root(n.mnt)
+        conftest.finish(load_config(root / "nodeA.conf"), root)
+
+
+def start_writer(node: Node, ctr: str, vol: str) -> None:
+    node.run("run", "-d", "--name", ctr, "--network", "none", "--stop-timeout", "1", "--volume-driver", "veritas",
+             "-v", f"{vol}:/data", IMAGE, "sh", "-c", WRITER)
+    wait_for("the writer to write", lambda: (node.mountpoint(vol) / "log").exists())
+
+
+def read_on(node: Node, vol: str, check: bool = True) -> tuple[int, str]:
+    proc = node.docker.cli("run", "--rm", "--network", "none", "--volume-driver", "veritas", "-v", f"{vol}:/data",
+                           IMAGE, "cat", "/data/f", check=check)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def status(node: Node, ctr: str) -> str:
+    return node.run("inspect", "-f", "{{.State.Status}}", ctr)
+
+
+def test_b_is_refused_naming_a_while_a_uses_the_volume_and_gets_it_when_a_stops(pair: Pair) -> None:
+    a, b = pair.a, pair.b
+    a.run("volume", "create", "-d", "veritas", "--name", "vol", "-o", "size=400m")
+    start_writer(a, "wa", "vol")
+    assert pair.attached("vol") is not None and pair.attached("vol").node == "nodeA"  # type: ignore[union-attr]
+    rc, out = read_on(b, "vol", check=False)
+    assert rc != 0 and "attached on node nodeA" in out, out
+    assert not b.mountpoint("vol").exists() or mounts.mounted_at(b.mountpoint("vol")) is None
+    att = pair.attached("vol")
+    assert att is not None and att.node == "nodeA" and att.wanted_by == "nodeB"
+    # docker volume inspect on either node shows where it is attached and until when the lease runs
+    shown = b.run("volume", "inspect", "-f", "{{json .Status.attachment}}", "vol")
+    assert '"node":"nodeA"' in shown and '"lease_live":true' in shown and '"wanted_by":"nodeB"' in shown, shown
+    listed = b.veritas("vol", "list")
+    assert "nodeA (lease to " in listed, listed
+    leases = b.veritas("dg", "leases")
+    assert [line.split()[0] for line in leases.splitlines()[1:]] == ["nodeA", "nodeB"], leases
+    assert leases.count(" live ") == 2, leases
+    a.run("rm", "-f", "wa")  # Docker unmounts its last use on A: A lets the volume go
+    wait_for("A to release vol", lambda: pair.attached("vol") is None)
+    rc, out = read_on(b, "vol")
+    assert rc == 0 and out.strip() == "hello"
+    assert pair.attached("vol") is None  # B's container ended: released there too
+
+
+def test_a_killed_plugin_loses_the_volume_at_lease_expiry_and_leaves_it_alone_when_back(pair: Pair) -> None:
+    a, b = pair.a, pair.b
+    a.run("volume", "create", "-d", "veritas", "--name", "vol", "-o", "size=400m")
+    start_writer(a, "wa", "vol")
+    a.plugin.kill9()  # the plugin dies; A's container runs on, as on a node that died whole it would not
+    expires = pair.lease("nodeA").expires  # type: ignore[union-attr]
+    rc, out = read_on(b, "vol", check=False)
+    assert rc != 0 and "nodeA" in out, out  # A's lease still runs
+    wait_for("A's lease to expire", lambda: time.time() > expires + 0.2, timeout=TTL + 5)
+    ctr_b = b.run("run", "-d", "--network", "none", "--volume-driver", "veritas", "-v", "vol:/data", IMAGE,
+                  "sh", "-c", "cat /data/f > /data/.seen; mv /data/.seen /data/seen-by-b; sleep 600")
+    wait_for("B's container to read", lambda: (b.mountpoint("vol") / "seen-by-b").exists())
+    assert (b.mountpoint("vol") / "seen-by-b").read_text().strip() == "hello"
+    assert pair.attached("vol").node == "nodeB"  # type: ignore[union-attr]
+    # A comes back: it finds the volume is B's, stops its own user of it and drops its mount records,
+    # and does nothing to the volume: B's container goes on with the same data
+    a.plugin.start()
+    wait_for("A to stop its container", lambda: status(a, "wa") != "running")
+    wait_for("A's mount point to go", lambda: mounts.mounted_at(a.mountpoint("vol")) is None)
+    assert "attached on node nodeB now: left alone" in a.plugin.log.read_text()
+    assert "mkfs" not in a.plugin.log.read_text() and "repair" not in a.plugin.log.read_text()
+    cat = SqliteCatalog(pair.db)
+    try:
+        assert [m.node for m in cat.mounts("vol")] == ["nodeB"]
+    finally:
+        cat.close()
+    assert pair.attached("vol").node == "nodeB"  # type: ignore[union-attr]
+    assert b.run("exec", ctr_b, "cat", "/data/f") == "hello" and status(b, ctr_b) == "running"
+    b.run("rm", "-f", ctr_b)
+    wait_for("B to release vol", lambda: pair.attached("vol") is None)
+
+
+def test_a_that_cannot_renew_stops_its_container_and_unmounts_before_its_lease_ends(pair: Pair) -> None:
+    a, b = pair.a, pair.b
+    a.run("volume", "create", "-d", "veritas", "--name", "vol", "-o", "size=400m")
+    start_writer(a, "wa", "vol")
+    time.sleep(2 * INTERVAL)  # a renewal reads the attachment
+    pid = int(a.run("inspect", "-f", "{{.State.Pid}}", "wa"))
+    lock = sqlite3.connect(str(pair.db), timeout=30, isolation_level=None)
+    try:
+        lock.execute("BEGIN EXCLUSIVE")  # from here, A's renewals fail: "database is locked"
+        expires = lock.execute("SELECT expires FROM lease WHERE node='nodeA'").fetchone()[0]
+        # watched through the kernel: Docker's API waits on the container while its Unmount waits on
+        # the catalog, as it would for a real outage
+        wait_for("A to stop its container", lambda: not alive(pid), timeout=TTL)
+        wait_for("A to unmount vol", lambda: mounts.mounted_at(a.mountpoint("vol")) is None, timeout=TTL)
+        fenced_at = time.time()
+        assert fenced_at < expires, (f"A stopped writing {fenced_at - expires:.1f} s after its lease ran out: "
+                                     + a.plugin.log.read_text()[-3000:])
+        log = a.plugin.log.read_text()
+        assert "fencing this node" in log, log[-3000:]
+        assert alive(a.plugin.proc.pid)  # type: ignore[union-attr]
+        wait_for("A's lease to run out", lambda: time.time() > expires + 0.5, timeout=TTL + 2)
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    # B could not renew either while the lock was held: its plugin renews again first (swarm retries)
+    wait_for("B's lease to be renewed", lambda: (pair.lease("nodeB") or LeaseRec("", 0, 0)).expires > time.time())
+    rc, out = read_on(b, "vol")
+    assert rc == 0 and out.strip() == "hello", out
+    wait_for("vol to be released", lambda: pair.attached("vol") is None)
+
+
+def _writer_pid(node: Node, ctr: str) -> int:
+    time.sleep(2 * INTERVAL)  # the plugin's lease thread notes which containers use the volume
+    return int(node.run("inspect", "-f", "{{.State.Pid}}", ctr))
+
+
+def test_a_whose_engine_is_gone_kills_what_uses_a_volume_wanted_elsewhere_after_the_grace(pair: Pair) -> None:
+    a, b = pair.a, pair.b
+    a.run("volume", "create", "-d", "veritas", "--name", "vol", "-o", "size=400m")
+    start_writer(a, "wa", "vol")
+    pid = _writer_pid(a, "wa")
+    a.docker.kill()  # dockerd SIGKILLed: its container runs on, and no Unmount will ever come
+    killed_engine = time.monotonic()
+    rc, out = read_on(b, "vol", check=False)  # swarm would retry this until it works
+    assert rc != 0 and "attached on node nodeA" in out, out
+    assert pair.attached("vol").wanted_by == "nodeB"  # type: ignore[union-attr]
+    wait_for("A to kill its container's processes", lambda: not alive(pid), timeout=TTL + 10)
+    assert time.monotonic() - killed_engine >= TTL - 1, "killed before the grace of one lease_ttl"
+    wait_for("A to release vol", lambda: pair.attached("vol") is None)
+    assert mounts.mounted_at(a.mountpoint("vol")) is None
+    assert "killing what uses them" in a.plugin.log.read_text()
+    rc, out = read_on(b, "vol")
+    assert rc == 0 and out.strip() == "hello", out
+
+
+def test_an_engine_back_within_the_grace_has_nothing_killed(pair: Pair) -> None:
+    a, b = pair.a, pair.b
+    a.run("volume", "create", "-d", "veritas", "--name", "vol", "-o", "size=400m")
+    start_writer(a, "wa", "vol")
+    pid = _writer_pid(a, "wa")
+    a.docker.kill()
+    killed_engine = time.monotonic()
+    rc, out = read_on(b, "vol", check=False)
+    assert rc != 0 and "nodeA" in out, out
+    time.sleep(TTL * 0.6)
+    assert alive(pid)  # within the grace: the plugin waits for its engine
+    att = pair.attached("vol")
+    assert att is not None and att.node == "nodeA" and att.wanted_by == "nodeB"
+    a.docker.start()  # back in time (dockerd itself may then stop the container it finds: its choice)
+    wait_for("the grace to pass", lambda: time.monotonic() - killed_engine > TTL + 3 * INTERVAL, timeout=TTL + 10)
+    assert "killing what uses them" not in a.plugin.log.read_text()
+    att = pair.attached("vol")
+    assert att is None or att.node == "nodeA"

@@ -1,0 +1,99 @@
+"""The lease thread's decisions on a fake clock: when a node that cannot renew fences itself."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from plugin.lease import LeaseKeeper
+from storage.catalog.base import Catalog, DiskGroupRec, DiskRec, IntentRec, LeaseRec, SubdiskRec, VolumeRec
+from storage.catalog.memory import MemoryCatalog
+from storage.config import ClusterSettings, Config
+from storage.errors import CatalogError
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Failing(MemoryCatalog):
+    """A catalog that can be made unreachable: renewals then fail as a lost catalog's do."""
+
+    down = False
+
+    def renew_lease(self, node: str, ttl: float) -> LeaseRec:
+        if self.down:
+            raise CatalogError("catalog unreachable")
+        return super().renew_lease(node, ttl)
+
+
+@pytest.fixture
+def cat() -> Failing:
+    c = Failing()
+    c.init(DiskGroupRec("dockerdg", "u", "nodeA", 1.0))
+    c.add_disk(DiskRec("d1", "/x", "file", 1 << 30))
+    c.create_volume(VolumeRec("v", 1 << 20, "concat", "xfs"), [SubdiskRec("v", 0, "d1", 1 << 20, 1 << 20)],
+                    IntentRec("v", "make"), {"d1": 1 << 30})
+    c.finish_intent("v")
+    return c
+
+
+def keeper(tmp_path: Path, cat: Catalog, clock: Clock) -> tuple[LeaseKeeper, list[set[str]]]:
+    config = Config(state_root=tmp_path / "state", mount_root=tmp_path / "mnt", node="nodeA",
+                    cluster=ClusterSettings(lease_ttl=10, lease_interval=2))
+    k = LeaseKeeper(config, clock=clock, open_catalog=lambda: cat)
+    fenced: list[set[str]] = []
+    k.fence = lambda names, engine_alive=True: fenced.append(set(names))  # type: ignore[method-assign]
+    return k, fenced
+
+
+def test_fences_half_a_ttl_after_the_last_renewal_that_succeeded(tmp_path: Path, cat: Failing) -> None:
+    clock = Clock()
+    k, fenced = keeper(tmp_path, cat, clock)
+    cat.renew_lease("nodeB", 10)  # a peer: someone could take the volume
+    assert k.renew()
+    cat.attach("v", "nodeA")
+    clock.now += 1
+    assert k.renew()  # reads the attachment; this renewal's start is what counts from now on
+    cat.down = True
+    for _ in range(2):
+        clock.now += 2
+        assert not k.renew()
+        assert k.check() == set() and fenced == []
+    clock.now += 0.9  # 4.9 s since the last good renewal began
+    assert k.check() == set()
+    clock.now += 0.1  # 5 s = lease_ttl - fence_margin: the node stops writing, 5 s before expiry
+    assert k.check() == {"v"} and fenced == [{"v"}]
+    clock.now += 1
+    assert k.check() == set() and fenced == [{"v"}]  # once
+
+
+def test_a_node_alone_in_its_disk_group_never_fences(tmp_path: Path, cat: Failing) -> None:
+    clock = Clock()
+    k, fenced = keeper(tmp_path, cat, clock)
+    assert k.renew()
+    cat.attach("v", "nodeA")
+    assert k.renew()
+    cat.down = True
+    clock.now += 60
+    assert not k.renew()
+    assert k.check() == set() and fenced == []
+
+
+def test_renewals_that_succeed_never_fence(tmp_path: Path, cat: Failing) -> None:
+    clock = Clock()
+    k, fenced = keeper(tmp_path, cat, clock)
+    cat.renew_lease("nodeB", 10)
+    cat.renew_lease("nodeA", 10)
+    cat.attach("v", "nodeA")
+    for _ in range(20):
+        clock.now += 2
+        assert k.renew()
+        assert k.check() == set()
+    assert fenced == [] and dataclasses.asdict(cat.attachments()[0])["node"] == "nodeA"
