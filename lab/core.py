@@ -331,7 +331,21 @@ class Node:
         self._record(**{only: None})
 
     def set_port(self, up: bool) -> None:
+        """Plug the node into the switch or pull its cable. Plugging in returns once both ends are
+        operationally up: the kernel reports a carrier change up to a second late (linkwatch), and
+        until then the node is still cut off."""
         _in_net(self.lab.switch, "ip", "link", "set", self.port, "up" if up else "down")
+        if not up:
+            return
+        deadline = time.monotonic() + 10
+        while True:
+            ends = [json.loads(_in_net(self.lab.switch, "ip", "-j", "link", "show", self.port))[0],
+                    json.loads(_in_net(self.netns, "ip", "-j", "link", "show", "eth0"))[0]]
+            if all(e.get("operstate") == "UP" for e in ends):
+                return
+            if time.monotonic() > deadline:
+                raise LabError(f"{self.name}: its link did not come up: {ends}")
+            time.sleep(0.05)
 
     # --- status -------------------------------------------------------------------------------------
     def state(self) -> str:
