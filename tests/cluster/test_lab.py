@@ -269,7 +269,7 @@ def test_start_brings_the_killed_node_back_with_its_name_address_and_data(cluste
     assert lab.exec("node2", "docker", "info", "-f", "{{.Name}}").stdout.strip() == "node2"
     # the same data root: the container made before the kill is still known (exited with its node)
     assert lab.exec("node2", "docker", "ps", "-a", "-q", "--filter", "name=before-kill").stdout.strip()
-    assert lab.ping("node1", "198.18.0.2")
+    wait_for(lambda: lab.ping("node1", "198.18.0.2"), 10, "node2 reachable")
     wait_for(lambda: lab.node("node2")["swarm"]["status"] == "ready", 30, "swarm to see node2 ready")
     lab.exec("node2", "docker", "rm", "-f", "before-kill")
     remember(cluster)
@@ -320,7 +320,8 @@ def test_cut_partitions_the_node_and_heal_joins_it_again(cluster: dict[str, Any]
     finally:
         lab.run("heal", "node2")
     assert lab.node("node2")["cut"] is False
-    assert lab.ping("node1", "198.18.0.2")
+    # back within the neighbour tables' retry time, as after a cable is plugged in again
+    wait_for(lambda: lab.ping("node1", "198.18.0.2") and lab.ping("node2", "198.18.0.3"), 10, "node2 reachable")
 
 
 def test_bad_requests_are_refused_and_change_nothing(cluster: dict[str, Any]) -> None:
