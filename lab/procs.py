@@ -113,9 +113,26 @@ class Snapshot:
         return self.descendants(roots)
 
 
+def children(pid: int) -> list[int]:
+    """PIDs whose parent is ``pid`` (zombies included)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        f = _stat_fields(int(entry))
+        if f is not None and int(f[1]) == pid:
+            out.append(int(entry))
+    return out
+
+
 def process_tree(pid: int) -> list[int]:
-    """``pid`` and its live descendants."""
-    return sorted(Snapshot.take().descendants({pid}))
+    """``pid`` and its descendants, parents before children (zombies included)."""
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children(p))
+    return tree
 
 
 def pids_with_arg(arg: str) -> list[int]:
