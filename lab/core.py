@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import shutil
@@ -282,18 +283,34 @@ class Node:
             text += f"[cluster]\ncatalog = etcd\netcd_endpoints = http://{ETCD_ADDR}:2379\n"
         self.config.write_text(text)
 
-    def boot(self) -> None:
-        """Everything of a node that is not running: its first process, dockerd, the plugin."""
+    def boot(self, fresh: bool = False) -> None:
+        """Everything of a node that is not running: its first process, the plugin, dockerd.
+
+        The plugin comes first, as on a host whose plugin service starts before Docker: a dockerd with
+        veritas volumes in its data root loads their driver while it starts (and waits for it), before
+        its swarm agent describes the node; a node described without the plugin gets no task with a
+        veritas volume until the agent's next description, up to 20 s later. On a fresh data root
+        (``fresh``) there is nothing to load: both start at once.
+        """
         if self.proc("init") is None:
             self.set_port(not self.lab.is_cut(self.name))
             self.start_init()
             debug(f"{self.name}: init up")
-        if self.proc("dockerd") is None:
-            self.start_dockerd()
-            debug(f"{self.name}: dockerd up")
-        if self.lab.plugin and self.proc("plugin") is None:
-            self.start_plugin()
-            debug(f"{self.name}: plugin up")
+        want_plugin = self.lab.plugin and self.proc("plugin") is None
+        if fresh and want_plugin and self.proc("dockerd") is None:
+            _parallel([self.start_plugin, self.start_dockerd])
+            debug(f"{self.name}: plugin and dockerd up")
+        else:
+            if want_plugin:
+                self.start_plugin()
+                debug(f"{self.name}: plugin up")
+            if self.proc("dockerd") is None:
+                self.start_dockerd()
+                debug(f"{self.name}: dockerd up")
+        if self.lab.plugin:
+            # dockerd loads a plugin found by its socket only when it first needs one; listing volumes
+            # does, and the node then shows the driver in `docker info` (what swarm schedules by)
+            uhttp.get_json(str(self.sock), "/volumes", timeout=60)
 
     # --- failures -----------------------------------------------------------------------------------
     def members(self) -> set[int]:
@@ -467,7 +484,7 @@ class Lab:
                     n.state_root.mkdir(parents=True, exist_ok=True)
                     n.write_config()
                 Path("/run/docker/plugins").mkdir(parents=True, exist_ok=True)  # the node's bind target
-                _parallel([n.boot for n in self.nodes()])
+                _parallel([functools.partial(n.boot, fresh=True) for n in self.nodes()])
                 if swarm:
                     self._make_swarm()
             except BaseException:
