@@ -46,6 +46,7 @@ MAX_NODES = 60  # docker bridges 198.19.N.0/24 stay below the address pool 198.1
 
 
 _T0 = time.monotonic()
+_RECORD_LOCK = threading.Lock()
 
 
 def debug(msg: str) -> None:
@@ -132,11 +133,12 @@ class Node:
             return {}
 
     def _record(self, **kv: Any) -> None:
-        rec = self.pids()
-        rec.update(kv)
-        tmp = self.base / "pids.json.tmp"
-        tmp.write_text(json.dumps(rec))
-        tmp.replace(self.base / "pids.json")
+        with _RECORD_LOCK:  # a node's plugin and dockerd start in threads of their own
+            rec = self.pids()
+            rec.update(kv)
+            tmp = self.base / "pids.json.tmp"
+            tmp.write_text(json.dumps(rec))
+            tmp.replace(self.base / "pids.json")
 
     def proc(self, role: str) -> Proc | None:
         """The live process recorded for ``role`` (init, dockerd, plugin), or None."""
@@ -711,13 +713,20 @@ def _detach_loops_under(root: Path) -> list[str]:
                 st = os.lstat(os.path.join(dirpath, f))
                 if st.st_size > 0 and (st.st_mode & 0o170000) == 0o100000:
                     ids.add((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino))
+    def ours() -> list[str]:
+        return [dev for dev in loop.attached() if loop.backing_id(dev) in ids]
+
     errors = []
-    for dev in loop.attached():
-        bid = loop.backing_id(dev)
-        if bid is not None and bid in ids:
-            r = subprocess.run(["losetup", "-d", dev], capture_output=True, text=True, check=False)
-            if r.returncode != 0:
-                errors.append(f"losetup -d {dev}: {r.stderr.strip()}")
+    for dev in ours():
+        r = subprocess.run(["losetup", "-d", dev], capture_output=True, text=True, check=False)
+        if r.returncode != 0:
+            errors.append(f"losetup -d {dev}: {r.stderr.strip()}")
+    # a filesystem of a namespace that just ended may still hold its device a moment: the detach then
+    # only sets autoclear, and the device goes when the filesystem does
+    deadline = time.monotonic() + 10
+    while ours() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    errors += [f"{dev} is still attached to a file of the lab" for dev in ours()]
     return errors
 
 

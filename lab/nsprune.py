@@ -1,5 +1,6 @@
 """Run inside a fresh mount namespace: detach the copies of other tests' and the host's loop-backed
-and /tmp mounts, so this namespace does not keep their filesystems (and loop devices) busy.
+and /tmp mounts and namespace files, so this namespace does not keep their filesystems (and loop
+devices, and namespaces) busy.
 
 Usage: python3 -m lab.nsprune KEEP_ROOT
 """
@@ -14,7 +15,8 @@ MNT_DETACH = 2
 
 def prune(keep_root: str, also: tuple[str, ...] = ()) -> None:
     """Detach (lazily) every mount outside ``keep_root`` that is under /tmp/, /dockerfs or loop-backed,
-    and every mount at or under one of ``also``."""
+    every namespace file (nsfs: a copy would keep another lab's or engine's namespace alive after its
+    owner ended it), and every mount at or under one of ``also``."""
     keep = keep_root.rstrip("/") + "/"
     extra = tuple(a.rstrip("/") + "/" for a in also)
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -24,7 +26,8 @@ def prune(keep_root: str, also: tuple[str, ...] = ()) -> None:
             left, _, right = line.partition(" - ")
             target = left.split()[4].replace("\\040", " ")
             source = right.split()[1] if len(right.split()) > 1 else ""
-            if (target + "/").startswith(extra):
+            fstype = right.split()[0] if right.split() else ""
+            if (target + "/").startswith(extra) or fstype == "nsfs":
                 targets.append(target)
                 continue
             if (target + "/").startswith(keep):

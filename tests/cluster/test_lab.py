@@ -161,9 +161,13 @@ def test_each_node_has_its_own_namespaces_engine_and_plugin(cluster: dict[str, A
                 assert ns[k] != host[k], f"{n['name']}'s {role} shares the host's {k} namespace"
         for k in host:
             seen[k].add(init_ns[k])
-        out = lab.exec(n["name"], "sh", "-c", 'hostname; docker info -f "{{.Name}}"; echo "$VERITAS_CONFIG"')
-        hostname, engine, config = out.stdout.split()
+        out = lab.exec(n["name"], "sh", "-c",
+                       'hostname; docker info -f "{{.Name}} {{.Plugins.Volume}}"; echo "$VERITAS_CONFIG"')
+        hostname, engine_plugins, config = out.stdout.splitlines()
+        engine, plugins = engine_plugins.split(" ", 1)
         assert (hostname, engine) == (n["name"], n["name"])
+        # the engine has loaded the plugin: swarm places veritas tasks only on nodes that list it
+        assert plugins == "[local veritas]"
         text = Path(config).read_text()
         # the plugin's config names the node, its engine, its socket directory, its mount root, the site root
         for line in (f"name = {n['name']}", f"docker_host = {n['docker_host']}",
@@ -266,7 +270,8 @@ def test_start_brings_the_killed_node_back_with_its_name_address_and_data(cluste
     lab.run("start", "node2")
     n = lab.node("node2")
     assert n["state"] == "running" and n["address"] == "198.18.0.2", n
-    assert lab.exec("node2", "docker", "info", "-f", "{{.Name}}").stdout.strip() == "node2"
+    assert lab.exec("node2", "docker", "info", "-f", "{{.Name}} {{.Plugins.Volume}}").stdout.strip() == \
+        "node2 [local veritas]"
     # the same data root: the container made before the kill is still known (exited with its node)
     assert lab.exec("node2", "docker", "ps", "-a", "-q", "--filter", "name=before-kill").stdout.strip()
     wait_for(lambda: lab.ping("node1", "198.18.0.2"), 10, "node2 reachable")
@@ -277,7 +282,8 @@ def test_start_brings_the_killed_node_back_with_its_name_address_and_data(cluste
 
 def test_kill_only_dockerd_leaves_the_node_and_its_containers(cluster: dict[str, Any]) -> None:
     lab: Lab = cluster["lab"]
-    cid = lab.exec("node3", "docker", "run", "-d", "localbusybox:latest", "sleep", "100000").stdout.strip()
+    cid = lab.exec("node3", "docker", "run", "-d", "--stop-timeout", "1", "localbusybox:latest",
+                   "sleep", "100000").stdout.strip()
     ctr_pid = int(lab.exec("node3", "docker", "inspect", "-f", "{{.State.Pid}}", cid).stdout)
     n = lab.node("node3")
     lab.run("kill", "node3", "--only", "dockerd")
@@ -371,7 +377,7 @@ def test_two_sites_and_etcd_beside_the_first_lab(cluster: dict[str, Any]) -> Non
             lab.run("cut", "node2")
             assert not etcd_ok("node2") and etcd_ok("node1")
             lab.run("heal", "node2")
-            assert etcd_ok("node2")
+            wait_for(lambda: etcd_ok("node2"), 10, "etcd reachable from node2 again")
             etcd_pid = lab.status()["etcd"]["pid"]
             assert etcd_pid and pid_alive(etcd_pid)
         finally:
