@@ -13,7 +13,7 @@ from lab.core import Lab, LabError
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scripts/lab", description="Several Docker nodes with veritas on one machine. "
-                                "The lab lives in $VERITAS_LAB_DIR (default /run/veritas-lab).")
+                                "The lab lives in $VERITAS_LAB_DIR (default /var/lib/veritas-lab).")
     sub = p.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="bring nodes node1..nodeN up; prints {\"nodes\": [...]} as JSON")
     up.add_argument("--nodes", type=int, default=3)

@@ -1,6 +1,6 @@
 """The lab itself: nodes, the switch, etcd, swarm; up, kill, start, cut, heal, status, down.
 
-Everything lives under one directory (``VERITAS_LAB_DIR``, default /run/veritas-lab), so two labs
+Everything lives under one directory (``VERITAS_LAB_DIR``, default /var/lib/veritas-lab), so two labs
 never collide:
 
     lab.json                  what ``up`` made: nodes, sites, options, which nodes are cut
@@ -38,7 +38,7 @@ from lab.image import IMAGE, busybox_tar
 from lab.procs import Proc, Snapshot, kill_until_gone, ns_inode
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DIR = "/run/veritas-lab"
+DEFAULT_DIR = "/var/lib/veritas-lab"  # not /run: a small tmpfs on most hosts, and the images are 8 GiB sparse
 SUBNET = "198.18.0.0/16"  # the switch; engines take their bridges from 198.19.0.0/16
 ETCD_ADDR = "198.18.1.1"
 MANAGER_ADDR = "198.18.0.1"

@@ -181,6 +181,8 @@ def test_swarm_manager_is_node1_and_the_workers_are_ready(cluster: dict[str, Any
     nodes = {n["name"]: n["swarm"] for n in cluster["lab"].status()["nodes"]}
     assert nodes["node1"] == {"status": "ready", "availability": "drain", "manager": True}
     assert nodes["node2"] == nodes["node3"] == {"status": "ready", "availability": "active", "manager": False}
+    beat = cluster["lab"].exec("node1", "docker", "info", "-f", "{{.Swarm.Cluster.Spec.Dispatcher.HeartbeatPeriod}}")
+    assert beat.stdout.strip() == "1s"  # a dead worker is Down in about 3 s, not 15
 
 
 @pytest.mark.xfail(strict=True, reason="a disk group imported on several nodes at once (issue 10, global volumes): "
@@ -212,7 +214,7 @@ def test_swarm_service_with_a_veritas_volume_runs_on_a_worker(cluster: dict[str,
             ps = lab.exec("node1", "docker", "service", "ps", "svc", "--format", "{{.Node}} {{.CurrentState}}")
             return any(line.startswith(f"{worker} Running") for line in ps.stdout.splitlines())
 
-        wait_for(running, 60, "the service's task running")
+        wait_for(running, 120, "the service's task running")
         cid = lab.exec(worker, "docker", "ps", "-q", "--filter", "label=com.docker.swarm.service.name=svc").stdout
         assert cid.strip()
         wait_for(lambda: lab.exec(worker, "docker", "exec", cid.strip(), "cat", "/data/f",
