@@ -168,11 +168,24 @@ def end_pids(pids: list[int], sig: int = signal.SIGTERM, timeout: float = 10.0) 
 
 
 def kill_until_gone(members: Callable[[], set[int]], timeout: float = 20.0) -> list[int]:
-    """SIGKILL every PID ``members()`` returns, again and again (a process may fork meanwhile), until it
-    returns none; the PIDs that outlived ``timeout`` (none, normally)."""
+    """SIGKILL every PID ``members()`` returns, as a dead host's processes die: all at once. They are
+    stopped first (SIGSTOP, again until no new member appears), so none forks or is re-parented out of
+    sight while the others die; then killed, again until ``members()`` returns none. Returns the PIDs
+    that outlived ``timeout`` (none, normally)."""
     deadline = time.monotonic() + timeout
+    stopped: set[int] = set()
+    while time.monotonic() < deadline:
+        new = members() - stopped
+        if not new:
+            break
+        for p in new:
+            try:
+                os.kill(p, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
+        stopped |= new
     while True:
-        pids = members()
+        pids = members() | {p for p in stopped if alive(p)}
         if not pids:
             return []  # zombies hold no namespace; their parents (or init) reap them
         if time.monotonic() > deadline:
