@@ -485,7 +485,8 @@ class Lab:
                         (n.base / d).mkdir(parents=True, exist_ok=True)
                     n.state_root.mkdir(parents=True, exist_ok=True)
                     n.write_config()
-                Path("/run/docker/plugins").mkdir(parents=True, exist_ok=True)  # the node's bind target
+                for target in ("/run/docker/plugins", "/etc/docker"):  # the nodes' bind targets
+                    Path(target).mkdir(parents=True, exist_ok=True)
                 _parallel([functools.partial(n.boot, fresh=True) for n in self.nodes()])
                 if swarm:
                     self._make_swarm()
