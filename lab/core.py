@@ -35,7 +35,7 @@ from typing import Any
 
 from lab import uhttp
 from lab.image import IMAGE, busybox_tar
-from lab.procs import Proc, Snapshot, kill_until_gone, ns_inode
+from lab.procs import Proc, Snapshot, alive, kill_until_gone, ns_inode
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DIR = "/var/lib/veritas-lab"  # not /run: a small tmpfs on most hosts, and the images are 8 GiB sparse
@@ -340,7 +340,7 @@ class Node:
             raise LabError(f"{self.name}: no {only} runs")
         if only == "plugin":
             tree = Snapshot.take().descendants({proc.pid})
-            kill_until_gone(lambda: {p for p in tree if alive_pid(p)})
+            kill_until_gone(lambda: {p for p in tree if alive(p)})
         else:
             ctrd = self.containerd()
             os.kill(proc.pid, signal.SIGKILL)
@@ -374,12 +374,6 @@ class Node:
         if dockerd is None or (self.lab.plugin and plugin is None):
             return "degraded"
         return "running"
-
-
-def alive_pid(pid: int) -> bool:
-    from lab.procs import alive
-
-    return alive(pid)
 
 
 def ns_inode_of_file(path: Path) -> int | None:
