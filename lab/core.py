@@ -696,7 +696,10 @@ def _parallel(fns: list[Callable[[], Any]]) -> None:
 
 
 def _detach_loops_under(root: Path) -> list[str]:
-    """Detach the loop devices whose backing file (by device and inode) is a file under ``root``."""
+    """Detach the loop devices of the lab: those whose backing file (by device and inode) is a file
+    under ``root``, and those whose backing file lies on a filesystem of one of those (a volume's image
+    inside a disk's filesystem, which only a node's namespace had mounted: it keeps that filesystem,
+    and so the disk's loop device, alive after the namespace is gone). The outermost go first."""
     from storage.kernel import loop
 
     ids = set()
@@ -708,17 +711,30 @@ def _detach_loops_under(root: Path) -> list[str]:
                 st = os.lstat(os.path.join(dirpath, f))
                 if st.st_size > 0 and (st.st_mode & 0o170000) == 0o100000:
                     ids.add((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino))
-    def ours() -> list[str]:
-        return [dev for dev in loop.attached() if loop.backing_id(dev) in ids]
+
+    def ours() -> dict[str, int]:
+        """The lab's loop devices, each with its depth (0: backed by a file under root)."""
+        backing = {dev: loop.backing_id(dev) for dev in loop.attached()}
+        depth: dict[str, int] = {dev: 0 for dev, b in backing.items() if b in ids}
+        while True:
+            nums = {}
+            for d in depth:
+                with contextlib.suppress(OSError):
+                    nums[loop.devnum(d)] = depth[d]
+            more = {dev: nums[(b[0], b[1])] + 1 for dev, b in backing.items()
+                    if dev not in depth and b is not None and (b[0], b[1]) in nums}
+            if not more:
+                return depth
+            depth.update(more)
 
     errors = []
-    for dev in ours():
+    for dev, _ in sorted(ours().items(), key=lambda kv: -kv[1]):
         r = subprocess.run(["losetup", "-d", dev], capture_output=True, text=True, check=False)
         if r.returncode != 0:
             errors.append(f"losetup -d {dev}: {r.stderr.strip()}")
     # a filesystem of a namespace that just ended may still hold its device a moment: the detach then
     # only sets autoclear, and the device goes when the filesystem does
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 15
     while ours() and time.monotonic() < deadline:
         time.sleep(0.1)
     errors += [f"{dev} is still attached to a file of the lab" for dev in ours()]

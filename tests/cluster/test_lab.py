@@ -113,11 +113,11 @@ def lab_footprint(dir: Path) -> dict[str, Any]:
 def cluster() -> Iterator[dict[str, Any]]:
     dir = Path(tempfile.mkdtemp(prefix="lab-", dir="/tmp")) / "lab"
     lab = Lab(dir)
-    t0 = time.monotonic()
-    up = lab.run("up", "--nodes", "3", "--swarm", timeout=180)
-    info = {"lab": lab, "up": json.loads(up.stdout), "up_seconds": time.monotonic() - t0,
-            "netns": {}, "mntns": {}, "pids": set()}
     try:
+        t0 = time.monotonic()
+        up = lab.run("up", "--nodes", "3", "--swarm", timeout=180)
+        info = {"lab": lab, "up": json.loads(up.stdout), "up_seconds": time.monotonic() - t0,
+                "netns": {}, "mntns": {}, "pids": set()}
         yield info
     finally:
         if dir.exists():
@@ -194,17 +194,25 @@ def test_volume_made_on_node2_is_listed_on_node3(cluster: dict[str, Any]) -> Non
     assert listed == ["shared1"]
 
 
+def worker_with_the_disk_group(lab: Lab) -> str:
+    """A worker whose plugin can make and mount volumes. Once a disk group is imported on several
+    nodes at once that is any worker; today it is the node whose plugin imported the site's disk
+    group first, and when that is the manager, the group is handed over (deport, import) as between
+    two hosts without a cluster."""
+    rows = [line.split() for line in lab.exec("node2", "veritas", "dg", "list").stdout.splitlines()[1:]]
+    holder = next((r[1] for r in rows if r and r[0] == "dockerdg"), None)
+    if holder in ("node2", "node3"):
+        return holder
+    if holder is not None and holder != "-":
+        lab.exec(holder, "veritas", "dg", "deport", "dockerdg")
+        lab.exec("node2", "veritas", "dg", "import", "dockerdg")
+    return "node2"
+
+
 def test_swarm_service_with_a_veritas_volume_runs_on_a_worker(cluster: dict[str, Any]) -> None:
     lab: Lab = cluster["lab"]
-    # the worker whose plugin can make volumes: any of them once disk groups are shared, today the one
-    # that imported the site's disk group first
-    worker = None
-    for w in ("node2", "node3"):
-        if lab.exec(w, "docker", "volume", "create", "-d", "veritas", "-o", "size=100m", "svcvol",
-                    check=False).returncode == 0:
-            worker = w
-            break
-    assert worker is not None, "no worker's plugin could make a volume"
+    worker = worker_with_the_disk_group(lab)
+    lab.exec(worker, "docker", "volume", "create", "-d", "veritas", "-o", "size=100m", "svcvol")
     lab.exec("node1", "docker", "service", "create", "-d", "--name", "svc", "--no-resolve-image", "--init",
              "--stop-grace-period", "0s", "--constraint", f"node.hostname=={worker}",
              "--mount", "type=volume,source=svcvol,target=/data,volume-driver=veritas",
@@ -389,13 +397,41 @@ def test_two_sites_and_etcd_beside_the_first_lab(cluster: dict[str, Any]) -> Non
     assert first.status()["nodes"][0]["state"] == "running"
 
 
+def lab_loops(dir: Path) -> dict[str, tuple[int, int, int] | None]:
+    """Loop devices backed by a file under ``dir``, and those backed by a file on a filesystem of one of
+    them (a volume's image in a disk's filesystem), with their backing files' identities."""
+    backing = {dev: loop.backing_id(dev) for dev, path in loop.attached().items()}
+    ids = set()
+    for dirpath, _, files in os.walk(dir / "sites"):
+        for f in files:
+            ids.add(loop.identity(Path(dirpath) / f))
+    ours = {dev: b for dev, b in backing.items() if b in ids}
+    while True:
+        nums = {loop.devnum(d) for d in ours}
+        more = {dev: b for dev, b in backing.items() if dev not in ours and b and (b[0], b[1]) in nums}
+        if not more:
+            return ours
+        ours.update(more)
+
+
 def test_down_leaves_nothing_of_the_lab(cluster: dict[str, Any]) -> None:
     lab: Lab = cluster["lab"]
+    # the hardest case for down: a node killed while its container had a volume mounted, so the
+    # volume's loop device (its image inside a disk filesystem only that node had mounted) stays
+    w = worker_with_the_disk_group(lab)
+    lab.exec(w, "docker", "run", "-d", "-v", "lastvol:/data", "--volume-driver", "veritas",
+             "localbusybox:latest", "sleep", "100000")
+    lab.run("kill", w)
     remember(cluster)
     during = lab_footprint(lab.dir)
     assert during["processes"], during  # the check below can see a lab
+    loops = lab_loops(lab.dir)
+    assert any(not Path(loop.attached()[d]).is_relative_to(lab.dir) for d in loops), \
+        f"no volume loop device to leave behind: {loops}"
     lab.run("down", timeout=180)
     assert lab_footprint(lab.dir) == {"processes": [], "mounts": [], "loops": []}
+    still = {dev: b for dev, b in loops.items() if loop.backing_id(dev) == b}
+    assert still == {}, f"loop devices of the lab left attached: {still}"
     assert not lab.dir.exists()
     assert not [p for p in cluster["pids"] if pid_alive(p)]
     for name, ino in cluster["netns"].items():
