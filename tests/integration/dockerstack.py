@@ -12,105 +12,24 @@ Processes are ended by PID (dockerd, its containerd, the plugin and its gunicorn
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import docker
 import requests_unixsocket
 
+from lab.image import BUSYBOX_APPLETS, IMAGE, busybox_tar  # noqa: F401 - re-exported for the tests
+from lab.procs import alive, end_pids, process_tree
+from lab.procs import children as _children  # noqa: F401 - re-exported for the tests
+from lab.procs import pids_with_arg as _pids_with_arg
 from tests.integration import netns
 
 REPO = Path(__file__).resolve().parents[2]
-IMAGE = "localbusybox:latest"
-BUSYBOX_APPLETS = ("sh", "ls", "cat", "echo", "sleep", "dd", "mkdir", "sync", "rm", "test", "touch", "wc", "true")
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == pid:
-            out.append(int(entry))
-    return out
-
-
-def process_tree(pid: int) -> list[int]:
-    tree, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo.extend(_children(p))
-    return tree
-
-
-def _pids_with_arg(arg: str) -> list[int]:
-    """PIDs of processes with ``arg`` as one of their command-line arguments."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if arg.encode() in argv:
-                out.append(int(entry))
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def end_pids(pids: list[int], sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
-    """Signal ``pids``, wait, then SIGKILL survivors."""
-    for p in pids:
-        try:
-            os.kill(p, sig)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(alive(p) for p in pids):
-        time.sleep(0.05)
-    for p in pids:
-        if alive(p):
-            try:
-                os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-def busybox_tar() -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        tar.add("/bin/busybox", arcname="bin/busybox")
-        for name in BUSYBOX_APPLETS:
-            info = tarfile.TarInfo(f"bin/{name}")
-            info.type = tarfile.SYMTYPE
-            info.linkname = "busybox"
-            tar.addfile(info)
-        for d in ("tmp", "proc", "sys", "dev", "etc"):
-            info = tarfile.TarInfo(d)
-            info.type = tarfile.DIRTYPE
-            info.mode = 0o755
-            tar.addfile(info)
-    return buf.getvalue()
 
 
 def container_cgroups() -> set[Path]:
