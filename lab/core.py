@@ -730,7 +730,7 @@ def _detach_loops_under(root: Path) -> list[str]:
     errors = []
     for dev, _ in sorted(ours().items(), key=lambda kv: -kv[1]):
         r = subprocess.run(["losetup", "-d", dev], capture_output=True, text=True, check=False)
-        if r.returncode != 0:
+        if r.returncode != 0 and loop.backing_id(dev) is not None:  # not merely auto-cleared meanwhile
             errors.append(f"losetup -d {dev}: {r.stderr.strip()}")
     # a filesystem of a namespace that just ended may still hold its device a moment: the detach then
     # only sets autoclear, and the device goes when the filesystem does

@@ -185,8 +185,6 @@ def test_swarm_manager_is_node1_and_the_workers_are_ready(cluster: dict[str, Any
     assert beat.stdout.strip() == "1s"  # a dead worker is Down in about 3 s, not 15
 
 
-@pytest.mark.xfail(strict=True, reason="a disk group imported on several nodes at once (issue 10, global volumes): "
-                   "today the first node's plugin imports the site's disk group and the others are refused")
 def test_volume_made_on_node2_is_listed_on_node3(cluster: dict[str, Any]) -> None:
     lab: Lab = cluster["lab"]
     lab.exec("node2", "docker", "volume", "create", "-d", "veritas", "-o", "size=100m", "shared1")
