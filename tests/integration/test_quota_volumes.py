@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from storage import diskgroup, doctor, snapshots, volumes
+from storage import diskgroup, snapshots, volumes
 from storage.errors import InvalidArgument, Unsupported, VeritasError
 from storage.kernel import loop, mounts, qgroup
 from tests.integration.conftest import Env
@@ -364,7 +364,7 @@ def qstack(qhost: tuple[Host, Callable[[], Path]], stack):
     h, _ = qhost
     dg = diskgroup.default_dg(stack.env.config)
     dg.close()
-    stack.env.cli("dg", "adddisk", "dockerdg", f"{h.dir('dock')}=2g")
+    stack.env.cli("dg", "adddisk", "dockerdg", f"{h.dir('dock')}=1g")
     return h, stack
 
 
