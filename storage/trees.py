@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 from storage.catalog.base import DiskRec, VolumeRec
-from storage.errors import CommandFailed, InUse
+from storage.errors import CommandFailed, InUse, VeritasError
 from storage.group import DiskGroup
 from storage.kernel import fs, mounts, qgroup
 
@@ -126,13 +126,20 @@ def _ident(p: Path) -> tuple[int, int] | None:
 
 
 def is_mount_of(dg: DiskGroup, v: VolumeRec, entry: mounts.MountEntry) -> bool:
-    """``entry`` (the topmost mount at its target) mounts the volume's tree: its root is the tree's
-    root directory, by device and inode, on a btrfs."""
+    """``entry`` (the topmost mount at its target) mounts the volume's tree, as the kernel says: a btrfs
+    mount of the tree's subvolume (mountinfo's subvolid, on the tree's filesystem by fsid) whose root is
+    the tree's root directory (device and inode)."""
     tree = tree_of(dg, v)
     if tree is None or entry.fstype != "btrfs":
         return False
     mine = _ident(tree)
-    return mine is not None and mine[1] == qgroup.SUBVOL_ROOT_INO and _ident(Path(entry.target)) == mine
+    if mine is None or mine[1] != qgroup.SUBVOL_ROOT_INO or _ident(Path(entry.target)) != mine:
+        return False
+    try:
+        sid = qgroup.subvolume_id(tree)
+    except VeritasError:
+        return False
+    return qgroup.mounted_subvolume(entry) == sid and mounts.btrfs_fsid(Path(entry.target)) == mounts.btrfs_fsid(tree)
 
 
 def bind(dg: DiskGroup, v: VolumeRec, target: Path) -> None:

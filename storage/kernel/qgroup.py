@@ -9,7 +9,9 @@ parsed from command output.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import struct
 from pathlib import Path
 
 from storage.errors import VeritasError
@@ -39,13 +41,33 @@ def is_subvolume(path: Path) -> bool:
     return st.st_ino == SUBVOL_ROOT_INO and mounts.btrfs_fsid(path) is not None
 
 
+_BTRFS_IOC_INO_LOOKUP = 0xD0009412  # _IOWR(0x94, 18, struct btrfs_ioctl_ino_lookup_args), 4096 bytes
+
+
 def subvolume_id(path: Path, runner: Runner = run) -> int:
-    """The subvolume id of ``path``, which is also the id of its level-0 qgroup (0/ID)."""
-    out = runner(["btrfs", "inspect-internal", "rootid", str(path)]).stdout.strip()
+    """The id of the subvolume ``path`` lies in (the kernel's answer to INO_LOOKUP with tree id 0), which
+    is also the id of its level-0 qgroup (0/ID)."""
     try:
-        return int(out)
-    except ValueError:
-        raise VeritasError(f"btrfs gave no subvolume id for {path}: {out!r}") from None
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise VeritasError(f"cannot open {path}: {exc.strerror}") from None
+    try:
+        buf = bytearray(struct.pack("=QQ", 0, SUBVOL_ROOT_INO) + bytes(4080))
+        fcntl.ioctl(fd, _BTRFS_IOC_INO_LOOKUP, buf, True)
+    except OSError as exc:
+        raise VeritasError(f"{path} is not on btrfs, or its subvolume cannot be read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    return int(struct.unpack("=Q", bytes(buf[:8]))[0])
+
+
+def mounted_subvolume(entry: mounts.MountEntry) -> int | None:
+    """The subvolume id a btrfs mount shows (its subvolid= option), or None."""
+    for opt in entry.super_options.split(","):
+        key, _, val = opt.partition("=")
+        if key == "subvolid" and val.isdigit():
+            return int(val)
+    return None
 
 
 def create(path: Path, limit: int, runner: Runner = run) -> int:
