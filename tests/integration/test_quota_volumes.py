@@ -403,3 +403,34 @@ def test_container_writing_past_the_size_gets_edquot_and_maxiops_binds(qstack):
     node.cli("volume", "rm", "qv")
     node.cli("volume", "rm", "slow")
     assert list((h.btrfs / "dock" / "vols").iterdir()) == []
+
+
+def test_plugin_kill9_and_restart_keep_a_tree_mounted_for_its_container(qstack):
+    """Reconciliation at the plugin's start recognises the tree's bind mount as the volume's (by the
+    kernel's subvolume id and root inode), keeps it for the running container, and releases it after."""
+    from tests.integration.dockerstack import IMAGE
+
+    h, stack = qstack
+    node = stack.node
+    node.cli("volume", "create", "-d", "veritas", "--name", "qv", "-o", "fstype=none", "-o", "size=64m")
+    ctr = node.cli("run", "-d", "--network", "none", "-v", "qv:/vol", IMAGE, "sh", "-c",
+                   "echo one > /vol/f; sleep 600").stdout.strip()
+    mp = Path(json.loads(stack.env.cli("--json", "vol", "info", "qv").stdout)["mountpoint"])
+    deadline = time.monotonic() + 30
+    while not (mp / "f").exists():
+        assert time.monotonic() < deadline, "the container never wrote"
+        time.sleep(0.2)
+    stack.plugin.kill9()
+    stack.plugin.start()
+    info = json.loads(stack.env.cli("--json", "vol", "info", "qv").stdout)
+    assert info["mounted"] and len(info["mounts"]) == 1, info
+    node.cli("exec", ctr, "sh", "-c", "echo two >> /vol/f")
+    node.cli("rm", "-f", ctr)
+    deadline = time.monotonic() + 30
+    while json.loads(stack.env.cli("--json", "vol", "info", "qv").stdout)["mounted"]:
+        assert time.monotonic() < deadline, "the tree stayed mounted after its container went"
+        time.sleep(0.2)
+    out = node.cli("run", "--rm", "--network", "none", "-v", "qv:/vol", IMAGE, "cat", "/vol/f").stdout
+    assert out.split() == ["one", "two"]
+    node.cli("volume", "rm", "qv")
+    assert list((h.btrfs / "dock" / "vols").iterdir()) == []
