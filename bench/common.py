@@ -48,7 +48,7 @@ def _r(x: float | None) -> float | None:
 
 def emit(metric: str, value: float | None, unit: str, baseline: float | None, target: str | None,
          ratio: float | None = None, spread: tuple[float, float] | None = None, settled: bool | None = None,
-         note: str | None = None) -> None:
+         note: str | None = None, fields: dict[str, Any] | None = None) -> None:
     """One figure on stdout. ``ratio`` is value / baseline unless given (the median of per-pair ratios);
     ``met`` is the verdict of ``target`` on it (None for information); ``spread`` is [min, max] of the
     per-pair ratios where the figure comes from interleaved pairs, and ``settled`` says whether the
@@ -66,12 +66,14 @@ def emit(metric: str, value: float | None, unit: str, baseline: float | None, ta
                            "settled": settled}
     if note is not None:
         fig["note"] = note
+    fig.update(fields or {})  # what sets a line apart beyond its name (e.g. "fstype": "none")
     print(json.dumps(fig), flush=True)
 
 
-def emit_missing(metric: str, unit: str, target: str | None, note: str) -> None:
+def emit_missing(metric: str, unit: str, target: str | None, note: str,
+                 fields: dict[str, Any] | None = None) -> None:
     """A figure this build cannot take yet (the feature it measures is missing): null, not met, and why."""
-    emit(metric, None, unit, None, target, note=note)
+    emit(metric, None, unit, None, target, note=note, fields=fields)
 
 
 @dataclass
@@ -121,9 +123,9 @@ class Pairs:
         lo, hi = self.interval(by_value=target.startswith("value"))
         return verdict(target, lo, lo) == verdict(target, hi, hi)
 
-    def emit(self, metric: str, unit: str, target: str | None) -> None:
+    def emit(self, metric: str, unit: str, target: str | None, fields: dict[str, Any] | None = None) -> None:
         emit(metric, self.value, unit, self.baseline, target, ratio=self.ratio, spread=self.spread(),
-             settled=self.settled(target))
+             settled=self.settled(target), fields=fields)
 
 
 def run_pairs(ours: Callable[[int], float], base: Callable[[int], float], target: str | None, pairs: int,

@@ -41,6 +41,13 @@ Figures:
                                 Suffix _thick: the same with provisioning=thick (thin is the plain name).
                                 Where dg init refuses a directory, or volumes refuse provisioning=thick,
                                 those lines are null with a note.
+                                Suffix _fstype_none (and "fstype": "none" in the line): a volume with no
+                                filesystem of its own (fstype=none: a quota-limited directory tree, bind-
+                                mounted). It needs a filesystem that enforces a directory's size, which
+                                on this kernel is only btrfs with quotas: the dir line's disk is then a
+                                directory on btrfs (quotas enabled) on zram ("host_fs": "btrfs"); where
+                                veritas refuses fstype=none on that kind of disk, the line is null with
+                                the refusal as its note.
 
 Runs as root. It starts its own dockerd (own mount and network namespaces, so it never touches the
 host's engine or its docker0) and ``veritas plugin serve`` under a fresh /tmp directory with the
@@ -362,12 +369,17 @@ class Bench:
         try:
             rec = dg.catalog.volume(volume)
             assert rec is not None, volume
-            img = volumes.images(dg, rec)[0]  # <disk>/vols/<image>: the disk's filesystem holds it
+            # <disk>/vols/<image>: the disk's filesystem holds it (an fstype=none volume: its tree)
+            img = Path(volumes.info(dg, volume)["tree"]) if rec.fstype == "none" else volumes.images(dg, rec)[0]
         finally:
             dg.close()
         src = img.parent.parent / f"bench-{label}"
         src.mkdir(exist_ok=True)
-        if os.stat(src).st_dev != os.stat(img).st_dev:  # the kernel's word, not the path's
+        if mounts.btrfs_fsid(src) is not None:  # btrfs: every subvolume has a device number of its own
+            same = mounts.btrfs_fsid(src) == mounts.btrfs_fsid(img)
+        else:
+            same = os.stat(src).st_dev == os.stat(img).st_dev
+        if not same:  # the kernel's word, not the path's
             raise RuntimeError(f"{src} is not on the filesystem holding {img}")
         dst = config.mount_root / f"bench-fio-{label}"
         dst.mkdir(exist_ok=True)
@@ -395,16 +407,24 @@ class Bench:
                                  f"thick provisioning not available ({thick})")
                 elif note is not None:
                     emit_missing(metric, SAME_DISK_JOBS[job][5], SAME_DISK_JOBS[job][6], note)
+            # the same disk once more, with a volume that has no filesystem of its own
+            metrics = [(f"container_{job}_same_disk_{kind}_fstype_none", "none", job) for job in SAME_DISK_JOBS]
+            note = self._same_disk_kind(kind, ["none"], metrics)
+            for metric, _prov, job in metrics if note is not None else []:
+                emit_missing(metric, SAME_DISK_JOBS[job][5], SAME_DISK_JOBS[job][6], note,
+                             fields={"fstype": "none"})
 
     def _same_disk_kind(self, kind: str, provs: list[str], metrics: list[tuple[str, str, str]]) -> str | None:
-        """Measure one kind of disk; emits its figures, or returns why it could not (a missing feature)."""
+        """Measure one kind of disk; emits its figures, or returns why it could not (a missing feature).
+        ``provs`` ["none"]: one fstype=none volume, on a dir disk on btrfs with quotas for kind dir."""
+        tree = provs == ["none"]
         pairs = 1 if self.quick else 7
         cap = 2 if self.quick else 15
         runtime = 0.5 if self.quick else 5
         sizes = {"randwrite": "32m" if self.quick else "256m", "write": "128m" if self.quick else "512m"}
-        base = self.root / f"same-{kind}"
+        base = self.root / f"same-{kind}{'-tree' if tree else ''}"
         base.mkdir()
-        dg_name = f"bench{kind}"
+        dg_name = f"bench{kind}{'tree' if tree else ''}"
         log(f"e. same disk, {kind} disks: {pairs} pairs (up to {cap}) of {runtime} s, provisioning {provs}")
         zdevs: list[Path] = []
         dirfs: Path | None = None
@@ -418,6 +438,15 @@ class Bench:
             elif kind == "block":
                 zdevs.append(self.zram.add("4G"))
                 spec = str(zdevs[-1])
+            elif tree:  # fstype=none needs a filesystem that enforces a directory's size: btrfs with quotas
+                zdevs.append(self.zram.add("8G"))
+                sh("mkfs.btrfs", "-q", "-f", zdevs[-1])
+                dirfs = base / "btrfs"
+                dirfs.mkdir()
+                sh("mount", zdevs[-1], dirfs)
+                sh("btrfs", "quota", "enable", dirfs)
+                (dirfs / "d1").mkdir()
+                spec = f"{dirfs}/d1=4g"
             else:  # a directory on XFS (reflink=1) on zram: how a host's reflink-capable root stands in here
                 zdevs.append(self.zram.add("8G"))
                 sh("mkfs.xfs", "-q", "-m", "reflink=1", zdevs[-1])
@@ -427,7 +456,7 @@ class Bench:
                 (dirfs / "d1").mkdir()
                 spec = f"{dirfs}/d1=4g"
             cfg_path = base / "veritas.conf"
-            driver = f"veritas{kind}"
+            driver = f"veritas{kind}{'tree' if tree else ''}"
             write_kind_config(cfg_path, self.root, self.node, dg_name, driver)
             cfg = load_config(cfg_path)
             try:
@@ -446,7 +475,16 @@ class Bench:
             for prov in provs:
                 vol = f"sd{kind}{prov}"
                 opts = ["-o", f"provisioning={prov}"] if "thick" in provs else []
-                self.docker("volume", "create", "-d", driver, "--name", vol, *opts)
+                if tree:
+                    opts = ["-o", "fstype=none", "-o", "size=2g"]
+                try:
+                    self.docker("volume", "create", "-d", driver, "--name", vol, *opts)
+                except RuntimeError as exc:
+                    if tree:  # refused on this kind of disk: the refusal is the line's note
+                        log(f"   fstype=none refused on {kind} disks: {exc}")
+                        why = str(exc).split(f"create {vol}: ", 1)[-1].strip()  # the plugin's own words
+                        return f"fstype=none refused on {kind} disks: {why}"
+                    raise
                 vols.append(vol)
                 ours[prov] = vol
             # the local volume's directory lies on the filesystem of the disk holding the (first) veritas
@@ -458,7 +496,7 @@ class Bench:
             vols.append(local)
             cl = self.fio_container(local)
             ctrs.append(cl)
-            if (fstype := self.fstype_in(cl)) != "xfs":
+            if (fstype := self.fstype_in(cl)) != ("btrfs" if tree and kind == "dir" else "xfs"):
                 raise RuntimeError(f"the local volume does not reach the disk's filesystem ({fstype})")
             co = {}
             for prov, vol in ours.items():
@@ -478,7 +516,8 @@ class Bench:
 
                 res = run_pairs(side(ctr_ours), side(cl), target, pairs, cap=cap)
                 log(f"   {metric}: veritas {[round(x) for x in res.ours]}, local {[round(x) for x in res.base]}")
-                res.emit(metric, unit, target)
+                res.emit(metric, unit, target,
+                         fields={"fstype": "none", **({"host_fs": "btrfs"} if kind == "dir" else {})} if tree else None)
             return None
         finally:
             for c in ctrs:

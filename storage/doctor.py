@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from storage import mountpoints, recovery, steps
+from storage import mountpoints, recovery, steps, trees
 from storage.catalog.base import VolumeRec
 from storage.group import DiskGroup
 from storage.kernel import fs, loop, mounts
@@ -59,8 +59,10 @@ def _check(dg: DiskGroup, repair: bool) -> list[Finding]:
     its backing file lives on one of our disks (by device number), and a volume's when that file is the
     volume's image (by inode). Names and paths of mounts are never parsed, so nothing of another disk
     group (or of another instance with the same paths) is ever reported or touched."""
+    tree_vols = {v.name for v in dg.catalog.volumes() if trees.is_tree(v)}  # no image: storage.trees
     scan = _Scan(dg, repair, {v.name: v for v in dg.catalog.volumes()},
-                 {dg.image(sd.disk, sd.volume, sd.idx): sd.volume for sd in dg.catalog.subdisks()},
+                 {dg.image(sd.disk, sd.volume, sd.idx): sd.volume for sd in dg.catalog.subdisks()
+                  if sd.volume not in tree_vols},
                  {d.name for d in dg.catalog.disks() if d.state == "online"},
                  {i.key for i in dg.catalog.intents()})
     # a volume attached on another node is that node's: its mounts and loop devices (on one kernel,
@@ -80,7 +82,7 @@ def _check(dg: DiskGroup, repair: bool) -> list[Finding]:
             ident = loop.identity(img)
             if ident is not None:
                 scan.files[ident] = img
-    out = _orphan_images(scan) + _missing_images(scan)
+    out = _orphan_images(scan) + _missing_images(scan) + _missing_trees(scan)
     # loop devices on files of our disks (attached now: repairs above may have detached some); on a
     # directory disk's filesystem only those on our images, since any other file there is not ours
     ours: dict[str, loop.FileId] = {}
@@ -160,6 +162,18 @@ def _missing_images(scan: _Scan) -> list[Finding]:
                 steps.teardown(scan.dg, vol)
                 fixed = True
             out.append(Finding("missing-image", vol, f"{img} is missing (volume {state})", fixed))
+    return out
+
+
+def _missing_trees(scan: _Scan) -> list[Finding]:
+    """fstype=none volumes whose directory is gone from an online disk: reported, never recreated empty."""
+    out = []
+    for name, v in sorted(scan.vols.items()):
+        tree = trees.tree_of(scan.dg, v)
+        if tree is None or name in scan.busy or tree.parent.parent.name not in scan.online or trees.exists(scan.dg, v):
+            continue
+        out.append(Finding("missing-tree", name, f"{tree} is missing; the volume's data is gone,"
+                           f" remove it (veritas vol rm {name})"))
     return out
 
 

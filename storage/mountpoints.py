@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from storage import trees
 from storage.catalog.base import VolumeRec
 from storage.errors import InUse, VeritasError
 from storage.group import DiskGroup
@@ -32,7 +33,10 @@ def entry_ids(entry: mounts.MountEntry) -> set[loop.FileId]:
 
 
 def is_own(dg: DiskGroup, v: VolumeRec, entry: mounts.MountEntry) -> bool:
-    """True when ``entry`` is a mount of volume ``v``'s own filesystem (any member of a btrfs one)."""
+    """True when ``entry`` is a mount of volume ``v``'s own filesystem (any member of a btrfs one), or
+    for an fstype=none volume a mount of its tree (storage.trees)."""
+    if trees.is_tree(v):
+        return trees.is_mount_of(dg, v, entry)
     return bool(entry_ids(entry) & image_ids(dg, v))
 
 

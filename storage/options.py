@@ -118,8 +118,8 @@ def parse_volume(size: str | int | None, opts: Mapping[str, Any]) -> VolumeSpec:
     fstype = opts.get("fstype") or None
     if fstype is not None:
         fstype = str(fstype)
-        if fstype not in FSTYPES:
-            raise InvalidArgument(f"unknown fstype {fstype!r}; valid: {', '.join(FSTYPES)}")
+        if fstype not in (*FSTYPES, "none"):
+            raise InvalidArgument(f"unknown fstype {fstype!r}; valid: {', '.join(FSTYPES)}, none")
 
     provisioning = opts.get("provisioning")
     if provisioning is not None:
@@ -133,7 +133,7 @@ def parse_volume(size: str | int | None, opts: Mapping[str, Any]) -> VolumeSpec:
         raw = opts.get(key)
         return None if raw is None else int_option(key, raw, allow_zero)
 
-    return VolumeSpec(
+    spec = VolumeSpec(
         size=None if size is None else parse_size(size),
         layout=layout,
         fstype=fstype,
@@ -143,6 +143,24 @@ def parse_volume(size: str | int | None, opts: Mapping[str, Any]) -> VolumeSpec:
         protect=None if opts.get("protect") is None else bool_option("protect", opts["protect"]),
         provisioning=provisioning,
     )
+    if fstype == "none":
+        _check_tree(spec)
+    return spec
+
+
+def _check_tree(spec: VolumeSpec) -> None:
+    """fstype=none (a directory on a disk's filesystem, no filesystem of its own) is one concat tree:
+    no mirror or stripe of its own, and nothing to allocate ahead."""
+    if spec.layout not in (None, "concat", "auto"):
+        raise InvalidArgument(f"fstype=none has no filesystem of its own to spread over disks, so it takes"
+                              f" layout=concat only, not layout={spec.layout}; use fstype=xfs (or btrfs) for"
+                              " mirrors and stripes")
+    if spec.nmirror not in (None, 1) or spec.ncol not in (None, 1):
+        raise InvalidArgument("fstype=none is a directory on one disk: it has one column and no mirrors;"
+                              " use fstype=xfs or btrfs with layout=mirror or stripe")
+    if spec.provisioning == "thick":
+        raise InvalidArgument("fstype=none is a directory held to its size by a quota: there is no image to"
+                              " allocate ahead (provisioning=thick); leave provisioning out")
 
 
 def parse_snapshot(source: Any, opts: Mapping[str, Any]) -> SnapshotSpec:

@@ -15,9 +15,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from storage import crash, durable, mountpoints, options, recovery, steps
+from storage import crash, durable, mountpoints, options, recovery, steps, trees
 from storage.catalog.base import IntentRec, SubdiskRec, VolumeRec
-from storage.errors import InvalidArgument, NoSuchVolume, SnapshotInvalid
+from storage.errors import InvalidArgument, NoSuchVolume, SnapshotInvalid, Unsupported
 from storage.group import DiskGroup
 from storage.kernel import fs, reflink
 from storage.units import MiB, check_name, format_size, round_up
@@ -44,6 +44,11 @@ def make(dg: DiskGroup, source: str, name: str, cachesize: str | int | None = No
         src = steps.ready(dg, source)
         if src.invalid:
             raise SnapshotInvalid(f"source {source} is an invalid snapshot ({src.invalid}); it has no data left")
+        if trees.is_tree(src):
+            raise Unsupported(f"volume {source} has no filesystem of its own (fstype=none): it is a directory on"
+                              " the host's filesystem, which veritas never freezes, and it has no image to clone,"
+                              " so no consistent snapshot of it can be taken; make the volume with fstype=xfs"
+                              " to snapshot it")
         recovery.check_free(dg, name)
         if spec.cachesize is None:
             cache = round_up(src.size * dg.config.volume.cache_percent // 100, MiB)

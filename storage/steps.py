@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from storage import crash, durable, mountpoints, qos
+from storage import crash, durable, mountpoints, qos, trees
 from storage.catalog.base import SubdiskRec, VolumeRec
 from storage.errors import InUse, NoSuchVolume, VeritasError
 from storage.group import DiskGroup
@@ -54,7 +54,10 @@ def is_mounted(dg: DiskGroup, name: str) -> bool:
 
 
 def devices(dg: DiskGroup, v: VolumeRec) -> list[str]:
-    """Loop devices currently attached to the volume's images (those present)."""
+    """Loop devices currently attached to the volume's images (those present); for an fstype=none
+    volume mounted here, the block devices of the filesystem that holds its tree."""
+    if trees.is_tree(v):
+        return trees.devices(dg, v)
     return [d for img in images(dg, v) for d in loop.find(img)]
 
 
@@ -62,7 +65,8 @@ def health(dg: DiskGroup, v: VolumeRec) -> tuple[str, list[str]]:
     """("ok" | "degraded" | "failed", names of disks the volume lost)."""
     online = {d.name for d in dg.catalog.disks() if d.state == "online"}
     lost = [sd.disk for sd in dg.catalog.subdisks(v.name)
-            if sd.disk not in online or not dg.image(sd.disk, v.name, sd.idx).exists()]
+            if sd.disk not in online or not (trees.exists(dg, v) if trees.is_tree(v)
+                                             else dg.image(sd.disk, v.name, sd.idx).exists())]
     if not lost:
         return "ok", []
     if len(lost) <= engine_of(v).missing_allowed(shape_of(v)):
@@ -96,6 +100,7 @@ def teardown(dg: DiskGroup, name: str) -> None:
     detach(dg, v, paths)
     for p in paths:
         p.unlink(missing_ok=True)
+    trees.remove(dg, v)
     dg.catalog.delete_volume(name)
 
 
@@ -187,6 +192,11 @@ def reserve_growth(dg: DiskGroup, name: str, sizes: list[int]) -> None:
 def grow_steps(dg: DiskGroup, v: VolumeRec, new: int) -> None:
     """Extend images and filesystem to the recorded subdisk sizes; idempotent (recovery reruns it)."""
     sds = dg.catalog.subdisks(v.name)
+    if trees.is_tree(v):  # no image, no filesystem: the quota is the size
+        trees.set_limit(dg, v, sds[0].size)
+        crash.point("grow.fs")
+        dg.catalog.finish_intent(v.name, {"size": new})
+        return
     for sd in sds:
         p = dg.image(sd.disk, v.name, sd.idx)
         if p.stat().st_size < sd.size:

@@ -16,6 +16,7 @@ class MountEntry:
     fstype: str
     options: str
     major_minor: str
+    super_options: str = ""  # the filesystem's own (btrfs: subvolid=N names the subvolume mounted)
 
 
 def _unescape(s: str) -> str:
@@ -37,6 +38,7 @@ def table() -> list[MountEntry]:
                     fstype=rf[0],
                     options=lf[5],
                     major_minor=lf[2],
+                    super_options=rf[2] if len(rf) > 2 else "",
                 )
             )
     return entries

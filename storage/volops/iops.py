@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from storage import options, qos, steps
+from storage import options, qos, steps, trees
 from storage.catalog.base import VolumeRec
 from storage.errors import InvalidArgument
 from storage.group import DiskGroup
@@ -15,7 +15,9 @@ def set_maxiops(dg: DiskGroup, name: str, iops: int | str) -> VolumeRec:
     with dg.locks.hold(name):
         v = steps.ready(dg, name)
         dg.catalog.update_volume(name, maxiops=value)
-        devs = steps.devices(dg, v)
+        # an fstype=none volume's devices carry other volumes' I/O too: the cgroups limiting them are not
+        # all this volume's, so its new limit reaches its containers as they (re)start (plugin Mount)
+        devs = [] if trees.is_tree(v) else steps.devices(dg, v)
         if devs:
             h = qos.Hierarchy.detect()
             nums = [loop.devnum(d) for d in devs]

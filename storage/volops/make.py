@@ -13,6 +13,7 @@ from storage.kernel import alloc, fs, loop
 from storage.layouts import ENGINES, engine
 from storage.layouts.base import LayoutEngine, Shape
 from storage.units import check_name
+from storage.volops import tree
 
 
 def make(dg: DiskGroup, name: str, size: str | int | None = None, *, spec: options.VolumeSpec | None = None,
@@ -36,6 +37,8 @@ def make(dg: DiskGroup, name: str, size: str | int | None = None, *, spec: optio
     protect = d.protect if spec.protect is None else spec.protect
     provisioning = d.provisioning if spec.provisioning is None else spec.provisioning
     fstype, nmirror, ncol = spec.fstype, spec.nmirror, spec.ncol
+    if fstype == "none":  # no image, no filesystem of its own: storage.volops.tree
+        return tree.make(dg, name, nbytes, maxiops, protect)
 
     with dg.locks.hold(name), mountpoints.claim(dg, name):
         recovery.check_free(dg, name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from storage import crash, mountpoints, ownership, qos, recovery, steps
+from storage import crash, mountpoints, ownership, qos, recovery, steps, trees
 from storage.catalog.base import IntentRec, MountRec
 from storage.errors import Degraded, InUse, SnapshotInvalid
 from storage.group import DiskGroup
@@ -51,9 +51,14 @@ def mount(dg: DiskGroup, name: str, mount_id: str = ADMIN_MOUNT_ID, degraded: bo
                     attached.append(dev)
             crash.point("mount.attached")
             mp.mkdir(parents=True, exist_ok=True)
-            steps.engine_of(v).mount(devs, steps.shape_of(v), mp, degraded=state == "degraded", runner=dg.runner)
+            if trees.is_tree(v):  # no loop device, no filesystem of its own: the tree, bind-mounted
+                trees.bind(dg, v, mp)
+            else:
+                steps.engine_of(v).mount(devs, steps.shape_of(v), mp, degraded=state == "degraded", runner=dg.runner)
             crash.point("mount.mounted")
-            if v.maxiops:
+            if trees.is_tree(v):
+                pass  # its devices are the whole host filesystem's: no writeback limit in the root cgroup
+            elif v.maxiops:
                 qos.apply_writeback(qos.Hierarchy.detect(), [loop.devnum(d) for d in devs], v.maxiops)
             else:
                 steps.drop_writeback(devs)

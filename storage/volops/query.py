@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from storage import mountpoints, steps
+from storage import mountpoints, steps, trees
 from storage.group import DiskGroup
 from storage.kernel import fs, mounts, reflink
 
@@ -41,9 +41,16 @@ def info(dg: DiskGroup, name: str) -> dict[str, Any]:
     out["subdisks"] = [{"idx": s.idx, "disk": s.disk, "size": s.size, "reserved": s.reserved,
                         "image": str(dg.image(s.disk, name, s.idx))} for s in sds]
     out["devices"] = steps.devices(dg, v)
+    tree = trees.tree_of(dg, v)
+    if tree is not None:  # no image: the directory, and the quota's count of what it holds
+        out["tree"] = str(tree)
+        for s in out["subdisks"]:
+            s["image"] = None
     out["health"], out["lost_disks"] = steps.health(dg, v)
     out["snapshots"] = [s.name for s in dg.catalog.volumes() if s.snapshot_of == name]
-    if out["mounted"]:
+    if tree is not None:
+        out["used"] = trees.usage(dg, v)
+    elif out["mounted"]:
         total, free = fs.statvfs_size(mp)
         out["used"] = total - free
     else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from storage import crash, recovery, steps
+from storage import crash, recovery, steps, trees
 from storage.catalog.base import IntentRec
 from storage.errors import InUse
 from storage.group import DiskGroup
@@ -39,6 +39,7 @@ def remove(dg: DiskGroup, name: str, force: bool = False, _cascade: bool = False
         crash.point("rm.detached")
         for p in paths:
             p.unlink(missing_ok=True)
+        trees.remove(dg, v)  # an fstype=none volume's tree and quota
         crash.point("rm.images")
         dg.catalog.delete_volume(name)
         try:

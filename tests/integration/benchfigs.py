@@ -25,14 +25,21 @@ def _holds(target: str, ratio: float, value: float) -> bool:
 
 def check(line: str) -> dict[str, object]:
     """One figure line, parsed, after checking it against the rules."""
-    fig = json.loads(line)
-    assert isinstance(fig, dict), line
+    whole = json.loads(line)
+    assert isinstance(whole, dict), line
+    # what sets a line apart beyond its name: an fstype=none volume's, and the filesystem under it
+    assert whole.get("fstype", "none") == "none" and whole.get("host_fs", "btrfs") == "btrfs", line
+    _check({k: v for k, v in whole.items() if k not in ("fstype", "host_fs")}, line)
+    return whole
+
+
+def _check(fig: dict[str, object], line: str) -> None:
     if fig.get("value") is None:  # a figure the build cannot take yet: null, not met, and why
         assert set(fig) == KEYS | {"note"}, line
         assert isinstance(fig["note"], str) and fig["note"], line
         assert fig["met"] is False and fig["spread"] is None and fig["settled"] is None, line
         assert fig["baseline"] is None and fig["ratio"] is None, line
-        return fig
+        return
     assert set(fig) == KEYS, line
     assert isinstance(fig["metric"], str) and isinstance(fig["unit"], str), line
     for k in ("value", "baseline", "ratio"):
@@ -57,7 +64,6 @@ def check(line: str) -> dict[str, object]:
             # side of the target is settled (one that straddles it may be too, given enough pairs)
             if not target.startswith("value") and _holds(target, spread[0], 0) == _holds(target, spread[1], 0):
                 assert fig["settled"] is True, line
-    return fig
 
 
 def zram_left(stderr: str) -> list[str]:
