@@ -128,6 +128,8 @@ class Driver:
             "attached": sorted({m["node"] for m in info["mounts"]}),
             "mounts": len(info["mounts"]),
         }
+        if info.get("shared_domain"):
+            status["failure_domain"] = info["shared_domain"]
         if info["used"] is not None:
             status["used"] = format_size(info["used"])
         if v.snapshot_of:

@@ -129,6 +129,7 @@ class DiskGroup:
             "name": self.name,
             "uuid": rec.uuid,
             "imported_on": rec.imported_on,
+            "accept_shared_domain": rec.accept_shared_domain,
             "disks": [{"name": d.name, "source": d.source, "kind": d.kind, "size": d.size,
                        "free": d.size - used.get(d.name, 0), "state": d.state} for d in disks],
             "size": sum(d.size for d in disks),
@@ -144,11 +145,13 @@ class DiskGroup:
             out[d.name] = (_filesystem(Path(d.source)) if d.kind == "dir" else None) or f"disk {d.name}"
         return out
 
-    def shared_domains(self) -> list[tuple[str, list[str]]]:
-        """Failure domains holding more than one disk, with their disks: directory disks of one filesystem."""
+    def shared_domains(self, disks: Sequence[str] | None = None) -> list[tuple[str, list[str]]]:
+        """Failure domains holding more than one disk (of ``disks``, e.g. a volume's, when given), with
+        their disks: directory disks of one filesystem."""
         by: dict[str, list[str]] = {}
         for disk, dom in sorted(self.failure_domains().items()):
-            by.setdefault(dom, []).append(disk)
+            if disks is None or disk in disks:
+                by.setdefault(dom, []).append(disk)
         return [(dom, names) for dom, names in sorted(by.items()) if len(names) > 1]
 
     def close(self) -> None:

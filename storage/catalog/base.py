@@ -24,6 +24,10 @@ class DiskGroupRec:
     uuid: str
     imported_on: str | None
     created: float
+    # redundant copies may share a failure domain (directory disks of one filesystem): accepted once for
+    # the group at `dg init --force` (and by the embedded default, a single host by definition), so a
+    # request that cannot say --force (Docker's Create) gets its mirror, with a warning, not a refusal
+    accept_shared_domain: bool = False
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,8 @@ from storage.errors import (
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS diskgroup (
-  name TEXT PRIMARY KEY, uuid TEXT NOT NULL, imported_on TEXT, created REAL NOT NULL);
+  name TEXT PRIMARY KEY, uuid TEXT NOT NULL, imported_on TEXT, created REAL NOT NULL,
+  accept_shared_domain INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS disk (
   name TEXT PRIMARY KEY, source TEXT NOT NULL UNIQUE, kind TEXT NOT NULL, size INTEGER NOT NULL,
   state TEXT NOT NULL);
@@ -55,7 +56,8 @@ CREATE TABLE IF NOT EXISTS intent (
   key TEXT PRIMARY KEY, op TEXT NOT NULL, data TEXT NOT NULL, created REAL NOT NULL);
 """
 
-SCHEMA_VERSION = 3  # 1: release 0.1.0; 2: snapshot cache columns (autogrow, invalid); 3: provisioning
+SCHEMA_VERSION = 4  # 1: release 0.1.0; 2: snapshot cache columns (autogrow, invalid); 3: provisioning;
+# 4: the disk group's acceptance of copies in one failure domain (accept_shared_domain)
 
 
 def _to_2(db: sqlite3.Connection) -> None:
@@ -75,8 +77,15 @@ def _to_3(db: sqlite3.Connection) -> None:
         db.execute("ALTER TABLE volume ADD COLUMN provisioning TEXT NOT NULL DEFAULT 'thin'")
 
 
+def _to_4(db: sqlite3.Connection) -> None:
+    """Disk groups made before the acceptance was recorded refuse shared failure domains, as they did."""
+    have = {r[1] for r in db.execute("PRAGMA table_info(diskgroup)")}
+    if have and "accept_shared_domain" not in have:
+        db.execute("ALTER TABLE diskgroup ADD COLUMN accept_shared_domain INTEGER NOT NULL DEFAULT 0")
+
+
 # version N -> N + 1, each run inside the one transaction that also records the new version
-_UPGRADES: dict[int, Callable[[sqlite3.Connection], None]] = {1: _to_2, 2: _to_3}
+_UPGRADES: dict[int, Callable[[sqlite3.Connection], None]] = {1: _to_2, 2: _to_3, 3: _to_4}
 _VOL_FIELDS = {f for f in VolumeRec.__dataclass_fields__ if f != "name"}
 _SD_FIELDS = {"disk", "size", "reserved"}
 
@@ -161,13 +170,16 @@ class SqliteCatalog(Catalog):
         with self._tx() as db:
             if db.execute("SELECT 1 FROM diskgroup").fetchone():
                 raise AlreadyExists(f"disk group catalog {self.path} already exists")
-            db.execute("INSERT INTO diskgroup VALUES (?,?,?,?)", (dg.name, dg.uuid, dg.imported_on, dg.created))
+            db.execute("INSERT INTO diskgroup (name, uuid, imported_on, created, accept_shared_domain)"
+                       " VALUES (?,?,?,?,?)",
+                       (dg.name, dg.uuid, dg.imported_on, dg.created, int(dg.accept_shared_domain)))
 
     def diskgroup(self) -> DiskGroupRec:
-        rows = self._q("SELECT name, uuid, imported_on, created FROM diskgroup")
+        rows = self._q("SELECT name, uuid, imported_on, created, accept_shared_domain FROM diskgroup")
         if not rows:
             raise NoSuchDiskGroup(f"catalog {self.path} holds no disk group")
-        return DiskGroupRec(*rows[0])
+        name, uuid, imported_on, created, accept = rows[0]
+        return DiskGroupRec(name, uuid, imported_on, created, bool(accept))
 
     def set_imported(self, node: str | None, expect: Collection[str | None] | None = None) -> None:
         with self._tx() as db:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
 from storage import mountpoints, steps
+from storage.catalog.base import SubdiskRec, VolumeRec
 from storage.group import DiskGroup
 from storage.kernel import fs, mounts, reflink
 
@@ -15,13 +17,33 @@ def list_volumes(dg: DiskGroup) -> list[dict[str, Any]]:
     mounted = {e.target for e in mounts.table()}
     root = str(dg.config.mount_root)
     rows = []
+    domains = dg.failure_domains()
+    sds: dict[str, list[SubdiskRec]] = {}
+    for sd in dg.catalog.subdisks():
+        sds.setdefault(sd.volume, []).append(sd)
     for v in dg.catalog.volumes():
         mp = f"{root}/{v.name}_{dg.name}"
         rows.append({"name": v.name, "size": v.size, "layout": v.layout, "fstype": v.fstype,
                      "maxiops": v.maxiops, "snapshot_of": v.snapshot_of, "state": v.state,
                      "mountpoint": mp, "mounted": mp in mounted and mountpoints.mounted_here(dg, v),
-                     "invalid": v.invalid, "provisioning": v.provisioning})
+                     "invalid": v.invalid, "provisioning": v.provisioning,
+                     "redundant": steps.engine_of(v).redundant,
+                     "shared_domain": shared_domain(v, sds.get(v.name, []), domains)})
     return rows
+
+
+def shared_domain(v: VolumeRec, subdisks: Sequence[SubdiskRec], domains: Mapping[str, str]) -> str | None:
+    """Why a redundant volume's copies are no redundancy, when some of them share a failure domain
+    (directory disks of one filesystem; see DiskGroupRec.accept_shared_domain); None otherwise (and for
+    layouts without copies)."""
+    if not steps.engine_of(v).redundant:
+        return None
+    by: dict[str, list[str]] = {}
+    for sd in subdisks:
+        by.setdefault(domains.get(sd.disk, sd.disk), []).append(sd.disk)
+    where = "; ".join(f"disks {', '.join(sorted(set(ds)))} on {dom}" for dom, ds in sorted(by.items())
+                      if len(ds) > 1)
+    return f"its copies share one failure domain: {where}" if where else None
 
 
 def info(dg: DiskGroup, name: str) -> dict[str, Any]:
@@ -37,6 +59,7 @@ def info(dg: DiskGroup, name: str) -> dict[str, Any]:
                         "image": str(dg.image(s.disk, name, s.idx))} for s in sds]
     out["devices"] = steps.devices(dg, v)
     out["health"], out["lost_disks"] = steps.health(dg, v)
+    out["shared_domain"] = shared_domain(v, sds, dg.failure_domains())
     out["snapshots"] = [s.name for s in dg.catalog.volumes() if s.snapshot_of == name]
     if out["mounted"]:
         total, free = fs.statvfs_size(mp)
