@@ -48,13 +48,14 @@ def _r(x: float | None) -> float | None:
 
 def emit(metric: str, value: float | None, unit: str, baseline: float | None, target: str | None,
          ratio: float | None = None, spread: tuple[float, float] | None = None, settled: bool | None = None,
-         note: str | None = None) -> None:
+         note: str | None = None, extra: dict[str, Any] | None = None) -> None:
     """One figure on stdout. ``ratio`` is value / baseline unless given (the median of per-pair ratios);
     ``met`` is the verdict of ``target`` on it (None for information); ``spread`` is [min, max] of the
     per-pair ratios where the figure comes from interleaved pairs, and ``settled`` says whether the
     confidence interval of their median lies on one side of the target (Pairs.interval; None where
     there is no target or no pairs). A figure that could not be taken
-    (a feature missing) has value null, met false and a ``note`` saying why."""
+    (a feature missing) has value null, met false and a ``note`` saying why. ``extra`` adds fields that
+    tell variants of one metric apart (e.g. ``"prefill": false``), keeping the metric's name."""
     if ratio is None and value is not None and baseline is not None:
         ratio = value / baseline if baseline else float("inf")
     # judged on the printed (rounded) figures, so a line never contradicts itself at the third decimal
@@ -64,14 +65,16 @@ def emit(metric: str, value: float | None, unit: str, baseline: float | None, ta
                            "ratio": _r(ratio), "target": target, "met": met,
                            "spread": None if spread is None else [_r(spread[0]), _r(spread[1])],
                            "settled": settled}
+    fig.update(extra or {})
     if note is not None:
         fig["note"] = note
     print(json.dumps(fig), flush=True)
 
 
-def emit_missing(metric: str, unit: str, target: str | None, note: str) -> None:
+def emit_missing(metric: str, unit: str, target: str | None, note: str,
+                 extra: dict[str, Any] | None = None) -> None:
     """A figure this build cannot take yet (the feature it measures is missing): null, not met, and why."""
-    emit(metric, None, unit, None, target, note=note)
+    emit(metric, None, unit, None, target, note=note, extra=extra)
 
 
 @dataclass
@@ -121,9 +124,9 @@ class Pairs:
         lo, hi = self.interval(by_value=target.startswith("value"))
         return verdict(target, lo, lo) == verdict(target, hi, hi)
 
-    def emit(self, metric: str, unit: str, target: str | None) -> None:
+    def emit(self, metric: str, unit: str, target: str | None, extra: dict[str, Any] | None = None) -> None:
         emit(metric, self.value, unit, self.baseline, target, ratio=self.ratio, spread=self.spread(),
-             settled=self.settled(target))
+             settled=self.settled(target), extra=extra)
 
 
 def run_pairs(ours: Callable[[int], float], base: Callable[[int], float], target: str | None, pairs: int,
