@@ -69,7 +69,7 @@ def _warn_shared(dg: DiskGroup, new: Sequence[str]) -> None:
 
 def cmd_dg_init(cfg: Config, a: argparse.Namespace) -> None:
     size = parse_size(a.size, "disk size") if a.size else None
-    dg = diskgroup.init(cfg, a.name, [DiskSpec.parse(d, size) for d in a.disks], force=a.force)
+    dg = diskgroup.init(cfg, a.name, [DiskSpec.parse(d, size) for d in a.disks], force=a.force, shared=a.shared)
     _warn_shared(dg, [d.name for d in dg.catalog.disks()])
     _emit(a, dg.summary(), lambda s: f"disk group {s['name']} created with {len(s['disks'])} disk(s)")
     dg.close()
@@ -275,6 +275,8 @@ def _add_dg_commands(top: argparse._SubParsersAction[argparse.ArgumentParser]) -
     x.add_argument("--force", action="store_true", help="overwrite disks that hold a filesystem (a directory:"
                    " a gone disk group's identity and images); and accept, for the group, mirrors whose"
                    " copies share a failure domain (directory disks of one filesystem), made with a warning")
+    x.add_argument("-s", "--shared", action="store_true",
+                   help="a shared disk group: in use on every node that sees its root (as vxdg -s init)")
     x.set_defaults(fn=cmd_dg_init)
     x = dg.add_parser("adddisk", help="add disks to a disk group")
     x.add_argument("name")

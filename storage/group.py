@@ -93,7 +93,7 @@ class DiskGroup:
         rec = self.catalog.diskgroup()
         if rec.imported_on is None:
             raise InUse(f"disk group {self.name} is deported; run veritas dg import {self.name}")
-        if rec.imported_on != self.node:
+        if rec.imported_on != self.node and not rec.shared:  # a shared group is every node's
             raise InUse(f"disk group {self.name} is imported on node {rec.imported_on}, not {self.node};"
                         f" deport it there first (or import with --force if that node is dead)")
 
@@ -130,6 +130,7 @@ class DiskGroup:
             "uuid": rec.uuid,
             "imported_on": rec.imported_on,
             "accept_shared_domain": rec.accept_shared_domain,
+            "shared": rec.shared,
             "disks": [{"name": d.name, "source": d.source, "kind": d.kind, "size": d.size,
                        "free": d.size - used.get(d.name, 0), "state": d.state} for d in disks],
             "size": sum(d.size for d in disks),

@@ -139,6 +139,16 @@ def test_accept_shared_domain_round_trips_and_defaults_to_refusing(catalog: Cata
 def test_a_group_made_without_acceptance_refuses_shared_domains(catalog: Catalog) -> None:
     catalog.init(DG)
     assert catalog.diskgroup().accept_shared_domain is False
+    assert catalog.diskgroup().shared is False
+
+
+def test_shared_round_trips_through_import_and_deport(catalog: Catalog) -> None:
+    """A shared disk group (dg init -s) stays shared whoever imports or deports it."""
+    catalog.init(DiskGroupRec("shareddg", "u-2", "node1", 8.0, shared=True))
+    assert catalog.diskgroup() == DiskGroupRec("shareddg", "u-2", "node1", 8.0, False, True)
+    catalog.set_imported(None)
+    catalog.set_imported("node2")
+    assert catalog.diskgroup().shared is True and catalog.diskgroup().accept_shared_domain is False
 
 
 # --------------------------------------------------------------------------------------------- disks
@@ -866,6 +876,7 @@ def test_sqlite_upgrades_a_catalog_made_by_release_0_1_0(tmp_path: Path) -> None
         assert cat.intents() == []
         # 0.1.0 refused mirrors in one failure domain (it had no directory disks): still refused
         assert cat.diskgroup().accept_shared_domain is False
+        assert cat.diskgroup().shared is False  # imported on one node at a time, as 0.1.0 had it
     finally:
         cat.close()
     db = sqlite3.connect(str(path))
@@ -897,7 +908,8 @@ PRAGMA user_version=3;
     old.close()
     cat = SqliteCatalog(path)
     try:
-        assert cat.diskgroup() == DiskGroupRec("olddg", "u-old", "node1", 3.0, accept_shared_domain=False)
+        assert cat.diskgroup() == DiskGroupRec("olddg", "u-old", "node1", 3.0, accept_shared_domain=False,
+                                               shared=False)
     finally:
         cat.close()
     db = sqlite3.connect(str(path))
@@ -905,12 +917,12 @@ PRAGMA user_version=3;
     db.close()
     fresh = SqliteCatalog(tmp_path / "new.db")
     try:
-        fresh.init(DiskGroupRec("newdg", "u-new", "node1", 4.0, accept_shared_domain=True))
+        fresh.init(DiskGroupRec("newdg", "u-new", "node1", 4.0, accept_shared_domain=True, shared=True))
     finally:
         fresh.close()
     again = SqliteCatalog(tmp_path / "new.db")
     try:
-        assert again.diskgroup().accept_shared_domain is True
+        assert again.diskgroup().accept_shared_domain is True and again.diskgroup().shared is True
     finally:
         again.close()
 
