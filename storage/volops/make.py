@@ -46,7 +46,7 @@ def make(dg: DiskGroup, name: str, size: str | int | None = None, *, spec: optio
         for attempt in range(5):
             # placement reads free space outside the catalog transaction; a concurrent make may take the
             # chosen disk's room first, so plan again rather than fail while other disks have space
-            eng, shape, sizes, disks = _plan(dg, layout, nbytes, fstype, nmirror, ncol, force)
+            eng, shape, sizes, disks = _plan(dg, layout, nbytes, fstype, nmirror, ncol, force, volume=name)
             vol = VolumeRec(name, nbytes, eng.name, shape.fstype, shape.nmirror, shape.ncol, maxiops,
                             None, 0, "creating", time.time(), protect, provisioning=provisioning)
             sds = [SubdiskRec(name, i, d, sz, sz) for i, (d, sz) in enumerate(zip(disks, sizes, strict=True))]
@@ -90,7 +90,8 @@ def make(dg: DiskGroup, name: str, size: str | int | None = None, *, spec: optio
 
 
 def _plan(dg: DiskGroup, layout: str, size: int, fstype: str | None, nmirror: int | None,
-          ncol: int | None, force: bool = False) -> tuple[LayoutEngine, Shape, list[int], list[str]]:
+          ncol: int | None, force: bool = False,
+          volume: str = "") -> tuple[LayoutEngine, Shape, list[int], list[str]]:
     free = dg.free()
     domains = None if force else dg.failure_domains()  # only redundant layouts are held to them
     if layout == "auto":
@@ -112,7 +113,7 @@ def _plan(dg: DiskGroup, layout: str, size: int, fstype: str | None, nmirror: in
             raise
         disks = LayoutEngine.place(sizes, free, eng.name, dg.name, None)
         where = "; ".join(f"{', '.join(ds)} on {dom}" for dom, ds in dg.shared_domains(disks))
-        log.warning("disk group %s accepts copies in one failure domain: the copies of a %s volume are"
+        log.warning("disk group %s accepts copies in one failure domain: the copies of %s volume %s are"
                     " on disks that are lost together (%s); add a disk on another filesystem or device for"
-                    " redundancy", dg.name, eng.name, where)
+                    " redundancy", dg.name, eng.name, volume, where)
     return eng, shape, sizes, disks

@@ -22,7 +22,7 @@ def test_bench_plugin_quick(host_engine: hostengine.HostState):
         "the host engine's docker0 is already gone or changed" + hostengine.engines_in_host_netns(host_engine.pid)
     zram0 = Path("/sys/block/zram0").exists()
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "plugin.py"), "--quick"], capture_output=True,
-                          text=True, timeout=300, cwd=REPO, check=False)
+                          text=True, timeout=480, cwd=REPO, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     figs = [benchfigs.check(line) for line in lines]
