@@ -54,7 +54,8 @@ def emit(metric: str, value: float | None, unit: str, baseline: float | None, ta
     per-pair ratios where the figure comes from interleaved pairs, and ``settled`` says whether the
     confidence interval of their median lies on one side of the target (Pairs.interval; None where
     there is no target or no pairs). A figure that could not be taken
-    (a feature missing) has value null, met false and a ``note`` saying why."""
+    (a feature missing) has value null, met false and a ``note`` saying why. ``extra`` adds fields that
+    tell variants of one metric apart (e.g. ``"prefill": false``), keeping the metric's name."""
     if ratio is None and value is not None and baseline is not None:
         ratio = value / baseline if baseline else float("inf")
     # judged on the printed (rounded) figures, so a line never contradicts itself at the third decimal

@@ -35,9 +35,12 @@ Figures:
                                 disk group of that kind against a local-driver volume bound
                                 (type=none, o=bind) to a directory on that disk's own filesystem, both
                                 written by fio from a container (files written once before; median of 7
-                                interleaved 5 s pairs, up to 15). Disks: image = an image file on the
-                                host's filesystem, block = a zram block device (made for the run and
-                                removed by its number), dir = a directory on XFS (reflink=1) on zram.
+                                interleaved 5 s pairs, up to 15). The 4k random-write figures come a
+                                second time with "prefill": false: a new volume and a new file for
+                                each run, each block written once (first-write allocation included).
+                                Disks: image = an image file on the host's filesystem, block = a zram
+                                block device (made for the run and removed by its number),
+                                dir = a directory on XFS (reflink=1) on zram.
                                 Suffix _thick: the same with provisioning=thick (thin is the plain name).
                                 Where dg init refuses a directory, or volumes refuse provisioning=thick,
                                 those lines are null with a note.
@@ -401,12 +404,13 @@ class Bench:
             except Exception:
                 log(f"e. {kind} disks failed")
                 raise
-            for metric, prov, job in metrics:
+            for metric, prov, job in metrics + _first_write_metrics(kind):
+                extra = FIRST_WRITE if (metric, prov, job) in _first_write_metrics(kind) else None
                 if prov not in provs:
                     emit_missing(metric, SAME_DISK_JOBS[job][5], SAME_DISK_JOBS[job][6],
-                                 f"thick provisioning not available ({thick})")
+                                 f"thick provisioning not available ({thick})", fields=extra)
                 elif note is not None:
-                    emit_missing(metric, SAME_DISK_JOBS[job][5], SAME_DISK_JOBS[job][6], note)
+                    emit_missing(metric, SAME_DISK_JOBS[job][5], SAME_DISK_JOBS[job][6], note, fields=extra)
             # the same disk once more, with a volume that has no filesystem of its own
             metrics = [(f"container_{job}_same_disk_{kind}_fstype_none", "none", job) for job in SAME_DISK_JOBS]
             note = self._same_disk_kind(kind, ["none"], metrics)
@@ -518,6 +522,9 @@ class Bench:
                 log(f"   {metric}: veritas {[round(x) for x in res.ours]}, local {[round(x) for x in res.base]}")
                 res.emit(metric, unit, target,
                          fields={"fstype": "none", **({"host_fs": "btrfs"} if kind == "dir" else {})} if tree else None)
+            for metric, prov, _job in _first_write_metrics(kind):
+                if prov in provs:
+                    self._first_write(driver, kind, prov, cl, sizes["randwrite"], metric, pairs, cap, vols)
             return None
         finally:
             for c in ctrs:
@@ -533,6 +540,58 @@ class Bench:
             for z in zdevs:
                 self.zram.remove(z)
             shutil.rmtree(base, ignore_errors=True)
+
+
+    def _first_write(self, driver: str, kind: str, prov: str, local_ctr: str, size: str, metric: str,
+                     pairs: int, cap: int, vols: list[str]) -> None:
+        """The 4k random-write figure with nothing prefilled ("prefill": false): each veritas run writes a
+        file in a volume made for that run (so every write also lands on a hole of a thin image), each
+        local run a new file beside the local volume's others; each 4k block of the file is written once
+        (no time_based), so every write is a first write. fio lays the file out with its default
+        fallocate=native on both sides (unwritten extents in the filesystem the container sees)."""
+        rw, bs, depth, _, _, unit, target = SAME_DISK_JOBS["randwrite_4k_qd32"]
+
+        def ours(i: int) -> float:
+            vol = f"sdfw{kind}{prov}{i}"
+            self.docker("volume", "create", "-d", driver, "--name", vol, "-o", f"provisioning={prov}")
+            vols.append(vol)
+            ctr = self.fio_container(vol)
+            try:
+                return self.fio_once(ctr, "fw.dat", size, depth)[unit]
+            finally:
+                subprocess.run(["docker", "-H", self.node.url, "rm", "-f", ctr], capture_output=True, check=False)
+                self.docker("volume", "rm", vol)
+                vols.remove(vol)
+
+        def base(i: int) -> float:
+            name = f"fw-{prov}-{i}.dat"
+            try:
+                return self.fio_once(local_ctr, name, size, depth)[unit]
+            finally:
+                self.docker("exec", local_ctr, "rm", "-f", f"/data/{name}")
+
+        res = run_pairs(ours, base, target, pairs, cap=cap)
+        log(f"   {metric} (first write): veritas {[round(x) for x in res.ours]}, local {[round(x) for x in res.base]}")
+        res.emit(metric, unit, target, fields=FIRST_WRITE)
+
+    def fio_once(self, ctr: str, name: str, size: str, depth: int) -> dict[str, float]:
+        """Direct 4k random writes (libaio, ``depth``) over a new file /data/``name`` of ``size``, each block
+        once: first writes only."""
+        out = self.docker("exec", ctr, "/fio", "--name=fw", f"--filename=/data/{name}", "--rw=randwrite",
+                          "--bs=4k", "--direct=1", "--ioengine=libaio", f"--iodepth={depth}", f"--size={size}",
+                          "--output-format=json", timeout=300)
+        w = json.loads(out[out.index("{"):])["jobs"][0]["write"]
+        return {"MB/s": w["bw_bytes"] / 1e6, "IOPS": w["iops"]}
+
+
+# the first-write variant of a same-disk figure: the same metric name, told apart by this field
+FIRST_WRITE = {"prefill": False}
+
+
+def _first_write_metrics(kind: str) -> list[tuple[str, str, str]]:
+    """(metric, provisioning, job) of the first-write figures of one kind of disk: 4k random writes."""
+    return [(f"container_randwrite_4k_qd32_same_disk_{kind}{'' if prov == 'thin' else '_thick'}", prov,
+             "randwrite_4k_qd32") for prov in ("thin", "thick")]
 
 
 # job: (rw, bs, iodepth, -, -, unit, target)

@@ -107,7 +107,12 @@ class Driver:
         return str(self.dg.mountpoint(v.name)) if volumes.is_mounted(self.dg, v.name) else ""
 
     def get(self, name: str) -> dict[str, Any]:
+        """A volume another Create is still making is not there yet, as List has it: Docker asks Get
+        before Create and sends no Create (so no options to compare) for a volume Get finds; a node
+        whose Create races another's must reach Create, where options are compared (moby#31492)."""
         v = self._get(name)
+        if v.state == "creating":
+            raise NoSuchVolume(f"no such volume: {name} (still being created)")
         try:
             info = volumes.info(self.dg, v.name)
         except NoSuchVolume:
@@ -134,6 +139,8 @@ class Driver:
             att, expires = held
             status["attachment"] = {"node": att.node, "since": _iso(att.since), "lease_expires": _iso(expires),
                                     "lease_live": expires > time.time(), "wanted_by": att.wanted_by}
+        if info.get("shared_domain"):
+            status["failure_domain"] = info["shared_domain"]
         if info["used"] is not None:
             status["used"] = format_size(info["used"])
         if v.snapshot_of:

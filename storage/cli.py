@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -58,16 +59,18 @@ def _table(rows: list[list[str]]) -> str:
 
 def _warn_shared(dg: DiskGroup, new: Sequence[str]) -> None:
     """Say on stderr when disks just added share a failure domain (directories of one filesystem)."""
+    accepted = dg.catalog.diskgroup().accept_shared_domain
     for where, names in dg.shared_domains():
         if set(names) & set(new):
+            then = ("the group accepts mirrors across them (made with --force), each with a warning" if accepted
+                    else "vol make refuses a mirror across them unless --force")
             print(f"veritas: warning: disks {', '.join(names)} of disk group {dg.name} are directories on"
-                  f" {where}: one failure domain, lost together. vol make refuses a mirror across them"
-                  " unless --force", file=sys.stderr)
+                  f" {where}: one failure domain, lost together. {then}", file=sys.stderr)
 
 
 def cmd_dg_init(cfg: Config, a: argparse.Namespace) -> None:
     size = parse_size(a.size, "disk size") if a.size else None
-    dg = diskgroup.init(cfg, a.name, [DiskSpec.parse(d, size) for d in a.disks], force=a.force)
+    dg = diskgroup.init(cfg, a.name, [DiskSpec.parse(d, size) for d in a.disks], force=a.force, shared=a.shared)
     _warn_shared(dg, [d.name for d in dg.catalog.disks()])
     _emit(a, dg.summary(), lambda s: f"disk group {s['name']} created with {len(s['disks'])} disk(s)")
     dg.close()
@@ -143,6 +146,8 @@ def _vol_text(r: dict[str, Any]) -> str:
         lines.append(f"cache_used: {r['cache_used']}")
     if r.get("invalid"):
         lines.append(f"invalid: {r['invalid']}")
+    if r.get("shared_domain"):
+        lines.append(f"failure_domain: {r['shared_domain']}")
     for sd in r["subdisks"]:
         lines.append(f"subdisk {sd['idx']}: disk {sd['disk']} size {format_size(sd['size'])} {sd['image']}")
     return "\n".join(lines)
@@ -164,11 +169,14 @@ def cmd_vol_list(cfg: Config, a: argparse.Namespace) -> None:
         rows = volumes.list_volumes(dg)
     finally:
         dg.close()
+    # COPIES: a redundant volume's copies on distinct failure domains, or in one (shared-domain)
     _emit(a, rows, lambda rs: _table([["NAME", "SIZE", "LAYOUT", "FSTYPE", "PROV", "MAXIOPS", "SNAPSHOT-OF",
-                                       "STATE", "MOUNTED", "ATTACHED"]] + [
+                                       "STATE", "MOUNTED", "COPIES", "ATTACHED"]] + [
         [r["name"], format_size(r["size"]), r["layout"], r["fstype"], r["provisioning"], str(r["maxiops"] or "-"),
          r["snapshot_of"] or "-", "invalid" if r["invalid"] else r["state"],
-         r["mountpoint"] if r["mounted"] else "-", _attached(r["attached_on"], r["lease_expires"])] for r in rs]))
+         r["mountpoint"] if r["mounted"] else "-",
+         "shared-domain" if r["shared_domain"] else "distinct" if r["redundant"] else "-",
+         _attached(r["attached_on"], r["lease_expires"])] for r in rs]))
 
 
 def _attached(node: str | None, expires: float | None) -> str:
@@ -292,7 +300,10 @@ def _add_dg_commands(top: argparse._SubParsersAction[argparse.ArgumentParser]) -
                    help="block device, image file path[=SIZE], or directory=SIZE on XFS (reflink=1) or btrfs")
     x.add_argument("--size", help="size of image files that do not exist yet, and of directory disks")
     x.add_argument("--force", action="store_true", help="overwrite disks that hold a filesystem (a directory:"
-                   " a gone disk group's identity and images)")
+                   " a gone disk group's identity and images); and accept, for the group, mirrors whose"
+                   " copies share a failure domain (directory disks of one filesystem), made with a warning")
+    x.add_argument("-s", "--shared", action="store_true",
+                   help="a shared disk group: in use on every node that sees its root (as vxdg -s init)")
     x.set_defaults(fn=cmd_dg_init)
     x = dg.add_parser("adddisk", help="add disks to a disk group")
     x.add_argument("name")
@@ -379,9 +390,26 @@ def _add_snap_and_doctor_commands(top: argparse._SubParsersAction[argparse.Argum
     x.set_defaults(fn=cmd_doctor)
 
 
+def log_to_stderr() -> None:
+    """Warnings the library logs (a mirror made in one failure domain) reach the admin's terminal, in
+    the CLI's own words; the plugin configures its own log instead."""
+    log = logging.getLogger("veritas")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_CliFormatter())
+        log.addHandler(handler)
+        log.propagate = False
+
+
+class _CliFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"veritas: {record.levelname.lower()}: {record.getMessage()}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    log_to_stderr()
     try:
         cfg = load_config(args.config)
         args.fn(cfg, args)

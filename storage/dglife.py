@@ -26,17 +26,21 @@ from storage.volops.remove import remove
 
 
 def init(config: Config, name: str, specs: Sequence[DiskSpec], force: bool = False,
-         runner: Runner = run, store: CatalogStore | None = None) -> DiskGroup:
-    """Create disk group ``name`` on ``specs`` and import it on this node."""
+         runner: Runner = run, store: CatalogStore | None = None, shared: bool = False) -> DiskGroup:
+    """Create disk group ``name`` on ``specs`` and import it on this node.
+
+    ``force`` also records in the catalog that the group accepts redundant copies in one failure domain
+    (directory disks of one filesystem; DiskGroupRec.accept_shared_domain). ``shared``: in use on every
+    node that sees its root (DiskGroupRec.shared), as the vendor's ``vxdg -s init``."""
     check_name(name, "disk group name")
     config.state_root.mkdir(parents=True, exist_ok=True, mode=0o700)
     store = store_of(config, store)
     with store.locks().hold(exclusive_dg=True):  # one disk group creation at a time
-        return _init(config, name, specs, force, runner, store)
+        return _init(config, name, specs, force, runner, store, accept_shared_domain=force, shared=shared)
 
 
 def _init(config: Config, name: str, specs: Sequence[DiskSpec], force: bool, runner: Runner,
-          store: CatalogStore) -> DiskGroup:
+          store: CatalogStore, accept_shared_domain: bool = False, shared: bool = False) -> DiskGroup:
     if not specs:
         raise InvalidArgument("a disk group needs at least one disk")
     root = config.dg_parent / name
@@ -54,7 +58,8 @@ def _init(config: Config, name: str, specs: Sequence[DiskSpec], force: bool, run
     if root.exists() or store.is_partial(name):
         _discard_partial(store, name, root, runner)
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    store.create(DiskGroupRec(name, str(uuid.uuid4()), config.node, time.time())).close()
+    store.create(DiskGroupRec(name, str(uuid.uuid4()), config.node, time.time(),
+                              accept_shared_domain=accept_shared_domain, shared=shared)).close()
     dg = DiskGroup(config, name, runner, creating=True, store=store)
     try:
         dg.add_disks(specs, force)
@@ -123,6 +128,14 @@ def import_dg(config: Config, name: str, force: bool = False, runner: Runner = r
               store: CatalogStore | None = None) -> DiskGroup:
     dg = DiskGroup(config, name, runner, store=store)
     rec = dg.catalog.diskgroup()
+    if rec.shared and rec.imported_on is not None:  # in use on every node already: only its disks here
+        try:
+            dg.online_disks()
+            recovery.recover(dg)
+        except BaseException:
+            dg.close()
+            raise
+        return dg
     if rec.imported_on not in (None, config.node) and not force:
         dg.close()
         raise InUse(f"disk group {name} is imported on node {rec.imported_on}; deport it there first,"
@@ -212,8 +225,10 @@ def default_dg(config: Config, runner: Runner = run, store: CatalogStore | None 
         config.state_root.mkdir(parents=True, exist_ok=True, mode=0o700)
         with store.locks().hold(exclusive_dg=True):
             if not store.exists(name) and reflink.probe(config.state_root) is None:
+                # one host by definition: its directory disks share the state root's filesystem, and a
+                # mirror asked through Docker (which cannot say --force) is made there with a warning
                 _init(config, name, _default_dirs(config, name, store.is_partial(name)), False, runner,
-                      store).close()
+                      store, accept_shared_domain=True).close()
             elif not store.exists(name):
                 images = config.state_root / "images"
                 images.mkdir(exist_ok=True, mode=0o700)
@@ -226,7 +241,7 @@ def default_dg(config: Config, runner: Runner = run, store: CatalogStore | None 
                     specs.append(DiskSpec(img, config.default_disk_size))
                 # not forced: the images are made sparse just now, so they are known blank, and a
                 # device that is not blank (another instance's) is never formatted
-                _init(config, name, specs, False, runner, store).close()
+                _init(config, name, specs, False, runner, store, accept_shared_domain=True).close()
     return open_dg(config, name, runner, store=store)
 
 

@@ -93,7 +93,8 @@ class DiskGroup:
         rec = self.catalog.diskgroup()
         if rec.imported_on is None:
             raise InUse(f"disk group {self.name} is deported; run veritas dg import {self.name}")
-        if rec.imported_on != self.node and not self._shares_lease():
+        # a shared group (dg init -s) is every node's; so is one whose nodes hold leases in it
+        if rec.imported_on != self.node and not rec.shared and not self._shares_lease():
             raise InUse(f"disk group {self.name} is imported on node {rec.imported_on}, not {self.node};"
                         f" deport it there first (or import with --force if that node is dead)")
 
@@ -136,6 +137,8 @@ class DiskGroup:
             "name": self.name,
             "uuid": rec.uuid,
             "imported_on": rec.imported_on,
+            "accept_shared_domain": rec.accept_shared_domain,
+            "shared": rec.shared,
             "disks": [{"name": d.name, "source": d.source, "kind": d.kind, "size": d.size,
                        "free": d.size - used.get(d.name, 0), "state": d.state} for d in disks],
             "size": sum(d.size for d in disks),
@@ -151,11 +154,13 @@ class DiskGroup:
             out[d.name] = (_filesystem(Path(d.source)) if d.kind == "dir" else None) or f"disk {d.name}"
         return out
 
-    def shared_domains(self) -> list[tuple[str, list[str]]]:
-        """Failure domains holding more than one disk, with their disks: directory disks of one filesystem."""
+    def shared_domains(self, disks: Sequence[str] | None = None) -> list[tuple[str, list[str]]]:
+        """Failure domains holding more than one disk (of ``disks``, e.g. a volume's, when given), with
+        their disks: directory disks of one filesystem."""
         by: dict[str, list[str]] = {}
         for disk, dom in sorted(self.failure_domains().items()):
-            by.setdefault(dom, []).append(disk)
+            if disks is None or disk in disks:
+                by.setdefault(dom, []).append(disk)
         return [(dom, names) for dom, names in sorted(by.items()) if len(names) > 1]
 
     def close(self) -> None:

@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.fn is not _serve:
+        storage_cli.log_to_stderr()
     try:
         args.fn(load_config(args.config), args)
     except VeritasError as exc:

@@ -25,6 +25,14 @@ class DiskGroupRec:
     uuid: str
     imported_on: str | None
     created: float
+    # redundant copies may share a failure domain (directory disks of one filesystem): accepted once for
+    # the group at `dg init --force` (and by the embedded default, a single host by definition), so a
+    # request that cannot say --force (Docker's Create) gets its mirror, with a warning, not a refusal
+    accept_shared_domain: bool = False
+    # shared (`dg init -s`, the vendor's `vxdg -s init`): in use on every node that sees its root at once;
+    # ``imported_on`` then says only that it is not deported (the node that made or imported it), and
+    # which node may use a volume is the volume's business (leases and attachments, below)
+    shared: bool = False
 
 
 @dataclass(frozen=True)

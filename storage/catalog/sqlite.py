@@ -36,7 +36,8 @@ from storage.errors import (
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS diskgroup (
-  name TEXT PRIMARY KEY, uuid TEXT NOT NULL, imported_on TEXT, created REAL NOT NULL);
+  name TEXT PRIMARY KEY, uuid TEXT NOT NULL, imported_on TEXT, created REAL NOT NULL,
+  accept_shared_domain INTEGER NOT NULL DEFAULT 0, shared INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS disk (
   name TEXT PRIMARY KEY, source TEXT NOT NULL UNIQUE, kind TEXT NOT NULL, size INTEGER NOT NULL,
   state TEXT NOT NULL);
@@ -66,7 +67,8 @@ CREATE TABLE IF NOT EXISTS attachment (
 _SCHEMA += _LEASE_SCHEMA
 
 SCHEMA_VERSION = 4  # 1: release 0.1.0; 2: snapshot cache columns (autogrow, invalid); 3: provisioning;
-# 4: node leases and volume attachments (several nodes on one disk group)
+# 4: node leases and volume attachments (several nodes on one disk group); the disk group's acceptance
+# of copies in one failure domain (accept_shared_domain); shared groups
 
 
 def _to_2(db: sqlite3.Connection) -> None:
@@ -87,10 +89,16 @@ def _to_3(db: sqlite3.Connection) -> None:
 
 
 def _to_4(db: sqlite3.Connection) -> None:
-    """Leases and attachments start empty: a catalog from before them was used by one node only."""
+    """Leases and attachments start empty: a catalog from before them was used by one node only.
+    Disk groups made before these were recorded refuse shared failure domains, as they did, and are
+    imported on one node at a time (not shared), as they were."""
     for stmt in _LEASE_SCHEMA.split(";"):
         if stmt.strip():
             db.execute(stmt)
+    have = {r[1] for r in db.execute("PRAGMA table_info(diskgroup)")}
+    for col in ("accept_shared_domain", "shared"):
+        if have and col not in have:
+            db.execute(f"ALTER TABLE diskgroup ADD COLUMN {col} INTEGER NOT NULL DEFAULT 0")
 
 
 # version N -> N + 1, each run inside the one transaction that also records the new version
@@ -180,13 +188,17 @@ class SqliteCatalog(Catalog):
         with self._tx() as db:
             if db.execute("SELECT 1 FROM diskgroup").fetchone():
                 raise AlreadyExists(f"disk group catalog {self.path} already exists")
-            db.execute("INSERT INTO diskgroup VALUES (?,?,?,?)", (dg.name, dg.uuid, dg.imported_on, dg.created))
+            db.execute("INSERT INTO diskgroup (name, uuid, imported_on, created, accept_shared_domain, shared)"
+                       " VALUES (?,?,?,?,?,?)",
+                       (dg.name, dg.uuid, dg.imported_on, dg.created, int(dg.accept_shared_domain),
+                        int(dg.shared)))
 
     def diskgroup(self) -> DiskGroupRec:
-        rows = self._q("SELECT name, uuid, imported_on, created FROM diskgroup")
+        rows = self._q("SELECT name, uuid, imported_on, created, accept_shared_domain, shared FROM diskgroup")
         if not rows:
             raise NoSuchDiskGroup(f"catalog {self.path} holds no disk group")
-        return DiskGroupRec(*rows[0])
+        name, uuid, imported_on, created, accept, shared = rows[0]
+        return DiskGroupRec(name, uuid, imported_on, created, bool(accept), bool(shared))
 
     def set_imported(self, node: str | None, expect: Collection[str | None] | None = None) -> None:
         with self._tx() as db:

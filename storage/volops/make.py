@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 from storage import crash, durable, mountpoints, options, recovery, steps
 from storage.catalog.base import IntentRec, SubdiskRec, VolumeRec
-from storage.errors import InvalidArgument, NoSpace, VeritasError
+from storage.errors import InvalidArgument, NoSpace, SharedFailureDomain, VeritasError
 from storage.group import DiskGroup
 from storage.kernel import alloc, fs, loop
 from storage.layouts import ENGINES, engine
@@ -15,13 +16,16 @@ from storage.layouts.base import LayoutEngine, Shape
 from storage.units import check_name
 from storage.volops import tree
 
+log = logging.getLogger("veritas.volumes")
 
 def make(dg: DiskGroup, name: str, size: str | int | None = None, *, spec: options.VolumeSpec | None = None,
          force: bool = False, **opts: Any) -> VolumeRec:
     """Create volume ``name``; returns its record. Options: see options.VOLUME_OPTIONS, or a spec parsed already.
 
     A redundant layout keeps its copies in distinct failure domains (storage.group: directory disks of
-    one filesystem are one); ``force`` accepts copies that share one.
+    one filesystem are one); ``force`` accepts copies that share one, and so does a disk group that
+    accepts it (DiskGroupRec.accept_shared_domain), with a warning in the log, where no distinct
+    domains have room. ``layout=auto`` still makes a concat there rather than a mirror that is none.
 
     Every option is checked before the first step; the config file's [volume] section gives the defaults.
     """
@@ -45,7 +49,7 @@ def make(dg: DiskGroup, name: str, size: str | int | None = None, *, spec: optio
         for attempt in range(5):
             # placement reads free space outside the catalog transaction; a concurrent make may take the
             # chosen disk's room first, so plan again rather than fail while other disks have space
-            eng, shape, sizes, disks = _plan(dg, layout, nbytes, fstype, nmirror, ncol, force)
+            eng, shape, sizes, disks = _plan(dg, layout, nbytes, fstype, nmirror, ncol, force, volume=name)
             vol = VolumeRec(name, nbytes, eng.name, shape.fstype, shape.nmirror, shape.ncol, maxiops,
                             None, 0, "creating", time.time(), protect, provisioning=provisioning)
             sds = [SubdiskRec(name, i, d, sz, sz) for i, (d, sz) in enumerate(zip(disks, sizes, strict=True))]
@@ -89,7 +93,8 @@ def make(dg: DiskGroup, name: str, size: str | int | None = None, *, spec: optio
 
 
 def _plan(dg: DiskGroup, layout: str, size: int, fstype: str | None, nmirror: int | None,
-          ncol: int | None, force: bool = False) -> tuple[LayoutEngine, Shape, list[int], list[str]]:
+          ncol: int | None, force: bool = False,
+          volume: str = "") -> tuple[LayoutEngine, Shape, list[int], list[str]]:
     free = dg.free()
     domains = None if force else dg.failure_domains()  # only redundant layouts are held to them
     if layout == "auto":
@@ -104,5 +109,14 @@ def _plan(dg: DiskGroup, layout: str, size: int, fstype: str | None, nmirror: in
     eng = engine(layout)
     shape = eng.shape_for(size, fstype, nmirror, ncol, dg.config.volume)
     sizes = eng.subdisk_sizes(size, shape)
-    return eng, shape, sizes, LayoutEngine.place(sizes, free, eng.name, dg.name,
-                                                 domains if eng.redundant else None)
+    try:
+        disks = LayoutEngine.place(sizes, free, eng.name, dg.name, domains if eng.redundant else None)
+    except SharedFailureDomain:
+        if not dg.catalog.diskgroup().accept_shared_domain:
+            raise
+        disks = LayoutEngine.place(sizes, free, eng.name, dg.name, None)
+        where = "; ".join(f"{', '.join(ds)} on {dom}" for dom, ds in dg.shared_domains(disks))
+        log.warning("disk group %s accepts copies in one failure domain: the copies of %s volume %s are"
+                    " on disks that are lost together (%s); add a disk on another filesystem or device for"
+                    " redundancy", dg.name, eng.name, volume, where)
+    return eng, shape, sizes, disks

@@ -27,9 +27,11 @@ def check(line: str) -> dict[str, object]:
     """One figure line, parsed, after checking it against the rules."""
     whole = json.loads(line)
     assert isinstance(whole, dict), line
-    # what sets a line apart beyond its name: an fstype=none volume's, and the filesystem under it
+    # what sets a line apart beyond its name: an fstype=none volume's, and the filesystem under it;
+    # first writes (nothing prefilled)
     assert whole.get("fstype", "none") == "none" and whole.get("host_fs", "btrfs") == "btrfs", line
-    _check({k: v for k, v in whole.items() if k not in ("fstype", "host_fs")}, line)
+    assert whole.get("prefill", False) is False, line
+    _check({k: v for k, v in whole.items() if k not in ("fstype", "host_fs", "prefill")}, line)
     return whole
 
 

@@ -21,6 +21,7 @@ from storage.diskgroup import DiskSpec
 from storage.errors import InvalidArgument, NoSpace, SharedFailureDomain
 from storage.kernel import loop, mounts
 from tests.integration.conftest import Env, destroy_all, force_clean, leaks, write_config
+from tests.integration.dockerstack import IMAGE
 
 DG = "dirdg"
 
@@ -157,6 +158,101 @@ def test_cli_init_on_two_directories_warns_and_a_mirror_across_them_needs_force(
         assert (d1 / "vols" / "m1.0.img").exists() or (d1 / "vols" / "m1.1.img").exists()
     finally:
         dg.close()
+
+
+def _vol_list(e: Env) -> dict[str, dict[str, str]]:
+    """`veritas vol list` read by column name: volume name -> {column: value}."""
+    lines = e.cli("vol", "list", "-g", DG).stdout.splitlines()
+    head = lines[0].split()
+    return {row[0]: dict(zip(head, row, strict=True)) for row in (ln.split() for ln in lines[1:])}
+
+
+def test_a_group_made_with_force_accepts_mirrors_in_one_domain_and_says_so(host):
+    """`dg init --force` records, for the group, that its directory disks of one filesystem may hold a
+    mirror's copies: vol make (no --force, as a Docker Create cannot pass one) makes the mirror with a
+    warning, and vol list / vol info say its copies share one failure domain. layout=auto still makes a
+    concat there, and a group made without --force keeps refusing."""
+    h, e = host
+    d1, d2, d3, d4 = h.dirs("a/d1", "a/d2", "b/d3", "b/d4")
+    proc = e.cli("dg", "init", "--force", DG, f"{d1}=1g", f"{d2}=1g")
+    assert "one failure domain" in proc.stderr and "accepts mirrors" in proc.stderr, proc.stderr
+    made = e.cli("vol", "make", "-g", DG, "m1", "200m", "layout=mirror")
+    assert "warning" in made.stderr and "failure domain" in made.stderr and "lost together" in made.stderr, \
+        made.stderr
+    assert "failure_domain: its copies share one failure domain" in made.stdout, made.stdout
+    e.cli("vol", "make", "-g", DG, "c1", "100m", "layout=concat")
+    dg = e.open(DG)
+    try:
+        assert dg.catalog.diskgroup().accept_shared_domain is True
+        assert sorted(sd.disk for sd in dg.catalog.subdisks("m1")) == [d.name for d in dg.catalog.disks()]
+        assert volumes.make(dg, "a1", "100m", layout="auto").layout == "concat"
+        info = volumes.info(dg, "m1")
+        assert info["shared_domain"].startswith("its copies share one failure domain: disks ")
+        assert "xfs" in info["shared_domain"], info["shared_domain"]
+        assert volumes.info(dg, "c1")["shared_domain"] is None
+        volumes.mount(dg, "m1", "t")
+        write_synced(dg.mountpoint("m1") / "f", b"data")
+        volumes.umount(dg, "m1", "t")
+    finally:
+        dg.close()
+    rows = _vol_list(e)
+    assert rows["m1"]["COPIES"] == "shared-domain" and rows["c1"]["COPIES"] == "-", rows
+    listed = json.loads(e.cli("--json", "vol", "list", "-g", DG).stdout)
+    assert [r["name"] for r in listed if r["shared_domain"]] == ["m1"], listed
+    # a group made without --force on directories of one filesystem refuses, as before: nothing made
+    e.cli("dg", "init", "otherdg", f"{d3}=1g", f"{d4}=1g")
+    refused = e.cli("vol", "make", "-g", "otherdg", "m2", "200m", "layout=mirror", check=False)
+    assert refused.returncode == 2 and "--force" in refused.stderr, refused
+    other = e.open("otherdg")
+    try:
+        assert other.catalog.diskgroup().accept_shared_domain is False
+        assert other.catalog.volume("m2") is None and not list((d3 / "vols").iterdir())
+    finally:
+        other.close()
+
+
+def test_docker_mirror_on_the_embedded_default_of_a_reflink_state_root(host):
+    """The vendor's procedure, `docker volume create -d veritas -o layout=mirror`, on a host whose state
+    root has reflink: the embedded default's two directory disks share its filesystem, and Docker cannot
+    pass --force. The mirror is made, the plugin's log warns, and `docker volume inspect` says its
+    copies share one failure domain."""
+    from tests.integration.dockerstack import DockerNode, PluginProcess, share_mount_root, unshare_mount_root
+
+    h, e = host
+    node = DockerNode(h.root / "node1")
+    path = h.root / "xfs-state.conf"
+    path.write_text(f"[storage]\ndiskgroup = dockerdg\nstate_root = {h.xfs}/state\nmount_root = {h.root}/mnt\n"
+                    "default_disk_size = 1g\ndefault_disk_count = 2\n[node]\nname = node1\n"
+                    f"[plugin]\nsocket = {node.plugins}/veritas.sock\ndocker_host = {node.url}\nworkers = 2\n")
+    cfg = load_config(path)
+    plugin = PluginProcess(path, node.plugins / "veritas.sock", h.root / "plugin.log")
+    try:
+        share_mount_root(h.root / "mnt")
+        node.start()
+        plugin.start()
+        made = node.cli("volume", "create", "-d", "veritas", "--name", "mv", "-o", "layout=mirror",
+                        "-o", "size=300m", check=False)
+        assert made.returncode == 0, made.stderr
+        status = node.client().volumes.get("mv").attrs["Status"]
+        assert status["layout"] == "mirror", status
+        assert status["failure_domain"].startswith("its copies share one failure domain: disks dockerdg"), status
+        log = (h.root / "plugin.log").read_text()
+        assert "WARNING" in log and "accepts copies in one failure domain" in log, log[-2000:]
+        out = node.cli("run", "--rm", "--network", "none", "-v", "mv:/data", IMAGE, "sh", "-c",
+                       "echo hi > /data/f && cat /data/f")
+        assert out.stdout.strip() == "hi"
+        dg = diskgroup.DiskGroup(cfg, "dockerdg")
+        try:
+            assert dg.catalog.diskgroup().accept_shared_domain is True
+            assert [d.kind for d in dg.catalog.disks()] == ["dir", "dir"]
+        finally:
+            dg.close()
+        node.cli("volume", "rm", "mv")
+    finally:
+        node.stop()
+        plugin.stop()
+        unshare_mount_root(h.root / "mnt")
+        assert destroy_all(cfg) == []
 
 
 def test_library_mirror_refused_in_one_domain_accepted_across_two(host):

@@ -137,6 +137,32 @@ def test_set_imported_round_trip(catalog: Catalog) -> None:
     assert catalog.diskgroup() == DG
 
 
+def test_accept_shared_domain_round_trips_and_defaults_to_refusing(catalog: Catalog) -> None:
+    """The group's acceptance of copies in one failure domain is recorded at init and kept; a group made
+    without it refuses (the default), and importing or deporting never changes it."""
+    assert DG.accept_shared_domain is False
+    catalog.init(DiskGroupRec("onehost", "u-1", "node1", 7.0, accept_shared_domain=True))
+    assert catalog.diskgroup() == DiskGroupRec("onehost", "u-1", "node1", 7.0, True)
+    catalog.set_imported(None)
+    catalog.set_imported("node2")
+    assert catalog.diskgroup().accept_shared_domain is True
+
+
+def test_a_group_made_without_acceptance_refuses_shared_domains(catalog: Catalog) -> None:
+    catalog.init(DG)
+    assert catalog.diskgroup().accept_shared_domain is False
+    assert catalog.diskgroup().shared is False
+
+
+def test_shared_round_trips_through_import_and_deport(catalog: Catalog) -> None:
+    """A shared disk group (dg init -s) stays shared whoever imports or deports it."""
+    catalog.init(DiskGroupRec("shareddg", "u-2", "node1", 8.0, shared=True))
+    assert catalog.diskgroup() == DiskGroupRec("shareddg", "u-2", "node1", 8.0, False, True)
+    catalog.set_imported(None)
+    catalog.set_imported("node2")
+    assert catalog.diskgroup().shared is True and catalog.diskgroup().accept_shared_domain is False
+
+
 # --------------------------------------------------------------------------------------------- disks
 
 
@@ -860,11 +886,57 @@ def test_sqlite_upgrades_a_catalog_made_by_release_0_1_0(tmp_path: Path) -> None
         assert {v.provisioning for v in cat.volumes()} == {"thin"}  # 0.1.0 made every image sparse
         assert [m.mount_id for m in cat.mounts("v1")] == ["admin"]
         assert cat.intents() == []
+        # 0.1.0 refused mirrors in one failure domain (it had no directory disks): still refused
+        assert cat.diskgroup().accept_shared_domain is False
+        assert cat.diskgroup().shared is False  # imported on one node at a time, as 0.1.0 had it
     finally:
         cat.close()
     db = sqlite3.connect(str(path))
     assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     db.close()
+
+
+def test_sqlite_upgrade_to_4_adds_the_acceptance_refusing_and_keeps_a_schema_3_group(tmp_path: Path) -> None:
+    """A schema-3 catalog (the disk group table without accept_shared_domain) gains the column, its
+    group refusing as before; a new group records acceptance, and reopening reads it back."""
+    import sqlite3
+
+    from storage.catalog.sqlite import SCHEMA_VERSION
+
+    path = tmp_path / "catalog.db"
+    old = sqlite3.connect(str(path))
+    old.executescript("""
+CREATE TABLE diskgroup (name TEXT PRIMARY KEY, uuid TEXT NOT NULL, imported_on TEXT, created REAL NOT NULL);
+CREATE TABLE volume (
+  name TEXT PRIMARY KEY, size INTEGER NOT NULL, layout TEXT NOT NULL, fstype TEXT NOT NULL,
+  nmirror INTEGER NOT NULL, ncol INTEGER NOT NULL, maxiops INTEGER NOT NULL, snapshot_of TEXT,
+  cachesize INTEGER NOT NULL, state TEXT NOT NULL, created REAL NOT NULL, protect INTEGER NOT NULL,
+  identity_pending INTEGER NOT NULL DEFAULT 0, autogrow INTEGER NOT NULL DEFAULT 0,
+  invalid TEXT NOT NULL DEFAULT '', provisioning TEXT NOT NULL DEFAULT 'thin');
+INSERT INTO diskgroup VALUES ('olddg', 'u-old', 'node1', 3.0);
+PRAGMA user_version=3;
+""")
+    old.commit()
+    old.close()
+    cat = SqliteCatalog(path)
+    try:
+        assert cat.diskgroup() == DiskGroupRec("olddg", "u-old", "node1", 3.0, accept_shared_domain=False,
+                                               shared=False)
+    finally:
+        cat.close()
+    db = sqlite3.connect(str(path))
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION >= 4
+    db.close()
+    fresh = SqliteCatalog(tmp_path / "new.db")
+    try:
+        fresh.init(DiskGroupRec("newdg", "u-new", "node1", 4.0, accept_shared_domain=True, shared=True))
+    finally:
+        fresh.close()
+    again = SqliteCatalog(tmp_path / "new.db")
+    try:
+        assert again.diskgroup().accept_shared_domain is True and again.diskgroup().shared is True
+    finally:
+        again.close()
 
 
 def test_sqlite_refuses_a_catalog_from_a_newer_release(tmp_path: Path) -> None:

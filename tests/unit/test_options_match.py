@@ -7,6 +7,8 @@ same options succeed, and different ones are refused naming each option that dif
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from storage import options
 from storage.catalog.base import VolumeRec
@@ -104,3 +106,53 @@ def test_provisioning_is_compared_by_an_idempotent_create() -> None:
         _match(thick, {"provisioning": "thin"})
     with pytest.raises(AlreadyExists, match=r"provisioning=thin \(asked thick\)"):
         _match(VOL, {**SAME, "provisioning": "thick"})
+
+
+# ------------------------------------------------------------- property: the comparison, option by option
+
+_LAYOUTS = ("concat", "mirror", "stripe", "mirror-stripe")
+_FSTYPES = ("xfs", "ext4", "btrfs")
+_records = st.builds(
+    VolumeRec, name=st.just("g1"), size=st.sampled_from([300 * MiB, 400 * MiB, GiB]),
+    layout=st.sampled_from(_LAYOUTS), fstype=st.sampled_from(_FSTYPES), nmirror=st.integers(1, 3),
+    ncol=st.integers(1, 3), maxiops=st.sampled_from([0, 100, 200]), protect=st.booleans(),
+    provisioning=st.sampled_from(["thin", "thick"]))
+# what a Create may ask, as Docker passes it (strings), each option asked or not
+_asked = st.fixed_dictionaries({}, optional={
+    "size": st.sampled_from(["300m", "400m", "1g", "1024m"]), "layout": st.sampled_from((*_LAYOUTS, "auto")),
+    "fstype": st.sampled_from(_FSTYPES), "nmirror": st.sampled_from(["1", "2", "3"]),
+    "ncol": st.sampled_from(["1", "2", "3"]), "maxiops": st.sampled_from(["0", "100", "200"]),
+    "protect": st.sampled_from(["true", "no", "on", "0"]), "provisioning": st.sampled_from(["thin", "thick"])})
+
+
+def _differs(key: str, asked: str, v: VolumeRec) -> bool:
+    """The comparison spelled out independently: what ``asked`` means, against the record."""
+    if key == "size":
+        return {"300m": 300 * MiB, "400m": 400 * MiB, "1g": GiB, "1024m": GiB}[asked] != v.size
+    if key == "layout":
+        return asked != "auto" and asked != v.layout
+    if key == "protect":
+        return (asked in ("true", "on")) != v.protect
+    if key in ("nmirror", "ncol", "maxiops"):
+        return int(asked) != getattr(v, key)
+    return bool(asked != getattr(v, key))
+
+
+@settings(max_examples=300, deadline=None)
+@given(v=_records, asked=_asked)
+def test_a_create_matches_exactly_when_no_asked_option_differs(v: VolumeRec, asked: dict[str, str]) -> None:
+    """Two Creates of one name (two nodes, or a retry) agree exactly when every option the later one asks
+    has the existing volume's value (options not asked, and layout auto, match anything); otherwise
+    the refusal names each differing option with the existing value and what was asked, and only those."""
+    want = sorted(k for k, a in asked.items() if _differs(k, a, v))
+    assert sorted(options.conflicts(options.parse_create(asked), v)) == want
+    if not want:
+        _match(v, asked)
+        return
+    with pytest.raises(AlreadyExists) as err:
+        _match(v, asked)
+    described = str(err.value).split(": ", 1)[1].rsplit(";", 1)[0].split(", ")
+    assert sorted(d.split("=", 1)[0] for d in described) == want
+    for d in described:
+        key = d.split("=", 1)[0]
+        assert d.endswith(f" (asked {asked[key]})"), d
