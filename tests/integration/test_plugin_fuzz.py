@@ -206,8 +206,9 @@ class Fuzz:
         if self.db is None:
             self.db = sqlite3.connect(f"file:{self.dg_root / 'catalog.db'}?mode=ro", uri=True, isolation_level=None)
         tables = [r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-        # a mount ID undone and redone (Unmount, Mount of keep) gets a new time: compare who, not when
-        cols = {"mount": "volume, node, mount_id"}
+        # a mount ID undone and redone (Unmount, Mount of keep) gets a new time, so does the attachment
+        # that goes and comes with it, and the lease moves on with every renewal: compare who, not when
+        cols = {"mount": "volume, node, mount_id", "attachment": "volume, node, wanted_by", "lease": "node, ttl"}
         catalog = {t: sorted(map(repr, self.db.execute(f'SELECT {cols.get(t, "*")} FROM "{t}"'))) for t in tables}
         images = sorted((e.path, e.stat().st_size, e.inode()) for d in os.scandir(self.dg_root / "disks")
                         for e in os.scandir(Path(d.path) / "vols"))
