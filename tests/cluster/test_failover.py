@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import tempfile
 import threading
 import time
@@ -21,7 +22,7 @@ from typing import Any
 import pytest
 
 from storage.kernel import loop
-from tests.cluster.test_lab import Lab, pid_alive, wait_for
+from tests.cluster.test_lab import REPO, Lab, pid_alive, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -376,3 +377,32 @@ def test_seed_scenario_drain_then_dockerd_killed_the_task_moves_with_its_data(en
                                     check=False).stdout.strip() for node in ("node2", "node3"))
 
         wait_for(gone, 30, "the seed tasks gone")
+
+
+def test_readme_ha_demo_runs_as_written() -> None:
+    """The README's five-line demo, line by line as a person pastes it (in a lab directory of its own)."""
+    text = (REPO / "README.md").read_text()
+    block = text[text.index("A failover demo:"):]
+    block = block[: block.index("\n\n", block.index("\n\n") + 2)]
+    lines = [line[4:] for line in block.splitlines() if line.startswith("    scripts/lab") or
+             line.startswith("    sleep")]
+    assert len(lines) == 5 and lines[0].startswith("scripts/lab up") and lines[-1] == "scripts/lab down", lines
+    dir = Path(tempfile.mkdtemp(prefix="labdemo-", dir="/tmp")) / "lab"
+    env = {**os.environ, "VERITAS_LAB_DIR": str(dir)}
+    try:
+        out = []
+        for line in lines:
+            r = subprocess.run(["bash", "-c", line], cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
+                               check=False)
+            assert r.returncode == 0, (line, r.stderr[-2000:])
+            out.append(r.stdout)
+        drained = out[2].strip()
+        assert drained in ("node2", "node3"), out[2]
+        other = "node3" if drained == "node2" else "node2"
+        # the new node's task printed what the drained node's task wrote
+        assert any(line.split("@", 1)[-1].split() == [other, "|", drained] for line in out[3].splitlines()), out[3]
+        assert not dir.exists()
+    finally:
+        if dir.exists():
+            Lab(dir).run("down", check=False, timeout=240)
+        os.rmdir(dir.parent) if dir.parent.exists() and not any(dir.parent.iterdir()) else None
