@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--catalog", choices=["sqlite", "etcd"], default="sqlite")
     up.add_argument("--pacemaker", action="store_true", help="not yet (agents issue)")
     up.add_argument("--no-plugin", action="store_true", help="bare engines, no veritas plugin")
+    up.add_argument("--lease-ttl", type=float, help="[cluster] lease_ttl of every node (default: the config's 10 s)")
+    up.add_argument("--lease-interval", type=float, help="[cluster] lease_interval (default: the config's 2 s)")
     ex = sub.add_parser("exec", help="run CMD inside NODE with DOCKER_HOST and VERITAS_CONFIG set")
     ex.add_argument("node")
     ex.add_argument("argv", nargs=argparse.REMAINDER)
@@ -44,7 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     lab = Lab()
     try:
         if a.cmd == "up":
-            print(json.dumps(lab.up(a.nodes, a.sites, a.swarm, a.catalog, not a.no_plugin, a.pacemaker)))
+            print(json.dumps(lab.up(a.nodes, a.sites, a.swarm, a.catalog, not a.no_plugin, a.pacemaker,
+                                    lease_ttl=a.lease_ttl, lease_interval=a.lease_interval)))
         elif a.cmd == "exec":
             cmd = a.argv[1:] if a.argv[:1] == ["--"] else a.argv
             args, env = lab.exec_argv(a.node, cmd)

@@ -281,8 +281,14 @@ class Node:
                 f"socket = {self.plugin_sock}\n"
                 f"docker_host = {self.docker_host}\n"
                 "workers = 2\n")
+        cluster = []
         if self.lab.catalog == "etcd":
-            text += f"[cluster]\ncatalog = etcd\netcd_endpoints = http://{ETCD_ADDR}:2379\n"
+            cluster += ["catalog = etcd", f"etcd_endpoints = http://{ETCD_ADDR}:2379"]
+        for key in ("lease_ttl", "lease_interval"):
+            if self.lab.meta.get(key) is not None:
+                cluster.append(f"{key} = {self.lab.meta[key]:g}")
+        if cluster:
+            text += "[cluster]\n" + "".join(line + "\n" for line in cluster)
         self.config.write_text(text)
 
     def boot(self, fresh: bool = False) -> None:
@@ -445,7 +451,8 @@ class Lab:
 
     # --- up -----------------------------------------------------------------------------------------
     def up(self, nodes: int = 3, sites: int = 1, swarm: bool = False, catalog: str = "sqlite",
-           plugin: bool = True, pacemaker: bool = False) -> dict[str, Any]:
+           plugin: bool = True, pacemaker: bool = False, lease_ttl: float | None = None,
+           lease_interval: float | None = None) -> dict[str, Any]:
         if pacemaker:
             raise LabError("--pacemaker is not yet implemented (it comes with the agents issue)")
         if not 1 <= nodes <= MAX_NODES:
@@ -454,6 +461,7 @@ class Lab:
             raise LabError(f"--sites must be 1..{nodes} (every site needs a node), not {sites}")
         if catalog not in ("sqlite", "etcd"):
             raise LabError(f"--catalog must be sqlite or etcd, not {catalog!r}")
+        _check_leases(lease_ttl, lease_interval)
         tools = ["dockerd", "docker", "nsenter", "unshare", "ip", "mount"] + (["etcd"] if catalog == "etcd" else [])
         missing = [t for t in tools if shutil.which(t) is None]
         if missing:
@@ -468,7 +476,7 @@ class Lab:
             self.meta = {"nodes": [{"name": f"node{i}", "index": i, "site": f"site{(i - 1) // per_site + 1}"}
                                    for i in range(1, nodes + 1)],
                          "sites": sites, "swarm": swarm, "catalog": catalog, "plugin": plugin, "cut": [],
-                         "etcd": catalog == "etcd"}
+                         "etcd": catalog == "etcd", "lease_ttl": lease_ttl, "lease_interval": lease_interval}
             self.save()
             try:
                 self._make_network()
@@ -675,6 +683,21 @@ class _EtcdNode(Node):
     @property
     def netns(self) -> Path:
         return self.lab.etcd_netns
+
+
+def _check_leases(ttl: float | None, interval: float | None) -> None:
+    """--lease-ttl / --lease-interval by the config's own rules, before anything is made."""
+    import configparser
+
+    from storage.config import _cluster_settings
+    from storage.errors import InvalidArgument
+
+    parser = configparser.ConfigParser()
+    parser["cluster"] = {k: f"{v:g}" for k, v in (("lease_ttl", ttl), ("lease_interval", interval)) if v is not None}
+    try:
+        _cluster_settings(parser["cluster"], lambda _s, _k: "")
+    except InvalidArgument as exc:
+        raise LabError(f"--lease-ttl/--lease-interval: {exc}") from None
 
 
 def _parallel(fns: list[Callable[[], Any]]) -> None:

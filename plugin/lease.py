@@ -120,6 +120,7 @@ class LeaseKeeper:
         self.containers: dict[str, set[str]] = {}  # volume -> IDs of this engine's containers using it
         self.fenced: set[str] = set()  # volumes unmounted by fencing, to release once the catalog answers
         self.engine_down_since: float | None = None
+        self.idle_wanted: set[str] = set()  # volumes held here, wanted elsewhere, with no container at the last look
         self.peers: set[str] = set()  # other nodes with a lease in the disk group: fencing is for them
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -273,11 +274,23 @@ class LeaseKeeper:
         alive = self.engine.reachable()
         if alive:
             self.engine_down_since = None
-            for name in self.held:
+            idle = set()
+            for name, att in self.held.items():
                 try:
                     self.containers[name] = {u.id for u in self.engine.listed(name, ACTIVE_STATES)}
                 except Engine.ERRORS:
-                    pass
+                    continue
+                if not self.containers[name] and att.wanted_by is not None:
+                    idle.add(name)
+            # idle at two renewals in a row (not a Mount whose container is being made): a dockerd that
+            # restarted ends its containers (swarm mode forbids live-restore) but never sends Unmount
+            stale, self.idle_wanted = idle & self.idle_wanted, idle
+            if stale:
+                self._release(stale, "wanted elsewhere and no container of this engine uses it")
+                with self._lock:
+                    for name in stale:
+                        self.held.pop(name, None)
+                        self.containers.pop(name, None)
             return
         now = self.clock()
         if self.engine_down_since is None:

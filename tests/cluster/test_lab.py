@@ -192,24 +192,9 @@ def test_volume_made_on_node2_is_listed_on_node3(cluster: dict[str, Any]) -> Non
     assert listed == ["shared1"]
 
 
-def worker_with_the_disk_group(lab: Lab) -> str:
-    """A worker whose plugin can make and mount volumes. Once a disk group is imported on several
-    nodes at once that is any worker; today it is the node whose plugin imported the site's disk
-    group first, and when that is the manager, the group is handed over (deport, import) as between
-    two hosts without a cluster."""
-    rows = [line.split() for line in lab.exec("node2", "veritas", "dg", "list").stdout.splitlines()[1:]]
-    holder = next((r[1] for r in rows if r and r[0] == "dockerdg"), None)
-    if holder in ("node2", "node3"):
-        return holder
-    if holder is not None and holder != "-":
-        lab.exec(holder, "veritas", "dg", "deport", "dockerdg")
-        lab.exec("node2", "veritas", "dg", "import", "dockerdg")
-    return "node2"
-
-
 def test_swarm_service_with_a_veritas_volume_runs_on_a_worker(cluster: dict[str, Any]) -> None:
     lab: Lab = cluster["lab"]
-    worker = worker_with_the_disk_group(lab)
+    worker = "node2"  # any worker: every node with a live lease opens the shared disk group
     lab.exec(worker, "docker", "volume", "create", "-d", "veritas", "-o", "size=100m", "svcvol")
     lab.exec("node1", "docker", "service", "create", "-d", "--name", "svc", "--no-resolve-image", "--init",
              "--stop-grace-period", "0s", "--constraint", f"node.hostname=={worker}",
@@ -351,6 +336,8 @@ def test_bad_requests_are_refused_and_change_nothing(cluster: dict[str, Any]) ->
         other = Lab(Path(d) / "lab")
         for args, msg in ((["up", "--pacemaker"], "not yet"), (["up", "--nodes", "0"], "--nodes must be"),
                           (["up", "--nodes", "2", "--sites", "3"], "--sites must be"),
+                          (["up", "--lease-ttl", "1"], "lease_ttl = 1 is too short"),
+                          (["up", "--lease-ttl", "4", "--lease-interval", "1"], "must be less than a quarter"),
                           (["status"], "no lab in")):
             r = other.run(*args, check=False)
             assert r.returncode == 1 and msg in r.stderr, (args, r.stderr)
@@ -416,7 +403,7 @@ def test_down_leaves_nothing_of_the_lab(cluster: dict[str, Any]) -> None:
     lab: Lab = cluster["lab"]
     # the hardest case for down: a node killed while its container had a volume mounted, so the
     # volume's loop device (its image inside a disk filesystem only that node had mounted) stays
-    w = worker_with_the_disk_group(lab)
+    w = "node2"
     lab.exec(w, "docker", "run", "-d", "-v", "lastvol:/data", "--volume-driver", "veritas",
              "localbusybox:latest", "sleep", "100000")
     lab.run("kill", w)
