@@ -206,7 +206,7 @@ def store_of(config: Config, store: CatalogStore | None = None) -> CatalogStore:
     if config.cluster.catalog == "etcd":
         from storage.catalog.etcd_store import shared_store  # etcd3gw is needed only by who uses it
 
-        return shared_store(config.cluster.etcd_endpoints)
+        return shared_store(config.cluster.etcd_endpoints, lock_ttl=config.cluster.lease_ttl)
     return SqliteStore(config.dg_parent, config.state_root)
 
 

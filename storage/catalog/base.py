@@ -299,7 +299,10 @@ class Catalog(abc.ABC):
         raise NotImplementedError
 
     def attachments(self) -> list[AttachRec]:
-        """Every attachment record, sorted by volume, including those of nodes whose lease expired."""
+        """Every attachment record, sorted by volume. The record of a node whose lease expired is worth
+        nothing (AttachRec), and backends differ only in when it goes: it may stay until another node
+        takes the volume or that node renews (SQLite, memory), or vanish with the lease, bound to it
+        (etcd). Callers judge a record by its node's lease, never by its presence."""
         raise NotImplementedError
 
     def reserved(self) -> dict[str, int]:

@@ -379,11 +379,12 @@ _SHARED: dict[tuple[str, ...], EtcdStore] = {}
 _SHARED_LOCK = threading.Lock()
 
 
-def shared_store(endpoints: Sequence[str]) -> EtcdStore:
+def shared_store(endpoints: Sequence[str], lock_ttl: float = 10.0) -> EtcdStore:
     """The one store of this process for ``endpoints``: one session lease and keepalive thread per
-    process, however many disk group objects it opens."""
-    key = tuple(endpoints)
+    process, however many disk group objects it opens. ``lock_ttl`` is the config's [cluster] lease_ttl:
+    a process cut off from etcd loses its locks when its node loses its volumes, not later."""
+    key = (*endpoints, f"ttl={lock_ttl:g}")
     with _SHARED_LOCK:
         if key not in _SHARED:
-            _SHARED[key] = EtcdStore(key)
+            _SHARED[key] = EtcdStore(tuple(endpoints), lock_ttl=lock_ttl)
         return _SHARED[key]

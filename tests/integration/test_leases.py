@@ -1,17 +1,22 @@
-"""Leases, exclusive attachment and self-fencing with two real nodes on one shared disk group root.
+"""Leases, exclusive attachment and self-fencing with two real nodes on one shared disk group root,
+once with each catalog backend: SQLite in the shared root, and a real etcd the test starts.
 
 Each node is a real dockerd (its own mount and network namespace) with its own veritas plugin, node
-name and mount root; both plugins use one state root, so one SQLite catalog (the "shared storage" of
-a site). Short leases (lease_ttl 6 s, lease_interval 1 s) keep the waits short.
+name and mount root; both plugins use one state root (the "shared storage" of a site), and one
+catalog: the SQLite file under it, or etcd. Short leases (lease_ttl 6 s, lease_interval 1 s) keep the
+waits short.
 
-The catalog is made to fail for real in the fencing test: the test holds SQLite's write lock on the
-catalog file (BEGIN EXCLUSIVE), so node A's renewals fail with "database is locked" exactly as they do
-when another writer or a stalled shared filesystem holds it. Node B cannot write meanwhile either, so
-it takes over after the lock goes, once A's lease has expired (or A released it).
+The catalog is made to fail for real in the fencing test. On SQLite the test holds SQLite's write lock
+on the catalog file (BEGIN EXCLUSIVE), so node A's renewals fail with "database is locked" exactly as
+they do when another writer or a stalled shared filesystem holds it; node B cannot write meanwhile
+either, so it takes over after the lock goes, once A's lease has expired. On etcd node A reaches etcd
+through a TCP relay the test owns (tests/tcp_relay.py) and node B directly: the test kills the relay,
+so etcd is out of A's reach only, as in a partition, and B renews throughout.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import subprocess
@@ -24,10 +29,14 @@ from pathlib import Path
 
 import pytest
 
-from storage.catalog.base import AttachRec, LeaseRec
+from storage.catalog.base import AttachRec, Catalog, LeaseRec
+from storage.catalog.etcd import EtcdCatalog
+from storage.catalog.etcd_store import EtcdStore
 from storage.catalog.sqlite import SqliteCatalog
 from storage.config import load_config
+from storage.group import store_of
 from storage.kernel import mounts
+from tests.etcd_server import EtcdServer, free_port
 from tests.integration import conftest
 from tests.integration.dockerstack import (
     REPO,
@@ -37,6 +46,7 @@ from tests.integration.dockerstack import (
     share_mount_root,
     unshare_mount_root,
 )
+from tests.tcp_relay import Relay
 
 IMAGE = "localbusybox"
 TTL = 6.0
@@ -79,13 +89,21 @@ class Pair:
     root: Path
     a: Node
     b: Node
+    etcd: EtcdServer | None = None  # None: the catalog is SQLite in the shared root
+    relay: Relay | None = None  # node A's way to etcd
 
     @property
     def db(self) -> Path:
         return self.root / "state" / "dg" / "dockerdg" / "catalog.db"
 
+    def open_catalog(self) -> Catalog:
+        """The disk group's catalog, read as a third party (etcd: directly, not through A's relay)."""
+        if self.etcd is None:
+            return SqliteCatalog(self.db)
+        return EtcdStore([self.etcd.endpoint]).open("dockerdg")
+
     def catalog(self) -> tuple[list[LeaseRec], list[AttachRec]]:
-        cat = SqliteCatalog(self.db)
+        cat = self.open_catalog()
         try:
             return cat.leases(), cat.attachments()
         finally:
@@ -97,43 +115,81 @@ class Pair:
     def lease(self, node: str) -> LeaseRec | None:
         return next((rec for rec in self.catalog()[0] if rec.node == node), None)
 
+    def lease_gone(self, node: str) -> bool:
+        """Whether ``node``'s lease has run out as the catalog judges it: SQLite's recorded expiry has
+        passed; etcd's server reports the lease expired (its alive key and attachments are gone)."""
+        if self.etcd is None:
+            rec = self.lease(node)
+            return rec is None or rec.expires + 0.2 < time.time()
+        return self.etcd_lease_left(node) < 0
 
-def _config(root: Path, name: str, node: DockerNode, mnt: Path) -> Path:
+    def etcd_lease_left(self, node: str) -> int:
+        """Seconds etcd says ``node``'s lease has left; -1 once the server let it expire."""
+        cat = self.open_catalog()
+        assert isinstance(cat, EtcdCatalog)
+        kv = cat.etcd.get("test: read a lease", cat._k(f"lease/{node}"))
+        if kv is None:
+            return -1
+        return cat.etcd.time_to_live("test: read a lease", int(json.loads(kv["value"])["id"]))
+
+
+def _config(root: Path, name: str, node: DockerNode, mnt: Path, etcd_endpoint: str | None) -> Path:
     path = root / f"{name}.conf"
+    catalog = f"catalog = etcd\netcd_endpoints = {etcd_endpoint}\n" if etcd_endpoint else ""
     path.write_text(
         "[storage]\ndiskgroup = dockerdg\n"
         f"state_root = {root}/state\nmount_root = {mnt}\n"
         "default_disk_size = 4g\ndefault_disk_count = 2\n"
         f"[node]\nname = {name}\n"
         f"[plugin]\nsocket = {node.plugins}/veritas.sock\ndocker_host = {node.url}\nworkers = 2\n"
-        f"[cluster]\nlease_ttl = {TTL:g}\nlease_interval = {INTERVAL:g}\n"
+        f"[cluster]\n{catalog}lease_ttl = {TTL:g}\nlease_interval = {INTERVAL:g}\n"
     )
     return path
 
 
-@pytest.fixture
-def pair() -> Iterator[Pair]:
+@pytest.fixture(params=["sqlite", "etcd"])
+def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
     root = Path(tempfile.mkdtemp(prefix="vlease-", dir="/tmp"))
     nodes: list[Node] = []
+    etcd: EtcdServer | None = None
+    relay: Relay | None = None
     try:
+        if request.param == "etcd":
+            etcd = EtcdServer()  # its own: the plugins keep the disk group under etcd's /veritas prefix
+            etcd.start()
+            relay = Relay(free_port(), etcd.client_port)
+            relay.heal()
         for name in ("nodeA", "nodeB"):
             mnt = root / f"mnt-{name}"
             share_mount_root(mnt)  # before the node's namespace is made, or it never sees volume mounts
             docker = DockerNode(root / name, keep_root=root)
-            conf = _config(root, name, docker, mnt)
+            endpoint = None if etcd is None else (relay.endpoint if relay and name == "nodeA" else etcd.endpoint)
+            conf = _config(root, name, docker, mnt, endpoint)
             plugin = PluginProcess(conf, docker.plugins / "veritas.sock", root / f"plugin-{name}.log")
             nodes.append(Node(name, docker, plugin, mnt))
             docker.start()
             plugin.start()  # nodeA first: it makes the default disk group; nodeB shares it
-        yield Pair(root, nodes[0], nodes[1])
+        yield Pair(root, nodes[0], nodes[1], etcd, relay)
     finally:
-        for n in nodes:
-            n.docker.stop()
-        for n in nodes:
-            n.plugin.stop()
-        for n in nodes:
-            unshare_mount_root(n.mnt)
-        conftest.finish(load_config(root / "nodeA.conf"), root)
+        try:
+            for n in nodes:
+                n.docker.stop()
+            for n in nodes:
+                n.plugin.stop()
+            for n in nodes:
+                unshare_mount_root(n.mnt)
+            if relay is not None:
+                relay.cut()
+            # B's config reaches the catalog directly (A's may go through the relay)
+            config = load_config(root / ("nodeB.conf" if (root / "nodeB.conf").exists() else "nodeA.conf"))
+            try:
+                conftest.finish(config, root)
+            finally:
+                if etcd is not None:
+                    store_of(config).close()  # this process's lock session on that etcd
+        finally:
+            if etcd is not None:
+                etcd.remove()
 
 
 def start_writer(node: Node, ctr: str, vol: str) -> None:
@@ -185,7 +241,7 @@ def test_a_killed_plugin_loses_the_volume_at_lease_expiry_and_leaves_it_alone_wh
     expires = pair.lease("nodeA").expires  # type: ignore[union-attr]
     rc, out = read_on(b, "vol", check=False)
     assert rc != 0 and "nodeA" in out, out  # A's lease still runs
-    wait_for("A's lease to expire", lambda: time.time() > expires + 0.2, timeout=TTL + 5)
+    wait_for("A's lease to expire", lambda: time.time() > expires and pair.lease_gone("nodeA"), timeout=TTL + 5)
     ctr_b = b.run("run", "-d", "--network", "none", "--volume-driver", "veritas", "-v", "vol:/data", IMAGE,
                   "sh", "-c", "cat /data/f > /data/.seen; mv /data/.seen /data/seen-by-b; sleep 600")
     wait_for("B's container to read", lambda: (b.mountpoint("vol") / "seen-by-b").exists())
@@ -198,7 +254,7 @@ def test_a_killed_plugin_loses_the_volume_at_lease_expiry_and_leaves_it_alone_wh
     wait_for("A's mount point to go", lambda: mounts.mounted_at(a.mountpoint("vol")) is None)
     assert "attached on node nodeB now: left alone" in a.plugin.log.read_text()
     assert "mkfs" not in a.plugin.log.read_text() and "repair" not in a.plugin.log.read_text()
-    cat = SqliteCatalog(pair.db)
+    cat = pair.open_catalog()
     try:
         assert [m.node for m in cat.mounts("vol")] == ["nodeB"]
     finally:
@@ -215,29 +271,51 @@ def test_a_that_cannot_renew_stops_its_container_and_unmounts_before_its_lease_e
     start_writer(a, "wa", "vol")
     time.sleep(2 * INTERVAL)  # a renewal reads the attachment
     pid = int(a.run("inspect", "-f", "{{.State.Pid}}", "wa"))
-    lock = sqlite3.connect(str(pair.db), timeout=30, isolation_level=None)
-    try:
+    if pair.etcd is None:
+        lock = sqlite3.connect(str(pair.db), timeout=30, isolation_level=None)
         lock.execute("BEGIN EXCLUSIVE")  # from here, A's renewals fail: "database is locked"
         expires = lock.execute("SELECT expires FROM lease WHERE node='nodeA'").fetchone()[0]
+
+        def heal() -> None:
+            lock.execute("ROLLBACK")
+            lock.close()
+    else:
+        assert pair.relay is not None
+        pair.relay.cut()  # from here etcd is out of A's reach, and only A's
+        expires = pair.lease("nodeA").expires  # type: ignore[union-attr]
+        heal = pair.relay.heal
+    try:
         # watched through the kernel: Docker's API waits on the container while its Unmount waits on
         # the catalog, as it would for a real outage
         wait_for("A to stop its container", lambda: not alive(pid), timeout=TTL)
         wait_for("A to unmount vol", lambda: mounts.mounted_at(a.mountpoint("vol")) is None, timeout=TTL)
         fenced_at = time.time()
+        if pair.etcd is not None:  # the lease as the server judges it, not only as it was last read
+            left = pair.etcd_lease_left("nodeA")
+            assert left >= 0, "etcd let A's lease expire before A stopped writing: " + a.plugin.log.read_text()[-3000:]
         assert fenced_at < expires, (f"A stopped writing {fenced_at - expires:.1f} s after its lease ran out: "
                                      + a.plugin.log.read_text()[-3000:])
         log = a.plugin.log.read_text()
         assert "fencing this node" in log, log[-3000:]
         assert alive(a.plugin.proc.pid)  # type: ignore[union-attr]
-        wait_for("A's lease to run out", lambda: time.time() > expires + 0.5, timeout=TTL + 2)
+        wait_for("A's lease to run out", lambda: time.time() > expires + 0.5 and pair.lease_gone("nodeA"),
+                 timeout=TTL + 2)
+        if pair.etcd is not None:  # B reaches etcd throughout: it takes the volume while A is still cut off
+            assert pair.attached("vol") is None  # A's attachment went with its lease
+            rc, out = read_on(b, "vol")
+            assert rc == 0 and out.strip() == "hello", out
     finally:
-        lock.execute("ROLLBACK")
-        lock.close()
-    # B could not renew either while the lock was held: its plugin renews again first (swarm retries)
-    wait_for("B's lease to be renewed", lambda: (pair.lease("nodeB") or LeaseRec("", 0, 0)).expires > time.time())
-    rc, out = read_on(b, "vol")
-    assert rc == 0 and out.strip() == "hello", out
+        heal()
+    if pair.etcd is None:
+        # B could not renew either while the lock was held: its plugin renews again first (swarm retries)
+        wait_for("B's lease to be renewed",
+                 lambda: (pair.lease("nodeB") or LeaseRec("", 0, 0)).expires > time.time())
+        rc, out = read_on(b, "vol")
+        assert rc == 0 and out.strip() == "hello", out
     wait_for("vol to be released", lambda: pair.attached("vol") is None)
+    if pair.etcd is not None:  # A reaches etcd again: it renews, and finds nothing of its own to release
+        wait_for("A's new lease", lambda: not pair.lease_gone("nodeA"))
+        wait_for("A to log the release", lambda: "fenced while the catalog did not answer" in a.plugin.log.read_text())
 
 
 def _writer_pid(node: Node, ctr: str) -> int:

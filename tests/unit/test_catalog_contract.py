@@ -27,7 +27,7 @@ from storage.catalog import (
     SubdiskRec,
     VolumeRec,
 )
-from storage.catalog.base import AttachRec, CatalogStore
+from storage.catalog.base import AttachRec, CatalogStore, LeaseRec
 from storage.catalog.etcd import Etcd, EtcdCatalog
 from storage.catalog.etcd_store import EtcdStore
 from storage.catalog.memory import MemoryCatalog
@@ -1131,74 +1131,103 @@ class FakeClock:
 
 @dataclass
 class Timed:
-    """A catalog and a way to let time pass for it: a fake clock where the backend takes one (a
-    backend whose server keeps time, as etcd's leases do, sleeps instead)."""
+    """A catalog with two volumes, its lease TTL, and a way to let time pass for it: a fake clock where
+    the backend takes one (SQLite, memory: time passes at once), real sleeps where the server keeps time
+    (etcd's leases), with a short TTL there. Tests say their waits as fractions of ``ttl``."""
 
     cat: Catalog
     advance: Callable[[float], None]
     now: Callable[[], float]
+    ttl: float
+    late: float = 0.0  # how long past its TTL the backend may still count a lease live
+    slack: float = 1e-6  # how far an ``expires`` may be from what the test computes
+
+    def expire(self, after: float = 0.0) -> None:
+        """Let a lease renewed ``after`` seconds ago (0: just now) run out, on the backend's clock."""
+        self.advance(max(0.0, self.ttl * 1.1 + self.late - after))
 
 
-def _make_timed(kind: str, tmp_path: Path) -> Timed:
-    clock = FakeClock()
-
-    def advance(s: float) -> None:
-        clock.now += s
-
-    cat: Catalog = SqliteCatalog(tmp_path / "catalog.db", clock=clock) if kind == "sqlite" else MemoryCatalog(clock)
+def _ready_two_volumes(cat: Catalog) -> None:
     cat.init(DG)
     cat.add_disk(D1)
     for name in ("v1", "v2"):
         create(cat, vol(name), [sd(name, 0, "d1", 10 * MiB)])
         cat.finish_intent(name)
-    return Timed(cat, advance, clock)
 
 
-@pytest.fixture(params=["sqlite", "memory"])
+def _make_timed(kind: str, tmp_path: Path, etcd_endpoint: str | None = None) -> Timed:
+    if kind == "etcd":
+        assert etcd_endpoint is not None
+        # etcd's leases have whole seconds and the test server's expiry checks run every 0.5 s:
+        # a 2 s TTL keeps the sleeps short with room for a loaded machine between renewals
+        cat: Catalog = EtcdCatalog(Etcd([etcd_endpoint]), _prefix() + "/", label="testdg")
+        _ready_two_volumes(cat)
+        return Timed(cat, time.sleep, time.time, ttl=2.0, late=1.2, slack=1.0)
+    clock = FakeClock()
+
+    def advance(s: float) -> None:
+        clock.now += s
+
+    cat = SqliteCatalog(tmp_path / "catalog.db", clock=clock) if kind == "sqlite" else MemoryCatalog(clock)
+    _ready_two_volumes(cat)
+    return Timed(cat, advance, clock, ttl=10.0)
+
+
+@pytest.fixture(params=["sqlite", "memory", "etcd"])
 def timed(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Timed]:
-    t = _make_timed(request.param, tmp_path)
+    endpoint = request.getfixturevalue("etcd_server").endpoint if request.param == "etcd" else None
+    t = _make_timed(request.param, tmp_path, endpoint)
     try:
         yield t
     finally:
         t.cat.close()
 
 
-TTL = 10.0
+TTL = 10.0  # for the SQLite-only tests below
+
+
+def _lease(cat: Catalog, node: str) -> LeaseRec:
+    return next(rec for rec in cat.leases() if rec.node == node)
 
 
 def test_renew_lease_creates_and_extends(timed: Timed) -> None:
-    cat = timed.cat
+    cat, ttl = timed.cat, timed.ttl
     assert cat.leases() == []
-    first = cat.renew_lease("nodeB", TTL)
-    assert first.node == "nodeB" and first.ttl == TTL and first.expires == pytest.approx(timed.now() + TTL)
-    timed.advance(3)
-    second = cat.renew_lease("nodeB", TTL)
-    assert second.expires == pytest.approx(first.expires + 3)
-    cat.renew_lease("nodeA", 5.0)
-    assert [(rec.node, rec.ttl) for rec in cat.leases()] == [("nodeA", 5.0), ("nodeB", TTL)]
-    assert cat.leases()[1] == second
+    first = cat.renew_lease("nodeB", ttl)
+    assert first.node == "nodeB" and first.ttl == ttl
+    assert first.expires == pytest.approx(timed.now() + ttl, abs=timed.slack)
+    timed.advance(ttl * 0.3)
+    second = cat.renew_lease("nodeB", ttl)
+    assert second.expires > first.expires
+    assert second.expires == pytest.approx(timed.now() + ttl, abs=timed.slack)
+    cat.renew_lease("nodeA", ttl * 3)
+    assert [(rec.node, rec.ttl) for rec in cat.leases()] == [("nodeA", ttl * 3), ("nodeB", ttl)]
+    listed = cat.leases()[1]
+    assert listed.expires == pytest.approx(second.expires, abs=timed.slack) and listed.expires > timed.now()
 
 
 def test_attach_needs_a_live_lease_and_an_existing_volume(timed: Timed) -> None:
     cat = timed.cat
     with pytest.raises(InUse, match="node nodeA holds no live lease"):
         cat.attach("v1", "nodeA")
-    cat.renew_lease("nodeA", TTL)
+    cat.renew_lease("nodeA", timed.ttl)
     with pytest.raises(NoSuchVolume):
         cat.attach("nope", "nodeA")
     assert cat.attachments() == []
-    timed.advance(TTL + 1)
+    timed.expire()
     with pytest.raises(InUse, match="no live lease"):
         cat.attach("v1", "nodeA")
     assert cat.attachments() == []
+    (expired,) = cat.leases()  # still recorded, but run out as the backend judges it
+    assert expired.node == "nodeA" and expired.expires <= timed.now()
 
 
 def test_attach_is_exclusive_while_the_holder_lives(timed: Timed) -> None:
     cat = timed.cat
-    cat.renew_lease("nodeA", TTL)
-    cat.renew_lease("nodeB", TTL)
+    cat.renew_lease("nodeA", timed.ttl)
+    cat.renew_lease("nodeB", timed.ttl)
     got = cat.attach("v1", "nodeA")
-    assert got == AttachRec("v1", "nodeA", pytest.approx(timed.now()), None)
+    assert got == AttachRec("v1", "nodeA", pytest.approx(timed.now(), abs=1), None)
     assert cat.attach("v1", "nodeA") == got  # again on the holder: unchanged
     with pytest.raises(InUse, match="attached on node nodeA") as err:
         cat.attach("v1", "nodeB")
@@ -1210,8 +1239,8 @@ def test_attach_is_exclusive_while_the_holder_lives(timed: Timed) -> None:
 
 def test_want_marks_the_holder_and_a_successful_attach_clears_it(timed: Timed) -> None:
     cat = timed.cat
-    cat.renew_lease("nodeA", TTL)
-    cat.renew_lease("nodeB", TTL)
+    cat.renew_lease("nodeA", timed.ttl)
+    cat.renew_lease("nodeB", timed.ttl)
     cat.want("v1", "nodeB")  # attached nowhere: nothing to mark
     assert cat.attachments() == []
     cat.attach("v1", "nodeA")
@@ -1228,7 +1257,7 @@ def test_want_marks_the_holder_and_a_successful_attach_clears_it(timed: Timed) -
 
 def test_detach_only_by_the_holder(timed: Timed) -> None:
     cat = timed.cat
-    cat.renew_lease("nodeA", TTL)
+    cat.renew_lease("nodeA", timed.ttl)
     cat.attach("v1", "nodeA")
     assert cat.detach("v1", "nodeB") is False
     assert cat.detach("v2", "nodeA") is False
@@ -1239,31 +1268,36 @@ def test_detach_only_by_the_holder(timed: Timed) -> None:
 
 
 def test_expired_holder_is_taken_over(timed: Timed) -> None:
-    cat = timed.cat
-    cat.renew_lease("nodeA", TTL)
+    cat, ttl = timed.cat, timed.ttl
+    cat.renew_lease("nodeA", ttl)
     cat.attach("v1", "nodeA")
-    timed.advance(TTL - 1)
-    cat.renew_lease("nodeB", TTL)
+    cat.want("v1", "nodeB")
+    timed.advance(ttl * 0.5)
+    cat.renew_lease("nodeB", ttl)
     with pytest.raises(InUse, match="nodeA"):
-        cat.attach("v1", "nodeB")  # A's lease still runs for a second
-    timed.advance(1.5)
-    assert cat.attachments()[0].node == "nodeA"  # the record stays until someone takes it...
-    got = cat.attach("v1", "nodeB")  # ...but it is worth nothing: A's lease ran out
-    assert got.node == "nodeB" and got.since == pytest.approx(timed.now())
+        cat.attach("v1", "nodeB")  # A's lease still runs
+    timed.expire(after=ttl * 0.5)
+    cat.renew_lease("nodeB", ttl)  # B's lease thread renews meanwhile
+    assert _lease(cat, "nodeA").expires <= timed.now()
+    # A's record is worth nothing now: it may stay until someone takes the volume (SQLite, memory) or
+    # have gone with A's lease (etcd); either way B takes the volume
+    assert [(a.volume, a.node) for a in cat.attachments()] in ([("v1", "nodeA")], [])
+    got = cat.attach("v1", "nodeB")
+    assert got.node == "nodeB" and got.wanted_by is None and got.since == pytest.approx(timed.now(), abs=1)
     assert [(a.volume, a.node) for a in cat.attachments()] == [("v1", "nodeB")]
 
 
 def test_an_expired_node_cannot_renew_or_detach_its_way_back(timed: Timed) -> None:
     """A node whose lease ran out lost its attachments: renewing gives it a lease again but none of
     them (whether or not another node took them meanwhile), and its detach cannot drop the taker's."""
-    cat = timed.cat
-    cat.renew_lease("nodeA", TTL)
+    cat, ttl = timed.cat, timed.ttl
+    cat.renew_lease("nodeA", ttl)
     cat.attach("v1", "nodeA")
     cat.attach("v2", "nodeA")
-    timed.advance(TTL + 1)
-    cat.renew_lease("nodeB", TTL)
+    timed.expire()
+    cat.renew_lease("nodeB", ttl)
     cat.attach("v1", "nodeB")
-    cat.renew_lease("nodeA", TTL)  # A comes back
+    cat.renew_lease("nodeA", ttl)  # A comes back
     assert [(a.volume, a.node) for a in cat.attachments()] == [("v1", "nodeB")]  # v2 went with the lease
     assert cat.detach("v1", "nodeA") is False
     with pytest.raises(InUse, match="attached on node nodeB"):
@@ -1273,19 +1307,25 @@ def test_an_expired_node_cannot_renew_or_detach_its_way_back(timed: Timed) -> No
 
 
 def test_renewing_a_live_lease_keeps_its_attachments(timed: Timed) -> None:
-    cat = timed.cat
-    cat.renew_lease("nodeA", TTL)
+    cat, ttl = timed.cat, timed.ttl
+    cat.renew_lease("nodeA", ttl)
     cat.attach("v1", "nodeA")
-    for _ in range(5):
-        timed.advance(TTL / 2)
-        cat.renew_lease("nodeA", TTL)
+    for _ in range(5):  # longer than one TTL in all
+        timed.advance(ttl / 4)
+        cat.renew_lease("nodeA", ttl)
     assert [a.node for a in cat.attachments()] == ["nodeA"]
+    cat.renew_lease("nodeA", ttl * 10)  # another TTL (etcd: a new lease): the attachment stays
+    timed.expire()  # ...past the old TTL
+    assert [a.node for a in cat.attachments()] == ["nodeA"]
+    cat.renew_lease("nodeB", ttl)
+    with pytest.raises(InUse, match="attached on node nodeA"):
+        cat.attach("v1", "nodeB")
 
 
 def test_drop_lease_releases_its_attachments(timed: Timed) -> None:
     cat = timed.cat
-    cat.renew_lease("nodeA", TTL)
-    cat.renew_lease("nodeB", TTL)
+    cat.renew_lease("nodeA", timed.ttl)
+    cat.renew_lease("nodeB", timed.ttl)
     cat.attach("v1", "nodeA")
     cat.attach("v2", "nodeB")
     cat.drop_lease("nodeA")
@@ -1297,12 +1337,12 @@ def test_drop_lease_releases_its_attachments(timed: Timed) -> None:
 
 def test_delete_volume_drops_its_attachment(timed: Timed) -> None:
     cat = timed.cat
-    cat.renew_lease("nodeA", TTL)
+    cat.renew_lease("nodeA", timed.ttl)
     cat.attach("v1", "nodeA")
     cat.delete_volume("v1")
     assert cat.attachments() == []
     create(cat, vol("v1"), [sd("v1", 0, "d1", 10 * MiB)])
-    cat.renew_lease("nodeB", TTL)
+    cat.renew_lease("nodeB", timed.ttl)
     assert cat.attach("v1", "nodeB").node == "nodeB"  # the new volume of that name is free
 
 
@@ -1310,7 +1350,7 @@ def test_concurrent_attach_from_threads_exactly_one_wins(timed: Timed) -> None:
     cat = timed.cat
     nodes = [f"node{i}" for i in range(WORKERS)]
     for n in nodes:
-        cat.renew_lease(n, TTL)
+        cat.renew_lease(n, timed.ttl)
     barrier = threading.Barrier(WORKERS)
     won: list[str] = []
     refused: list[str] = []

@@ -1,9 +1,12 @@
-"""The etcd backend beyond the shared contract (tests/unit/test_catalog_contract.py runs that on etcd too):
-node leases and attachments judged by etcd's own lease clock (2 s leases, so real sleeps stay short),
-fencing of a process that lost its lease, an unreachable or restarted etcd, and the [cluster] config."""
+"""The etcd backend beyond the shared contract (tests/unit/test_catalog_contract.py runs that, leases and
+attachments included, on etcd too): what etcd's leases are bound to (2 s leases, so real sleeps stay
+short), the plugin's lease thread on etcd, fencing of a process that lost its lease, an unreachable or
+restarted etcd, and the [cluster] config."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -11,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from plugin.lease import LeaseKeeper
 from storage import group
 from storage.catalog.base import DiskGroupRec, DiskRec, IntentRec, SubdiskRec, VolumeRec
 from storage.catalog.etcd import Etcd, EtcdCatalog
 from storage.catalog.etcd_store import EtcdStore
 from storage.config import load_config
-from storage.errors import CatalogError, InUse, InvalidArgument, NoSuchVolume
+from storage.errors import CatalogError, InvalidArgument
 from storage.units import GiB, MiB
 from tests.etcd_server import EtcdServer, free_port
 
@@ -24,8 +28,9 @@ DG = DiskGroupRec("testdg", "u-1", None, 1.0)
 TTL = 2.0  # short, yet with room for a loaded machine between a renewal and what it must keep
 
 
-def _ready(cat: EtcdCatalog) -> EtcdCatalog:
-    cat.init(DG)
+def _ready(cat: EtcdCatalog, init: bool = True) -> EtcdCatalog:
+    if init:
+        cat.init(DG)
     cat.add_disk(DiskRec("d1", "/srv/d1.img", "file", 10 * GiB))
     for name in ("v1", "v2"):
         cat.create_volume(VolumeRec(name, 10 * MiB, "concat", "xfs"), [SubdiskRec(name, 0, "d1", MiB, MiB)],
@@ -44,64 +49,62 @@ def _expire() -> None:
     time.sleep(TTL + 1.2)
 
 
-def test_lease_is_an_etcd_lease_renewed_and_listed(cat: EtcdCatalog) -> None:
-    assert cat.leases() == []
-    first = cat.renew_lease("nodeA", TTL)
-    assert first.node == "nodeA" and first.ttl == TTL and first.expires == pytest.approx(time.time() + TTL, abs=1)
-    time.sleep(0.5)
-    again = cat.renew_lease("nodeA", TTL)
-    assert again.expires > first.expires
-    (listed,) = cat.leases()
-    assert listed.node == "nodeA" and listed.expires > time.time()
-    _expire()
-    (listed,) = cat.leases()
-    assert listed.expires <= time.time()  # still recorded, but expired as the server judged it
+def _lease_id(cat: EtcdCatalog, node: str) -> int:
+    kv = cat.etcd.get("test: read a lease record", cat._k(f"lease/{node}"))
+    assert kv is not None
+    return int(json.loads(kv["value"])["id"])
 
 
-def test_attach_is_exclusive_until_the_holders_lease_expires(cat: EtcdCatalog) -> None:
-    with pytest.raises(InUse, match="node nodeA holds no live lease"):
-        cat.attach("v1", "nodeA")
-    cat.renew_lease("nodeA", TTL)
-    cat.renew_lease("nodeB", 30)
-    with pytest.raises(NoSuchVolume):
-        cat.attach("nope", "nodeA")
-    got = cat.attach("v1", "nodeA")
-    assert (got.volume, got.node, got.wanted_by) == ("v1", "nodeA", None)
-    assert cat.attach("v1", "nodeA") == got
-    with pytest.raises(InUse, match="attached on node nodeA.*lease runs until"):
-        cat.attach("v1", "nodeB")
-    cat.want("v1", "nodeB")
-    assert cat.attachments()[0].wanted_by == "nodeB"
-    _expire()  # A stops renewing: its attachment goes with its lease, on the server's clock
-    assert cat.attachments() == []
-    took = cat.attach("v1", "nodeB")
-    assert took.node == "nodeB" and took.wanted_by is None
-    cat.renew_lease("nodeA", TTL)  # A comes back: it owns nothing
-    with pytest.raises(InUse, match="attached on node nodeB"):
-        cat.attach("v1", "nodeA")
-    assert cat.detach("v1", "nodeA") is False
-    assert [(a.volume, a.node) for a in cat.attachments()] == [("v1", "nodeB")]
-
-
-def test_renewing_keeps_attachments_and_drop_releases_them(cat: EtcdCatalog) -> None:
+def test_a_node_lease_is_an_etcd_lease_and_its_attachments_are_bound_to_it(cat: EtcdCatalog) -> None:
+    """What the contract (tests/unit/test_catalog_contract.py) leaves to the backend: on etcd the lease
+    is the server's, renewing keeps that one lease, and an attachment vanishes when it expires."""
     cat.renew_lease("nodeA", TTL)
     cat.attach("v1", "nodeA")
-    for _ in range(4):
-        time.sleep(0.5)
+    lease = _lease_id(cat, "nodeA")
+    assert 0 < cat.etcd.time_to_live("test", lease) <= TTL
+    for _ in range(3):
+        time.sleep(TTL / 4)
         cat.renew_lease("nodeA", TTL)
-    assert [a.node for a in cat.attachments()] == ["nodeA"]
-    cat.renew_lease("nodeA", 30)  # another TTL: a new lease, the attachment moves to it
+    assert _lease_id(cat, "nodeA") == lease  # kept alive, not replaced
+    att = cat.etcd.get("test", cat._k("attach/v1"))
+    assert att is not None and att["lease"] == lease
     _expire()
-    assert [a.node for a in cat.attachments()] == ["nodeA"]
-    cat.drop_lease("nodeA")
-    cat.drop_lease("nodeC")
-    assert cat.attachments() == [] and cat.leases() == []
-    cat.renew_lease("nodeB", TTL)
-    assert cat.attach("v1", "nodeB").node == "nodeB"
-    assert cat.detach("v1", "nodeB") is True and cat.attachments() == []
-    cat.attach("v2", "nodeB")
-    cat.delete_volume("v2")
-    assert cat.attachments() == []
+    assert cat.etcd.time_to_live("test", lease) == -1
+    assert cat.etcd.get("test", cat._k("attach/v1")) is None and cat.attachments() == []
+
+
+def test_the_lease_thread_on_etcd_keeps_one_etcd_lease_and_the_store_uses_lease_ttl(
+        tmp_path: Path, etcd_server: EtcdServer) -> None:
+    """[cluster] lease_ttl is the TTL of the node's lease and of the process's lock session; the
+    plugin's LeaseKeeper renews one etcd lease, and when it stops, the node's attachments go at expiry."""
+    dg = f"t{uuid.uuid4().hex[:12]}"
+    cfg = dataclasses.replace(
+        load_config(_conf(tmp_path, f"catalog = etcd\netcd_endpoints = {etcd_server.endpoint}\n"
+                                    f"lease_ttl = {TTL:g}\nlease_interval = 0.4\n")),
+        diskgroup=dg, node="nodeA")
+    store = group.store_of(cfg)
+    assert isinstance(store, EtcdStore) and store.session.ttl == TTL
+    _ready(store.create(DiskGroupRec(dg, "u-2", None, 1.0)), init=False)  # type: ignore[arg-type]
+    store.publish(dg)
+    with store.locks(dg).hold("v1"):  # the lock session is granted with lease_ttl too
+        assert 0 < store.etcd.time_to_live("test", store.session.current()) <= TTL
+    keeper = LeaseKeeper(cfg)
+    try:
+        assert keeper.renew()
+        cat = store.open(dg)
+        assert isinstance(cat, EtcdCatalog)
+        lease = _lease_id(cat, "nodeA")
+        cat.attach("v1", "nodeA")
+        for _ in range(3):
+            time.sleep(TTL / 4)
+            assert keeper.renew()
+        assert _lease_id(cat, "nodeA") == lease and set(keeper.held) == {"v1"}
+        (rec,) = cat.leases()
+        assert rec.node == "nodeA" and rec.ttl == TTL and rec.expires > time.time()
+        _expire()  # the keeper stopped renewing: the attachment goes with the lease
+        assert cat.attachments() == [] and cat.etcd.time_to_live("test", lease) == -1
+    finally:
+        store.destroy(dg)
 
 
 def test_a_process_that_lost_its_lease_cannot_write_under_its_locks(etcd_server: EtcdServer) -> None:
