@@ -63,12 +63,62 @@ def container_pids(ids: set[str]) -> list[int]:
     return out
 
 
-def kill_containers(ids: set[str], timeout: float = 5.0) -> list[int]:
-    """SIGKILL every process of the containers ``ids`` (again until none is left, as they may fork)."""
+def mounted_source(mp: Path) -> tuple[str, str] | None:
+    """("major:minor", root) of what is mounted at ``mp`` in our mount namespace, from mountinfo: the
+    root tells one subtree of a filesystem (an fstype=none volume) from the rest of it."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    found = None
+    for line in lines:
+        f = line.split()
+        if len(f) > 4 and f[4].replace("\\040", " ") == str(mp):
+            found = (f[2], f[3])  # the last one stacked at ``mp`` is the one seen there
+    return found
+
+
+def device_users(sources: set[tuple[str, str]]) -> list[int]:
+    """PIDs of processes in other mount namespaces than ours (containers) that have one of ``sources``
+    (a filesystem's "major:minor" and a root within it, or below) mounted, from /proc/PID/mountinfo: the
+    kernel's word on who can still write to a volume, whether or not the engine told us of them."""
+    if not sources:
+        return []
+    try:
+        own = os.stat("/proc/self/ns/mnt").st_ino
+    except OSError:
+        return []
+
+    def holds(line: str) -> bool:
+        f = line.split()
+        return len(f) > 3 and any(f[2] == dev and (root == "/" or f[3] == root or f[3].startswith(root + "/"))
+                                  for dev, root in sources)
+
+    seen: dict[int, bool] = {}
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            ns = os.stat(f"/proc/{entry}/ns/mnt").st_ino
+            if ns == own:
+                continue
+            if ns not in seen:
+                seen[ns] = any(holds(line) for line in Path(f"/proc/{entry}/mountinfo").read_text().splitlines())
+        except OSError:
+            continue
+        if seen[ns]:
+            out.append(int(entry))
+    return out
+
+
+def kill_containers(ids: set[str], timeout: float = 5.0, devices: set[tuple[str, str]] | None = None) -> list[int]:
+    """SIGKILL every process of the containers ``ids``, and every process of another mount namespace
+    that has one of ``devices`` mounted (again until none is left, as they may fork)."""
     killed: list[int] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        pids = [p for p in container_pids(ids) if _running(p)]
+        pids = [p for p in container_pids(ids) + device_users(devices or set()) if _running(p)]
         if not pids:
             break
         for p in pids:
@@ -193,7 +243,8 @@ class LeaseKeeper:
             return set()
         log.error("lease: no renewal for %.1f s (lease_ttl %.1f s): fencing this node, stopping what uses %s",
                   self.clock() - last, self.settings.lease_ttl, ", ".join(sorted(todo)))
-        self.fence(todo)
+        stuck = self.fence(todo)  # those stay held: the next tick tries again
+        todo -= stuck
         with self._lock:
             self.fenced |= todo
             self.held = {k: v for k, v in self.held.items() if k not in todo}
@@ -210,8 +261,9 @@ class LeaseKeeper:
                 out.add(t.name[: -len(suffix)])
         return out
 
-    def fence(self, names: set[str], engine_alive: bool = True) -> None:
-        """Stop everything that writes to ``names`` on this node and unmount them, without the catalog.
+    def fence(self, names: set[str], engine_alive: bool = True) -> set[str]:
+        """Stop everything that writes to ``names`` on this node and unmount them, without the catalog;
+        returns those still mounted (something here may still write: they must not be released).
 
         Docker is asked to stop the containers (their own stop signal first), but never waited on: a
         stop waits for the volume's Unmount, which may be waiting on the very catalog that failed. After
@@ -231,15 +283,23 @@ class LeaseKeeper:
             deadline = self.clock() + self.stop_timeout + 0.5
             while self.clock() < deadline and [p for p in container_pids(ids) if _running(p)]:
                 time.sleep(0.05)
-        killed = kill_containers(ids)
+        devices = set()
+        for name in names:
+            src = mounted_source(self.config.mount_root / f"{name}_{self.config.diskgroup}")
+            if src is not None:
+                devices.add(src)
+        killed = kill_containers(ids, devices=devices)
         if killed:
             log.warning("lease: killed %d process(es) of containers using %s", len(killed), ", ".join(sorted(names)))
+        stuck = set()
         for name in sorted(names):
             mp = self.config.mount_root / f"{name}_{self.config.diskgroup}"
             if unmount_point(mp):
                 log.warning("lease: %s unmounted from %s", name, mp)
             else:
                 log.error("lease: %s is still mounted at %s after fencing", name, mp)
+                stuck.add(name)
+        return stuck
 
     def _stop_container(self, cid: str) -> None:
         try:
@@ -305,7 +365,12 @@ class LeaseKeeper:
         log.error("lease: the Docker engine is gone for %.1f s and node(s) %s want %s: killing what uses them",
                   now - self.engine_down_since, ", ".join(sorted({str(self.held[n].wanted_by) for n in wanted})),
                   ", ".join(sorted(wanted)))
-        self.fence(wanted, engine_alive=False)
+        stuck = self.fence(wanted, engine_alive=False)
+        if stuck:
+            log.error("lease: not releasing %s: still mounted here; retrying", ", ".join(sorted(stuck)))
+        wanted -= stuck
+        if not wanted:
+            return
         self._release(wanted, "wanted elsewhere while this node's engine is gone")
         with self._lock:
             for name in wanted:

@@ -49,7 +49,7 @@ def keeper(tmp_path: Path, cat: Catalog, clock: Clock) -> tuple[LeaseKeeper, lis
                     cluster=ClusterSettings(lease_ttl=10, lease_interval=2))
     k = LeaseKeeper(config, clock=clock, open_catalog=lambda: cat)
     fenced: list[set[str]] = []
-    k.fence = lambda names, engine_alive=True: fenced.append(set(names))  # type: ignore[method-assign]
+    k.fence = lambda names, engine_alive=True: fenced.append(set(names)) or set()  # type: ignore[method-assign]
     return k, fenced
 
 
@@ -97,3 +97,26 @@ def test_renewals_that_succeed_never_fence(tmp_path: Path, cat: Failing) -> None
         assert k.renew()
         assert k.check() == set()
     assert fenced == [] and dataclasses.asdict(cat.attachments()[0])["node"] == "nodeA"
+
+
+def test_a_volume_fencing_could_not_unmount_is_never_released(tmp_path: Path, cat: Failing) -> None:
+    """Engine gone and the volume wanted elsewhere: if something here still holds it mounted after the
+    kills (a writer the engine never told us of), releasing it would let the peer mount beside a writer."""
+    clock = Clock()
+    k, _ = keeper(tmp_path, cat, clock)
+    cat.renew_lease("nodeB", 10)
+    assert k.renew()
+    cat.attach("v", "nodeA")
+    cat.want("v", "nodeB")
+    assert k.renew()
+    released: list[set[str]] = []
+    k.fence = lambda names, engine_alive=True: set(names)  # type: ignore[method-assign]  # still mounted
+    k._release = lambda names, why: released.append(set(names))  # type: ignore[method-assign]
+    k.engine.reachable = lambda: False  # type: ignore[method-assign]
+    k._watch_engine()  # the engine is found gone: the grace starts
+    clock.now += 11
+    k._watch_engine()  # past the grace: fenced, but still mounted
+    assert released == [] and cat.attachments()[0].node == "nodeA"
+    k.fence = lambda names, engine_alive=True: set()  # type: ignore[method-assign]  # now unmounted
+    k._watch_engine()
+    assert released == [{"v"}]
