@@ -261,9 +261,12 @@ class LeaseKeeper:
                 out.add(t.name[: -len(suffix)])
         return out
 
-    def fence(self, names: set[str], engine_alive: bool = True) -> set[str]:
+    def fence(self, names: set[str], engine_alive: bool = True, by_device: bool = True) -> set[str]:
         """Stop everything that writes to ``names`` on this node and unmount them, without the catalog;
         returns those still mounted (something here may still write: they must not be released).
+        ``by_device``: also kill what has the volume's filesystem mounted in other mount namespaces; only
+        while this node holds the attachment (no other node may then have it mounted: on one kernel, as
+        in the lab, another node's mount of the same volume shows the same device).
 
         Docker is asked to stop the containers (their own stop signal first), but never waited on: a
         stop waits for the volume's Unmount, which may be waiting on the very catalog that failed. After
@@ -284,7 +287,7 @@ class LeaseKeeper:
             while self.clock() < deadline and [p for p in container_pids(ids) if _running(p)]:
                 time.sleep(0.05)
         devices = set()
-        for name in names:
+        for name in names if by_device else ():
             src = mounted_source(self.config.mount_root / f"{name}_{self.config.diskgroup}")
             if src is not None:
                 devices.add(src)
@@ -402,7 +405,7 @@ class LeaseKeeper:
                     continue
                 except VeritasError as exc:
                     log.warning("lease: cannot attach %s again: %s", name, exc)
-            self.fence({name})
+            self.fence({name}, by_device=False)  # the holder's containers may show the same device
             with dg.locks.hold(name):
                 for m in dg.catalog.mounts(name):
                     if m.node == self.node:
