@@ -79,7 +79,7 @@ def mounted_source(mp: Path) -> tuple[str, str] | None:
 
 
 def device_users(sources: set[tuple[str, str]]) -> list[int]:
-    """PIDs of processes in other mount namespaces than ours (containers) that have one of ``sources``
+    """PIDs of container processes in other mount namespaces than ours that have one of ``sources``
     (a filesystem's "major:minor" and a root within it, or below) mounted, from /proc/PID/mountinfo: the
     kernel's word on who can still write to a volume, whether or not the engine told us of them."""
     if not sources:
@@ -107,9 +107,18 @@ def device_users(sources: set[tuple[str, str]]) -> list[int]:
                 seen[ns] = any(holds(line) for line in Path(f"/proc/{entry}/mountinfo").read_text().splitlines())
         except OSError:
             continue
-        if seen[ns]:
+        if seen[ns] and _in_a_container(int(entry)):
             out.append(int(entry))
     return out
+
+
+def _in_a_container(pid: int) -> bool:
+    """The process's cgroup names a container (by its 64-hex ID): an engine's, a node's init or a
+    plugin is never one, though on one kernel their mount namespaces may show the volume by propagation."""
+    try:
+        return _CONTAINER_ID.search(Path(f"/proc/{pid}/cgroup").read_text()) is not None
+    except OSError:
+        return False
 
 
 def kill_containers(ids: set[str], timeout: float = 5.0, devices: set[tuple[str, str]] | None = None) -> list[int]:
@@ -190,7 +199,18 @@ class LeaseKeeper:
         try:
             cat = self._cat()
             cat.renew_lease(self.node, self.settings.lease_ttl)
-            held = {a.volume: a for a in cat.attachments() if a.node == self.node}
+            atts = cat.attachments()
+            held = {a.volume: a for a in atts if a.node == self.node}
+            # a lease that ran out (a stalled renewal) took its attachments with it; volumes still
+            # mounted here that no node holds are attached again (a compare-and-set: never another's)
+            orphans = (self.mounted_here() & {m.volume for m in cat.mounts() if m.node == self.node}) \
+                - {a.volume for a in atts}
+            for name in sorted(orphans):
+                try:
+                    held[name] = cat.attach(name, self.node)
+                    log.warning("lease: %s is mounted here but was attached nowhere: attached again", name)
+                except VeritasError as exc:
+                    log.error("lease: %s is mounted here but cannot be attached again: %s", name, exc)
             peers = {rec.node for rec in cat.leases() if rec.node != self.node}
         except (VeritasError, OSError) as exc:
             log.warning("lease: renewal in disk group %s failed: %s", self.config.diskgroup, exc)

@@ -237,6 +237,17 @@ def fuzz() -> Iterator[Fuzz]:
             f.ok("VolumeDriver.Create", {"Name": name, "Opts": opts})
         for name, mount_id in BASE_MOUNTS:
             f.ok("VolumeDriver.Mount", {"Name": name, "ID": mount_id})
+        # the plugin's lease comes with its first renewal after the disk group exists, and with it the
+        # attachment of what was mounted before: the base state is the settled one
+        db = f.dg_root / "catalog.db"
+        deadline = time.monotonic() + 20
+        while True:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as c:
+                attached = {r[0] for r in c.execute("SELECT volume FROM attachment WHERE node = 'node1'")}
+            if attached >= {name for name, _ in BASE_MOUNTS}:
+                break
+            assert time.monotonic() < deadline, f"the plugin never attached its mounted volumes: {attached}"
+            time.sleep(0.2)
         yield f
     finally:
         if f.db is not None:
