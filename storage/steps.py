@@ -8,11 +8,13 @@ layout or filesystem (btrfs forgetting its devices, ext4 growing offline) is the
 from __future__ import annotations
 
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from storage import crash, durable, mountpoints, qos, trees
-from storage.catalog.base import SubdiskRec, VolumeRec
-from storage.errors import InUse, NoSuchVolume, VeritasError
+from storage.catalog.base import IntentRec, SubdiskRec, VolumeRec
+from storage.errors import InUse, NoSpace, NoSuchVolume, VeritasError
 from storage.group import DiskGroup
 from storage.kernel import alloc, fs, loop
 from storage.layouts import engine
@@ -227,3 +229,19 @@ def grow_steps(dg: DiskGroup, v: VolumeRec, new: int) -> None:
     durable.sync_files([dg.image(sd.disk, v.name, sd.idx) for sd in sds])
     crash.point("grow.fs")
     dg.catalog.finish_intent(v.name, {"size": new})
+
+
+def record_new(dg: DiskGroup, plan: Callable[[], tuple[VolumeRec, list[SubdiskRec]]], tries: int = 5
+               ) -> tuple[VolumeRec, list[SubdiskRec]]:
+    """Record a new volume with its subdisks and its make intent in one catalog step. Placement reads
+    free space outside the catalog transaction, so a concurrent make may take the chosen disk's room
+    first: ``plan`` again rather than fail while other disks have space."""
+    for attempt in range(tries):
+        vol, sds = plan()
+        try:
+            dg.catalog.create_volume(vol, sds, IntentRec(vol.name, "make", {}, time.time()), dg.capacity())
+            return vol, sds
+        except NoSpace:
+            if attempt == tries - 1:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover

@@ -7,8 +7,8 @@ import time
 from typing import Any
 
 from storage import crash, durable, mountpoints, options, recovery, steps
-from storage.catalog.base import IntentRec, SubdiskRec, VolumeRec
-from storage.errors import InvalidArgument, NoSpace, SharedFailureDomain, VeritasError
+from storage.catalog.base import SubdiskRec, VolumeRec
+from storage.errors import InvalidArgument, SharedFailureDomain, VeritasError
 from storage.group import DiskGroup
 from storage.kernel import alloc, fs, loop
 from storage.layouts import ENGINES, engine
@@ -46,19 +46,14 @@ def make(dg: DiskGroup, name: str, size: str | int | None = None, *, spec: optio
 
     with dg.locks.hold(name), mountpoints.claim(dg, name):
         recovery.check_free(dg, name)
-        for attempt in range(5):
-            # placement reads free space outside the catalog transaction; a concurrent make may take the
-            # chosen disk's room first, so plan again rather than fail while other disks have space
+        def plan() -> tuple[VolumeRec, list[SubdiskRec]]:
             eng, shape, sizes, disks = _plan(dg, layout, nbytes, fstype, nmirror, ncol, force, volume=name)
             vol = VolumeRec(name, nbytes, eng.name, shape.fstype, shape.nmirror, shape.ncol, maxiops,
                             None, 0, "creating", time.time(), protect, provisioning=provisioning)
-            sds = [SubdiskRec(name, i, d, sz, sz) for i, (d, sz) in enumerate(zip(disks, sizes, strict=True))]
-            try:
-                dg.catalog.create_volume(vol, sds, IntentRec(name, "make", {}, time.time()), dg.capacity())
-                break
-            except NoSpace:
-                if attempt == 4:
-                    raise
+            return vol, [SubdiskRec(name, i, d, sz, sz) for i, (d, sz) in enumerate(zip(disks, sizes, strict=True))]
+
+        vol, sds = steps.record_new(dg, plan)
+        eng, shape = steps.engine_of(vol), steps.shape_of(vol)
         crash.point("make.recorded")
         try:
             paths = [dg.image(sd.disk, name, sd.idx) for sd in sds]
@@ -81,8 +76,8 @@ def make(dg: DiskGroup, name: str, size: str | int | None = None, *, spec: optio
                 # mkfs discarded the whole device, which punched the image's allocation out again:
                 # allocate once more (the filesystem's blocks are kept; the room was found above)
                 for p, sd in zip(paths, sds, strict=True):
-                    with open(p, "r+b") as fh:
-                        alloc.allocate(fh.fileno(), p, 0, sd.size)
+                    with open(p, "r+b") as img:
+                        alloc.allocate(img.fileno(), p, 0, sd.size)
             durable.sync_files(paths)  # the images exist for good before the catalog says so
         except BaseException:
             steps.teardown(dg, name)

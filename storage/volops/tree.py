@@ -7,8 +7,8 @@ from __future__ import annotations
 import time
 
 from storage import crash, mountpoints, recovery, steps, trees
-from storage.catalog.base import IntentRec, SubdiskRec, VolumeRec
-from storage.errors import InvalidArgument, NoSpace
+from storage.catalog.base import SubdiskRec, VolumeRec
+from storage.errors import InvalidArgument
 from storage.group import DiskGroup
 from storage.layouts.base import LayoutEngine, mib
 from storage.layouts.concat import MIN_SIZE
@@ -28,18 +28,15 @@ def make(dg: DiskGroup, name: str, size: int, maxiops: int, protect: bool) -> Vo
         if not able:
             raise InvalidArgument(trees.refusal_text([why for why in reasons.values() if why]
                                                      or [f"disk group {dg.name} has no disks"]))
-        for attempt in range(5):  # as make: a concurrent make may take the chosen disk's room first
+        def plan() -> tuple[VolumeRec, list[SubdiskRec]]:
             free = {d: n for d, n in dg.free().items() if d in able}
             disk = LayoutEngine.place([limit], free, "concat", dg.name)[0]
             vol = VolumeRec(name, size, "concat", trees.FSTYPE, 1, 1, maxiops, None, 0, "creating",
                             time.time(), protect, provisioning="thin")
-            try:
-                dg.catalog.create_volume(vol, [SubdiskRec(name, 0, disk, limit, limit)],
-                                         IntentRec(name, "make", {}, time.time()), dg.capacity())
-                break
-            except NoSpace:
-                if attempt == 4:
-                    raise
+            return vol, [SubdiskRec(name, 0, disk, limit, limit)]
+
+        _vol, sds = steps.record_new(dg, plan)
+        disk = sds[0].disk
         crash.point("make.recorded")
         try:
             trees.create(dg, trees.path(dg, disk, name), limit)
