@@ -39,6 +39,7 @@ from storage.catalog.base import (
     VolumeRec,
     check_owner,
     check_space,
+    refuse_attach,
 )
 from storage.errors import (
     AlreadyExists,
@@ -555,9 +556,8 @@ class EtcdCatalog(Catalog):
             out.append(LeaseRec(unquote(key), expires, float(rec["ttl"])))
         return sorted(out, key=lambda r: r.node)
 
-    def _until(self, lease: int) -> str:
-        left = self.etcd.time_to_live(f"read a lease of {self.label}", lease)
-        return time.strftime("%H:%M:%S", time.localtime(self._clock() + max(left, 0)))
+    def _ttl_left(self, lease: int) -> int:
+        return self.etcd.time_to_live(f"read a lease of {self.label}", lease)
 
     def attach(self, volume: str, node: str) -> AttachRec:
         what = f"attach volume {volume} on node {node}"
@@ -566,19 +566,23 @@ class EtcdCatalog(Catalog):
             st = self._load(what)
             if st.obj(f"vol/{q(volume)}") is None:
                 raise NoSuchVolume(f"no such volume: {volume}")
-            alive = st.by_key.get(alive_rel)
-            if alive is None:  # its key went with its lease: none, or expired
-                raise InUse(f"node {node} holds no live lease in this disk group, so it cannot attach volume"
-                            f" {volume}; its plugin renews the lease (is it running?)")
-            cur = st.by_key.get(rel)
+            # the shared decision, on what etcd keeps: a node's alive key and its attachments live
+            # exactly as long as its lease, so a key that is there stands for a live lease
+            now = self._clock()
+            alive, cur = st.by_key.get(alive_rel), st.by_key.get(rel)
+            held = None
+            live: dict[str, LeaseRec] = {}
+            if alive is not None:
+                live[node] = LeaseRec(node, math.inf, 0.0)
             if cur is not None:
-                rec = _attach(json.loads(cur["value"]))
-                if rec.node == node:
-                    return rec
-                raise InUse(f"volume {volume} is attached on node {rec.node} (its lease runs until"
-                            f" {self._until(cur['lease'])}, renewed while that node lives); unmount it there"
-                            " first, or wait for that node's lease to expire")
-            new = AttachRec(volume, node, self._clock())
+                held = _attach(json.loads(cur["value"]))
+                if held.node != node:  # its lease's end, as the server counts it (whole seconds)
+                    live[held.node] = LeaseRec(held.node, now + max(self._ttl_left(cur["lease"]), 0) + 1, 0.0)
+            new = refuse_attach(volume, node, held, live, now)
+            if new is held:
+                return new
+            if alive is None or cur is not None:  # refused above: no live lease here, or a live holder
+                raise CatalogError(f"cannot {what}: the attachment changed while it was decided; retry")
             body = _js({"volume": volume, "node": node, "since": new.since, "wanted_by": None})
             ok, _ = self.etcd.txn(what, [mod_is(self._k(rel), 0), mod_is(self._k(alive_rel), alive["mod"]),
                                          exists(self._k(f"vol/{q(volume)}")), *self._fence.compares()],
