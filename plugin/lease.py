@@ -63,21 +63,6 @@ def container_pids(ids: set[str]) -> list[int]:
     return out
 
 
-def mounted_source(mp: Path) -> tuple[str, str] | None:
-    """("major:minor", root) of what is mounted at ``mp`` in our mount namespace, from mountinfo: the
-    root tells one subtree of a filesystem (an fstype=none volume) from the rest of it."""
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return None
-    found = None
-    for line in lines:
-        f = line.split()
-        if len(f) > 4 and f[4].replace("\\040", " ") == str(mp):
-            found = (f[2], f[3])  # the last one stacked at ``mp`` is the one seen there
-    return found
-
-
 def device_users(sources: set[tuple[str, str]]) -> list[int]:
     """PIDs of container processes in other mount namespaces than ours that have one of ``sources``
     (a filesystem's "major:minor" and a root within it, or below) mounted, from /proc/PID/mountinfo: the
@@ -89,10 +74,9 @@ def device_users(sources: set[tuple[str, str]]) -> list[int]:
     except OSError:
         return []
 
-    def holds(line: str) -> bool:
-        f = line.split()
-        return len(f) > 3 and any(f[2] == dev and (root == "/" or f[3] == root or f[3].startswith(root + "/"))
-                                  for dev, root in sources)
+    def holds(e: mounts.MountEntry) -> bool:
+        return any(e.major_minor == dev and (root == "/" or e.root == root or e.root.startswith(root + "/"))
+                   for dev, root in sources)
 
     seen: dict[int, bool] = {}
     out = []
@@ -104,7 +88,7 @@ def device_users(sources: set[tuple[str, str]]) -> list[int]:
             if ns == own:
                 continue
             if ns not in seen:
-                seen[ns] = any(holds(line) for line in Path(f"/proc/{entry}/mountinfo").read_text().splitlines())
+                seen[ns] = any(holds(e) for e in mounts.table(int(entry)))
         except OSError:
             continue
         if seen[ns] and _in_a_container(int(entry)):
@@ -308,9 +292,9 @@ class LeaseKeeper:
                 time.sleep(0.05)
         devices = set()
         for name in names if by_device else ():
-            src = mounted_source(self.config.mount_root / f"{name}_{self.config.diskgroup}")
-            if src is not None:
-                devices.add(src)
+            entry = mounts.mounted_at(self.config.mount_root / f"{name}_{self.config.diskgroup}")
+            if entry is not None:  # the root tells one subtree (an fstype=none volume) from the rest
+                devices.add((entry.major_minor, entry.root))
         killed = kill_containers(ids, devices=devices)
         if killed:
             log.warning("lease: killed %d process(es) of containers using %s", len(killed), ", ".join(sorted(names)))

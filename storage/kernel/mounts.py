@@ -17,15 +17,17 @@ class MountEntry:
     options: str
     major_minor: str
     super_options: str = ""  # the filesystem's own (btrfs: subvolid=N names the subvolume mounted)
+    root: str = "/"  # the directory of the filesystem mounted here (a bind of a subtree: that subtree)
 
 
 def _unescape(s: str) -> str:
     return s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
 
 
-def table() -> list[MountEntry]:
+def table(pid: int | None = None) -> list[MountEntry]:
+    """The mounts of our mount namespace, or of process ``pid``'s. :raises OSError: if it is gone."""
     entries = []
-    with open("/proc/self/mountinfo") as fh:
+    with open(f"/proc/{'self' if pid is None else pid}/mountinfo") as fh:
         for line in fh:
             left, _, right = line.partition(" - ")
             lf, rf = left.split(), right.split()
@@ -39,6 +41,7 @@ def table() -> list[MountEntry]:
                     options=lf[5],
                     major_minor=lf[2],
                     super_options=rf[2] if len(rf) > 2 else "",
+                    root=_unescape(lf[3]),
                 )
             )
     return entries
