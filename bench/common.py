@@ -48,24 +48,32 @@ def _r(x: float | None) -> float | None:
 
 def emit(metric: str, value: float | None, unit: str, baseline: float | None, target: str | None,
          ratio: float | None = None, spread: tuple[float, float] | None = None, settled: bool | None = None,
-         note: str | None = None) -> None:
+         note: str | None = None, extra: dict[str, Any] | None = None, failed: bool = False) -> None:
     """One figure on stdout. ``ratio`` is value / baseline unless given (the median of per-pair ratios);
     ``met`` is the verdict of ``target`` on it (None for information); ``spread`` is [min, max] of the
     per-pair ratios where the figure comes from interleaved pairs, and ``settled`` says whether the
     confidence interval of their median lies on one side of the target (Pairs.interval; None where
     there is no target or no pairs). A figure that could not be taken
-    (a feature missing) has value null, met false and a ``note`` saying why."""
+    (a feature missing) has value null, met false and a ``note`` saying why. ``extra`` adds keys of the
+    figure's own (counts such as "overlaps"); ``failed`` makes ``met`` false whatever the time (a run
+    that broke a rule the target does not express, such as a volume mounted on two nodes at once)."""
     if ratio is None and value is not None and baseline is not None:
         ratio = value / baseline if baseline else float("inf")
     # judged on the printed (rounded) figures, so a line never contradicts itself at the third decimal
     met = None if target is None else (False if value is None or ratio is None
                                        else verdict(target, _r(ratio), _r(value)))
+    if failed and target is not None:
+        met = False
     fig: dict[str, Any] = {"metric": metric, "value": _r(value), "unit": unit, "baseline": _r(baseline),
                            "ratio": _r(ratio), "target": target, "met": met,
                            "spread": None if spread is None else [_r(spread[0]), _r(spread[1])],
                            "settled": settled}
     if note is not None:
         fig["note"] = note
+    for k, v in (extra or {}).items():
+        if k in fig:
+            raise ValueError(f"extra key {k!r} would replace a figure's own")
+        fig[k] = v
     print(json.dumps(fig), flush=True)
 
 
