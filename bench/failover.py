@@ -183,7 +183,16 @@ class Bench:
         # both tasks on one worker: create the services while the other is drained
         first, other = WORKERS
         self.availability(other, "drain")
-        self.docker(first, "volume", "create", "-d", "veritas", "-o", "size=100m", VOL)
+        # made on the node that imported the disk group (the first plugin up); any node mounts it then
+        errors = []
+        for n in (first, other, "node1"):
+            try:
+                self.docker(n, "volume", "create", "-d", "veritas", "-o", "size=100m", VOL)
+                break
+            except RuntimeError as exc:
+                errors.append(str(exc))
+        else:
+            raise RuntimeError("no node could make the volume: " + "; ".join(errors))
         for name, mount in ((SVC, f"type=volume,source={VOL},target=/data,volume-driver=veritas"),
                             (LSVC, "type=volume,source=flocal,target=/data")):
             self.docker("node1", "service", "create", "-d", "--name", name, "--no-resolve-image", "--init",
