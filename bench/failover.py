@@ -323,7 +323,7 @@ class Bench:
         kills = 2 if self.quick else 10
         if group == "drain":
             self.figure("drain_to_running_with_volume", "drain", 1 if self.quick else 5,
-                        lambda base: f"value<{round(base + 1.0, 3)}")
+                        lambda base: f"value<{round(round(base, 3) + 1.0, 3)}")
         elif group == "dockerd":
             self.figure("dockerd_kill_to_running_with_data", "dockerd", kills, lambda base: "value<10")
         elif group == "node":
