@@ -28,8 +28,10 @@ service, ``ratio`` the median per-run ratio, ``spread`` its [min, max].
 
 Throughout the kill and drain runs a thread samples every node's mount table (``/proc/PID/mountinfo``
 of the node's first process: the node's own mount namespace) every 20 ms for the veritas volume's
-filesystem, by device number. Two nodes with it mounted in the same sample is an overlap: the line
-carries ``"overlaps": N`` (samples in which it happened) and ``met`` is false whatever the time.
+filesystem, by what its device is (each node's own loop device, followed to the image's inode), and
+every mount namespace of the machine (containers' too) for filesystems of the volume on distinct
+devices. Two nodes with it mounted, or two of its filesystems alive, in one sample is an overlap: the
+line carries ``"overlaps": N`` (samples in which it happened) and ``met`` is false whatever the time.
 
 Runs as root. The lab lives under a fresh /tmp root and is taken down by ``scripts/lab down``
 (processes by PID, namespaces, loop devices, mounts), also on error or SIGTERM.
@@ -60,6 +62,7 @@ LAB = REPO / "scripts" / "lab"
 IMAGE = "localbusybox:latest"
 VOL, SVC, LSVC = "fvol", "fvol", "flocal"
 WORKERS = ("node2", "node3")
+LOOP_MAJOR = 7  # the volume's own device is a loop device on every node
 
 
 FsId = tuple[tuple[int, int], tuple[int, ...]]
@@ -91,17 +94,44 @@ class MountWatch(threading.Thread):
         self.stopping = threading.Event()
         self.samples = 0
         self.held = 0  # samples in which some node had it mounted: a sampler that never sees it is broken
+        self.live = 0  # samples in which some mount namespace of the machine had a filesystem of it
         self.overlaps = 0
         self.seen: list[tuple[float, list[str]]] = []  # overlapping samples: when, which nodes
 
     def run(self) -> None:
         while not self.stopping.wait(self.period):
             holders = [n for n in self.bench.nodes if self.dev in self.bench.devices_in(n)]
+            live = self.live_filesystems()
             self.samples += 1
             self.held += bool(holders)
-            if len(holders) > 1:
+            self.live += bool(live)
+            if len(holders) > 1 or len(live) > 1:
                 self.overlaps += 1
-                self.seen.append((time.monotonic(), holders))
+                self.seen.append((time.monotonic(), holders + [f"filesystems on {sorted(live)}"]))
+
+    def live_filesystems(self) -> set[str]:
+        """The devices ("MAJ:MIN") carrying a filesystem of the volume in any mount namespace of the
+        machine (the nodes' own and their containers'). Each node mounts the volume from a loop device of
+        its own, so two of them alive at once are two nodes' filesystems on one image, even where a
+        node's own mount table no longer shows it (a container that outlived the unmount there)."""
+        seen: set[str] = set()
+        out: set[str] = set()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                ns = os.readlink(f"/proc/{entry}/ns/mnt")
+                if ns in seen:
+                    continue
+                seen.add(ns)
+                text = Path(f"/proc/{entry}/mountinfo").read_text()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                f = line.split()
+                if len(f) > 2 and f[2].startswith(f"{LOOP_MAJOR}:") and fs_identity(f[2]) == self.dev:
+                    out.add(f[2])
+        return out
 
     def stop(self) -> None:
         self.stopping.set()
@@ -302,7 +332,7 @@ class Bench:
                 pairs.base.append(b)
         finally:
             watch.stop()
-        if not watch.held:
+        if not watch.held or not watch.live:
             raise RuntimeError(f"the mount sampler never saw {VOL} mounted on any node: it is broken")
         for when, holders in watch.seen[:5]:
             common.log(f"{metric}: OVERLAP at {when:.2f}: {VOL} mounted on {', '.join(holders)}")
@@ -311,7 +341,8 @@ class Bench:
                     settled=pairs.settled(tgt), extra={"overlaps": watch.overlaps, "runs": runs},
                     failed=watch.overlaps > 0)
         common.log(f"{metric}: veritas {[round(x, 2) for x in pairs.ours]}, local {[round(x, 2) for x in pairs.base]}"
-                   f", {watch.samples} mount samples, {watch.overlaps} overlapping, {watch.held} with it mounted")
+                   f", {watch.samples} mount samples, {watch.overlaps} overlapping, {watch.held} with it mounted"
+                   f", {watch.live} with a filesystem of it found machine-wide")
 
     def run_group(self, group: str) -> None:
         if group == "up":

@@ -83,59 +83,6 @@ def kill_containers(ids: set[str], timeout: float = 5.0) -> list[int]:
     return killed
 
 
-def holders_of(majmin: str) -> list[int]:
-    """PIDs of containers (a container ID in their cgroup) whose mount namespace has the filesystem of
-    device ``majmin`` mounted. Such a namespace keeps the filesystem, and the loop device under it,
-    alive after the unmount here: a container the lease thread had not noted (it notes a volume's users
-    by name at renewals; one started since, or one given the mount point as a bind mount) would write
-    on while another node mounts the volume. Only containers: an engine's own namespace may hold a
-    propagated copy of the mount too."""
-    try:
-        own = os.readlink("/proc/self/ns/mnt")
-    except OSError:
-        return []
-    has: dict[str, bool] = {}
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            ns = os.readlink(f"/proc/{entry}/ns/mnt")
-            if ns == own:
-                continue
-            if ns not in has:
-                text = Path(f"/proc/{entry}/mountinfo").read_text()
-                has[ns] = any(len(f) > 2 and f[2] == majmin for f in (line.split() for line in text.splitlines()))
-        except OSError:
-            continue
-        if has[ns]:
-            try:
-                if _CONTAINER_ID.search(Path(f"/proc/{entry}/cgroup").read_text()):
-                    out.append(int(entry))
-            except OSError:
-                continue
-    return out
-
-
-def kill_holders(majmins: set[str], timeout: float = 5.0) -> list[int]:
-    """SIGKILL every process that holds one of these filesystems in another mount namespace, again until
-    none is left."""
-    killed: list[int] = []
-    deadline = time.monotonic() + timeout
-    while majmins and time.monotonic() < deadline:
-        pids = [p for mm in majmins for p in holders_of(mm) if _running(p)]
-        if not pids:
-            break
-        for p in pids:
-            try:
-                os.kill(p, signal.SIGKILL)
-                killed.append(p)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.05)
-    return killed
-
-
 def _running(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -321,15 +268,6 @@ class LeaseKeeper:
         killed = kill_containers(ids)
         if killed:
             log.warning("lease: killed %d process(es) of containers using %s", len(killed), ", ".join(sorted(names)))
-        devs = set()
-        for name in names:
-            e = mounts.mounted_at(self.config.mount_root / f"{name}_{self.config.diskgroup}")
-            if e is not None:
-                devs.add(e.major_minor)
-        killed = kill_holders(devs)
-        if killed:
-            log.warning("lease: killed %d process(es) of other containers holding %s", len(killed),
-                        ", ".join(sorted(names)))
         for name in sorted(names):
             mp = self.config.mount_root / f"{name}_{self.config.diskgroup}"
             if unmount_point(mp):
