@@ -126,7 +126,11 @@ def pair() -> Iterator[Pair]:
             nodes.append(Node(name, docker, plugin, mnt))
             docker.start()
             plugin.start()  # nodeA first: it makes the default disk group; nodeB shares it
-        yield Pair(root, nodes[0], nodes[1])
+        pair = Pair(root, nodes[0], nodes[1])
+        # nodeA's first renewal came before its disk group existed; it renews within lease_interval
+        wait_for("both nodes' leases", lambda: all((pair.lease(n) or LeaseRec("", 0, 0)).expires > time.time()
+                                                   for n in ("nodeA", "nodeB")), timeout=TTL)
+        yield pair
     finally:
         for n in nodes:
             n.docker.stop()
