@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from plugin.docker_api import DOCKER_ID, ContainerUse, Engine
+from plugin.lease import mount_when_released
 from storage import diskgroup, options, ownership, qos, snapshots, volumes
 from storage.catalog.base import CatalogStore, VolumeRec
 from storage.config import Config
@@ -93,7 +94,8 @@ class Driver:
 
     def mount(self, name: str, mount_id: str) -> str:
         v = self._get(name)
-        mp = volumes.mount(self.dg, v.name, mount_id)
+        mp = mount_when_released(self.dg, v.name, lambda: volumes.mount(self.dg, v.name, mount_id),
+                                 self.config.cluster.lease_ttl + self.config.cluster.lease_interval)
         if v.maxiops:
             self._prelimit_containers(v)
         return str(mp)

@@ -12,11 +12,12 @@ and unmounts the volumes. That leaves ``fence_margin`` (the other half of the TT
 measured on this node's monotonic clock from before the renewal was sent, so clock offsets and a slow
 catalog only make it earlier. When the catalog answers again the fenced volumes are released there.
 
-Engine gone: when this node's dockerd does not answer for ``lease_ttl`` seconds (the grace: a dockerd
-restarting faster than that is left alone) and a volume attached here is wanted by another node, the
-processes of the containers that used it (found through their cgroups: the engine is dead, its
-containers run on) are killed, the volume is unmounted and released. An engine that comes back within
-the grace costs nothing.
+Engine gone: when this node's dockerd does not answer for ``fence_after`` seconds (``lease_ttl / 2``,
+the grace: a dockerd restarting faster than that is left alone; as long as a node that cannot renew
+waits before it fences itself; renewals come every quarter second meanwhile) and a volume attached
+here is wanted by another node, the processes of the containers that used it (found through their
+cgroups: the engine is dead, its containers run on) are killed, the volume is unmounted and released.
+An engine that comes back within the grace costs nothing.
 
 At start (``adopt``) volumes this node's catalog records say it mounted are checked: one another node
 holds now is never touched again (no mkfs, no repair, no writes); what still runs on it here is
@@ -33,13 +34,14 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from plugin.docker_api import ACTIVE_STATES, Engine
-from storage import diskgroup, volumes
+from storage import diskgroup, ownership, volumes
 from storage.catalog.base import AttachRec, Catalog
 from storage.config import Config
 from storage.diskgroup import DiskGroup
-from storage.errors import VeritasError
+from storage.errors import InUse, VeritasError
 from storage.group import store_of
 from storage.kernel import mounts
 
@@ -146,6 +148,32 @@ def unmount_point(mp: Path) -> bool:
     return mounts.mounted_at(mp) is None
 
 
+T = TypeVar("T")
+
+
+def mount_when_released(dg: DiskGroup, name: str, mount: Callable[[], T], wait: float,
+                        clock: Callable[[], float] = time.monotonic, poll: float = 0.2) -> T:
+    """``mount()``, and while it is refused because another node holds the volume, again every ``poll``
+    seconds for up to ``wait`` seconds (lease_ttl + lease_interval: by then the holder has released it,
+    or its lease has run out), then the refusal naming the holder.
+
+    Why wait here rather than refuse at once: a refused Mount fails the swarm task, and swarm starts a
+    new one only after the service's restart delay (5 s by default). The refusal recorded that this node
+    wants the volume, so a holder whose engine is gone lets it go within seconds, and a dead holder's
+    lease runs out within ``lease_ttl``: the Mount that waits gets the volume as soon as it is free.
+    Docker gives a Mount two minutes. Each try takes the volume's lock anew, so the holder's release is
+    never blocked by the waiting node."""
+    deadline = clock() + wait
+    while True:
+        try:
+            return mount()
+        except InUse:
+            held = ownership.holder(dg, name)
+            if held is None or held[0].node == dg.node or clock() >= deadline:
+                raise
+            time.sleep(poll)
+
+
 class LeaseKeeper:
     """Renews this node's lease in the configured disk group and fences the node when it cannot."""
 
@@ -211,8 +239,15 @@ class LeaseKeeper:
             self.peers = peers
         return True
 
+    def next_wait(self) -> float:
+        """Seconds to the next renewal: ``lease_interval``, but a quarter second while this node's engine
+        does not answer, so that a peer's want (read at each renewal) is seen, and the volume released,
+        within a fraction of a second rather than of a lease_interval."""
+        return min(0.25, self.settings.lease_interval) if self.engine_down_since is not None \
+            else self.settings.lease_interval
+
     def _renewer(self) -> None:
-        while not self._stop.wait(self.settings.lease_interval):
+        while not self._stop.wait(self.next_wait()):
             if not self.renew():
                 continue
             try:
@@ -364,7 +399,7 @@ class LeaseKeeper:
             self.engine_down_since = now
             log.warning("lease: the Docker engine does not answer; its containers run on")
             return
-        if now - self.engine_down_since < self.settings.lease_ttl:
+        if now - self.engine_down_since < self.settings.fence_after:
             return  # within the grace: a restarting engine is left alone
         wanted = {name for name, a in self.held.items() if a.wanted_by is not None}
         if not wanted:

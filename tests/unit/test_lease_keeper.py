@@ -120,3 +120,65 @@ def test_a_volume_fencing_could_not_unmount_is_never_released(tmp_path: Path, ca
     k.fence = lambda names, engine_alive=True: set()  # type: ignore[method-assign]  # now unmounted
     k._watch_engine()
     assert released == [{"v"}]
+
+
+class DeadEngine:
+    """An engine that does not answer (its dockerd SIGKILLed), or answers again once ``up``."""
+
+    up = False
+
+    def reachable(self) -> bool:
+        return self.up
+
+    def listed(self, name: str, states: object) -> list[object]:
+        return []
+
+
+def test_engine_gone_releases_a_wanted_volume_after_half_a_ttl_and_renews_fast_meanwhile(
+        tmp_path: Path, cat: Failing) -> None:
+    """Swarm moves a task off a node whose dockerd is dead in ~3 s plus its restart delay (5 s): a grace
+    of one lease_ttl (10 s) kept the volume from the new task for longer than the whole target (10 s)."""
+    clock = Clock()
+    k, fenced = keeper(tmp_path, cat, clock)
+    released: list[set[str]] = []
+    k._release = lambda names, why: released.append(set(names))  # type: ignore[method-assign]
+    k.engine = DeadEngine()  # type: ignore[assignment]
+    cat.renew_lease("nodeB", 10)
+    assert k.renew()
+    cat.attach("v", "nodeA")
+    assert k.renew()
+    assert k.next_wait() == 2
+    k._after_renewal()  # the engine is found gone: the grace starts
+    assert k.next_wait() == 0.25  # a peer's want is seen within a quarter second from now on
+    cat.want("v", "nodeB")
+    clock.now += 4.9
+    assert k.renew()
+    k._after_renewal()
+    assert fenced == [] and released == []  # within the grace
+    clock.now += 0.1  # lease_ttl / 2
+    assert k.renew()
+    k._after_renewal()
+    assert fenced == [{"v"}] and released == [{"v"}]
+
+
+def test_engine_back_within_the_grace_kills_nothing(tmp_path: Path, cat: Failing) -> None:
+    clock = Clock()
+    k, fenced = keeper(tmp_path, cat, clock)
+    k._release = lambda names, why: None  # type: ignore[method-assign]
+    engine = DeadEngine()
+    k.engine = engine  # type: ignore[assignment]
+    cat.renew_lease("nodeB", 10)
+    assert k.renew()
+    cat.attach("v", "nodeA")
+    cat.want("v", "nodeB")
+    assert k.renew()
+    k._after_renewal()
+    clock.now += 4
+    engine.up = True
+    assert k.renew()
+    k._after_renewal()
+    assert k.next_wait() == 2 and k.engine_down_since is None
+    clock.now += 10
+    assert k.renew()
+    k._after_renewal()
+    assert fenced == []
