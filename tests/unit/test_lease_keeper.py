@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import pytest
@@ -27,10 +28,10 @@ class Failing(MemoryCatalog):
 
     down = False
 
-    def renew_lease(self, node: str, ttl: float) -> LeaseRec:
+    def renew_lease(self, node: str, ttl: float, sent: float | None = None) -> LeaseRec:
         if self.down:
             raise CatalogError("catalog unreachable")
-        return super().renew_lease(node, ttl)
+        return super().renew_lease(node, ttl, sent)
 
 
 @pytest.fixture
@@ -120,3 +121,14 @@ def test_a_volume_fencing_could_not_unmount_is_never_released(tmp_path: Path, ca
     k.fence = lambda names, engine_alive=True: set()  # type: ignore[method-assign]  # now unmounted
     k._watch_engine()
     assert released == [{"v"}]
+
+
+def test_the_catalog_counts_the_lease_from_when_the_renewal_was_sent(tmp_path: Path, cat: Failing) -> None:
+    """A renewal that waited 4 s on a locked catalog leaves the lease 6 s, not 10: the keeper fences 5 s
+    after sending it, and a Mount the catalog still allows must not be one the keeper stops at once."""
+    k, _ = keeper(tmp_path, cat, Clock())
+    sent = time.time() - 4
+    k.wall = lambda: sent
+    assert k.renew()
+    (rec,) = cat.leases()
+    assert rec.expires == pytest.approx(sent + 10)
