@@ -126,6 +126,9 @@ class Pairs:
         if target is None:
             return None
         lo, hi = self.interval(by_value=target.startswith("value"))
+        # judged on the printed (rounded) ends, as ``met`` is: a spread printed as [1.08, 1.3] under
+        # "<=1.3" is settled even if its top was 1.3004 before rounding
+        lo, hi = round(lo, 3), round(hi, 3)
         return verdict(target, lo, lo) == verdict(target, hi, hi)
 
     def emit(self, metric: str, unit: str, target: str | None, fields: dict[str, Any] | None = None) -> None:

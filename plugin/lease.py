@@ -178,12 +178,14 @@ class LeaseKeeper:
     """Renews this node's lease in the configured disk group and fences the node when it cannot."""
 
     def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic,
-                 open_catalog: Callable[[], Catalog] | None = None) -> None:
+                 open_catalog: Callable[[], Catalog] | None = None,
+                 wall: Callable[[], float] = time.time) -> None:
         self.config = config
         self._open_catalog = open_catalog or (lambda: store_of(config).open(config.diskgroup))
         self.node = config.node
         self.settings = config.cluster
         self.clock = clock
+        self.wall = wall  # time.time(), for the catalog: the lease runs from when the renewal was sent
         self.stop_timeout = max(1, int(self.settings.lease_ttl / 4))
         self.engine = Engine(config.plugin.docker_host, config.plugin.driver, timeout=self.stop_timeout + 3.0)
         self.last_ok: float | None = None  # clock() before the last renewal that succeeded
@@ -207,10 +209,10 @@ class LeaseKeeper:
 
     def renew(self) -> bool:
         """One renewal; True when it succeeded. Refreshes what is attached here."""
-        t0 = self.clock()
+        t0, sent = self.clock(), self.wall()
         try:
             cat = self._cat()
-            cat.renew_lease(self.node, self.settings.lease_ttl)
+            cat.renew_lease(self.node, self.settings.lease_ttl, sent=sent)
             atts = cat.attachments()
             held = {a.volume: a for a in atts if a.node == self.node}
             # a lease that ran out (a stalled renewal) took its attachments with it; volumes still

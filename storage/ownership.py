@@ -35,6 +35,14 @@ def claim(dg: DiskGroup, name: str) -> None:
     if not live:
         raise InUse(f"node {dg.node} holds no live lease in disk group {dg.name}, which other nodes share"
                     f" ({', '.join(sorted(held))}); start its plugin (veritas plugin serve), which renews it")
+    assert mine is not None
+    left = mine.expires - now
+    if left < mine.ttl / 2:
+        # its plugin fences once half the TTL passed without a renewal: a volume attached now would be
+        # stopped again at once (a Mount that came between the catalog answering and the next renewal)
+        raise InUse(f"node {dg.node}'s lease in disk group {dg.name} has {left:.1f} s of {mine.ttl:.0f} s left:"
+                    " its renewals have not reached the catalog lately, and its plugin fences it at half;"
+                    " retry once the plugin renews (it logs each failed renewal)")
     was_mine = any(a.volume == name and a.node == dg.node for a in dg.catalog.attachments())
     try:
         dg.catalog.attach(name, dg.node)

@@ -266,8 +266,13 @@ class Catalog(abc.ABC):
     # --- several nodes: leases and exclusive attachment (issue 10). Every backend implements these;
     # the defaults only keep a backend that predates them importable.
 
-    def renew_lease(self, node: str, ttl: float) -> LeaseRec:
-        """Create or extend ``node``'s lease to expire ``ttl`` seconds from now, atomically.
+    def renew_lease(self, node: str, ttl: float, sent: float | None = None) -> LeaseRec:
+        """Create or extend ``node``'s lease to expire ``ttl`` seconds from now, atomically; from ``sent``
+        (the caller's time.time() when it began the renewal) if that is earlier. A node's fencing counts
+        its lease from when it sent the renewal, since it cannot know when a renewal that waited (on a
+        locked SQLite file) took effect; the catalog counts it alike, so that a Mount the catalog allows
+        is never one the node's own fencing stops at once. etcd counts a lease on its own clock from
+        when a keepalive arrives, and ignores ``sent``.
 
         :raises CatalogError: when the catalog cannot be reached (the caller self-fences)."""
         raise NotImplementedError

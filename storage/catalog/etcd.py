@@ -498,7 +498,7 @@ class EtcdCatalog(Catalog):
         return self._load(f"read the catalog of {self.label}", "sd/").reserved()
 
     # --- several nodes: leases are etcd leases; alive/<node> and attach/<volume> are bound to them
-    def renew_lease(self, node: str, ttl: float) -> LeaseRec:
+    def renew_lease(self, node: str, ttl: float, sent: float | None = None) -> LeaseRec:
         rel = f"lease/{q(node)}"
         what = f"renew the lease of node {node}"
         for _ in range(RETRIES):

@@ -174,13 +174,13 @@ class MemoryCatalog(Catalog):
         with self._lock:
             return sorted((_copy_intent(i) for i in self._intents.values()), key=lambda i: i.created)
 
-    def renew_lease(self, node: str, ttl: float) -> LeaseRec:
+    def renew_lease(self, node: str, ttl: float, sent: float | None = None) -> LeaseRec:
         with self._lock:
             now = self._clock()
             old = self._leases.get(node)
             if old is not None and old.expires <= now:  # ran out: its attachments were lost with it
                 self._drop_attachments(node)
-            self._leases[node] = LeaseRec(node, now + ttl, ttl)
+            self._leases[node] = LeaseRec(node, min(now, now if sent is None else sent) + ttl, ttl)
             return self._leases[node]
 
     def _drop_attachments(self, node: str) -> None:

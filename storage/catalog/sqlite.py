@@ -326,15 +326,16 @@ class SqliteCatalog(Catalog):
                 for k, op, d, c in self._q("SELECT key, op, data, created FROM intent ORDER BY created")]
 
     # leases and attachments
-    def renew_lease(self, node: str, ttl: float) -> LeaseRec:
+    def renew_lease(self, node: str, ttl: float, sent: float | None = None) -> LeaseRec:
         with self._tx() as db:
             now = self._clock()
             row = db.execute("SELECT expires FROM lease WHERE node=?", (node,)).fetchone()
             if row is not None and row[0] <= now:
                 # the lease ran out: its attachments were lost then, and a renewal never brings them back
                 db.execute("DELETE FROM attachment WHERE node=?", (node,))
-            db.execute("INSERT OR REPLACE INTO lease VALUES (?,?,?)", (node, now + ttl, ttl))
-            return LeaseRec(node, now + ttl, ttl)
+            expires = min(now, now if sent is None else sent) + ttl
+            db.execute("INSERT OR REPLACE INTO lease VALUES (?,?,?)", (node, expires, ttl))
+            return LeaseRec(node, expires, ttl)
 
     def drop_lease(self, node: str) -> None:
         with self._tx() as db:

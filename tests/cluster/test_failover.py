@@ -164,6 +164,7 @@ def plugin_log(lab: Lab, node: str) -> str:
 
 
 def test_a_volume_mounted_on_node2_is_refused_on_node3_naming_node2_until_node2_lets_go(env: dict[str, Any]) -> None:
+    """node3's Mount waits (lease_ttl + lease_interval) for node2 to let go, then is refused naming it."""
     lab: Lab = env["lab"]
     for node in NODES:  # `up --lease-ttl/--lease-interval` reach every node's config
         text = (lab.dir / "nodes" / node / "veritas.conf").read_text()
@@ -171,8 +172,11 @@ def test_a_volume_mounted_on_node2_is_refused_on_node3_naming_node2_until_node2_
     lab.exec("node2", "docker", "volume", "create", "-d", "veritas", "-o", "size=100m", "excl")
     cid = run_with(lab, "node2", "excl", "echo from-node2 > /data/f; sleep 100000").stdout.strip()
     wait_for(lambda: "excl" in env["sampler"].once().get("node2", {}), 20, "excl mounted on node2")
+    t0 = time.monotonic()
     r = read_on(lab, "node3", "excl")
+    waited = time.monotonic() - t0
     assert r.returncode != 0 and "node2" in r.stderr, r.stderr
+    assert waited >= TTL + INTERVAL - 0.5, f"refused after {waited:.1f} s: the Mount did not wait for node2"
     assert attachment(lab, "node3", "excl")["node"] == "node2"
     lab.exec("node2", "docker", "rm", "-f", cid)
     r = read_on(lab, "node3", "excl")
@@ -197,7 +201,9 @@ def test_node2_killed_whole_node3_takes_its_volume_after_the_lease_and_node2_bac
     env["times"]["node_kill_to_mounted_s"] = round(t_mount - t_kill, 2)
     # the lease was renewed at most one interval before the kill: it cannot have expired sooner
     assert t_mount - t_kill >= TTL - INTERVAL - 0.2, (t_mount - t_kill, refused)
-    assert refused and all("node2" in e for e in refused), refused
+    # the Mount waited for node2's lease to run out: one docker run, no refusal for swarm to retry after
+    # its restart delay
+    assert refused == [], refused
     assert t_mount - t_kill < TTL + 3 + 5, t_mount - t_kill  # target ttl + 3 s (bench); slack for a busy box
     assert lab.exec("node3", "docker", "exec", cid, "cat", "/data/seen").stdout.strip() == "from-node2"
 
@@ -241,7 +247,7 @@ def test_only_dockerd_of_node2_killed_its_plugin_kills_the_writer_then_node3_mou
     assert t_mount > died[0], "node3 mounted while node2's container could still write"
     last2 = s.last("node2", "dkill")
     assert last2 is not None and last2 < t_mount
-    assert refused and all("node2" in e for e in refused), refused
+    assert refused == [], refused  # the Mount waited for node2's plugin to kill the writer and let go
     env["times"]["dockerd_kill_to_mounted_s"] = round(t_mount - t_kill, 2)
     assert "killing what uses them" in plugin_log(lab, "node2")
     assert lab.exec("node3", "docker", "exec", cid3, "cat", "/data/seen").stdout.strip() == "from-node2"
@@ -265,13 +271,21 @@ def test_dockerd_of_node2_back_quickly_the_plugin_kills_nothing_and_lets_the_vol
     before = [plugin_log(lab, "node2").count(w) for w in ("lease: killed", "killing what uses them")]
     t_kill = time.monotonic()
     lab.run("kill", "node2", "--only", "dockerd")
-    r = read_on(lab, "node3", "dquick")  # a peer wants it meanwhile
-    assert r.returncode != 0 and "node2" in r.stderr, r.stderr
+    # a peer wants it meanwhile: its Mount waits (in a thread of its own here) while dockerd comes back
+    read: list[Any] = []
+    reader = threading.Thread(target=lambda: read.append(read_on(lab, "node3", "dquick")), daemon=True)
+    reader.start()
     lab.run("start", "node2")
-    assert time.monotonic() - t_kill < TTL, "dockerd not back within the grace: the test proves nothing"
+    back = time.monotonic() - t_kill
+    assert back < TTL / 2, f"dockerd back only after {back:.1f} s, past the grace: the test proves nothing"
     wait_for(lambda: not pid_alive(pid), 30, "the engine ending its container at start")
     state = json.loads(lab.exec("node2", "docker", "inspect", "-f", "{{json .State}}", cid).stdout)
     assert state["Status"] == "exited", state
+    reader.join(TTL + 30)
+    # node2's engine ended the container (no Unmount): the plugin let the idle volume go to the waiting
+    # Mount, or it was refused naming node2 before that
+    assert read and ((read[0].returncode, read[0].stdout.strip()) == (0, "from-node2") or
+                     (read[0].returncode != 0 and "node2" in read[0].stderr)), read
     cid3, _ = take_over(lab, "node3", "dquick", "cat /data/f > /data/seen; sleep 100000", timeout=TTL * 2 + 20)
     assert lab.exec("node3", "docker", "exec", cid3, "cat", "/data/seen").stdout.strip() == "from-node2"
     log = plugin_log(lab, "node2")

@@ -101,3 +101,10 @@ def test_verdict(target: str | None, ratio: float, value: float, met: bool | Non
 def test_zram_removes_only_numbers_it_made() -> None:
     with pytest.raises(RuntimeError, match="not one this run made"):
         common.Zram().remove(common.Path("/dev/zram0"))
+
+
+def test_settled_is_judged_on_the_printed_ends_as_met_is() -> None:
+    """A top pair of 1.3004 prints as 1.3: under "<=1.3" both printed ends hold, so the line says settled
+    (it once said false beside a spread of [1.08, 1.3], which contradicts itself)."""
+    res = common.Pairs(ours=[108.0, 130.04], base=[100.0, 100.0])
+    assert res.settled("<=1.3") is True

@@ -1206,6 +1206,20 @@ def test_renew_lease_creates_and_extends(timed: Timed) -> None:
     assert listed.expires == pytest.approx(second.expires, abs=timed.slack) and listed.expires > timed.now()
 
 
+def test_a_renewal_that_waited_runs_from_when_it_was_sent(timed: Timed, request: pytest.FixtureRequest) -> None:
+    """A renewal that waited on the catalog (a locked SQLite file) is counted from when the node sent it,
+    as the node's own fencing counts it; never from later than now. etcd counts its leases itself."""
+    cat, ttl = timed.cat, timed.ttl
+    sent = timed.now() - ttl * 0.4
+    rec = cat.renew_lease("nodeA", ttl, sent=sent)
+    if "etcd" in request.node.name:
+        assert rec.expires == pytest.approx(timed.now() + ttl, abs=timed.slack)
+    else:
+        assert rec.expires == pytest.approx(sent + ttl) and _lease(cat, "nodeA").expires == pytest.approx(sent + ttl)
+    later = cat.renew_lease("nodeA", ttl, sent=timed.now() + ttl)  # a clock ahead never lengthens it
+    assert later.expires == pytest.approx(timed.now() + ttl, abs=timed.slack)
+
+
 def test_attach_needs_a_live_lease_and_an_existing_volume(timed: Timed) -> None:
     cat = timed.cat
     with pytest.raises(InUse, match="node nodeA holds no live lease"):

@@ -147,3 +147,19 @@ def test_a_killed_umount_rolled_forward_releases_the_attachment(world: World, no
     world.dg.catalog.renew_lease("node1", TTL)
     world.dg = world.reopen()
     assert attached(world.dg) == [] and not volumes.is_mounted(world.dg, "v")
+
+
+def test_a_node_whose_lease_is_past_half_cannot_mount_what_its_plugin_would_fence_at_once(
+        world: World, node2: DiskGroup) -> None:
+    """Its plugin fences once half the TTL passes without a renewal: a Mount that came between the catalog
+    answering again and the next renewal got the volume only to have its container killed."""
+    volumes.make(world.dg, "v", "400m")
+    world.dg.catalog.renew_lease("node1", TTL)
+    time.sleep(TTL / 2 + 0.05)
+    with pytest.raises(InUse, match=r"node node1's lease .* left: its renewals have not reached the catalog"):
+        volumes.mount(world.dg, "v", "id-a")
+    assert attached(world.dg) == [] and world.dg.catalog.mounts() == [] and not volumes.is_mounted(world.dg, "v")
+    world.dg.catalog.renew_lease("node1", TTL)
+    volumes.mount(world.dg, "v", "id-a")
+    assert attached(world.dg) == [("v", "node1", None)]
+    volumes.umount(world.dg, "v", "id-a")

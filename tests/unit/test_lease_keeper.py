@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import pytest
@@ -27,10 +28,10 @@ class Failing(MemoryCatalog):
 
     down = False
 
-    def renew_lease(self, node: str, ttl: float) -> LeaseRec:
+    def renew_lease(self, node: str, ttl: float, sent: float | None = None) -> LeaseRec:
         if self.down:
             raise CatalogError("catalog unreachable")
-        return super().renew_lease(node, ttl)
+        return super().renew_lease(node, ttl, sent)
 
 
 @pytest.fixture
@@ -182,3 +183,14 @@ def test_engine_back_within_the_grace_kills_nothing(tmp_path: Path, cat: Failing
     assert k.renew()
     k._after_renewal()
     assert fenced == []
+
+
+def test_the_catalog_counts_the_lease_from_when_the_renewal_was_sent(tmp_path: Path, cat: Failing) -> None:
+    """A renewal that waited 4 s on a locked catalog leaves the lease 6 s, not 10: the keeper fences 5 s
+    after sending it, and a Mount the catalog still allows must not be one the keeper stops at once."""
+    k, _ = keeper(tmp_path, cat, Clock())
+    sent = time.time() - 4
+    k.wall = lambda: sent
+    assert k.renew()
+    (rec,) = cat.leases()
+    assert rec.expires == pytest.approx(sent + 10)
