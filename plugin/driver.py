@@ -95,7 +95,7 @@ class Driver:
     def mount(self, name: str, mount_id: str) -> str:
         v = self._get(name)
         mp = mount_when_released(self.dg, v.name, lambda: volumes.mount(self.dg, v.name, mount_id),
-                                 self.config.cluster.lease_ttl + self.config.cluster.lease_interval)
+                                 self.config.cluster.mount_wait)
         if v.maxiops:
             self._prelimit_containers(v)
         return str(mp)

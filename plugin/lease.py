@@ -12,9 +12,9 @@ and unmounts the volumes. That leaves ``fence_margin`` (the other half of the TT
 measured on this node's monotonic clock from before the renewal was sent, so clock offsets and a slow
 catalog only make it earlier. When the catalog answers again the fenced volumes are released there.
 
-Engine gone: when this node's dockerd does not answer for ``fence_after`` seconds (``lease_ttl / 2``,
-the grace: a dockerd restarting faster than that is left alone; as long as a node that cannot renew
-waits before it fences itself; renewals come every quarter second meanwhile) and a volume attached
+Engine gone: when this node's dockerd does not answer for ``engine_grace`` seconds (the grace, 5 s
+by default: a dockerd restarting faster than that is left alone; renewals come every quarter second
+meanwhile) and a volume attached
 here is wanted by another node, the processes of the containers that used it (found through their
 cgroups: the engine is dead, its containers run on) are killed, the volume is unmounted and released.
 An engine that comes back within the grace costs nothing.
@@ -401,7 +401,7 @@ class LeaseKeeper:
             self.engine_down_since = now
             log.warning("lease: the Docker engine does not answer; its containers run on")
             return
-        if now - self.engine_down_since < self.settings.fence_after:
+        if now - self.engine_down_since < self.settings.engine_grace:
             return  # within the grace: a restarting engine is left alone
         wanted = {name for name, a in self.held.items() if a.wanted_by is not None}
         if not wanted:

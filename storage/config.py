@@ -27,7 +27,7 @@ VALID_KEYS: dict[str, tuple[str, ...]] = {
                "provisioning"),
     "node": ("name",),
     "plugin": ("socket", "workers", "docker_host", "driver"),
-    "cluster": ("catalog", "etcd_endpoints", "lease_ttl", "lease_interval"),
+    "cluster": ("catalog", "etcd_endpoints", "lease_ttl", "lease_interval", "engine_grace"),
 }
 # defaults of make: layouts and file systems it can be given without asking (see storage.layouts)
 DEFAULT_LAYOUTS = ("concat", "mirror", "stripe", "mirror-stripe", "auto")
@@ -74,6 +74,9 @@ class ClusterSettings:
     etcd_endpoints: tuple[str, ...] = ()
     lease_ttl: float = 10.0
     lease_interval: float = 2.0
+    # how long this node's dockerd may be gone (a restart) before the plugin, if another node wants a
+    # volume attached here, kills the containers that used it and lets the volume go
+    engine_grace: float = 5.0
 
     @property
     def fence_margin(self) -> float:
@@ -84,6 +87,13 @@ class ClusterSettings:
     @property
     def fence_after(self) -> float:
         return self.lease_ttl - self.fence_margin
+
+    @property
+    def mount_wait(self) -> float:
+        """How long a Mount waits for a volume another node holds: until that node's lease has run out
+        (it died), or its engine-gone grace has passed and it has stopped what used the volume (its
+        dockerd died), and one renewal more."""
+        return max(self.lease_ttl, self.engine_grace + self.lease_ttl / 4 + 1) + self.lease_interval
 
 
 @dataclass(frozen=True)
@@ -244,7 +254,9 @@ def _cluster_settings(sec: configparser.SectionProxy, where: Callable[[str, str]
                               f" must be less than a quarter of cluster.lease_ttl ({ttl:g} / 4 = {ttl / 4:g}):"
                               " a node fences itself after half the TTL without a renewal, and must have"
                               " tried to renew at least twice by then")
-    return ClusterSettings(catalog=catalog, etcd_endpoints=endpoints, lease_ttl=ttl, lease_interval=interval)
+    grace = _seconds(sec, "engine_grace", d.engine_grace, where("cluster", "engine_grace"))
+    return ClusterSettings(catalog=catalog, etcd_endpoints=endpoints, lease_ttl=ttl, lease_interval=interval,
+                           engine_grace=grace)
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:

@@ -300,6 +300,10 @@ def test_cluster_lease_settings_default_and_are_read(tmp_path: Path) -> None:
     path = write(tmp_path, minimal(tmp_path).read_text() + "[cluster]\nlease_ttl = 6\nlease_interval = 0.5\n")
     cfg = load_config(path).cluster
     assert (cfg.lease_ttl, cfg.lease_interval, cfg.fence_after, cfg.fence_margin) == (6.0, 0.5, 3.0, 3.0)
+    assert cfg.engine_grace == 5.0 and cfg.mount_wait == 5.0 + 6.0 / 4 + 1 + 0.5  # the grace, the kills, a renewal
+    path = write(tmp_path, minimal(tmp_path).read_text() + "[cluster]\nlease_ttl = 20\nengine_grace = 2.5\n")
+    cfg = load_config(path).cluster
+    assert cfg.engine_grace == 2.5 and cfg.mount_wait == 20 + 2  # the holder's lease is the longer wait
 
 
 @pytest.mark.parametrize(("lines", "words"), [
@@ -310,6 +314,8 @@ def test_cluster_lease_settings_default_and_are_read(tmp_path: Path) -> None:
     ("lease_ttl = 10\nlease_interval = 5", "less than a quarter of cluster.lease_ttl"),
     ("lease_ttl = 10\nlease_interval = 2.5", "less than a quarter"),
     ("lease_timeout = 3", "unknown key 'lease_timeout'"),
+    ("engine_grace = 0", "cluster.engine_grace = 0 must be more than 0"),
+    ("engine_grace = soon", "not a number of seconds"),
 ])
 def test_bad_cluster_lease_settings_are_refused_with_the_line(tmp_path: Path, lines: str, words: str) -> None:
     path = write(tmp_path, minimal(tmp_path).read_text() + "[cluster]\n" + lines + "\n")

@@ -135,7 +135,7 @@ class DeadEngine:
         return []
 
 
-def test_engine_gone_releases_a_wanted_volume_after_half_a_ttl_and_renews_fast_meanwhile(
+def test_engine_gone_releases_a_wanted_volume_after_the_grace_and_renews_fast_meanwhile(
         tmp_path: Path, cat: Failing) -> None:
     """Swarm moves a task off a node whose dockerd is dead in ~3 s plus its restart delay (5 s): a grace
     of one lease_ttl (10 s) kept the volume from the new task for longer than the whole target (10 s)."""
@@ -156,7 +156,7 @@ def test_engine_gone_releases_a_wanted_volume_after_half_a_ttl_and_renews_fast_m
     assert k.renew()
     k._after_renewal()
     assert fenced == [] and released == []  # within the grace
-    clock.now += 0.1  # lease_ttl / 2
+    clock.now += 0.1  # engine_grace (5 s)
     assert k.renew()
     k._after_renewal()
     assert fenced == [{"v"}] and released == [{"v"}]
