@@ -41,7 +41,7 @@ from storage import diskgroup, ownership, volumes
 from storage.catalog.base import AttachRec, Catalog
 from storage.config import Config
 from storage.diskgroup import DiskGroup
-from storage.errors import InUse, VeritasError
+from storage.errors import InUse, LeaseStale, VeritasError
 from storage.group import store_of
 from storage.kernel import mounts
 
@@ -153,9 +153,9 @@ T = TypeVar("T")
 
 def mount_when_released(dg: DiskGroup, name: str, mount: Callable[[], T], wait: float,
                         clock: Callable[[], float] = time.monotonic, poll: float = 0.2) -> T:
-    """``mount()``, and while it is refused because another node holds the volume, again every ``poll``
-    seconds for up to ``wait`` seconds (lease_ttl + lease_interval: by then the holder has released it,
-    or its lease has run out), then the refusal naming the holder.
+    """``mount()``, and while it is refused because another node holds the volume (or this node's own
+    lease awaits its next renewal), again every ``poll`` seconds for up to ``wait`` seconds (mount_wait:
+    by then the holder has released it, or its lease has run out), then the refusal.
 
     Why wait here rather than refuse at once: a refused Mount fails the swarm task, and swarm starts a
     new one only after the service's restart delay (5 s by default). The refusal recorded that this node
@@ -167,10 +167,13 @@ def mount_when_released(dg: DiskGroup, name: str, mount: Callable[[], T], wait: 
     while True:
         try:
             return mount()
-        except InUse:
-            held = ownership.holder(dg, name)
-            if held is None or held[0].node == dg.node or clock() >= deadline:
+        except InUse as exc:
+            if clock() >= deadline:
                 raise
+            if not isinstance(exc, LeaseStale):  # waiting on our own renewal is always worth it
+                held = ownership.holder(dg, name)
+                if held is None or held[0].node == dg.node:
+                    raise
             time.sleep(poll)
 
 

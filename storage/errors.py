@@ -72,6 +72,10 @@ class InUse(VeritasError):
     exit_code = 5
 
 
+class LeaseStale(InUse):
+    """This node's own lease has not been renewed lately: it may not attach until its plugin renews."""
+
+
 class IntentPending(InUse):
     """Another operation's intent is recorded on the key: finish (recover) it first, under its locks."""
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 from storage.catalog.base import AttachRec, LeaseRec
-from storage.errors import InUse
+from storage.errors import InUse, LeaseStale
 from storage.group import DiskGroup
 
 
@@ -40,7 +40,7 @@ def claim(dg: DiskGroup, name: str) -> None:
     if left < mine.ttl / 2:
         # its plugin fences once half the TTL passed without a renewal: a volume attached now would be
         # stopped again at once (a Mount that came between the catalog answering and the next renewal)
-        raise InUse(f"node {dg.node}'s lease in disk group {dg.name} has {left:.1f} s of {mine.ttl:.0f} s left:"
+        raise LeaseStale(f"node {dg.node}'s lease in disk group {dg.name} has {left:.1f} s of {mine.ttl:.0f} s left:"
                     " its renewals have not reached the catalog lately, and its plugin fences it at half;"
                     " retry once the plugin renews (it logs each failed renewal)")
     was_mine = any(a.volume == name and a.node == dg.node for a in dg.catalog.attachments())

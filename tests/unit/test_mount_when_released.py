@@ -10,7 +10,7 @@ import pytest
 from plugin.lease import mount_when_released
 from storage.catalog.base import DiskGroupRec, DiskRec, IntentRec, SubdiskRec, VolumeRec
 from storage.catalog.memory import MemoryCatalog
-from storage.errors import InUse
+from storage.errors import InUse, LeaseStale
 
 
 class Clock:
@@ -85,3 +85,21 @@ def test_other_refusals_are_not_waited_on() -> None:
     with pytest.raises(InUse, match="another operation"):
         mount_when_released(dg, "v", mount, wait=12, clock=clock)  # type: ignore[arg-type]
     assert tries == [0.0]
+
+
+def test_waits_for_this_nodes_own_renewal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused because this node's lease is past half (the catalog just came back): the plugin renews
+    within lease_interval, and the Mount gets the volume then rather than failing the container."""
+    dg, clock = make_dg(), Clock()
+    dg.catalog.detach("v", "nodeA")
+    monkeypatch.setattr("plugin.lease.time.sleep", lambda s: setattr(clock, "now", clock.now + s))
+    tries: list[float] = []
+
+    def mount() -> str:
+        tries.append(clock.now)
+        if len(tries) < 3:
+            raise LeaseStale("node nodeB's lease in disk group dockerdg has 2.0 s of 10 s left")
+        return "/mnt/v"
+
+    assert mount_when_released(dg, "v", mount, wait=12, clock=clock) == "/mnt/v"  # type: ignore[arg-type]
+    assert len(tries) == 3
