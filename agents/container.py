@@ -67,7 +67,7 @@ PARAMS = [
 DURATION_RE = re.compile(r"([0-9]+)(ms|s|m|h)")
 MEM_RE = re.compile(r"[0-9]{1,15}[bkmgBKMG]?")
 ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=.*", re.S)
-PORT_RE = re.compile(r"(?:(\d{1,3}(?:\.\d{1,3}){3}):)?(\d{1,5})?:?(\d{1,5})(?:/(tcp|udp|sctp))?")
+PORT_RE = re.compile(r"(?:(\d{1,3}(?:\.\d{1,3}){3}):)?(?:(\d{1,5}):)?(\d{1,5})(?:/(tcp|udp|sctp))?")
 
 # options refused on purpose: they give the container the host (devices, namespaces, capabilities) or
 # mount storage the agent does not manage (data belongs on veritas volumes, in ``volumes``)
