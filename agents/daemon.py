@@ -153,6 +153,8 @@ class DockerDaemon:
         self.validate()
         proc: subprocess.Popen[bytes] | None = None
         if before.state is State.OFFLINE:
+            if self._pidfile_pid() is not None:  # not our daemon's (checked above): dockerd would refuse to
+                Path(self.spec.pidfile).unlink(missing_ok=True)  # start while its PID names a live process
             Path(self.spec.logfile).parent.mkdir(parents=True, exist_ok=True)
             Path(self.spec.pidfile).parent.mkdir(parents=True, exist_ok=True)
             argv = [self.spec.binary, *self.spec.args, "--pidfile", self.spec.pidfile, "-H", self.spec.url]
@@ -216,6 +218,9 @@ class DockerDaemon:
             before = self.monitor()
             if before.state is State.UNKNOWN:
                 return ActionResult(False, before.reason)
+            if self.leftovers(None)[0]:  # a killed dockerd's containers run on, holding their volumes
+                res = self.clean(4)
+                return ActionResult(res.ok, f"{before.reason}; {res.reason}")
             return ActionResult(True, before.reason)
         tree = procs.tree(pid)
         os.kill(pid, signal.SIGTERM)

@@ -417,3 +417,22 @@ def test_watcher_notifies_once_and_only_when_expected_online(_state_dir: Path) -
 def test_pacemaker_notifier_argv() -> None:
     assert Pacemaker("node2").argv("grp-web") == ["crm_resource", "--fail", "--resource", "grp-web", "--node",
                                                   "node2"]
+
+
+def test_watcher_reports_a_registered_daemon_process_exit_at_once(_state_dir: Path) -> None:
+    """The daemon side of the watcher: a pidfd on the registered PID, read as soon as the process dies."""
+    rec = Recording()
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        registry.register("d1", "DockerDaemon", "online", pid=proc.pid, binary=os.path.realpath(sys.executable))
+        with Watcher(rec, _state_dir, rescan=0.05):
+            time.sleep(0.3)  # armed
+            assert rec.calls == []
+            t0 = time.monotonic()
+            proc.kill()
+            hit = rec.wait_for("d1", 5)
+        assert hit is not None and f"pid {proc.pid} exited" in hit[1]
+        assert hit[2] - t0 < 0.5
+    finally:
+        proc.kill()
+        proc.wait()
