@@ -94,7 +94,7 @@ class Watcher:
         self._engine_threads: dict[str, threading.Thread] = {}
         self._notified: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
-        self.ready = threading.Event()  # set once every registered engine's stream is open
+        self.ready = threading.Event()  # set while some engine is registered and all their streams are open
 
     # -- notifying
     def _notify(self, resource: str, reason: str, check: dict[str, Any] | None = None) -> None:
@@ -151,8 +151,10 @@ class Watcher:
     def _update_ready(self) -> None:
         urls = {r.get("docker_host") for r in registry.read_all(self.state)
                 if r.get("kind") == "DockerContainer" and r.get("expect") == "online"}
-        if all(u in self._engines for u in urls):
+        if urls and all(u in self._engines for u in urls):
             self.ready.set()
+        else:
+            self.ready.clear()
 
     # -- daemons
     def _follow_daemons(self) -> None:

@@ -436,3 +436,20 @@ def test_watcher_reports_a_registered_daemon_process_exit_at_once(_state_dir: Pa
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_create_arguments_are_what_the_sdk_sends() -> None:
+    """The container the agent creates, as the engine will get it: veritas volumes through the veritas
+    driver, the owner label, the run options in the host config."""
+    from docker.models.containers import _create_container_args
+
+    s = spec(volumes="v1:/d:ro", command="sleep 5", run_options="--init -p 8080:80 --restart always -m 1g")
+    kw = DockerContainer("r1", s)._create_kwargs()
+    assert kw.pop("detach") is True
+    args = _create_container_args({**kw, "version": "1.41"})
+    hc = args["host_config"]
+    assert hc["Mounts"] == [{"Target": "/d", "Source": "v1", "Type": "volume", "ReadOnly": True,
+                             "VolumeOptions": {"DriverConfig": {"Name": "veritas"}}}]
+    assert (hc["Init"], hc["Memory"], hc["RestartPolicy"]["Name"]) == (True, 1 << 30, "always")
+    assert hc["PortBindings"] == {"80/tcp": [{"HostIp": "", "HostPort": "8080"}]}
+    assert args["labels"] == {"com.veritas.agent.resource": "r1"} and args["command"] == ["sleep", "5"]
