@@ -223,7 +223,10 @@ class DockerDaemon:
                 return ActionResult(res.ok, f"{before.reason}; {res.reason}")
             return ActionResult(True, before.reason)
         tree = procs.tree(pid)
-        os.kill(pid, signal.SIGTERM)
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:  # it ended meanwhile
+            pass
         if not procs.wait_gone(tree, self.spec.stop_timeout):
             return ActionResult(True, f"dockerd pid {pid} stopped")
         res = self.clean(1)
@@ -234,6 +237,8 @@ class DockerDaemon:
         why = CLEAN_REASONS.get(reason, f"reason {reason}")
         registry.expect_offline(self.resource)
         pid = self.pid()
+        if pid is None and (before := self.monitor()).state is State.UNKNOWN:
+            return ActionResult(False, f"clean ({why}): {before.reason}")  # another engine's: not ours to kill
         killed: list[int] = []
         left: list[int] = []
         cgroups: list[Path] = []

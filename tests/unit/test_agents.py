@@ -453,3 +453,43 @@ def test_create_arguments_are_what_the_sdk_sends() -> None:
     assert (hc["Init"], hc["Memory"], hc["RestartPolicy"]["Name"]) == (True, 1 << 30, "always")
     assert hc["PortBindings"] == {"80/tcp": [{"HostIp": "", "HostPort": "8080"}]}
     assert args["labels"] == {"com.veritas.agent.resource": "r1"} and args["command"] == ["sleep", "5"]
+
+
+def test_daemon_refuses_an_engine_that_is_not_its_own(tmp_path: Path) -> None:
+    """Something answers pings on the configured socket but is not the pid file's dockerd: monitor says
+    unknown and online, offline and clean refuse, starting and killing nothing."""
+    import http.server
+    import socketserver
+    import threading
+
+    class Ping(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+    class UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+        daemon_threads = True
+
+        def get_request(self):  # type: ignore[no-untyped-def]
+            conn, _ = super().get_request()
+            return conn, ("local", 0)
+
+    sock = tmp_path / "foreign.sock"
+    srv = UnixServer(str(sock), Ping)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        d = DockerDaemon("d1", DaemonSpec.parse({"socket": str(sock), "pidfile": str(tmp_path / "d.pid"),
+                                                 "logfile": str(tmp_path / "d.log")}))
+        r = d.monitor()
+        assert r.state is State.UNKNOWN and "not the dockerd" in r.reason
+        for res in (d.online(), d.offline(), d.clean(0)):
+            assert not res.ok and "not the dockerd" in res.reason
+        assert not (tmp_path / "d.log").exists()  # no dockerd was started
+    finally:
+        srv.shutdown()
+        srv.server_close()
