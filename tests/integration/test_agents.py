@@ -9,7 +9,6 @@ network namespaces); clean leaves none of its processes. Both OCF agents pass ``
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -184,6 +183,9 @@ class PrivateDaemon:
                        "args": f"--data-root {self.root}/data --exec-root {self.root}/exec --iptables=false "
                                "--ip-masq=false --bridge=none --log-level=warn"}
         self.nsfiles: list[Path] = []
+        # an open fd on each namespace keeps its inode from naming another (later) namespace while we
+        # look for processes in it by that inode
+        self.ns_fds: list[int] = []
 
     def prefix(self) -> list[str]:
         """Run the agent in fresh mount and network namespaces: the dockerd it starts stays in them."""
@@ -200,11 +202,26 @@ class PrivateDaemon:
             time.sleep(0.1)
         return left
 
+    def hold(self, pid: int, timeout: float = 10) -> None:
+        """Hold the network namespace the last prefix() made, through ``pid`` (a process in it): its
+        inode must be the one the helper recorded there."""
+        f = self.nsfiles[-1]
+        deadline = time.monotonic() + timeout
+        while not f.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        if os.fstat(fd).st_ino != int(f.read_text()):
+            os.close(fd)
+            raise AssertionError(f"pid {pid} is not in the namespace the helper made")
+        self.ns_fds.append(fd)
+
+    def hold_daemon(self) -> None:
+        self.hold(int(Path(self.params["pidfile"]).read_text()))
+
     def members(self) -> list[int]:
         out: list[int] = []
-        for f in self.nsfiles:
-            with contextlib.suppress(OSError, ValueError):
-                out += [p for p in netns.members(int(f.read_text())) if procs.alive(p)]
+        for fd in self.ns_fds:
+            out += [p for p in netns.members(os.fstat(fd).st_ino) if procs.alive(p)]
         return out
 
     def client(self) -> docker.DockerClient:
@@ -221,6 +238,8 @@ class PrivateDaemon:
     def close(self) -> None:
         left = self.members()
         procs.kill_all(left)
+        for fd in self.ns_fds:
+            os.close(fd)
         rmtree(self.root)
         assert not left, f"processes left in the daemon's namespaces: {left}"
 
@@ -241,6 +260,7 @@ def test_daemon_start_monitor_stop_clean(private_daemon: PrivateDaemon) -> None:
     assert ocf("DockerDaemon", "monitor", p).returncode == 7
     r = ocf("DockerDaemon", "start", p, prefix=d.prefix())
     assert r.returncode == 0, r.stderr
+    d.hold_daemon()
     assert ocf("DockerDaemon", "monitor", p).returncode == 0
     a = vcs_args("DockerDaemon", "res1", p)
     assert vcs("DockerDaemon", "monitor", a).returncode == 110
@@ -259,6 +279,7 @@ def test_daemon_start_monitor_stop_clean(private_daemon: PrivateDaemon) -> None:
     # clean: SIGKILL of dockerd, containerd, the shim and the container; their cgroups go too
     r = vcs("DockerDaemon", "online", a, prefix=d.prefix())
     assert r.returncode == 0, r.stderr
+    d.hold_daemon()
     cid, cpid = d.run_container()
     dpid = int(Path(p["pidfile"]).read_text())
     everything = set(procs.tree(dpid)) | {cpid, procs.ppid(cpid)}
@@ -278,8 +299,15 @@ def test_daemon_start_monitor_stop_clean(private_daemon: PrivateDaemon) -> None:
 def test_ocf_tester_passes_daemon(private_daemon: PrivateDaemon) -> None:
     d = private_daemon
     argv = ["ocf-tester", "-n", "ocftd"] + [x for k, v in d.params.items() for x in ("-o", f"{k}={v}")]
-    r = subprocess.run([*d.prefix(), *argv, str(OCF / "DockerDaemon")], capture_output=True, text=True,
-                       timeout=240, env={**os.environ, "OCF_ROOT": "/usr/lib/ocf"}, check=False)
-    print(r.stdout)
-    assert r.returncode == 0 and "passed all tests" in r.stdout, r.stdout + r.stderr
+    proc = subprocess.Popen([*d.prefix(), *argv, str(OCF / "DockerDaemon")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OCF_ROOT": "/usr/lib/ocf"})
+    try:
+        d.hold(proc.pid)  # ocf-tester is the namespace's first process (unshare and the helper exec it)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    print(out)
+    assert proc.returncode == 0 and "passed all tests" in out, out + err
     assert d.members_after() == []  # it ended stopped, with nothing left
