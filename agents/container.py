@@ -7,9 +7,10 @@ resource's attributes, with its veritas volumes mounted through the ``veritas`` 
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -323,12 +324,18 @@ def classify(attrs: Mapping[str, Any] | None, spec: ContainerSpec) -> MonitorRes
     return MonitorResult.online(conf, f"container {spec.name} is {what}")
 
 
-def _api(url: str, timeout: float) -> Any:
+@contextlib.contextmanager
+def _api(url: str, timeout: float) -> Iterator[Any]:
+    """An API client for one step, closed after it (each agent call is short; no socket is left open)."""
     try:
         import docker
     except ImportError:
         raise NotInstalled("the docker Python SDK is not installed (pip install docker)") from None
-    return docker.APIClient(base_url=url, version=API_VERSION, timeout=max(1, int(timeout)))
+    api = docker.APIClient(base_url=url, version=API_VERSION, timeout=max(1, int(timeout)))
+    try:
+        yield api
+    finally:
+        api.close()
 
 
 def _unreachable(exc: BaseException) -> bool:
@@ -352,7 +359,8 @@ class DockerContainer:
         import docker.errors
 
         try:
-            attrs: dict[str, Any] = _api(self.spec.docker_host, timeout).inspect_container(self.spec.name)
+            with _api(self.spec.docker_host, timeout) as api:
+                attrs: dict[str, Any] = api.inspect_container(self.spec.name)
             return attrs
         except docker.errors.NotFound:
             return None
@@ -370,10 +378,10 @@ class DockerContainer:
         if res.state is State.ONLINE and self.spec.check_command and attrs is not None \
                 and (attrs.get("State") or {}).get("Status") == "running":
             try:
-                api = _api(self.spec.docker_host, 30)
-                ex = api.exec_create(self.spec.name, self.spec.check_command, stdout=True, stderr=True)
-                out = api.exec_start(ex["Id"])
-                code = api.exec_inspect(ex["Id"]).get("ExitCode")
+                with _api(self.spec.docker_host, 30) as api:
+                    ex = api.exec_create(self.spec.name, self.spec.check_command, stdout=True, stderr=True)
+                    out = api.exec_start(ex["Id"])
+                    code = api.exec_inspect(ex["Id"]).get("ExitCode")
             except Exception as exc:
                 return MonitorResult.unknown(f"check command in {self.spec.name} could not run: {exc}")
             if code != 0:
@@ -401,20 +409,21 @@ class DockerContainer:
         if before.state in (State.UNKNOWN, State.FAULTED):  # not ours, or broken: clean decides, not online
             return ActionResult(False, before.reason)
         try:
-            client = docker.DockerClient(base_url=self.spec.docker_host, version=API_VERSION, timeout=60)
-            try:
-                ctr = client.containers.get(self.spec.name)
-            except docker.errors.NotFound:
+            with contextlib.closing(docker.DockerClient(base_url=self.spec.docker_host, version=API_VERSION,
+                                                        timeout=60)) as client:
                 try:
-                    ctr = client.containers.create(**self._create_kwargs())
-                except docker.errors.ImageNotFound:
-                    raise NotInstalled(f"image {self.spec.image} is not on this node's engine "
-                                       f"({self.spec.docker_host}): load or pull it first") from None
-            status = ctr.attrs["State"]["Status"]
-            if status == "paused":
-                ctr.unpause()
-            elif status != "running":
-                ctr.start()
+                    ctr = client.containers.get(self.spec.name)
+                except docker.errors.NotFound:
+                    try:
+                        ctr = client.containers.create(**self._create_kwargs())
+                    except docker.errors.ImageNotFound:
+                        raise NotInstalled(f"image {self.spec.image} is not on this node's engine "
+                                           f"({self.spec.docker_host}): load or pull it first") from None
+                status = ctr.attrs["State"]["Status"]
+                if status == "paused":
+                    ctr.unpause()
+                elif status != "running":
+                    ctr.start()
         except (NotInstalled, AgentError):
             raise
         except docker.errors.APIError as exc:
@@ -446,13 +455,13 @@ class DockerContainer:
         if before.state is State.UNKNOWN:
             return ActionResult(False, before.reason)
         try:
-            api = _api(self.spec.docker_host, self.spec.stop_timeout + 30)
-            try:
-                api.stop(self.spec.name, timeout=self.spec.stop_timeout)
-                if self.spec.remove_on_offline:
-                    api.remove_container(self.spec.name, v=False)
-            except docker.errors.NotFound:
-                pass
+            with _api(self.spec.docker_host, self.spec.stop_timeout + 30) as api:
+                try:
+                    api.stop(self.spec.name, timeout=self.spec.stop_timeout)
+                    if self.spec.remove_on_offline:
+                        api.remove_container(self.spec.name, v=False)
+                except docker.errors.NotFound:
+                    pass
         except docker.errors.APIError as exc:
             return ActionResult(False, f"engine refused to stop {self.spec.name}: {exc.explanation or exc}")
         except Exception as exc:
@@ -474,7 +483,8 @@ class DockerContainer:
         if before.state is State.UNKNOWN and "not this resource's container" in before.reason:
             return ActionResult(False, before.reason)
         try:
-            _api(self.spec.docker_host, 60).remove_container(self.spec.name, force=True, v=False)
+            with _api(self.spec.docker_host, 60) as api:
+                api.remove_container(self.spec.name, force=True, v=False)
         except docker.errors.NotFound:
             pass
         except docker.errors.APIError as exc:
@@ -492,7 +502,8 @@ class DockerContainer:
         import docker.errors
 
         try:
-            _api(self.spec.docker_host, 10).inspect_image(self.spec.image)
+            with _api(self.spec.docker_host, 10) as api:
+                api.inspect_image(self.spec.image)
         except docker.errors.ImageNotFound:
             raise NotInstalled(f"image {self.spec.image} is not on the engine at {self.spec.docker_host}") from None
         except Exception as exc:

@@ -103,7 +103,8 @@ class DockerDaemon:
         try:
             import docker
 
-            return bool(docker.APIClient(base_url=self.spec.url, version=API_VERSION, timeout=int(timeout)).ping())
+            with docker.APIClient(base_url=self.spec.url, version=API_VERSION, timeout=int(timeout)) as api:
+                return bool(api.ping())
         except ImportError:
             raise NotInstalled("the docker Python SDK is not installed (pip install docker)") from None
         except Exception:  # no answer is the answer

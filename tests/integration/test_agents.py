@@ -122,7 +122,8 @@ def test_unhealthy_faults_and_kill_is_reported_within_a_second(stack, agent_stat
     with Watcher(rec, agent_state, rescan=0.1) as w:
         r = ocf("DockerContainer", "start", hc, resource="hc")
         assert r.returncode == 0, r.stderr
-        assert client.containers.get("aghc").attrs["State"]["Health"]["Status"] == "healthy"
+        health = client.containers.get("aghc").attrs["State"]["Health"]
+        assert health["Status"] == "healthy", health
         r = ocf("DockerContainer", "start", kl, resource="kill")
         assert r.returncode == 0, r.stderr
         assert w.ready.wait(10), "the watcher did not open the engine's event stream"
@@ -136,15 +137,18 @@ def test_unhealthy_faults_and_kill_is_reported_within_a_second(stack, agent_stat
         assert hit is not None, "the watcher did not report the killed container"
         latency = hit[2] - t0
         print(f"\nkill -9 -> notifier: {latency * 1000:.0f} ms ({hit[1]})")
-        assert latency < 1.0
+        assert latency < 1.0, rec.calls
         assert "exit code 137" in hit[1]
-        assert ocf("DockerContainer", "monitor", kl, resource="kill").returncode == 7
+        r = ocf("DockerContainer", "monitor", kl, resource="kill")
+        assert r.returncode == 7, r.stderr
 
         # an intended stop is no failure
-        assert ocf("DockerContainer", "start", kl, resource="kill").returncode == 0
-        assert ocf("DockerContainer", "stop", kl, resource="kill").returncode == 0
+        r = ocf("DockerContainer", "start", kl, resource="kill")
+        assert r.returncode == 0, r.stderr
+        r = ocf("DockerContainer", "stop", kl, resource="kill")
+        assert r.returncode == 0, r.stderr
         time.sleep(0.5)
-        assert [c for c in rec.calls if c[0] == "kill"] == [hit]
+        assert [c for c in rec.calls if c[0] == "kill"] == [hit], rec.calls
 
         # unhealthy: faulted (OCF 1, VCS offline so the engine faults it), and reported
         assert client.containers.get("aghc").exec_run(["rm", "/tmp/ok"]).exit_code == 0
@@ -152,13 +156,16 @@ def test_unhealthy_faults_and_kill_is_reported_within_a_second(stack, agent_stat
         while (code := ocf("DockerContainer", "monitor", hc, resource="hc").returncode) == 0 \
                 and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert code == 1
-        assert vcs("DockerContainer", "monitor", vcs_args("DockerContainer", "hc", hc)).returncode == 100
+        assert code == 1, client.containers.get("aghc").attrs["State"]
+        r = vcs("DockerContainer", "monitor", vcs_args("DockerContainer", "hc", hc))
+        assert r.returncode == 100, r.stdout + r.stderr
         hit = rec.wait_for("hc", 5)
-        assert hit is not None and "unhealthy" in hit[1]
+        assert hit is not None and "unhealthy" in hit[1], rec.calls
         # a faulted container is not started over: clean first
-        assert ocf("DockerContainer", "start", hc, resource="hc").returncode == 1
-        assert ocf("DockerContainer", "stop", hc, resource="hc").returncode == 0
+        r = ocf("DockerContainer", "start", hc, resource="hc")
+        assert r.returncode == 1 and "unhealthy" in r.stderr, r.stderr
+        r = ocf("DockerContainer", "stop", hc, resource="hc")
+        assert r.returncode == 0, r.stderr
 
 
 def test_ocf_tester_passes_container(stack, agent_state: Path) -> None:  # type: ignore[no-untyped-def]

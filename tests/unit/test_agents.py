@@ -334,19 +334,24 @@ OPTION_WORDS = ["-e", "A=1", "--env", "--init", "--privileged", "-p", "80", "808
                 "--user=0", "$(id)", "`id`", ";", "&&", "|", "\n", "--stop-signal", "KILL"]
 
 
+REFUSED_SAMPLE = ["--privileged", "--cap-add", "-v", "--mount", "--device", "--pid", "--security-opt"]
+
+
 @settings(max_examples=300)
-@given(st.lists(st.sampled_from(OPTION_WORDS), max_size=8))
-def test_run_options_parse_or_refuse(words: list[str]) -> None:
-    """Any option line parses into SDK arguments or is refused with a ConfigError; a refused option
-    anywhere refuses the whole line."""
-    text = shlex.join(words)
+@given(st.lists(st.sampled_from(OPTION_WORDS), max_size=8), st.sampled_from(REFUSED_SAMPLE))
+def test_run_options_parse_or_refuse(words: list[str], refused: str) -> None:
+    """Any option line parses into SDK arguments or is refused with a ConfigError, never anything else;
+    a refused option where an option stands (after a line that parses) refuses the whole line."""
     try:
-        kw = parse_run_options(text)
+        kw = parse_run_options(shlex.join(words))
     except ConfigError as exc:
         assert str(exc)
         return
     assert isinstance(kw, dict)
-    assert not {"--privileged", "--cap-add", "-v"} & set(words)
+    with pytest.raises(ConfigError, match="refused"):
+        parse_run_options(shlex.join([*words, refused, "x"]))
+    with pytest.raises(ConfigError, match="refused"):
+        parse_run_options(shlex.join([refused, "x", *words]))
 
 
 names = st.from_regex(NAME_RE, fullmatch=True)
