@@ -1,0 +1,75 @@
+"""What the two front ends share: the agent types, their attribute tables, the core's errors as codes.
+
+Kept free of the docker SDK so meta-data and usage work anywhere (ocf-tester runs meta-data as nobody).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from agents.errors import ArgsError, ConfigError, NotInstalled
+from agents.params import Param
+from storage.errors import InvalidArgument, VeritasError
+
+
+@dataclass(frozen=True)
+class AgentType:
+    kind: str
+    params: list[Param]
+    shortdesc: str
+    longdesc: str
+    migrates: bool
+    actions: tuple[str, ...]  # VCS SupportedActions
+
+    def build(self, resource: str, given: Mapping[str, str]) -> Any:
+        if self.kind == "DockerContainer":
+            from agents import container
+
+            return container.from_attributes(resource, given)
+        from agents import daemon
+
+        return daemon.from_attributes(resource, given)
+
+
+def _types() -> dict[str, AgentType]:
+    from agents.container import PARAMS as container_params
+    from agents.daemon import PARAMS as daemon_params
+
+    return {
+        "DockerContainer": AgentType("DockerContainer", container_params, "One Docker container on veritas volumes",
+                                     "Manages one Docker container through the engine's API: creates it from "
+                                     "its attributes when absent, with its veritas volumes mounted through the "
+                                     "veritas volume driver, starts, stops and kills it, and maps Docker's "
+                                     "state and health to the resource's state.", True,
+                                     ("status", "inspect")),
+        "DockerDaemon": AgentType("DockerDaemon", daemon_params, "The Docker daemon (dockerd)",
+                                  "Manages dockerd: starts it with its arguments (such as a data root on a "
+                                  "veritas volume), monitors its process and API, stops it, and on clean kills "
+                                  "it and every process it left running.", False, ("status", "leftovers")),
+    }
+
+
+def agent_type(kind: str) -> AgentType:
+    return _types()[kind]
+
+
+def error_kind(exc: BaseException) -> str:
+    """config | args | installed | generic, for a front end's exit-code table."""
+    if isinstance(exc, ConfigError):
+        return "config"
+    if isinstance(exc, ArgsError | InvalidArgument):
+        return "args"
+    if isinstance(exc, NotInstalled):
+        return "installed"
+    return "generic"
+
+
+def say(prefix: str, msg: str) -> None:
+    print(f"{prefix}: {msg}", file=sys.stderr)
+
+
+def describe(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, VeritasError) else f"{type(exc).__name__}: {exc}"
