@@ -217,8 +217,11 @@ class Node:
 
     # --- daemons ------------------------------------------------------------------------------------
     def dockerd_argv(self) -> list[str]:
+        # with Pacemaker, also the engine's usual socket in the node's own /run: a resource that moves
+        # between nodes (DockerContainer's docker_host) names the same socket on every node
+        usual = ["-H", "unix:///run/docker.sock"] if self.lab.pacemaker else []
         return ["dockerd", "--data-root", str(self.base / "data"), "--exec-root", str(self.base / "exec"),
-                "--pidfile", str(self.base / "docker.pid"), "-H", self.docker_host,
+                "--pidfile", str(self.base / "docker.pid"), "-H", self.docker_host, *usual,
                 "--iptables=false", "--bip", f"198.19.{self.index}.1/24",
                 "--default-address-pool", "base=198.19.64.0/18,size=24", "--log-level=warn"]
 

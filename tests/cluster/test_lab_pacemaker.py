@@ -29,8 +29,7 @@ pytestmark = pytest.mark.integration
 NODES = ["node1", "node2", "node3"]
 UP_LIMIT = 60.0  # seconds for `up --nodes 3 --pacemaker`; measured ~12 s on the 2-core CI machine under load
 HOST_FILES = [Path("/etc/corosync"), Path("/var/lib/corosync"), Path("/var/lib/pacemaker"),
-              Path("/var/log/corosync"), Path("/var/log/pacemaker"), Path("/usr/sbin"),
-              Path("/usr/lib/ocf/resource.d")]
+              Path("/var/log/corosync"), Path("/var/log/pacemaker"), Path("/usr/lib/ocf/resource.d")]
 
 
 class PLab(Lab):
@@ -181,13 +180,16 @@ def test_each_node_has_its_own_cluster_files_and_the_host_keeps_its_own(cluster:
         st = cib.stat()
         assert inside == f"{st.st_dev}:{st.st_ino}"  # the node's CIB is its own file under the lab
         assert lab.exec(n, "test", "-x", "/usr/sbin/fence_lab", check=False).returncode == 0
+        # the engine's usual socket, in the node's own /run, is the node's engine
+        name = lab.exec(n, "docker", "-H", "unix:///var/run/docker.sock", "info", "--format", "{{.Name}}").stdout
+        assert name.strip() == n
         assert lab.exec(n, "test", "-x", "/usr/lib/ocf/resource.d/veritas/LabProbe", check=False).returncode == 0
         assert lab.exec(n, "test", "-x", "/usr/lib/ocf/resource.d/pacemaker/Dummy", check=False).returncode == 0
     meta = lab.exec("node1", "fence_lab", "-o", "metadata").stdout
     actions = {a.get("name") for a in ET.fromstring(meta).iter("action")}
     assert {"on", "off", "reboot", "status", "monitor", "list", "metadata"} <= actions
     assert host_tree(HOST_FILES) == cluster["host_before"], "the lab changed the host's cluster files"
-    assert not Path("/usr/sbin/fence_lab").exists()
+    assert not Path("/usr/sbin/fence_lab").exists() and not Path("/usr/lib/ocf/resource.d/veritas").exists()
 
 
 def test_a_group_with_a_stock_and_an_installed_agent_runs_and_moves(cluster: dict[str, Any]) -> None:
