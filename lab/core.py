@@ -303,7 +303,8 @@ class Node:
         veritas volumes in its data root loads their driver while it starts (and waits for it), before
         its swarm agent describes the node; a node described without the plugin gets no task with a
         veritas volume until the agent's next description, up to 20 s later. On a fresh data root
-        (``fresh``) there is nothing to load: both start at once.
+        (``fresh``) there is nothing to load: both start at once. With Pacemaker, corosync starts beside
+        them and pacemakerd after them.
         """
         if self.proc("init") is None:
             self.set_port(not self.lab.is_cut(self.name))
@@ -312,8 +313,8 @@ class Node:
         if not self.lab.pacemaker:
             self._boot_docker(fresh)
             return
-        # corosync beside the engine; pacemakerd once the engine is up, as on a host whose cluster
-        # stack starts after Docker (the resources it will run need the engine)
+        # pacemakerd once the engine is up, as on a host whose cluster stack starts after Docker (the
+        # resources it will run need the engine)
         _parallel([functools.partial(self._boot_docker, fresh), self._boot_corosync])
         if self.proc("pacemakerd") is None:
             self.start_pacemakerd()
