@@ -27,7 +27,7 @@ from tests.cluster.test_lab import LAB, Lab, lab_footprint, ns_holders, pid_aliv
 pytestmark = pytest.mark.integration
 
 NODES = ["node1", "node2", "node3"]
-UP_LIMIT = 60.0  # seconds for `up --nodes 3 --pacemaker`; measured ~12 s on the 2-core CI machine under load
+UP_LIMIT = 40.0  # seconds for `up --nodes 3 --pacemaker`: measured 9.0-9.4 s on the 2-core machine
 HOST_FILES = [Path("/etc/corosync"), Path("/var/lib/corosync"), Path("/var/lib/pacemaker"),
               Path("/var/log/corosync"), Path("/var/log/pacemaker"), Path("/usr/lib/ocf/resource.d")]
 
@@ -239,7 +239,7 @@ def test_killing_the_node_running_the_group_fences_it_and_recovers_the_group(clu
     print(f"\nkill {victim} -> grp running on {now}: {took:.1f} s")
     # recovered only after fencing: the fencer turned the victim off, through fence_lab and the lab's kill
     history = lab.exec(via, "stonith_admin", "--history", victim).stdout
-    assert f"turn off node {victim}" in history or f"off node {victim}" in history, history
+    assert f"off of {victim} successful" in history or f"turn off node {victim}" in history, history
     fencer_log = (lab.dir / "fencer.log").read_text()
     assert f"off {victim}: ok" in fencer_log, fencer_log
     st = next(n for n in lab.status()["nodes"] if n["name"] == victim)
@@ -271,8 +271,10 @@ def test_down_leaves_nothing_of_the_lab(cluster: dict[str, Any]) -> None:
     lab.run("down", timeout=180)
 
     def same(pid: int, start: int) -> bool:
+        """The very process recorded, still running (a zombie holds nothing; its reaper is PID 1's)."""
         try:
-            return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]) == start
+            f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return f[0] not in ("Z", "X") and int(f[19]) == start
         except (OSError, ValueError, IndexError):
             return False
 

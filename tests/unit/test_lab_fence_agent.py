@@ -51,7 +51,8 @@ def test_metadata_is_xml_with_the_fence_api_actions() -> None:
     assert r.returncode == 0, r.stderr
     root = ET.fromstring(r.stdout)
     assert root.get("name") == "fence_lab"
-    assert {"on", "off", "reboot", "status", "monitor", "list", "metadata"} <= {a.get("name") for a in root.iter("action")}
+    actions = {a.get("name") for a in root.iter("action")}
+    assert {"on", "off", "reboot", "status", "monitor", "list", "metadata"} <= actions
     assert {"action", "plug", "port", "lab_dir"} <= {p.get("name") for p in root.iter("parameter")}
     assert agent("", "-o", "metadata").stdout == r.stdout
 
