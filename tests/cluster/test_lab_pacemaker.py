@@ -262,6 +262,22 @@ def test_start_brings_the_fenced_node_back_into_the_cluster(cluster: dict[str, A
     assert running_on(lab, victim, "grp") == [cluster["survivor_host"]]  # sticky: it did not move back
 
 
+def test_bad_requests_are_refused_and_change_nothing(cluster: dict[str, Any]) -> None:
+    lab: PLab = cluster["lab"]
+    with tempfile.TemporaryDirectory() as d:
+        other = PLab(Path(d) / "a:b" / "lab", lab.ocf)  # ':' separates an overlay's lower directories
+        r = other.run("up", "--pacemaker", check=False)
+        assert r.returncode == 1 and "without ':' or ','" in r.stderr, r.stderr
+        assert not other.dir.exists()
+    r = lab.run("up", "--pacemaker", check=False)
+    assert r.returncode == 1 and "a lab is already in" in r.stderr, r.stderr
+    # the fence agent refuses a node the lab does not have, and fences nothing
+    before = [n["pids"] for n in lab.status()["nodes"]]
+    r = lab.exec("node1", "fence_lab", "-o", "off", "-n", "node9", "--lab-dir", str(lab.dir), check=False)
+    assert r.returncode == 1 and "node9" in r.stderr, r.stderr
+    assert [n["pids"] for n in lab.status()["nodes"]] == before
+
+
 def test_down_leaves_nothing_of_the_lab(cluster: dict[str, Any]) -> None:
     lab: Lab = cluster["lab"]
     st = lab.status()
