@@ -262,6 +262,24 @@ def test_start_brings_the_fenced_node_back_into_the_cluster(cluster: dict[str, A
     assert running_on(lab, victim, "grp") == [cluster["survivor_host"]]  # sticky: it did not move back
 
 
+def test_a_partitioned_live_node_is_fenced_by_the_majority(cluster: dict[str, Any]) -> None:
+    lab: Lab = cluster["lab"]
+    cut = next(n for n in reversed(NODES) if n != running_on(lab, "node1", "grp")[0])
+    cluster["procs"] |= node_procs(lab.status())
+    init = next(n for n in lab.status()["nodes"] if n["name"] == cut)["pids"]["init"]
+    fenced_before = (lab.dir / "fencer.log").read_text().count(f"off {cut}: ok")
+    t0 = time.monotonic()
+    lab.run("cut", cut)  # alive but unreachable: only fencing makes it safe to run its resources elsewhere
+    wait_for(lambda: next(n for n in lab.status()["nodes"] if n["name"] == cut)["state"] == "killed", 60,
+             f"{cut} fenced")
+    print(f"\ncut {cut} -> fenced (killed whole): {time.monotonic() - t0:.1f} s")
+    assert not pid_alive(init)
+    assert (lab.dir / "fencer.log").read_text().count(f"off {cut}: ok") == fenced_before + 1
+    lab.run("heal", cut)
+    lab.run("start", cut, timeout=180)
+    assert online(crm(lab, "node1")) == NODES
+
+
 def test_bad_requests_are_refused_and_change_nothing(cluster: dict[str, Any]) -> None:
     lab: PLab = cluster["lab"]
     with tempfile.TemporaryDirectory() as d:
