@@ -9,6 +9,8 @@ never collide:
     nodes/NODE/               data (docker data root), exec, etc-docker, plugins (socket dir), mnt
                               (the plugin's mount root), veritas.conf, pids.json, logs
     nodes/etcd/               etcd's data and log, with --catalog etcd
+    nodes/NODE/pcmk/, pcmk/   with --pacemaker: each node's corosync/Pacemaker dirs, the overlaid agents
+                              (lab.pacemaker); fencer.sock and fencer.log of the fencing helper (lab.fencer)
 
 A node's network namespace is a file under ns/ and lives as long as the lab (so a restarted node keeps
 its address). Its mount and UTS namespaces belong to its first process (lab.nodeinit) and end with the
