@@ -754,14 +754,15 @@ class Lab:
     def start(self, name: str, wait: bool = True, lock_timeout: float | None = None,
               timeout: float = 120) -> None:
         """Bring back what of the node is not running; with Pacemaker (and ``wait``), return once the
-        node has rejoined: waited for outside the lab's lock, so the cluster can fence meanwhile."""
+        node has rejoined (unless it is cut): waited for outside the lab's lock, so the cluster can
+        fence meanwhile."""
         with self.locked(lock_timeout):
             self._need()
             node = self.node(name)
             node.boot()
             if self.pacemaker and self.fencer() is None:
                 self._start_fencer()
-        if self.pacemaker and wait:
+        if self.pacemaker and wait and not self.is_cut(name):  # a cut node cannot rejoin until healed
             node.wait_cluster([name], timeout)
 
     def cut(self, name: str, cut: bool = True) -> None:
