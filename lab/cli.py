@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--sites", type=int, default=1, help="split the nodes into sites with separate state roots")
     up.add_argument("--swarm", action="store_true", help="a swarm: node1 manager (drained), the others workers")
     up.add_argument("--catalog", choices=["sqlite", "etcd"], default="sqlite")
-    up.add_argument("--pacemaker", action="store_true", help="not yet (agents issue)")
+    up.add_argument("--pacemaker", action="store_true", help="corosync and Pacemaker on every node, fenced by "
+                    "fence_lab; returns once every node is online with quorum")
     up.add_argument("--no-plugin", action="store_true", help="bare engines, no veritas plugin")
     up.add_argument("--lease-ttl", type=float, help="[cluster] lease_ttl of every node (default: the config's 10 s)")
     up.add_argument("--lease-interval", type=float, help="[cluster] lease_interval (default: the config's 2 s)")
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("kill", help="SIGKILL the whole node (every process in it) or one daemon")
     k.add_argument("node")
     k.add_argument("--only", choices=["dockerd", "plugin"])
-    s = sub.add_parser("start", help="bring back whatever of NODE is not running")
+    s = sub.add_parser("start", help="bring back whatever of NODE is not running (with Pacemaker: until it rejoined)")
     s.add_argument("node")
     c = sub.add_parser("cut", help="partition NODE from its peers and etcd")
     c.add_argument("node")

@@ -9,6 +9,8 @@ never collide:
     nodes/NODE/               data (docker data root), exec, etc-docker, plugins (socket dir), mnt
                               (the plugin's mount root), veritas.conf, pids.json, logs
     nodes/etcd/               etcd's data and log, with --catalog etcd
+    nodes/NODE/pcmk/, pcmk/   with --pacemaker: each node's corosync/Pacemaker dirs, the overlaid agents
+                              (lab.pacemaker); fencer.sock and fencer.log of the fencing helper (lab.fencer)
 
 A node's network namespace is a file under ns/ and lives as long as the lab (so a restarted node keeps
 its address). Its mount and UTS namespaces belong to its first process (lab.nodeinit) and end with the
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lab import pacemaker as pcmk
 from lab import uhttp
 from lab.image import IMAGE, busybox_tar
 from lab.procs import Proc, Snapshot, alive, kill_until_gone, ns_inode
@@ -202,7 +205,8 @@ class Node:
             time.sleep(0.02)
         proc = Proc.of(p.pid)
         assert proc is not None
-        self._record(init=proc.to_json(), mnt=ns_inode(p.pid, "mnt"), dockerd=None, plugin=None)
+        self._record(init=proc.to_json(), mnt=ns_inode(p.pid, "mnt"), dockerd=None, plugin=None,
+                     corosync=None, pacemakerd=None)
 
     def spawn(self, role: str, argv: list[str], env: dict[str, str], log: str) -> Proc:
         pid = int(self._ask({"op": "spawn", "argv": argv, "env": env, "cwd": str(REPO),
@@ -215,8 +219,11 @@ class Node:
 
     # --- daemons ------------------------------------------------------------------------------------
     def dockerd_argv(self) -> list[str]:
+        # with Pacemaker, also the engine's usual socket in the node's own /run: a resource that moves
+        # between nodes (DockerContainer's docker_host) names the same socket on every node
+        usual = ["-H", "unix:///run/docker.sock"] if self.lab.pacemaker else []
         return ["dockerd", "--data-root", str(self.base / "data"), "--exec-root", str(self.base / "exec"),
-                "--pidfile", str(self.base / "docker.pid"), "-H", self.docker_host,
+                "--pidfile", str(self.base / "docker.pid"), "-H", self.docker_host, *usual,
                 "--iptables=false", "--bip", f"198.19.{self.index}.1/24",
                 "--default-address-pool", "base=198.19.64.0/18,size=24", "--log-level=warn"]
 
@@ -298,12 +305,24 @@ class Node:
         veritas volumes in its data root loads their driver while it starts (and waits for it), before
         its swarm agent describes the node; a node described without the plugin gets no task with a
         veritas volume until the agent's next description, up to 20 s later. On a fresh data root
-        (``fresh``) there is nothing to load: both start at once.
+        (``fresh``) there is nothing to load: both start at once. With Pacemaker, corosync starts beside
+        them and pacemakerd after them.
         """
         if self.proc("init") is None:
             self.set_port(not self.lab.is_cut(self.name))
             self.start_init()
             debug(f"{self.name}: init up")
+        if not self.lab.pacemaker:
+            self._boot_docker(fresh)
+            return
+        # pacemakerd once the engine is up, as on a host whose cluster stack starts after Docker (the
+        # resources it will run need the engine)
+        _parallel([functools.partial(self._boot_docker, fresh), self._boot_corosync])
+        if self.proc("pacemakerd") is None:
+            self.start_pacemakerd()
+            debug(f"{self.name}: pacemakerd up")
+
+    def _boot_docker(self, fresh: bool) -> None:
         want_plugin = self.lab.plugin and self.proc("plugin") is None
         if fresh and want_plugin and self.proc("dockerd") is None:
             _parallel([self.start_plugin, self.start_dockerd])
@@ -319,6 +338,66 @@ class Node:
             # dockerd loads a plugin found by its socket only when it first needs one; listing volumes
             # does, and the node then shows the driver in `docker info` (what swarm schedules by)
             uhttp.get_json(str(self.sock), "/volumes", timeout=60)
+
+    # --- corosync and Pacemaker (lab.pacemaker) ------------------------------------------------------
+    def run_in(self, argv: list[str], timeout: float = 30) -> str:
+        """Run ``argv`` inside the node (its mount, UTS and network namespace); its stdout."""
+        init = self.proc("init")
+        if init is None:
+            raise LabError(f"{self.name} is killed")
+        return _run(["nsenter", "-t", str(init.pid), "-m", "-u", "-n", "--wd=/", *argv], timeout=timeout)
+
+    def _boot_corosync(self) -> None:
+        if self.proc("corosync") is None:
+            self.start_corosync()
+            debug(f"{self.name}: corosync up")
+
+    def start_corosync(self, timeout: float = 30) -> None:
+        """corosync in the foreground under the node's init; ready once its configuration service answers."""
+        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}
+        proc = self.spawn("corosync", ["corosync", "-f"], env, "corosync.out")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.run_in(["corosync-cfgtool", "-s"], timeout=5)
+                return
+            except (LabError, subprocess.TimeoutExpired):
+                pass
+            logs = _tail(self.base / "corosync.out") + _tail(self.base / "pcmk" / "log-corosync" / "corosync.log")
+            if not proc.alive():
+                raise LabError(f"{self.name}: corosync exited: {logs}")
+            if time.monotonic() > deadline:
+                raise LabError(f"{self.name}: corosync did not come up: {logs}")
+            time.sleep(0.05)
+
+    def start_pacemakerd(self) -> None:
+        """pacemakerd (it starts and watches the other Pacemaker daemons), logging in the node's own dir."""
+        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "PCMK_logfacility": "none",
+               "PCMK_logfile": "/var/log/pacemaker/pacemaker.log"}
+        self.spawn("pacemakerd", ["pacemakerd"], env, "pacemakerd.out")
+
+    def cluster_view(self) -> pcmk.ClusterView:
+        """The cluster as this node's Pacemaker sees it (LabError while it cannot tell)."""
+        return pcmk.parse_crm_mon(self.run_in(["crm_mon", "-1", "--output-as=xml"], timeout=20))
+
+    def wait_cluster(self, names: list[str], timeout: float) -> pcmk.ClusterView:
+        """Until this node sees a DC, quorum and every one of ``names`` online."""
+        deadline = time.monotonic() + timeout
+        last: str = "no answer yet"
+        while True:
+            try:
+                view = self.cluster_view()
+                if view.all_online(names):
+                    return view
+                last = f"DC {view.dc}, quorum {view.quorum}, nodes {view.nodes}"
+            except (LabError, subprocess.TimeoutExpired, ValueError) as exc:
+                last = str(exc)
+            if self.proc("pacemakerd") is None:
+                raise LabError(f"{self.name}: pacemakerd exited: {_tail(self.base / 'pacemakerd.out')}"
+                               f"{_tail(self.base / 'pcmk' / 'log-pacemaker' / 'pacemaker.log')}")
+            if time.monotonic() > deadline:
+                raise LabError(f"{self.name}: the cluster did not form in {timeout:g} s: {last}")
+            time.sleep(0.2)
 
     # --- failures -----------------------------------------------------------------------------------
     def members(self) -> set[int]:
@@ -339,7 +418,7 @@ class Node:
             if left:
                 raise LabError(f"{self.name}: processes outlived SIGKILL: {left}")
             self.set_port(False)  # a dead host answers nobody
-            self._record(init=None, dockerd=None, plugin=None)
+            self._record(init=None, dockerd=None, plugin=None, corosync=None, pacemakerd=None)
             return
         proc = self.proc(only)
         if proc is None:
@@ -379,6 +458,8 @@ class Node:
             return "killed"
         if dockerd is None or (self.lab.plugin and plugin is None):
             return "degraded"
+        if self.lab.pacemaker and (self.proc("corosync") is None or self.proc("pacemakerd") is None):
+            return "degraded"
         return "running"
 
 
@@ -413,6 +494,10 @@ class Lab:
         return bool(self.meta.get("plugin", True))
 
     @property
+    def pacemaker(self) -> bool:
+        return bool(self.meta.get("pacemaker"))
+
+    @property
     def switch(self) -> Path:
         return self.dir / "ns" / "switch.net"
 
@@ -439,11 +524,22 @@ class Lab:
         tmp.replace(self.dir / "lab.json")
 
     @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """One mutating command at a time per lab."""
+    def locked(self, timeout: float | None = None) -> Iterator[None]:
+        """One mutating command at a time per lab (``timeout``: LabError after waiting that long)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.dir / ".lock", "w") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
+            if timeout is None:
+                fcntl.flock(fh, fcntl.LOCK_EX)
+            else:
+                deadline = time.monotonic() + timeout
+                while True:
+                    try:
+                        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() > deadline:
+                            raise LabError(f"another lab command held the lab's lock for {timeout:g} s") from None
+                        time.sleep(0.05)
             self.meta = {}
             with contextlib.suppress(OSError, ValueError):
                 self.meta = dict(json.loads((self.dir / "lab.json").read_text()))
@@ -453,8 +549,6 @@ class Lab:
     def up(self, nodes: int = 3, sites: int = 1, swarm: bool = False, catalog: str = "sqlite",
            plugin: bool = True, pacemaker: bool = False, lease_ttl: float | None = None,
            lease_interval: float | None = None) -> dict[str, Any]:
-        if pacemaker:
-            raise LabError("--pacemaker is not yet implemented (it comes with the agents issue)")
         if not 1 <= nodes <= MAX_NODES:
             raise LabError(f"--nodes must be 1..{MAX_NODES}, not {nodes}")
         if not 1 <= sites <= nodes:
@@ -463,11 +557,14 @@ class Lab:
             raise LabError(f"--catalog must be sqlite or etcd, not {catalog!r}")
         _check_leases(lease_ttl, lease_interval)
         tools = ["dockerd", "docker", "nsenter", "unshare", "ip", "mount"] + (["etcd"] if catalog == "etcd" else [])
+        tools += list(pcmk.TOOLS) if pacemaker else []
         missing = [t for t in tools if shutil.which(t) is None]
         if missing:
             raise LabError(f"missing tools: {', '.join(missing)} (scripts/test installs them)")
         if os.geteuid() != 0:
             raise LabError("the lab needs root (namespaces, mounts)")
+        if pacemaker and any(c in str(self.dir) for c in ":,"):
+            raise LabError(f"--pacemaker needs a lab directory without ':' or ',' (overlay mounts): {self.dir}")
         with self.locked():
             if self.exists or (self.dir / "ns").exists():
                 raise LabError(f"a lab is already in {self.dir}: `scripts/lab down` first "
@@ -476,7 +573,8 @@ class Lab:
             self.meta = {"nodes": [{"name": f"node{i}", "index": i, "site": f"site{(i - 1) // per_site + 1}"}
                                    for i in range(1, nodes + 1)],
                          "sites": sites, "swarm": swarm, "catalog": catalog, "plugin": plugin, "cut": [],
-                         "etcd": catalog == "etcd", "lease_ttl": lease_ttl, "lease_interval": lease_interval}
+                         "etcd": catalog == "etcd", "lease_ttl": lease_ttl, "lease_interval": lease_interval,
+                         "pacemaker": pacemaker}
             self.save()
             try:
                 self._make_network()
@@ -487,11 +585,19 @@ class Lab:
                         (n.base / d).mkdir(parents=True, exist_ok=True)
                     n.state_root.mkdir(parents=True, exist_ok=True)
                     n.write_config()
+                if pacemaker:
+                    self.meta["ocf_agents"] = pcmk.prepare_lab(self.dir)
+                    peers = [(n.name, n.index, n.address) for n in self.nodes()]
+                    for n in self.nodes():
+                        pcmk.prepare_node(n.base, peers, fresh=True)
+                    self._start_fencer()
                 for target in ("/run/docker/plugins", "/etc/docker"):  # the nodes' bind targets
                     Path(target).mkdir(parents=True, exist_ok=True)
                 _parallel([functools.partial(n.boot, fresh=True) for n in self.nodes()])
                 if swarm:
                     self._make_swarm()
+                if pacemaker:
+                    self._make_pacemaker_cluster()
             except BaseException:
                 self._down_locked()
                 raise
@@ -503,6 +609,66 @@ class Lab:
         if self.meta.get("etcd"):
             out["etcd"] = f"http://{ETCD_ADDR}:2379"
         return out
+
+    # --- Pacemaker (lab.pacemaker) ------------------------------------------------------------------
+    def fencer(self) -> Proc | None:
+        """The live fencing helper (lab.fencer), or None."""
+        p = Proc.from_json(self.meta.get("fencer"))
+        return p if p is not None and p.alive() else None
+
+    def _start_fencer(self) -> None:
+        """The host side of fence_lab: it runs in these (the host's) namespaces, where Node.kill works."""
+        sock = self.dir / "fencer.sock"
+        sock.unlink(missing_ok=True)
+        log = open(self.dir / "fencer.log", "ab")
+        p = subprocess.Popen([sys.executable, "-m", "lab.fencer", str(self.dir)], cwd=REPO,
+                             env={**os.environ, "PYTHONPATH": str(REPO)}, stdin=subprocess.DEVNULL, stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        proc = Proc.of(p.pid)
+        if proc is not None:
+            self.meta["fencer"] = proc.to_json()
+            self.save()
+        deadline = time.monotonic() + 20
+        while True:
+            if p.poll() is not None:
+                raise LabError(f"the fencing helper exited: {_tail(self.dir / 'fencer.log')}")
+            try:
+                if _ask_unix(sock, {"op": "ping"}, timeout=2).get("ok"):
+                    return
+            except (OSError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise LabError(f"the fencing helper did not answer: {_tail(self.dir / 'fencer.log')}")
+            time.sleep(0.02)
+
+    def _make_pacemaker_cluster(self, timeout: float = 120) -> None:
+        """Once every node is online with quorum: the fence_lab device, then fencing on (not before:
+        with fencing on, nodes not yet seen would be shot at startup)."""
+        nodes = self.nodes()
+        names = [n.name for n in nodes]
+        first = nodes[0]
+        for n in nodes:  # each node sees all of them, not only the first
+            n.wait_cluster(names, timeout)
+        debug("pacemaker: every node online")
+        first.run_in(["cibadmin", "--create", "-o", "resources", "--xml-text", pcmk.fence_device_xml(self.dir, names)])
+        for name, value in pcmk.FENCING_PROPERTIES:
+            first.run_in(["crm_attribute", "--type", "crm_config", "--name", name, "--update", value])
+        deadline = time.monotonic() + timeout
+        while pcmk.FENCE_ID not in first.cluster_view().resources:
+            if time.monotonic() > deadline:
+                raise LabError(f"the fence device {pcmk.FENCE_ID} did not start: {first.run_in(['crm_mon', '-1'])}")
+            time.sleep(0.2)
+        debug("pacemaker: fencing on")
+
+    def cluster_view(self) -> tuple[pcmk.ClusterView | None, str | None]:
+        """The cluster as the first node that can tell sees it, and which node that was."""
+        for n in self.nodes():
+            if n.proc("pacemakerd") is None:
+                continue
+            with contextlib.suppress(LabError, subprocess.TimeoutExpired, ValueError):
+                return n.cluster_view(), n.name
+        return None, None
 
     def _make_network(self) -> None:
         ns = self.dir / "ns"
@@ -580,15 +746,24 @@ class Lab:
         if not self.exists:
             raise LabError(f"no lab in {self.dir} (`scripts/lab up` first)")
 
-    def kill(self, name: str, only: str | None = None) -> None:
-        with self.locked():
+    def kill(self, name: str, only: str | None = None, lock_timeout: float | None = None) -> None:
+        with self.locked(lock_timeout):
             self._need()
             self.node(name).kill(only)
 
-    def start(self, name: str) -> None:
-        with self.locked():
+    def start(self, name: str, wait: bool = True, lock_timeout: float | None = None,
+              timeout: float = 120) -> None:
+        """Bring back what of the node is not running; with Pacemaker (and ``wait``), return once the
+        node has rejoined (unless it is cut): waited for outside the lab's lock, so the cluster can
+        fence meanwhile."""
+        with self.locked(lock_timeout):
             self._need()
-            self.node(name).boot()
+            node = self.node(name)
+            node.boot()
+            if self.pacemaker and self.fencer() is None:
+                self._start_fencer()
+        if self.pacemaker and wait and not self.is_cut(name):  # a cut node cannot rejoin until healed
+            node.wait_cluster([name], timeout)
 
     def cut(self, name: str, cut: bool = True) -> None:
         with self.locked():
@@ -626,9 +801,10 @@ class Lab:
                                                             "manager": "ManagerStatus" in sn}
             except (OSError, ValueError, KeyError) as exc:
                 swarm = {"error": str(exc)}
+        view, seen_from = self.cluster_view() if self.pacemaker else (None, None)
+        roles = ("init", "dockerd", "plugin") + (("corosync", "pacemakerd") if self.pacemaker else ())
         for n in self.nodes():
-            pids = {role: (p.pid if p else None) for role in ("init", "dockerd", "plugin")
-                    for p in [n.proc(role)]}
+            pids = {role: (p.pid if p else None) for role in roles for p in [n.proc(role)]}
             ctrd = n.containerd()
             pids["containerd"] = ctrd.pid if ctrd else None
             entry: dict[str, Any] = {"name": n.name, "site": n.site, "address": n.address,
@@ -636,8 +812,18 @@ class Lab:
                                      "pids": pids}
             if self.meta.get("swarm"):
                 entry["swarm"] = swarm.get(n.name)
+            if self.pacemaker:
+                entry["pacemaker"] = {"state": view.node_state(n.name) if view else "unknown",
+                                      "dc": view is not None and view.dc == n.name,
+                                      "resources": sorted(r for r, on in view.resources.items() if n.name in on)
+                                      if view else []}
             nodes.append(entry)
         out: dict[str, Any] = {"dir": str(self.dir), "nodes": nodes, "catalog": self.catalog}
+        if self.pacemaker:
+            fencer = self.fencer()
+            out["pacemaker"] = {"seen_from": seen_from, "dc": view.dc if view else None,
+                                "quorum": view.quorum if view else False, "fencer": fencer.pid if fencer else None,
+                                "ocf_agents": self.meta.get("ocf_agents", [])}
         e = self.etcd_node()
         if e is not None:
             p = e.proc("etcd")
@@ -654,6 +840,11 @@ class Lab:
         whose backing files are the lab's, unmounts the namespace files and removes the directory,
         disk group state included: a lab's data is throwaway."""
         errors: list[str] = []
+        fencer = self.fencer()
+        if fencer is not None:  # first: nodes dying one by one would otherwise be fenced while down runs
+            left = kill_until_gone(lambda: Snapshot.take().descendants({fencer.pid}) if fencer.alive() else set())
+            if left:
+                errors.append(f"the fencing helper outlived SIGKILL: {left}")
         everyone = self.nodes()
         e = self.etcd_node()
         if e is not None:
@@ -698,6 +889,26 @@ def _check_leases(ttl: float | None, interval: float | None) -> None:
         _cluster_settings(parser["cluster"], lambda _s, _k: "")
     except InvalidArgument as exc:
         raise LabError(f"--lease-ttl/--lease-interval: {exc}") from None
+
+
+def _ask_unix(path: Path, req: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """One JSON line to a unix socket, one JSON line back."""
+    import socket
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(str(path))
+        s.sendall(json.dumps(req).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        s.close()
+    return dict(json.loads(data))
 
 
 def _parallel(fns: list[Callable[[], Any]]) -> None:

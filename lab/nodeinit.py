@@ -27,7 +27,9 @@ PR_SET_CHILD_SUBREAPER = 36
 
 
 def _mount(*args: str) -> None:
-    subprocess.run(["mount", *args], check=True, capture_output=True)
+    r = subprocess.run(["mount", *args], capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"mount {' '.join(args)}: {r.stderr.strip()}")
 
 
 def setup_docker_mounts(base: Path) -> None:
@@ -42,6 +44,36 @@ def setup_docker_mounts(base: Path) -> None:
     subprocess.run(["umount", "-l", str(cg)], check=True)
     _mount("--bind", str(base / "etc-docker"), "/etc/docker")
     _mount("--bind", str(base / "plugins"), "/run/docker/plugins")
+
+
+def setup_pacemaker_mounts(lab: Path, base: Path) -> None:
+    """What corosync and Pacemaker of this node must not share with the host or other nodes (see
+    lab.pacemaker): a private /run (corosync's pid lock, the resource agents' state files; the docker
+    plugin socket directory is bound into it afterwards) and /dev/shm (libqb's IPC buffers), the
+    node's own config, state and log directories over the host's, and the lab's fence agent and OCF
+    agents overlaid (read-only) onto /usr/sbin and /usr/lib/ocf/resource.d."""
+    from lab.pacemaker import NODE_DIRS, hacluster
+
+    _mount("-t", "tmpfs", "-o", "mode=0755,nosuid,nodev", "lab-run", "/run")
+    uid, gid = hacluster()
+    for d, mode in (("/run/docker/plugins", 0o755), ("/run/resource-agents", 0o1755), ("/run/lock", 0o1777),
+                    ("/run/crm", 0o750)):
+        os.makedirs(d, exist_ok=True)
+        os.chmod(d, mode)
+    os.chown("/run/crm", uid, gid)
+    _mount("-t", "tmpfs", "-o", "mode=1777,nosuid,nodev", "lab-shm", "/dev/shm")
+    for name, target, _owned in NODE_DIRS:
+        _mount("--bind", str(base / "pcmk" / name), target)
+    _mount("-t", "overlay", "-o", f"lowerdir={lab / 'pcmk' / 'sbin'}:/usr/sbin", "lab-sbin", "/usr/sbin")
+    _mount("-t", "overlay", "-o", f"lowerdir={lab / 'pcmk' / 'ocf'}:/usr/lib/ocf/resource.d", "lab-ocf",
+           "/usr/lib/ocf/resource.d")
+
+
+def _pacemaker(lab: Path) -> bool:
+    try:
+        return bool(json.loads((lab / "lab.json").read_text()).get("pacemaker"))
+    except (OSError, ValueError):
+        return False
 
 
 def _reap(_signum: int = 0, _frame: object = None) -> None:
@@ -82,6 +114,8 @@ def main() -> None:
     # copies of the host's mounts that would keep other filesystems busy, and the lab's own namespace
     # files (a copy of one would keep that network namespace alive after the lab's down)
     prune(str(lab), also=(str(lab / "ns"),))
+    if role == "docker" and _pacemaker(lab):
+        setup_pacemaker_mounts(lab, base)
     if role == "docker":
         setup_docker_mounts(base)
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)

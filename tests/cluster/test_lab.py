@@ -334,7 +334,7 @@ def test_bad_requests_are_refused_and_change_nothing(cluster: dict[str, Any]) ->
     assert [(n["name"], n["pids"]) for n in after["nodes"]] == [(n["name"], n["pids"]) for n in before["nodes"]]
     with tempfile.TemporaryDirectory() as d:
         other = Lab(Path(d) / "lab")
-        for args, msg in ((["up", "--pacemaker"], "not yet"), (["up", "--nodes", "0"], "--nodes must be"),
+        for args, msg in ((["up", "--pacemaker", "--nodes", "0"], "--nodes must be"),
                           (["up", "--nodes", "2", "--sites", "3"], "--sites must be"),
                           (["up", "--lease-ttl", "1"], "lease_ttl = 1 is too short"),
                           (["up", "--lease-ttl", "4", "--lease-interval", "1"], "must be less than a quarter"),
