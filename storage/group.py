@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import stat
 import time
@@ -36,6 +37,8 @@ from storage.errors import AlreadyExists, InUse, InvalidArgument, NoSpace, Verit
 from storage.kernel import fs, loop, mounts, reflink
 from storage.runner import Runner, run
 from storage.units import MiB, check_name, format_size, parse_size
+
+log = logging.getLogger("veritas")
 
 _IDENTITY = ".veritas-disk"
 DG_KEY = "@dg"  # the intent key of operations on the disk group itself (adddisk)
@@ -113,11 +116,25 @@ class DiskGroup:
                 if d.state != "online":
                     self.catalog.set_disk_state(d.name, "online")
                 continue
+            rec = self.catalog.diskgroup()
             try:
-                _bring_online(d, target, self.runner, self.catalog.diskgroup())
+                _bring_online(d, target, self.runner, rec)
                 state = "online"
-            except VeritasError:
+            except VeritasError as exc:
+                if d.kind != "dir" and mounts.mounted_at(target) is not None:
+                    # it came online meanwhile: another node of the site mounted it and the mount
+                    # propagated here between the check above and this node's own mount ("already mounted")
+                    if d.state != "online":
+                        self.catalog.set_disk_state(d.name, "online")
+                    continue
                 state = "missing"
+                log.warning("disk %s of disk group %s is not online on node %s: %s", d.name, self.name,
+                            self.node, exc)
+                if rec.imported_on not in (None, self.node):
+                    # a node sharing the group another imported: its failure is its own (a mount that
+                    # has not propagated yet, a disk it cannot reach); the catalog's state is every
+                    # node's, and marking the disk missing would starve the importer of its space
+                    continue
             if state != d.state:
                 self.catalog.set_disk_state(d.name, state)
 

@@ -163,3 +163,24 @@ def test_a_node_whose_lease_is_past_half_cannot_mount_what_its_plugin_would_fenc
     volumes.mount(world.dg, "v", "id-a")
     assert attached(world.dg) == [("v", "node1", None)]
     volumes.umount(world.dg, "v", "id-a")
+
+
+def test_a_sharing_node_that_cannot_bring_a_disk_online_leaves_the_catalogs_state_alone(
+        world: World, node2: DiskGroup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk's state is one record for every node: a sharing node whose own mount failed (on one kernel:
+    "already mounted", the importer's mount propagating meanwhile) once marked the importer's disks
+    missing, and the importer's next Create found "0 online"."""
+    from storage import group
+    from storage.errors import VeritasError
+
+    def fails(*_: object) -> None:
+        raise VeritasError("mount failed (exit 32): already mounted")
+
+    monkeypatch.setattr(group, "_bring_online", fails)
+    monkeypatch.setattr(group.mounts, "mounted_at", lambda _target: None)
+    before = [(d.name, d.state) for d in node2.catalog.disks()]
+    assert all(state == "online" for _, state in before)
+    node2.online_disks()
+    assert [(d.name, d.state) for d in node2.catalog.disks()] == before
+    world.dg.online_disks()  # the importer's own failure is the disk's state
+    assert {d.state for d in world.dg.catalog.disks()} == {"missing"}
