@@ -61,7 +61,7 @@ def test_a_full_docker_run_configuration_is_carried() -> None:
     doc = {"Name": "/web", "Mounts": [vmount("webdata", "/data"), vmount("conf", "/etc/app", rw=False)],
            "Config": {"Image": "localbusybox:latest", "Cmd": ["sh", "-c", "sleep 1000"], "Entrypoint": ["/bin/env"],
                       "Env": ["A=1", "PATH=/bin"], "Labels": {"tier": "web"}, "WorkingDir": "/data",
-                      "User": "1000:1000", "Hostname": "webhost", "ExposedPorts": {"80/tcp": {}}, 
+                      "User": "1000:1000", "Hostname": "webhost", "ExposedPorts": {"80/tcp": {}},
                       "StopSignal": "SIGINT",
                       "Volumes": {"/data": {}}},
            "HostConfig": {"RestartPolicy": {"Name": "on-failure", "MaximumRetryCount": 3},
