@@ -159,7 +159,7 @@ class Plan:
     was_running: bool
 
 
-def _check_volumes(dg: DiskGroup, node: str, target: str, vols: Sequence[VolMount]) -> None:
+def _check_volumes(dg: DiskGroup, node: str, vols: Sequence[VolMount]) -> None:
     now = time.time()
     leases = ownership.leases(dg)
     for v in vols:
@@ -176,22 +176,27 @@ def _check_volumes(dg: DiskGroup, node: str, target: str, vols: Sequence[VolMoun
                             "unmount it there first")
 
 
-def plan(cfg: Config, dg: DiskGroup, src: Any, dst: Any, name: str, target: str, dst_url: str) -> Plan:
-    """Every refusal, before anything changes: the target sees the disk group, the container exists and
-    keeps all its data on veritas volumes nobody else holds or uses, the target engine has the image, the
-    network and no container of that name."""
+def check_target(cfg: Config, dg: DiskGroup, name: str, target: str) -> None:
+    """The target is another node that sees the disk group: it holds a live lease in it (its plugin
+    runs there). A node of another site has its own state root, so no lease here."""
     if target == cfg.node:
         raise MigrationRefused(f"container {name} is already on node {target} (this node)")
     lease = ownership.leases(dg).get(target)
     if lease is None or lease.expires <= time.time():
         raise TargetCannotSee(f"node {target} holds no live lease in disk group {dg.name}: it cannot see the disk"
                               " group (another site, or its plugin is not running); refused")
+
+
+def plan(cfg: Config, dg: DiskGroup, src: Any, dst: Any, name: str, target: str, dst_url: str) -> Plan:
+    """Every refusal, before anything changes (check_target came first): the container exists and
+    keeps all its data on veritas volumes nobody else holds or uses, the target engine has the image, the
+    network and no container of that name."""
     attrs = _inspect(src, name)
     if attrs is None:
         raise NoSuchContainer(f"no container {name} on this node's engine")
     vols = veritas_mounts(attrs)
     body = create_body(attrs)
-    _check_volumes(dg, cfg.node, target, vols)
+    _check_volumes(dg, cfg.node, vols)
     me = attrs["Id"]
     for c in src.containers():  # running ones: a volume another running container uses stays mounted here
         if c["Id"] == me:
@@ -247,15 +252,20 @@ def migrate_container(cfg: Config, name: str, target: str, target_host: str, sou
     """Move container ``name`` from this node's engine to node ``target`` (engine at ``target_host``).
 
     The source container is removed once the target's runs (``keep``: left stopped, renamed
-    NAME-migrated-TIMESTAMP, with its restart policy kept: a restart of the source engine may then try to
-    start it, and its Mount waits for the target to let go). If the target cannot start it, the
-    target's container is removed and the source's started again.
+    NAME-migrated-TIMESTAMP, its restart policy set to "no" so a restart of the source engine does not
+    try to start it; its volumes' exclusive attachment would refuse it anyway). If the target cannot
+    start it, the target's container is removed and the source's started again.
     """
     src_url = source_host or cfg.plugin.docker_host
     dg = diskgroup.open_dg(cfg, cfg.diskgroup)
     try:
+        check_target(cfg, dg, name, target)
         src = _engine(src_url, "source")
-        dst = _engine(target_host, f"target ({target})")
+        try:
+            dst = _engine(target_host, f"target ({target})")
+        except BaseException:
+            src.close()
+            raise
         try:
             p = plan(cfg, dg, src, dst, name, target, target_host)
             return _move(cfg, dg, src, dst, p, keep, timeout)
@@ -304,7 +314,8 @@ def _move(cfg: Config, dg: DiskGroup, src: Any, dst: Any, p: Plan, keep: bool, t
 
     if keep:
         with contextlib.suppress(docker.errors.NotFound):
-            src.rename(p.name, f"{p.name}-migrated-{int(time.time())}")
+            src.update_container(p.attrs["Id"], restart_policy={"Name": "no", "MaximumRetryCount": 0})
+            src.rename(p.attrs["Id"], f"{p.name}-migrated-{int(time.time())}")
     else:
         with contextlib.suppress(docker.errors.NotFound):
             src.remove_container(p.attrs["Id"], v=False)
