@@ -99,3 +99,16 @@ def test_containers_whose_data_would_stay_behind_are_refused(mounts: list[dict[s
         veritas_mounts(doc)
     with pytest.raises(NotManaged):
         create_body(doc)
+
+
+def test_dockerd_arguments_lose_host_and_pidfile_and_the_data_root_moves() -> None:
+    from veritas.migrate_daemon import split_argv, with_data_root
+
+    argv = ["--data-root", "/n1/mnt/dv_dg/docker", "-H", "unix:///run/d.sock", "--pidfile=/run/d.pid",
+            "--exec-root", "/run/dx", "--host=tcp://0:1", "-p", "/x.pid", "--bridge", "none"]
+    args, hosts = split_argv(argv)
+    assert args == ["--data-root", "/n1/mnt/dv_dg/docker", "--exec-root", "/run/dx", "--bridge", "none"]
+    assert hosts == ["unix:///run/d.sock", "tcp://0:1"]
+    assert with_data_root(args, "/n2/mnt/dv_dg/docker") == \
+        ["--data-root", "/n2/mnt/dv_dg/docker", "--exec-root", "/run/dx", "--bridge", "none"]
+    assert with_data_root(["--data-root=/a", "--debug"], "/b") == ["--data-root=/b", "--debug"]
