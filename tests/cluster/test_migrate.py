@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.cluster.test_failover import IMAGE, MountSampler
-from tests.cluster.test_lab import Lab, wait_for
+from tests.cluster.test_lab import LAB, Lab, wait_for
 from veritas.migrate import CONFIG_FIELDS, HOST_FIELDS
 
 pytestmark = pytest.mark.integration
@@ -194,3 +194,55 @@ def test_a_failed_start_on_the_target_puts_the_container_back(env: dict[str, Any
     assert back is not None and back["State"]["Running"]
     assert attachment(lab, "node1", "webdata")["node"] == "node1"
     lab.exec("node2", "docker", "rm", "-f", "squat")
+
+
+def daemon_agent(lab: Lab, node: str, x: Path, action: str, args: str = "") -> None:
+    """The DockerDaemon agent's online/offline for the extra dockerd, run inside ``node``."""
+    code = ("import shutil, sys; from agents.daemon import DaemonSpec, DockerDaemon; "
+            f"s = DaemonSpec.parse({{'binary': shutil.which('dockerd'), 'args': {args!r}, 'socket': '{x}/d.sock', "
+            f"'pidfile': '{x}/d.pid', 'logfile': '{x}/d.log'}}); r = DockerDaemon('t', s).{action}(); "
+            "print(r.reason); sys.exit(0 if r.ok else 1)")
+    lab.exec(node, "python3", "-c", code, timeout=120)
+
+
+def test_migrate_daemon_moves_dockerd_on_its_volume_and_starts_what_ran(env: dict[str, Any],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    lab: Lab = env["lab"]
+    monkeypatch.setenv("VERITAS_AGENT_STATE", str(lab.dir / "agents"))  # the agents' registry: the lab's own
+    s: MountSampler = env["sampler"]
+    x = lab.dir / "vxd"  # socket, pid file and exec root: the same paths on every node, as the seed's
+    x.mkdir()
+    veritas = ("python3", "-m", "veritas.cli")
+    lab.exec("node1", *veritas, "vol", "make", "dv", "1g")
+    lab.exec("node1", *veritas, "vol", "mount", "dv")
+    root1 = lab.dir / "nodes" / "node1" / "mnt" / "dv_dockerdg" / "docker"
+    daemon_agent(lab, "node1", x, "online", f"--data-root {root1} --exec-root {x}/exec --bridge none "
+                 "--iptables=false --log-level=warn")
+    d = ("docker", "-H", f"unix://{x}/d.sock")
+    lab.exec("node1", "sh", "-c", f"docker save {IMAGE} | {' '.join(d)} load", timeout=120)
+    lab.exec("node1", *d, "run", "-d", "--name", "c1", "--network", "none", IMAGE, "sh", "-c",
+             "echo layer >> /layer; trap 'exit 0' TERM; while true; do sleep 0.1; done")
+    lab.exec("node1", *d, "run", "--name", "c2", "--network", "none", IMAGE, "true")
+    # refused, changing nothing: another site; a dockerd whose data root is not on a veritas volume
+    r = lab.exec("node1", *veritas, "migrate", "daemon", "--to", "node3", "--pidfile", f"{x}/d.pid", check=False)
+    assert r.returncode == 2 and "node node3 holds no live lease" in r.stderr, r.stderr
+    r = lab.exec("node1", *veritas, "migrate", "daemon", "--to", "node2", "--pidfile",
+                 str(lab.dir / "nodes" / "node1" / "docker.pid"), check=False)
+    assert r.returncode == 2 and "is not on a veritas volume" in r.stderr, r.stderr
+    assert lab.exec("node1", *d, "inspect", "-f", "{{.State.Running}}", "c1").stdout.strip() == "true"
+    t0 = time.time()
+    r = lab.exec("node1", *veritas, "--json", "migrate", "daemon", "--to", "node2", "--pidfile", f"{x}/d.pid",
+                 "--logfile", f"{x}/d.log", "--via", f"{LAB} exec node2 --", check=False, timeout=240)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["arrived"]["node"] == "node2" and len(out["running"]) == 1, out
+    pid = int((x / "d.pid").read_text())
+    init2 = json.loads((lab.dir / "nodes" / "node2" / "pids.json").read_text())["init"][0]
+    assert os.stat(f"/proc/{pid}/ns/mnt").st_ino == os.stat(f"/proc/{init2}/ns/mnt").st_ino  # dockerd on node2
+    state = {c: lab.exec("node2", *d, "inspect", "-f", "{{.State.Status}}", c).stdout.strip() for c in ("c1", "c2")}
+    assert state == {"c1": "running", "c2": "exited"}, state  # what ran runs again; what had exited stays so
+    assert lab.exec("node2", *d, "exec", "c1", "cat", "/layer").stdout.split() == ["layer", "layer"]
+    off1, on2 = s.last("node1", "dv"), s.first("node2", "dv", t0)
+    assert off1 is not None and on2 is not None and off1 < on2, (off1, on2)
+    daemon_agent(lab, "node2", x, "offline")
+    lab.exec("node2", *veritas, "vol", "umount", "dv")
