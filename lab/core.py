@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from lab import pacemaker as pcmk
-from lab import uhttp
+from lab import uhttp, wire
 from lab.image import IMAGE, busybox_tar
 from lab.procs import Proc, Snapshot, alive, kill_until_gone, ns_inode
 
@@ -162,22 +162,7 @@ class Node:
 
     # --- the node's first process -------------------------------------------------------------------
     def _ask(self, req: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
-        import socket
-
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(timeout)
-        try:
-            s.connect(str(self.base / "init.sock"))
-            s.sendall(json.dumps(req).encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        finally:
-            s.close()
-        reply = dict(json.loads(data))
+        reply = wire.ask(self.base / "init.sock", req, timeout)
         if "error" in reply:
             raise LabError(f"{self.name}: {reply['error']}")
         return reply
@@ -634,7 +619,7 @@ class Lab:
             if p.poll() is not None:
                 raise LabError(f"the fencing helper exited: {_tail(self.dir / 'fencer.log')}")
             try:
-                if _ask_unix(sock, {"op": "ping"}, timeout=2).get("ok"):
+                if wire.ask(sock, {"op": "ping"}, timeout=2).get("ok"):
                     return
             except (OSError, ValueError):
                 pass
@@ -889,26 +874,6 @@ def _check_leases(ttl: float | None, interval: float | None) -> None:
         _cluster_settings(parser["cluster"], lambda _s, _k: "")
     except InvalidArgument as exc:
         raise LabError(f"--lease-ttl/--lease-interval: {exc}") from None
-
-
-def _ask_unix(path: Path, req: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """One JSON line to a unix socket, one JSON line back."""
-    import socket
-
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    try:
-        s.connect(str(path))
-        s.sendall(json.dumps(req).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    finally:
-        s.close()
-    return dict(json.loads(data))
 
 
 def _parallel(fns: list[Callable[[], Any]]) -> None:

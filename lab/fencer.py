@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lab import wire
 from lab.core import Lab, LabError
 
 LOCK_TIMEOUT = 45.0  # the agent waits 55 s; a lab command holding the lock longer fails the fencing
@@ -58,13 +59,7 @@ def serve_one(dir: Path, conn: socket.socket) -> None:
         t0 = time.monotonic()
         req: dict[str, Any] = {}
         try:
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = conn.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-            req = dict(json.loads(data))
+            req = dict(json.loads(wire.recv_line(conn)))
             reply = handle(dir, req)
         except Exception as exc:  # a bad request or a failed fencing must not end the helper
             reply = {"error": str(exc)}

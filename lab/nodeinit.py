@@ -21,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lab import wire
 from lab.nsprune import prune
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -130,13 +131,7 @@ def main() -> None:
         conn, _ = srv.accept()
         with conn:
             try:
-                data = b""
-                while not data.endswith(b"\n"):
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        break
-                    data += chunk
-                req = json.loads(data)
+                req = json.loads(wire.recv_line(conn))
                 if req["op"] == "ping":
                     reply: dict[str, object] = {"pid": os.getpid()}
                 elif req["op"] == "spawn":
