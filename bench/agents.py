@@ -214,7 +214,7 @@ class Bench:
             from storage import diskgroup
 
             for name in diskgroup.list_names(self.config):
-                destroy_dg(self.config, name)
+                common.destroy_dg(self.config, name)
         if self.shared:
             from tests.integration.dockerstack import unshare_mount_root
 
@@ -384,23 +384,6 @@ class Bench:
             self.detect()
         elif group == "migrate":
             emit_migrate()
-
-
-def destroy_dg(config: Any, name: str) -> None:
-    """Destroy disk group ``name`` with its volumes (their mount records first: the plugin is gone)."""
-    from storage import diskgroup
-
-    for attempt in range(3):
-        try:
-            dg = diskgroup.open_dg(config, name)
-            for v in dg.catalog.volumes():
-                for m in dg.catalog.mounts(v.name):
-                    dg.catalog.remove_mount(v.name, m.node, m.mount_id)
-            diskgroup.destroy(dg, force=True)
-            return
-        except Exception as exc:  # the forced clean-up still runs
-            log(f"destroying disk group {name} (attempt {attempt + 1}): {exc!r}")
-            time.sleep(1)
 
 
 def main(argv: list[str] | None = None) -> int:

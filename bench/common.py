@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from storage import diskgroup
 from storage.kernel import mounts
 
 _PREFIX = ["bench"]
@@ -300,3 +301,19 @@ def main(name: str, doc: str | None, argv: Sequence[str] | None, tools: Sequence
         bench.cleanup()
         log(f"done in {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def destroy_dg(config: Any, name: str) -> None:
+    """Destroy a bench's disk group ``name`` with its volumes (their mount records first: the plugin is
+    gone), trying three times: the forced clean-up after it still runs if this fails."""
+    for attempt in range(3):
+        try:
+            dg = diskgroup.open_dg(config, name)
+            for v in dg.catalog.volumes():
+                for m in dg.catalog.mounts(v.name):
+                    dg.catalog.remove_mount(v.name, m.node, m.mount_id)
+            diskgroup.destroy(dg, force=True)
+            return
+        except Exception as exc:  # the forced clean-up still runs
+            log(f"destroying disk group {name} (attempt {attempt + 1}): {exc!r}")
+            time.sleep(1)

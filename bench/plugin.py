@@ -66,7 +66,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -156,7 +155,7 @@ class Bench:
                 log(f"stopping a plugin: {exc!r}")
         if self.config is not None:
             for name in diskgroup.list_names(self.config):  # every disk group under the state root
-                destroy_all(self.config, name)
+                common.destroy_dg(self.config, name)
         if self.shared:
             unshare_mount_root(self.root / "mnt")
         self._force_clean()
@@ -534,7 +533,7 @@ class Bench:
             for b in binds:
                 subprocess.run(["umount", str(b)], capture_output=True, check=False)
             if cfg is not None and dg_name in diskgroup.list_names(cfg):
-                destroy_all(cfg, dg_name)
+                common.destroy_dg(cfg, dg_name)
             if dirfs is not None and mounts.mounted_at(dirfs):
                 sh("umount", dirfs)
             for z in zdevs:
@@ -625,21 +624,6 @@ def write_kind_config(path: Path, root: Path, node: DockerNode, dg_name: str, dr
         f"docker_host = {node.url}\n"
         "workers = 2\n"
     )
-
-
-def destroy_all(config: Config, name: str) -> None:
-    """Destroy disk group ``name`` with its volumes (their mount records first: the plugin is gone)."""
-    for attempt in range(3):
-        try:
-            dg = diskgroup.open_dg(config, name)
-            for v in dg.catalog.volumes():
-                for m in dg.catalog.mounts(v.name):
-                    dg.catalog.remove_mount(v.name, m.node, m.mount_id)
-            diskgroup.destroy(dg, force=True)
-            return
-        except Exception as exc:  # the forced clean-up still runs
-            log(f"destroying disk group {name} (attempt {attempt + 1}): {exc!r}")
-            time.sleep(1)
 
 
 def main(argv: list[str] | None = None) -> int:
