@@ -17,6 +17,7 @@ from typing import Any
 from agents import registry
 from agents.errors import AgentError, ConfigError, NotInstalled
 from agents.params import (
+    API_VERSION,
     NAME_RE,
     Param,
     check_abs_path,
@@ -32,7 +33,6 @@ from agents.result import CLEAN_REASONS, ActionResult, MonitorResult, State
 
 KIND = "DockerContainer"
 LABEL = "com.veritas.agent.resource"  # set on containers the agent creates: which resource owns it
-API_VERSION = "1.41"  # Docker 20.10; fixed so a client costs no /version round trip
 
 PARAMS = [
     Param("name", "ContainerName", "string", "", True, "container name",

@@ -18,11 +18,10 @@ from pathlib import Path
 
 from agents import procs, registry
 from agents.errors import ConfigError, NotInstalled
-from agents.params import Param, check_abs_path, parse_int, split_words, values
+from agents.params import API_VERSION, Param, check_abs_path, parse_int, split_words, values
 from agents.result import CLEAN_REASONS, ActionResult, MonitorResult, State
 
 KIND = "DockerDaemon"
-API_VERSION = "1.41"
 STARTING_CONFIDENCE = 30
 
 PARAMS = [

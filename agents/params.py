@@ -14,6 +14,10 @@ from dataclasses import dataclass
 
 from agents.errors import ConfigError
 
+# the engine API version every agent client speaks (Docker 20.10 and later): fixed, so that a client
+# costs no /version round trip
+API_VERSION = "1.41"
+
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # an image reference: [registry[:port]/]path[:tag][@sha256:...]; no leading '-', no spaces
 IMAGE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,199}(:[0-9]{1,5}/[A-Za-z0-9._/-]{1,200})?"

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from agents import procs, registry
+from agents.params import API_VERSION
 
 log = logging.getLogger("veritas.agents.watch")
-API_VERSION = "1.41"
 
 
 class Notifier(Protocol):

@@ -18,12 +18,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from agents.params import API_VERSION
 from storage import diskgroup, ownership
 from storage.config import Config
 from storage.errors import AlreadyExists, InUse, InvalidArgument, NotFound, VeritasError
 from storage.group import DiskGroup
 
-API_VERSION = "1.41"  # as agents.container: Docker 20.10 and later
 DRIVER = "veritas"
 
 # Config fields carried as they are (inspect's Config is what the create call takes)

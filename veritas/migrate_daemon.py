@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from agents.daemon import DaemonSpec, DockerDaemon
+from agents.params import API_VERSION
 from storage import diskgroup, volumes
 from storage.config import Config
 from storage.errors import InvalidArgument
 from storage.group import DiskGroup
 from veritas.migrate import (
-    API_VERSION,
     MigrationFailed,
     MigrationRefused,
     NotManaged,
