@@ -847,7 +847,8 @@ class Lab:
             except (OSError, ValueError, KeyError) as exc:
                 swarm = {"error": str(exc)}
         view, seen_from = self.cluster_view() if self.pacemaker else (None, None)
-        roles = ("init", "dockerd", "plugin") + (("corosync", "pacemakerd") if self.pacemaker else ())
+        roles = ("init", "dockerd", "plugin") + (("corosync", "pacemakerd") if self.pacemaker else ()) \
+            + (("watch",) if self.meta.get("app") else ())
         for n in self.nodes():
             pids = {role: (p.pid if p else None) for role in roles for p in [n.proc(role)]}
             ctrd = n.containerd()
