@@ -144,9 +144,25 @@ class Node:
             tmp.replace(self.base / "pids.json")
 
     def proc(self, role: str) -> Proc | None:
-        """The live process recorded for ``role`` (init, dockerd, plugin), or None."""
-        p = Proc.from_json(self.pids().get(role))
-        return p if p is not None and p.alive() else None
+        """The live process recorded for ``role`` (init, dockerd, plugin), or None. The node's dockerd
+        may also be one that ocf:veritas:DockerDaemon started (``up --app``): then it is the process
+        its pid file names, if that runs in this node's mount namespace with that pid file."""
+        rec = self.pids()
+        p = Proc.from_json(rec.get(role))
+        if p is not None and p.alive():
+            return p
+        return self._started_dockerd(rec) if role == "dockerd" and self.lab.meta.get("app") else None
+
+    def _started_dockerd(self, rec: dict[str, Any]) -> Proc | None:
+        try:
+            pid = int(self.dockerd_pidfile.read_text().strip())
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            return None
+        if rec.get("mnt") is None or ns_inode(pid, "mnt") != rec["mnt"] or \
+                str(self.dockerd_pidfile).encode() not in argv or Proc.of(pid) is None:
+            return None
+        return Proc.of(pid)
 
     def containerd(self) -> Proc | None:
         try:
