@@ -30,7 +30,7 @@ from tests.cluster.test_lab import Lab, pid_alive, wait_for
 pytestmark = pytest.mark.integration
 
 NODES = ["node1", "node2", "node3"]
-GROUP, WEB, DAEMON, VOL = "g-web", "web", "dockerd", "webdata"
+WEB, DAEMON, DAEMON_CLONE, VOL = "web", "dockerd", "dockerd-clone", "webdata"
 MONITOR_INTERVAL = 10.0  # web's monitor interval (lab.pacemaker): a restart well before it is the watcher's
 
 
@@ -75,8 +75,11 @@ def started(lab: Lab, via: str, rsc: str) -> list[str]:
 
 
 def docker(lab: Lab, node: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(["docker", "-H", f"unix://{lab.dir / 'nodes' / node / 'docker.sock'}", *args],
-                       capture_output=True, text=True, timeout=30, check=False)
+    argv = ["docker", "-H", f"unix://{lab.dir / 'nodes' / node / 'docker.sock'}", *args]
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    except subprocess.TimeoutExpired:
+        r = subprocess.CompletedProcess(argv, 124, "", "timed out")
     if check and r.returncode != 0:
         raise AssertionError(f"docker {' '.join(args)} on {node}: {r.stderr}")
     return r
@@ -221,7 +224,7 @@ def test_killing_the_nodes_dockerd_fails_the_group_over(env: dict[str, Any]) -> 
     mounted_only_on(env, dst)
     assert src not in started(lab, "node1", DAEMON)  # migration-threshold 1: not restarted there
     # cleared, the clone starts the node's dockerd again (through the agent, with the lab's arguments)
-    cleanup(lab, "node1", DAEMON)
+    cleanup(lab, "node1", DAEMON_CLONE)
     wait_for(lambda: started(lab, "node1", DAEMON) == NODES, 90, f"dockerd back on {src}")
     assert docker(lab, src, "info", "--format", "{{.Name}}").stdout.strip() == src
     assert started(lab, "node1", WEB) == [dst]
