@@ -123,13 +123,8 @@ def moved_with_data(lab: Lab, via: str, src: str, token: str, timeout: float, wh
 
 
 def failcount(lab: Lab, via: str, rsc: str, node: str) -> int:
-    out = lab.exec(via, "crm_failcount", "--query", "-r", rsc, "-N", node, check=False).stdout
-    # "scope=status  name=fail-count-web value=2"
-    for word in out.split():
-        if word.startswith("value="):
-            v = word.split("=", 1)[1]
-            return int(v) if v.isdigit() else (10**6 if v == "INFINITY" else 0)
-    return 0
+    v = lab.exec(via, "crm_failcount", "--query", "--quiet", "-r", rsc, "-N", node, check=False).stdout.strip()
+    return int(v) if v.isdigit() else (10**6 if v == "INFINITY" else 0)
 
 
 def cleanup(lab: Lab, via: str, rsc: str) -> None:
