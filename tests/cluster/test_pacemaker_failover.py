@@ -165,7 +165,9 @@ def test_standby_of_the_active_node_moves_the_container_with_its_data(env: dict[
     env["times"]["standby"] = round(took, 2)
     print(f"\nstandby {src} -> web with its data on {dst}: {took:.1f} s")
     mounted_only_on(env, dst)
-    assert docker(lab, src, "ps", "-q", "--filter", f"name=^{WEB}$").stdout.strip() == ""
+    # standby stops everything of the node: the container, then its dockerd (through the agent)
+    assert src not in started(lab, "node1", DAEMON)
+    assert docker(lab, src, "ps", "-q", "--filter", f"name=^{WEB}$", check=False).stdout.strip() == ""
     lab.exec("node1", "crm_attribute", "--node", src, "--name", "standby", "--update", "off")
     wait_for(lambda: started(lab, "node1", DAEMON) == NODES, 60, f"{src} out of standby")
     assert started(lab, "node1", WEB) == [dst]  # sticky: it does not move back
