@@ -75,4 +75,4 @@ def test_each_node_gets_its_own_daemon_attributes_and_the_container_the_same_eve
     assert web is not None and web.get("type") == "DockerContainer"
     nv = {n.get("name"): n.get("value") for n in web.iter("nvpair")}
     assert nv["docker_host"] == "unix:///run/docker.sock" and nv["volumes"] == "webdata:/data"
-    assert nv["migration-threshold"] == "2"
+    assert nv["migration-threshold"] == "3"
