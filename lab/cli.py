@@ -22,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--catalog", choices=["sqlite", "etcd"], default="sqlite")
     up.add_argument("--pacemaker", action="store_true", help="corosync and Pacemaker on every node, fenced by "
                     "fence_lab; returns once every node is online with quorum")
+    up.add_argument("--app", action="store_true", help="with --pacemaker: every node's dockerd adopted by a clone "
+                    "of ocf:veritas:DockerDaemon and a group with ocf:veritas:DockerContainer web (volume "
+                    "webdata:/data) on it; the agents' watcher on every node")
     up.add_argument("--no-plugin", action="store_true", help="bare engines, no veritas plugin")
     up.add_argument("--lease-ttl", type=float, help="[cluster] lease_ttl of every node (default: the config's 10 s)")
     up.add_argument("--lease-interval", type=float, help="[cluster] lease_interval (default: the config's 2 s)")
@@ -48,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if a.cmd == "up":
             print(json.dumps(lab.up(a.nodes, a.sites, a.swarm, a.catalog, not a.no_plugin, a.pacemaker,
-                                    lease_ttl=a.lease_ttl, lease_interval=a.lease_interval)))
+                                    lease_ttl=a.lease_ttl, lease_interval=a.lease_interval, app=a.app)))
         elif a.cmd == "exec":
             cmd = a.argv[1:] if a.argv[:1] == ["--"] else a.argv
             args, env = lab.exec_argv(a.node, cmd)

@@ -144,9 +144,25 @@ class Node:
             tmp.replace(self.base / "pids.json")
 
     def proc(self, role: str) -> Proc | None:
-        """The live process recorded for ``role`` (init, dockerd, plugin), or None."""
-        p = Proc.from_json(self.pids().get(role))
-        return p if p is not None and p.alive() else None
+        """The live process recorded for ``role`` (init, dockerd, plugin), or None. The node's dockerd
+        may also be one that ocf:veritas:DockerDaemon started (``up --app``): then it is the process
+        its pid file names, if that runs in this node's mount namespace with that pid file."""
+        rec = self.pids()
+        p = Proc.from_json(rec.get(role))
+        if p is not None and p.alive():
+            return p
+        return self._started_dockerd(rec) if role == "dockerd" and self.lab.meta.get("app") else None
+
+    def _started_dockerd(self, rec: dict[str, Any]) -> Proc | None:
+        try:
+            pid = int(self.dockerd_pidfile.read_text().strip())
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            return None
+        if rec.get("mnt") is None or ns_inode(pid, "mnt") != rec["mnt"] or \
+                str(self.dockerd_pidfile).encode() not in argv or Proc.of(pid) is None:
+            return None
+        return Proc.of(pid)
 
     def containerd(self) -> Proc | None:
         try:
@@ -191,7 +207,7 @@ class Node:
         proc = Proc.of(p.pid)
         assert proc is not None
         self._record(init=proc.to_json(), mnt=ns_inode(p.pid, "mnt"), dockerd=None, plugin=None,
-                     corosync=None, pacemakerd=None)
+                     corosync=None, pacemakerd=None, watch=None)
 
     def spawn(self, role: str, argv: list[str], env: dict[str, str], log: str) -> Proc:
         pid = int(self._ask({"op": "spawn", "argv": argv, "env": env, "cwd": str(REPO),
@@ -204,11 +220,17 @@ class Node:
 
     # --- daemons ------------------------------------------------------------------------------------
     def dockerd_argv(self) -> list[str]:
-        # with Pacemaker, also the engine's usual socket in the node's own /run: a resource that moves
-        # between nodes (DockerContainer's docker_host) names the same socket on every node
-        usual = ["-H", "unix:///run/docker.sock"] if self.lab.pacemaker else []
-        return ["dockerd", "--data-root", str(self.base / "data"), "--exec-root", str(self.base / "exec"),
-                "--pidfile", str(self.base / "docker.pid"), "-H", self.docker_host, *usual,
+        # with Pacemaker, the node's /run/docker.sock is a symlink to this socket (lab.nodeinit)
+        return ["dockerd", "--pidfile", str(self.dockerd_pidfile), "-H", self.docker_host, *self.dockerd_args()]
+
+    @property
+    def dockerd_pidfile(self) -> Path:
+        return self.base / "docker.pid"
+
+    def dockerd_args(self) -> list[str]:
+        """dockerd's arguments but its pid file and socket: what ocf:veritas:DockerDaemon (``args``) is given
+        to start the same daemon the lab starts (the agent adds --pidfile and -H itself)."""
+        return ["--data-root", str(self.base / "data"), "--exec-root", str(self.base / "exec"),
                 "--iptables=false", "--bip", f"198.19.{self.index}.1/24",
                 "--default-address-pool", "base=198.19.64.0/18,size=24", "--log-level=warn"]
 
@@ -306,6 +328,8 @@ class Node:
         if self.proc("pacemakerd") is None:
             self.start_pacemakerd()
             debug(f"{self.name}: pacemakerd up")
+        if self.lab.meta.get("app") and self.proc("watch") is None:
+            self.start_watcher()
 
     def _boot_docker(self, fresh: bool) -> None:
         want_plugin = self.lab.plugin and self.proc("plugin") is None
@@ -361,6 +385,19 @@ class Node:
                "PCMK_logfile": "/var/log/pacemaker/pacemaker.log"}
         self.spawn("pacemakerd", ["pacemakerd"], env, "pacemakerd.out")
 
+    def start_watcher(self) -> None:
+        """The agents' watcher (agents.watch): it fails a registered resource in Pacemaker the moment its
+        container or dockerd dies. A node process like the others (recorded, ended by kill and down)."""
+        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "PYTHONPATH": str(REPO)}
+        self.spawn("watch", [sys.executable, "-m", "agents.watch", "--notifier", "pacemaker", "--node", self.name],
+                   env, "watch.log")
+        debug(f"{self.name}: watcher up")
+
+    def daemon_site(self) -> pcmk.DaemonSite:
+        """This node's dockerd as ocf:veritas:DockerDaemon is to adopt it (and start it again)."""
+        return pcmk.DaemonSite(self.name, str(self.dockerd_pidfile), str(self.sock), self.dockerd_args(),
+                               str(self.base / "dockerd.log"))
+
     def cluster_view(self) -> pcmk.ClusterView:
         """The cluster as this node's Pacemaker sees it (LabError while it cannot tell)."""
         return pcmk.parse_crm_mon(self.run_in(["crm_mon", "-1", "--output-as=xml"], timeout=20))
@@ -403,7 +440,7 @@ class Node:
             if left:
                 raise LabError(f"{self.name}: processes outlived SIGKILL: {left}")
             self.set_port(False)  # a dead host answers nobody
-            self._record(init=None, dockerd=None, plugin=None, corosync=None, pacemakerd=None)
+            self._record(init=None, dockerd=None, plugin=None, corosync=None, pacemakerd=None, watch=None)
             return
         proc = self.proc(only)
         if proc is None:
@@ -533,7 +570,7 @@ class Lab:
     # --- up -----------------------------------------------------------------------------------------
     def up(self, nodes: int = 3, sites: int = 1, swarm: bool = False, catalog: str = "sqlite",
            plugin: bool = True, pacemaker: bool = False, lease_ttl: float | None = None,
-           lease_interval: float | None = None) -> dict[str, Any]:
+           lease_interval: float | None = None, app: bool = False) -> dict[str, Any]:
         if not 1 <= nodes <= MAX_NODES:
             raise LabError(f"--nodes must be 1..{MAX_NODES}, not {nodes}")
         if not 1 <= sites <= nodes:
@@ -541,6 +578,8 @@ class Lab:
         if catalog not in ("sqlite", "etcd"):
             raise LabError(f"--catalog must be sqlite or etcd, not {catalog!r}")
         _check_leases(lease_ttl, lease_interval)
+        if app and not (pacemaker and plugin):
+            raise LabError("--app needs --pacemaker and the plugin (its container mounts a veritas volume)")
         tools = ["dockerd", "docker", "nsenter", "unshare", "ip", "mount"] + (["etcd"] if catalog == "etcd" else [])
         tools += list(pcmk.TOOLS) if pacemaker else []
         missing = [t for t in tools if shutil.which(t) is None]
@@ -559,7 +598,7 @@ class Lab:
                                    for i in range(1, nodes + 1)],
                          "sites": sites, "swarm": swarm, "catalog": catalog, "plugin": plugin, "cut": [],
                          "etcd": catalog == "etcd", "lease_ttl": lease_ttl, "lease_interval": lease_interval,
-                         "pacemaker": pacemaker}
+                         "pacemaker": pacemaker, "app": app}
             self.save()
             try:
                 self._make_network()
@@ -583,6 +622,8 @@ class Lab:
                     self._make_swarm()
                 if pacemaker:
                     self._make_pacemaker_cluster()
+                if app:
+                    self._make_app()
             except BaseException:
                 self._down_locked()
                 raise
@@ -645,6 +686,26 @@ class Lab:
                 raise LabError(f"the fence device {pcmk.FENCE_ID} did not start: {first.run_in(['crm_mon', '-1'])}")
             time.sleep(0.2)
         debug("pacemaker: fencing on")
+
+    def _make_app(self, timeout: float = 120) -> None:
+        """``--app``: every node's dockerd adopted by a clone of ocf:veritas:DockerDaemon, and the group
+        of ocf:veritas:DockerContainer (lab.pacemaker.app_resources_xml) on it; returns once it runs."""
+        nodes = self.nodes()
+        first = nodes[0]
+        for r in pcmk.app_resources_xml([n.daemon_site() for n in nodes]):
+            first.run_in(["cibadmin", "--create", "-o", "resources", "--xml-text", r])
+        for c in pcmk.app_constraints_xml():
+            first.run_in(["cibadmin", "--create", "-o", "constraints", "--xml-text", c])
+        deadline = time.monotonic() + timeout
+        while True:
+            view = first.cluster_view()
+            if len(view.resources.get(pcmk.APP_CONTAINER, [])) == 1 and \
+                    len(view.resources.get(pcmk.APP_DAEMON, [])) == len(nodes):
+                break
+            if time.monotonic() > deadline:
+                raise LabError(f"the app did not start: {first.run_in(['crm_mon', '-1', '--show-detail'])}")
+            time.sleep(0.2)
+        debug(f"pacemaker: app running on {view.resources[pcmk.APP_CONTAINER][0]}")
 
     def cluster_view(self) -> tuple[pcmk.ClusterView | None, str | None]:
         """The cluster as the first node that can tell sees it, and which node that was."""
@@ -787,7 +848,8 @@ class Lab:
             except (OSError, ValueError, KeyError) as exc:
                 swarm = {"error": str(exc)}
         view, seen_from = self.cluster_view() if self.pacemaker else (None, None)
-        roles = ("init", "dockerd", "plugin") + (("corosync", "pacemakerd") if self.pacemaker else ())
+        roles = ("init", "dockerd", "plugin") + (("corosync", "pacemakerd") if self.pacemaker else ()) \
+            + (("watch",) if self.meta.get("app") else ())
         for n in self.nodes():
             pids = {role: (p.pid if p else None) for role in roles for p in [n.proc(role)]}
             ctrd = n.containerd()

@@ -62,6 +62,9 @@ def setup_pacemaker_mounts(lab: Path, base: Path) -> None:
         os.makedirs(d, exist_ok=True)
         os.chmod(d, mode)
     os.chown("/run/crm", uid, gid)
+    # the engine's usual socket, on every node: a resource that moves between nodes (DockerContainer's
+    # docker_host) names the same socket everywhere, whoever (lab or ocf:veritas:DockerDaemon) started dockerd
+    os.symlink(base / "docker.sock", "/run/docker.sock")
     _mount("-t", "tmpfs", "-o", "mode=1777,nosuid,nodev", "lab-shm", "/dev/shm")
     for name, target, _owned in NODE_DIRS:
         _mount("--bind", str(base / "pcmk" / name), target)

@@ -8,7 +8,8 @@ files) and /dev/shm (libqb's IPC buffers). Pacemaker's IPC sockets are abstract,
 node's network namespace. Under the lab directory:
 
     pcmk/sbin/fence_lab           the lab's fence agent, overlaid onto each node's /usr/sbin
-    pcmk/ocf/veritas/AGENT        the repo's agents/ocf/* (symlinks), overlaid onto /usr/lib/ocf/resource.d
+    pcmk/ocf/veritas/AGENT        the repo's agents/ocf/* (symlinks; a Python agent: a wrapper running it
+                                  under the lab's interpreter), overlaid onto /usr/lib/ocf/resource.d
     nodes/NODE/pcmk/etc-corosync  corosync.conf               -> /etc/corosync
     nodes/NODE/pcmk/lib-corosync                              -> /var/lib/corosync
     nodes/NODE/pcmk/lib-pacemaker cib/cib.xml (seeded by up)  -> /var/lib/pacemaker
@@ -20,7 +21,9 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import shlex
 import shutil
+import sys
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,8 +51,9 @@ def ocf_source() -> Path:
 
 def prepare_lab(dir: Path) -> list[str]:
     """The lab-wide files the nodes overlay: the fence agent (a copy: it is self-contained) and the OCF
-    agents (absolute symlinks, so an agent that finds its package through its resolved path still
-    does, and edits show at once). Returns the names of the OCF agents installed as ocf:veritas:NAME."""
+    agents (absolute symlinks, or wrappers exec'ing the real path, so an agent that finds its package
+    through its resolved path still does, and edits show at once). Returns the names of the OCF
+    agents installed as ocf:veritas:NAME."""
     sbin = dir / "pcmk" / "sbin"
     sbin.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(FENCE_AGENT, sbin / "fence_lab")
@@ -61,9 +65,22 @@ def prepare_lab(dir: Path) -> list[str]:
     src = ocf_source()
     for f in sorted(src.iterdir()) if src.is_dir() else []:
         if f.is_file() and os.access(f, os.X_OK) and not f.name.startswith((".", "_")):
-            (ocf / f.name).symlink_to(f.resolve())
+            if _python_script(f):
+                # Pacemaker runs agents with its own PATH, where `env python3` may find a Python without
+                # the docker SDK: the agent runs under the lab's own interpreter, from its real path
+                (ocf / f.name).write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} '
+                                          f'{shlex.quote(str(f.resolve()))} "$@"\n')
+                os.chmod(ocf / f.name, 0o755)
+            else:
+                (ocf / f.name).symlink_to(f.resolve())
             names.append(f.name)
     return names
+
+
+def _python_script(f: Path) -> bool:
+    with open(f, "rb") as fh:
+        first = fh.readline(200)
+    return first.startswith(b"#!") and b"python" in first
 
 
 def hacluster() -> tuple[int, int]:
@@ -190,3 +207,84 @@ def parse_crm_mon(text: str) -> ClusterView:
         if r.get("active") == "true" and r.get("role") in ("Started", "Promoted", "Unpromoted", "Master", "Slave"):
             v.resources.setdefault(r.get("id", ""), []).extend(x.get("name", "") for x in r.findall("node"))
     return v
+
+
+# ``up --pacemaker --app``: a container with a veritas volume on every node's DockerDaemon (lab.core)
+APP_DAEMON = "dockerd"
+APP_DAEMON_CLONE = "dockerd-clone"
+APP_GROUP = "g-web"
+APP_CONTAINER = "web"
+APP_IMAGE = "localbusybox:latest"
+APP_VOLUME = "webdata"
+APP_MOUNT = "/data"
+APP_DOCKER_HOST = "unix:///run/docker.sock"  # the same on every node (lab.nodeinit's symlink)
+# the container's command: it ends at once on SIGTERM (a shell as PID 1 ignores it otherwise)
+APP_COMMAND = "sh -c 'trap \"exit 0\" TERM; while :; do sleep 1; done'"
+APP_MIGRATION_THRESHOLD = 3  # the container: restarted in place, moved once its fail count reaches 3 (one
+# failure injected by the watcher is sometimes counted twice by Pacemaker 2.1.5: 2 would move it at once)
+APP_FAILURE_TIMEOUT = "120s"
+
+
+@dataclass
+class DaemonSite:
+    """One node's dockerd as ocf:veritas:DockerDaemon must see it to adopt the lab's daemon."""
+
+    node: str
+    pidfile: str
+    socket: str
+    args: list[str]
+    logfile: str
+
+
+def _nv(prefix: str, name: str, value: str) -> str:
+    return f'<nvpair id="{prefix}-{name}" name="{name}" value={quoteattr(value)}/>'
+
+
+def app_resources_xml(sites: list[DaemonSite]) -> list[str]:
+    """The clone of ocf:veritas:DockerDaemon (each node's attributes chosen by a #uname rule: data root,
+    pid file and socket differ per node) and the group of ocf:veritas:DockerContainer on it.
+
+    The daemon's migration-threshold is 1: a dockerd that failed (killed) is not started again on its
+    node, so the container fails over rather than waiting for the same node's engine to come back."""
+    ias = []
+    for i, s in enumerate(sites):
+        pid = f"{APP_DAEMON}-ia-{s.node}"
+        ias.append(f'<instance_attributes id="{pid}" score="{len(sites) - i}">'
+                   f'<rule id="{pid}-rule" score="0"><expression id="{pid}-expr" attribute="#uname" '
+                   f'operation="eq" value="{s.node}"/></rule>'
+                   + _nv(pid, "pidfile", s.pidfile) + _nv(pid, "socket", s.socket)
+                   + _nv(pid, "args", shlex.join(s.args)) + _nv(pid, "logfile", s.logfile)
+                   + '</instance_attributes>')
+    d, w = APP_DAEMON, APP_CONTAINER
+    daemon = (f'<clone id="{APP_DAEMON_CLONE}"><meta_attributes id="{APP_DAEMON_CLONE}-meta">'
+              + _nv(f"{APP_DAEMON_CLONE}-meta", "interleave", "true") + '</meta_attributes>'
+              f'<primitive id="{d}" class="ocf" provider="veritas" type="DockerDaemon">' + "".join(ias)
+              + f'<meta_attributes id="{d}-meta">' + _nv(f"{d}-meta", "migration-threshold", "1")
+              + _nv(f"{d}-meta", "failure-timeout", APP_FAILURE_TIMEOUT) + '</meta_attributes>'
+              f'<operations><op id="{d}-start" name="start" interval="0s" timeout="90s"/>'
+              f'<op id="{d}-stop" name="stop" interval="0s" timeout="90s"/>'
+              f'<op id="{d}-monitor" name="monitor" interval="5s" timeout="30s"/></operations>'
+              '</primitive></clone>')
+    wia = f"{w}-ia"
+    group = (f'<group id="{APP_GROUP}"><meta_attributes id="{APP_GROUP}-meta">'
+             + _nv(f"{APP_GROUP}-meta", "resource-stickiness", "100") + '</meta_attributes>'
+             f'<primitive id="{w}" class="ocf" provider="veritas" type="DockerContainer">'
+             f'<instance_attributes id="{wia}">' + _nv(wia, "name", w) + _nv(wia, "image", APP_IMAGE)
+             + _nv(wia, "command", APP_COMMAND) + _nv(wia, "volumes", f"{APP_VOLUME}:{APP_MOUNT}")
+             + _nv(wia, "docker_host", APP_DOCKER_HOST) + _nv(wia, "stop_timeout", "5")
+             + '</instance_attributes>'
+             f'<meta_attributes id="{w}-meta">' + _nv(f"{w}-meta", "migration-threshold", str(APP_MIGRATION_THRESHOLD))
+             + _nv(f"{w}-meta", "failure-timeout", APP_FAILURE_TIMEOUT) + '</meta_attributes>'
+             f'<operations><op id="{w}-start" name="start" interval="0s" timeout="60s"/>'
+             f'<op id="{w}-stop" name="stop" interval="0s" timeout="60s"/>'
+             f'<op id="{w}-monitor" name="monitor" interval="10s" timeout="30s"/></operations>'
+             '</primitive></group>')
+    return [daemon, group]
+
+
+def app_constraints_xml() -> list[str]:
+    """The group runs where the node's daemon runs, and starts after it."""
+    return [f'<rsc_colocation id="{APP_GROUP}-with-{APP_DAEMON}" rsc="{APP_GROUP}" with-rsc="{APP_DAEMON_CLONE}" '
+            'score="INFINITY"/>',
+            f'<rsc_order id="{APP_DAEMON}-then-{APP_GROUP}" first="{APP_DAEMON_CLONE}" then="{APP_GROUP}" '
+            'kind="Mandatory"/>']
