@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from agents import registry
+from agents import engine, registry, sdk
 from agents.errors import AgentError, ConfigError, NotInstalled
 from agents.params import (
     API_VERSION,
@@ -327,10 +327,7 @@ def classify(attrs: Mapping[str, Any] | None, spec: ContainerSpec) -> MonitorRes
 @contextlib.contextmanager
 def _api(url: str, timeout: float) -> Iterator[Any]:
     """An API client for one step, closed after it (each agent call is short; no socket is left open)."""
-    try:
-        import docker
-    except ImportError:
-        raise NotInstalled("the docker Python SDK is not installed (pip install docker)") from None
+    docker = sdk.load()
     api = docker.APIClient(base_url=url, version=API_VERSION, timeout=max(1, int(timeout)))
     try:
         yield api
@@ -340,8 +337,8 @@ def _api(url: str, timeout: float) -> Iterator[Any]:
 
 def _unreachable(exc: BaseException) -> bool:
     """Whether ``exc`` means the engine did not answer (down, socket missing), not a refusal."""
-    import docker.errors
-    import requests.exceptions
+    docker = sdk.load()
+    import requests.exceptions  # docker's own dependency: present once load() succeeded
 
     if isinstance(exc, docker.errors.APIError):
         return False
@@ -356,23 +353,15 @@ class DockerContainer:
         self.spec = spec
 
     def _inspect(self, timeout: float = 10) -> dict[str, Any] | None:
-        import docker.errors
-
-        try:
-            with _api(self.spec.docker_host, timeout) as api:
-                attrs: dict[str, Any] = api.inspect_container(self.spec.name)
-            return attrs
-        except docker.errors.NotFound:
-            return None
+        return engine.inspect_container(self.spec.docker_host, self.spec.name, timeout)
 
     def monitor(self) -> MonitorResult:
+        """One inspect through the API (agents.engine: no docker SDK on this path, see there why)."""
         try:
             attrs = self._inspect()
-        except NotInstalled:
-            raise
-        except Exception as exc:
-            if _unreachable(exc):  # engine down: the container is not running here (resource-agents #1916)
-                return MonitorResult.offline(f"engine at {self.spec.docker_host} does not answer: {exc}")
+        except engine.EngineDown as exc:  # engine down: the container is not running here (resource-agents #1916)
+            return MonitorResult.offline(str(exc))
+        except engine.EngineError as exc:
             return MonitorResult.unknown(f"inspect of {self.spec.name} failed: {exc}")
         res = classify(attrs, self.spec)
         if res.state is State.ONLINE and self.spec.check_command and attrs is not None \
@@ -382,6 +371,8 @@ class DockerContainer:
                     ex = api.exec_create(self.spec.name, self.spec.check_command, stdout=True, stderr=True)
                     out = api.exec_start(ex["Id"])
                     code = api.exec_inspect(ex["Id"]).get("ExitCode")
+            except NotInstalled:
+                raise
             except Exception as exc:
                 return MonitorResult.unknown(f"check command in {self.spec.name} could not run: {exc}")
             if code != 0:
@@ -390,10 +381,9 @@ class DockerContainer:
         return res
 
     def _create_kwargs(self) -> dict[str, Any]:
-        from docker.types import DriverConfig, Mount
-
-        mounts = [Mount(target=v.target, source=v.name, type="volume", read_only=v.read_only,
-                        driver_config=DriverConfig("veritas")) for v in self.spec.volumes]
+        types = sdk.load().types
+        mounts = [types.Mount(target=v.target, source=v.name, type="volume", read_only=v.read_only,
+                        driver_config=types.DriverConfig("veritas")) for v in self.spec.volumes]
         run = dict(self.spec.run)
         labels = {**run.pop("labels", {}), LABEL: self.resource}
         return {"image": self.spec.image, "command": self.spec.command or None, "name": self.spec.name,
@@ -402,9 +392,7 @@ class DockerContainer:
     def online(self, timeout: float | None = None) -> ActionResult:
         """Create (if absent) and start the container, then wait until monitor says online (healthy when
         the health check decides)."""
-        import docker
-        import docker.errors
-
+        docker = sdk.load()
         before = self.monitor()
         if before.state in (State.UNKNOWN, State.FAULTED):  # not ours, or broken: clean decides, not online
             return ActionResult(False, before.reason)
@@ -448,8 +436,7 @@ class DockerContainer:
 
     def offline(self) -> ActionResult:
         """Stop the container with its stop timeout (the engine kills it after), remove it if configured."""
-        import docker.errors
-
+        docker = sdk.load()
         registry.expect_offline(self.resource)
         before = self.monitor()
         if before.state is State.UNKNOWN:
@@ -475,8 +462,7 @@ class DockerContainer:
 
     def clean(self, reason: int = 0) -> ActionResult:
         """Kill and remove the container, whatever state it is in (the next online recreates it)."""
-        import docker.errors
-
+        docker = sdk.load()
         why = CLEAN_REASONS.get(reason, f"reason {reason}")
         registry.expect_offline(self.resource)
         before = self.monitor()
@@ -499,8 +485,7 @@ class DockerContainer:
 
     def validate(self) -> None:
         """Beyond the attribute checks made by parsing: the image exists, when the engine answers."""
-        import docker.errors
-
+        docker = sdk.load()
         try:
             with _api(self.spec.docker_host, 10) as api:
                 api.inspect_image(self.spec.image)

@@ -16,9 +16,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from agents import procs, registry
+from agents import engine, procs, registry
 from agents.errors import ConfigError, NotInstalled
-from agents.params import API_VERSION, Param, check_abs_path, parse_int, split_words, values
+from agents.params import Param, check_abs_path, parse_int, split_words, values
 from agents.result import CLEAN_REASONS, ActionResult, MonitorResult, State
 
 KIND = "DockerDaemon"
@@ -97,17 +97,7 @@ class DockerDaemon:
             raise NotInstalled(f"dockerd binary {self.spec.binary} is missing or not executable")
 
     def _ping(self, timeout: float = 5) -> bool:
-        if not Path(self.spec.socket).exists():
-            return False
-        try:
-            import docker
-
-            with docker.APIClient(base_url=self.spec.url, version=API_VERSION, timeout=int(timeout)) as api:
-                return bool(api.ping())
-        except ImportError:
-            raise NotInstalled("the docker Python SDK is not installed (pip install docker)") from None
-        except Exception:  # no answer is the answer
-            return False
+        return engine.ping(self.spec.url, timeout)  # agents.engine: no docker SDK on the monitor path
 
     def _pidfile_pid(self) -> int | None:
         try:

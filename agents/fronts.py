@@ -34,26 +34,24 @@ class AgentType:
         return daemon.from_attributes(resource, given)
 
 
-def _types() -> dict[str, AgentType]:
-    from agents.container import PARAMS as container_params
-    from agents.daemon import PARAMS as daemon_params
-
-    return {
-        "DockerContainer": AgentType("DockerContainer", container_params, "One Docker container on veritas volumes",
-                                     "Manages one Docker container through the engine's API: creates it from "
-                                     "its attributes when absent, with its veritas volumes mounted through the "
-                                     "veritas volume driver, starts, stops and kills it, and maps Docker's "
-                                     "state and health to the resource's state.", True,
-                                     ("status", "inspect")),
-        "DockerDaemon": AgentType("DockerDaemon", daemon_params, "The Docker daemon (dockerd)",
-                                  "Manages dockerd: starts it with its arguments (such as a data root on a "
-                                  "veritas volume), monitors its process and API, stops it, and on clean kills "
-                                  "it and every process it left running.", False, ("status", "leftovers")),
-    }
-
-
 def agent_type(kind: str) -> AgentType:
-    return _types()[kind]
+    """The type's description; only its own module is imported (a monitor of one type loads one)."""
+    if kind == "DockerContainer":
+        from agents.container import PARAMS as container_params
+
+        return AgentType("DockerContainer", container_params, "One Docker container on veritas volumes",
+                         "Manages one Docker container through the engine's API: creates it from its "
+                         "attributes when absent, with its veritas volumes mounted through the veritas volume "
+                         "driver, starts, stops and kills it, and maps Docker's state and health to the "
+                         "resource's state.", True, ("status", "inspect"))
+    if kind == "DockerDaemon":
+        from agents.daemon import PARAMS as daemon_params
+
+        return AgentType("DockerDaemon", daemon_params, "The Docker daemon (dockerd)",
+                         "Manages dockerd: starts it with its arguments (such as a data root on a veritas "
+                         "volume), monitors its process and API, stops it, and on clean kills it and every "
+                         "process it left running.", False, ("status", "leftovers"))
+    raise KeyError(kind)
 
 
 def error_kind(exc: BaseException) -> str:

@@ -9,7 +9,6 @@ offline unexpectedly), 101-110 online with confidence 10-100 %, 99 unknown; the 
 from __future__ import annotations
 
 import json
-import traceback
 from collections.abc import Sequence
 
 from agents.errors import ArgsError
@@ -86,6 +85,8 @@ def main(kind: str, entry: str, argv: Sequence[str]) -> int:
         return action_code(res)
     except Exception as exc:
         if not hasattr(exc, "exit_code"):
+            import traceback
+
             traceback.print_exc()
         say(prefix, describe(exc))
         return fail

@@ -68,7 +68,7 @@ def prepare_lab(dir: Path) -> list[str]:
             if _python_script(f):
                 # Pacemaker runs agents with its own PATH, where `env python3` may find a Python without
                 # the docker SDK: the agent runs under the lab's own interpreter, from its real path
-                (ocf / f.name).write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} '
+                (ocf / f.name).write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -S '
                                           f'{shlex.quote(str(f.resolve()))} "$@"\n')
                 os.chmod(ocf / f.name, 0o755)
             else:
