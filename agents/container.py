@@ -356,6 +356,20 @@ class DockerContainer:
         return engine.inspect_container(self.spec.docker_host, self.spec.name, timeout)
 
     def monitor(self) -> MonitorResult:
+        """The monitor entry point: observe, and adopt a container found running that the watcher does not
+        follow (a probe finding it up after the cluster restarted never runs online, which registers)."""
+        res = self.observe()
+        if res.state is State.ONLINE and res.confidence == 100:
+            rec = registry.read(self.resource)
+            if rec is None or rec.get("expect") != "online" or rec.get("name") != self.spec.name \
+                    or rec.get("docker_host") != self.spec.docker_host:
+                self._register()
+        return res
+
+    def _register(self) -> None:
+        registry.register(self.resource, KIND, "online", name=self.spec.name, docker_host=self.spec.docker_host)
+
+    def observe(self) -> MonitorResult:
         """One inspect through the API (agents.engine: no docker SDK on this path, see there why)."""
         try:
             attrs = self._inspect()
@@ -393,7 +407,7 @@ class DockerContainer:
         """Create (if absent) and start the container, then wait until monitor says online (healthy when
         the health check decides)."""
         docker = sdk.load()
-        before = self.monitor()
+        before = self.observe()
         if before.state in (State.UNKNOWN, State.FAULTED):  # not ours, or broken: clean decides, not online
             return ActionResult(False, before.reason)
         try:
@@ -422,10 +436,9 @@ class DockerContainer:
             raise
         deadline = time.monotonic() + (timeout if timeout is not None else self.spec.start_timeout)
         while True:
-            res = self.monitor()
+            res = self.observe()
             if res.state is State.ONLINE and res.confidence == 100:
-                registry.register(self.resource, KIND, "online", name=self.spec.name,
-                                  docker_host=self.spec.docker_host)
+                self._register()
                 return ActionResult(True, res.reason)
             if res.state in (State.FAULTED, State.UNKNOWN) or (res.state is State.OFFLINE
                                                                and "does not answer" not in res.reason):
@@ -438,7 +451,7 @@ class DockerContainer:
         """Stop the container with its stop timeout (the engine kills it after), remove it if configured."""
         docker = sdk.load()
         registry.expect_offline(self.resource)
-        before = self.monitor()
+        before = self.observe()
         if before.state is State.UNKNOWN:
             return ActionResult(False, before.reason)
         try:
@@ -455,7 +468,7 @@ class DockerContainer:
             if _unreachable(exc):  # engine down: nothing of it runs as far as the engine can say
                 return ActionResult(True, f"engine at {self.spec.docker_host} does not answer: {exc}")
             raise
-        after = self.monitor()
+        after = self.observe()
         if after.state is State.OFFLINE:
             return ActionResult(True, after.reason)
         return ActionResult(False, f"container {self.spec.name} still {after.state.value}: {after.reason}")
@@ -465,7 +478,7 @@ class DockerContainer:
         docker = sdk.load()
         why = CLEAN_REASONS.get(reason, f"reason {reason}")
         registry.expect_offline(self.resource)
-        before = self.monitor()
+        before = self.observe()
         if before.state is State.UNKNOWN and "not this resource's container" in before.reason:
             return ActionResult(False, before.reason)
         try:

@@ -118,6 +118,23 @@ class DockerDaemon:
         return p if self.ours(p) else None
 
     def monitor(self) -> MonitorResult:
+        """The monitor entry point: observe, and adopt a dockerd found answering that the watcher does not
+        follow (the cluster found it at its probe and never ran online, which registers; or it was
+        restarted under another PID)."""
+        res = self.observe()
+        if res.state is State.ONLINE and res.confidence == 100:
+            pid = self.pid()
+            rec = registry.read(self.resource)
+            if rec is None or rec.get("expect") != "online" or rec.get("pid") != pid \
+                    or rec.get("docker_host") != self.spec.url:
+                self._register(pid)
+        return res
+
+    def _register(self, pid: int | None) -> None:
+        registry.register(self.resource, KIND, "online", pid=pid, pidfile=self.spec.pidfile, binary=self.spec.binary,
+                          docker_host=self.spec.url)
+
+    def observe(self) -> MonitorResult:
         pid = self.pid()
         if pid is None:
             if self._ping(2):
@@ -133,10 +150,9 @@ class DockerDaemon:
         return MonitorResult.faulted(f"dockerd pid {pid} runs but its API on {self.spec.socket} does not answer")
 
     def online(self, timeout: float | None = None) -> ActionResult:
-        before = self.monitor()
+        before = self.observe()
         if before.state is State.ONLINE and before.confidence == 100:
-            registry.register(self.resource, KIND, "online", pid=self.pid(), pidfile=self.spec.pidfile,
-                              binary=self.spec.binary, docker_host=self.spec.url)
+            self._register(self.pid())
             return ActionResult(True, before.reason)
         if before.state in (State.UNKNOWN, State.FAULTED):
             return ActionResult(False, before.reason)
@@ -156,10 +172,9 @@ class DockerDaemon:
         while True:
             if proc is not None and proc.poll() is not None:
                 return ActionResult(False, f"dockerd exited with {proc.returncode}: {self._log_tail()}")
-            res = self.monitor()
+            res = self.observe()
             if res.state is State.ONLINE and res.confidence == 100:
-                registry.register(self.resource, KIND, "online", pid=self.pid(), pidfile=self.spec.pidfile,
-                                  binary=self.spec.binary, docker_host=self.spec.url)
+                self._register(self.pid())
                 return ActionResult(True, res.reason)
             if time.monotonic() > deadline:
                 return ActionResult(False, f"dockerd did not answer in time: {res.reason}; {self._log_tail()}")
@@ -205,7 +220,7 @@ class DockerDaemon:
         registry.expect_offline(self.resource)
         pid = self.pid()
         if pid is None:
-            before = self.monitor()
+            before = self.observe()
             if before.state is State.UNKNOWN:
                 return ActionResult(False, before.reason)
             if self.leftovers(None)[0]:  # a killed dockerd's containers run on, holding their volumes
@@ -227,7 +242,7 @@ class DockerDaemon:
         why = CLEAN_REASONS.get(reason, f"reason {reason}")
         registry.expect_offline(self.resource)
         pid = self.pid()
-        if pid is None and (before := self.monitor()).state is State.UNKNOWN:
+        if pid is None and (before := self.observe()).state is State.UNKNOWN:
             return ActionResult(False, f"clean ({why}): {before.reason}")  # another engine's: not ours to kill
         killed: list[int] = []
         left: list[int] = []

@@ -3,6 +3,7 @@ as the engine does (or does not)."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -53,8 +54,13 @@ class FakeEngine:
                 c.sendall(reply)
 
     def close(self) -> None:
+        """Stop answering: the blocked accept wakes (shutdown), the socket file goes."""
         self.stop = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
+        self.thread.join(5)
+        self.path.unlink(missing_ok=True)
 
     @property
     def url(self) -> str:
@@ -209,3 +215,55 @@ def test_without_the_sdk_start_is_not_installed_and_monitor_still_works(
     assert ocf_front.main("DockerContainer", ["monitor"], env) == ocf_front.OCF_SUCCESS
     e2 = serve(lambda req: http("200 OK", RUNNING.replace(b"running", b"exited")))
     assert ocf_front.main("DockerContainer", ["start"], _ocf_env(e2.url)) == ocf_front.OCF_ERR_INSTALLED
+
+
+def test_a_container_found_running_by_a_probe_is_adopted_for_the_watcher(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve: Callable[[Handler], FakeEngine]) -> None:
+    """Pacemaker's probe finds the container up (the cluster restarted) and never runs start: monitor
+    registers it, so the watcher follows it; an internal look (before a stop) does not."""
+    from agents import registry
+    from agents.container import from_attributes
+
+    monkeypatch.setenv("VERITAS_AGENT_STATE", str(tmp_path / "reg"))
+    e = serve(lambda req: http("200 OK", RUNNING))
+    agent = from_attributes("r1", {"name": "web", "image": "busybox", "docker_host": e.url})
+    assert registry.read("r1") is None
+    agent.observe()
+    assert registry.read("r1") is None
+    assert agent.monitor().state.value == "online"
+    rec = registry.read("r1")
+    assert rec is not None and (rec["kind"], rec["expect"], rec["name"], rec["docker_host"]) == \
+        ("DockerContainer", "online", "web", e.url)
+    gen = rec["generation"]
+    agent.monitor()
+    assert registry.read("r1")["generation"] == gen  # type: ignore[index]  # unchanged: no rewrite per monitor
+    registry.expect_offline("r1")
+    agent.observe()
+    assert registry.read("r1")["expect"] == "offline"  # type: ignore[index]
+
+
+def test_a_dockerd_found_answering_is_adopted_with_its_pid(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve: Callable[[Handler], FakeEngine]) -> None:
+    import subprocess
+    import sys
+
+    from agents import registry
+    from agents.daemon import from_attributes
+
+    monkeypatch.setenv("VERITAS_AGENT_STATE", str(tmp_path / "reg"))
+    e = serve(lambda req: http("200 OK", b"OK", "text/plain"))
+    pidfile = tmp_path / "docker.pid"
+    # a stand-in dockerd: the configured binary, started with the agent's --pidfile, answering the ping
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "--pidfile", str(pidfile)])
+    try:
+        pidfile.write_text(str(proc.pid))
+        agent = from_attributes("d1", {"binary": sys.executable, "socket": str(e.path), "pidfile": str(pidfile)})
+        assert agent.monitor().state.value == "online"
+        rec = registry.read("d1")
+        assert rec is not None and (rec["kind"], rec["expect"], rec["pid"]) == ("DockerDaemon", "online", proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+        e.close()
+    assert agent.monitor().state.value == "offline"
+    assert registry.read("d1")["pid"] == proc.pid  # type: ignore[index]  # not re-registered when it is gone
