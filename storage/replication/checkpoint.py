@@ -146,7 +146,7 @@ def _clone_frozen(dg: DiskGroup, rvg: str, seq: int, refs: list[ImageRef],
     marker = meta_dir(dg, rvg) / "frozen.json"
     targets = [str(dg.mountpoint(v)) for v in mounted]
     if targets:
-        store.write_json(marker, {"mountpoints": targets})
+        store.write_json(marker, {"mountpoints": targets, "volumes": mounted})
     frozen: list[Path] = []
     out: list[ImageRef] = []
     t0 = time.perf_counter()
@@ -184,26 +184,29 @@ def _thaw_all(dg: DiskGroup, targets: Sequence[Path]) -> None:
 
 def recover(dg: DiskGroup, rvg: str) -> list[str]:
     """Finish what a killed take left: thaw what it froze, remove clones without a manifest and
-    temporary records. What was done, as messages (empty when nothing was left)."""
-    done: list[str] = []
+    temporary records. What was done, as messages (empty when nothing was left). Holds the RVG's lock
+    and those of the volumes it thaws (a snapshot of one of them may be freezing it meanwhile)."""
     meta = meta_dir(dg, rvg)
     marker = meta / "frozen.json"
     rec = store.read_json(marker)
-    if rec is not None:
-        _thaw_all(dg, [Path(t) for t in rec["mountpoints"]])
-        store.remove_tree(marker)
-        done.append(f"thawed {', '.join(rec['mountpoints'])}")
-    done += [f"removed {p}" for p in store.remove_tmp(meta) + store.remove_tmp(meta / "ckpt")]
-    known = set(_seqs(dg, rvg))
-    for d in dg.catalog.disks():
-        base = dg.disk_dir(d.name) / "repl" / rvg
-        if not base.is_dir():
-            continue
-        for sub in base.iterdir():
-            if not (sub.name.isdigit() and int(sub.name) in known):
-                store.remove_tree(sub)
-                done.append(f"removed {sub}")
-    return done
+    with dg.locks.hold(_lock(rvg), *(rec.get("volumes", []) if rec else [])):
+        done: list[str] = []
+        rec = store.read_json(marker)
+        if rec is not None:
+            _thaw_all(dg, [Path(t) for t in rec["mountpoints"]])
+            store.remove_tree(marker)
+            done.append(f"thawed {', '.join(rec['mountpoints'])}")
+        done += [f"removed {p}" for p in store.remove_tmp(meta) + store.remove_tmp(meta / "ckpt")]
+        known = set(_seqs(dg, rvg))
+        for d in dg.catalog.disks():
+            base = dg.disk_dir(d.name) / "repl" / rvg
+            if not base.is_dir():
+                continue
+            for sub in base.iterdir():
+                if not (sub.name.isdigit() and int(sub.name) in known):
+                    store.remove_tree(sub)
+                    done.append(f"removed {sub}")
+        return done
 
 
 def _seqs(dg: DiskGroup, rvg: str) -> list[int]:

@@ -54,10 +54,12 @@ class Srl:
         self.recover()
 
     def recover(self) -> list[str]:
-        """Remove a torn tail (a killed append's temporary directory) and temporary records."""
+        """Remove a torn tail (a killed append's temporary directory), temporary records, and entries a
+        killed ack or switch to DCM had already given up (acknowledged, or covered by the DCM)."""
         done = [str(p) for p in store.remove_tmp(self.root)]
+        acked, dcm = self.acked, self.dcm_active
         for p in self.entries.iterdir():
-            if p.name.startswith(".tmp."):
+            if p.name.startswith(".tmp.") or (p.name.isdigit() and (dcm or int(p.name) <= acked)):
                 store.remove_tree(p)
                 done.append(str(p))
         return done
@@ -69,7 +71,8 @@ class Srl:
 
     def pending(self) -> list[int]:
         """Sequence numbers of the entries not yet acknowledged, oldest first."""
-        return sorted(int(p.name) for p in self.entries.iterdir() if p.name.isdigit())
+        acked = self.acked
+        return sorted(int(p.name) for p in self.entries.iterdir() if p.name.isdigit() and int(p.name) > acked)
 
     def entry(self, seq: int) -> list[Path]:
         return sorted((self.entries / str(seq)).glob("*.delta"))

@@ -119,3 +119,20 @@ def test_merge_maps_is_the_union(a: dict[str, list[tuple[int, int]]], b: dict[st
     for k in set(a) | set(b):
         assert cover(m[k]) == cover(a.get(k, [])) | cover(b.get(k, []))
         assert m[k] == extents.merge(m[k])
+
+
+def test_switch_to_dcm_killed_midway_drops_the_covered_entries(tmp_path: Path, src: Path) -> None:
+    """SIGKILL after the DCM is durable but before the entries it covers are removed: the next open
+    removes them, and the DCM holds their ranges."""
+    root = tmp_path / "srl"
+    Srl(root, limit=1 << 22).append(1, [plan(src, 1, [(0, 4096)])])
+    code = (f"from pathlib import Path; from storage.replication.srl import Srl;"
+            f" Srl(Path({str(root)!r}), 1 << 22).to_dcm(2, {{'v1.0': [(8192, 4096)]}})")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "VERITAS_CRASH_AT": "repl.srl.dcm"}, check=False)
+    assert proc.returncode == -9, proc.stderr
+    assert (root / "entries" / "1").exists(), "killed too late to test anything"
+    again = Srl(root, limit=1 << 22)
+    assert again.pending() == [] and not (root / "entries" / "1").exists()
+    d = again.dcm()
+    assert d is not None and d.ranges == {"v1.0": [(0, 4096), (8192, 4096)]}
