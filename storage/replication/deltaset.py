@@ -35,11 +35,12 @@ class ImagePlan:
         return delta.encoded_size(self.header, self.pieces)
 
 
-def _pieces(src: Path, ranges: Sequence[Range], size: int) -> list[Piece]:
-    try:
-        data = extents.data_ranges(extents.fiemap(src), size)
-    except OSError:
-        data = [(0, size)]  # no FIEMAP: send every range as data
+def _pieces(src: Path, ranges: Sequence[Range], size: int, data: list[Range] | None = None) -> list[Piece]:
+    if data is None:
+        try:
+            data = extents.data_ranges(extents.fiemap(src), size)
+        except OSError:
+            data = [(0, size)]  # no FIEMAP: send every range as data
     return extents.split(extents.clip(ranges, size), data)
 
 
@@ -62,7 +63,7 @@ def plan(dg: DiskGroup, rvg: str, from_seq: int, to_seq: int) -> list[ImagePlan]
             prev = old.path(dg, old.image(ref.key))
         d = extents.diff(prev, src)
         h = Header(rvg, ref.volume, ref.idx, from_seq, to_seq, d.size, method=d.method)
-        out.append(ImagePlan(ref, src, h, d.ranges, _pieces(src, d.ranges, d.size)))
+        out.append(ImagePlan(ref, src, h, d.ranges, _pieces(src, d.ranges, d.size, d.data)))
     return out
 
 
