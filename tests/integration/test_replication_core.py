@@ -210,8 +210,13 @@ def test_apply_is_byte_identical_and_atomic_under_kill9(env: Env, dg: DiskGroup)
     img2 = dg.image(dg.catalog.subdisks("v2")[0].disk, "v2", 0)
     volumes.umount(dg, "v1")
     write_blocks(img2, [(1000 * B, os.urandom(B))])
+    d0, dn = extents.data_ranges(extents.fiemap(img2), os.stat(img2).st_size)[-1]  # data that becomes a hole
+    subprocess.run(["fallocate", "--punch-hole", "--offset", str(d0), "--length", str(min(dn, 4 * B)), str(img2)],
+                   check=True, capture_output=True)
     ck2 = checkpoint.take(dg, RVG, ["v1", "v2"])
-    files = ship(dg, deltaset.plan(dg, RVG, 1, 2), env.root / "d2")
+    plans = deltaset.plan(dg, RVG, 1, 2)
+    assert (d0, min(dn, 4 * B), False) in [p for p in plans[1].pieces], "the punched range goes as zeros"
+    files = ship(dg, plans, env.root / "d2")
     code = ("import sys; from pathlib import Path; from storage.replication.apply import Replica;"
             f" r = Replica(Path({str(rep.root)!r}), {RVG!r});"
             f" r.apply([open(p, 'rb') for p in {[str(f) for f in files]!r}])")
