@@ -93,15 +93,15 @@ def _clone(dg: DiskGroup, source: str, name: str, src_sds: list[SubdiskRec], fro
         crash.point("snap.frozen")
     try:
         for src, dst in pairs:
-            _cow_hint(src)  # before the source's first write after the clone
+            cow_hint(src)  # before the source's first write after the clone
             reflink.clone(src, dst)
-            _cow_hint(dst)
+            cow_hint(dst)
     finally:
         if frozen:
             fs.thaw(dg.mountpoint(source), dg.runner)
 
 
-def _cow_hint(img: Path) -> None:
+def cow_hint(img: Path) -> None:
     """See COWEXTSIZE and storage.snapcache: with it the disk fills no faster than the snapshot's cache."""
     try:
         reflink.set_cowextsize(img, COWEXTSIZE)

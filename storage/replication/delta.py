@@ -1,0 +1,244 @@
+"""The delta stream: one image's changed ranges between two checkpoints, versioned and checksummed.
+
+Layout (integers little-endian)::
+
+    header   b"VXRDELTA" | version u16 | n u32 | n bytes of JSON (rvg, volume, idx, from_seq, to_seq,
+             size, chunk, method) | blake2b-256 of all the header's bytes before it
+    record   b"D" | index u32 | offset u64 | length u32 | length bytes of data | blake2b-256 of the record
+             b"Z" | index u32 | offset u64 | length u32 | blake2b-256 of the record  (reads as zeros)
+    trailer  b"T" | records u32 | data bytes u64 | zero bytes u64 | blake2b-256 of the whole stream
+             before this digest
+
+Records come in ascending, non-overlapping offset order, numbered from 0, each at most ``chunk`` bytes
+(so both ends hold one chunk at a time) and inside [0, size). ``from_seq`` 0 is the first delta (no base
+checkpoint). The decoder checks every digest, the order, the numbering, the bounds and that the trailer
+comes and nothing follows it; the whole-stream digest catches records moved in from another delta.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from storage.replication.errors import DeltaCorrupt, DeltaTruncated, DeltaVersion
+from storage.units import MiB
+
+MAGIC = b"VXRDELTA"
+VERSION = 1
+DIGEST = 32
+CHUNK = 1 * MiB
+MAX_CHUNK = 16 * MiB
+_MAX_HEADER = 64 * 1024
+_PRE = struct.Struct("<8sHI")
+_REC = struct.Struct("<cIQI")
+_TRL = struct.Struct("<cIQQ")
+
+Piece = tuple[int, int, bool]  # offset, length, has data (False: zeros)
+
+
+def _h() -> hashlib.blake2b:
+    return hashlib.blake2b(digest_size=DIGEST)
+
+
+@dataclass(frozen=True)
+class Header:
+    rvg: str
+    volume: str
+    idx: int
+    from_seq: int
+    to_seq: int
+    size: int
+    chunk: int = CHUNK
+    method: str = "fiemap"
+
+    @property
+    def key(self) -> str:
+        """The image this delta is for, as replicas name it."""
+        return f"{self.volume}.{self.idx}"
+
+
+@dataclass(frozen=True)
+class Record:
+    offset: int
+    length: int
+    data: bytes | None  # None: zeros
+
+
+@dataclass(frozen=True)
+class Trailer:
+    records: int
+    data_bytes: int
+    zero_bytes: int
+
+
+def _header_bytes(h: Header) -> bytes:
+    body = json.dumps(asdict(h), sort_keys=True, separators=(",", ":")).encode()
+    pre = _PRE.pack(MAGIC, VERSION, len(body)) + body
+    d = _h()
+    d.update(pre)
+    return pre + d.digest()
+
+
+def chunks(pieces: Sequence[Piece], chunk: int) -> Iterator[Piece]:
+    for off, n, has in pieces:
+        step = chunk if has else max(chunk, n)  # a zero record has no payload: one per piece
+        for o in range(off, off + n, step):
+            yield o, min(step, off + n - o), has
+
+
+def encoded_size(header: Header, pieces: Sequence[Piece]) -> int:
+    """The exact size of the stream ``encode`` writes (so a bounded log can refuse it beforehand)."""
+    total = len(_header_bytes(header)) + _TRL.size + DIGEST
+    for _o, n, has in chunks(pieces, header.chunk):
+        total += _REC.size + DIGEST + (n if has else 0)
+    return total
+
+
+def encode(out: BinaryIO, header: Header, source: Path, pieces: Sequence[Piece]) -> int:
+    """Write the delta of ``pieces`` of image ``source`` (split by extents.split) to ``out``; returns
+    its size in bytes. Reads one chunk at a time."""
+    if not 0 < header.chunk <= MAX_CHUNK:
+        raise ValueError(f"chunk size {header.chunk} out of range")
+    whole = _h()
+    written = 0
+
+    def put(b: bytes) -> None:
+        nonlocal written
+        out.write(b)
+        whole.update(b)
+        written += len(b)
+
+    put(_header_bytes(header))
+    count = data_bytes = zero_bytes = 0
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        for off, n, has in chunks(pieces, header.chunk):
+            if off + n > header.size:
+                raise ValueError(f"range {off}+{n} is past the image size {header.size}")
+            rec = _REC.pack(b"D" if has else b"Z", count, off, n)
+            d = _h()
+            d.update(rec)
+            put(rec)
+            if has:
+                data = os.pread(fd, n, off)
+                if len(data) < n:  # the image is shorter than its checkpoint said: it must not be
+                    raise OSError(f"short read of {source} at {off}")
+                d.update(data)
+                put(data)
+                data_bytes += n
+            else:
+                zero_bytes += n
+            put(d.digest())
+            count += 1
+    finally:
+        os.close(fd)
+    put(_TRL.pack(b"T", count, data_bytes, zero_bytes))
+    dig = whole.digest()
+    out.write(dig)
+    return written + len(dig)
+
+
+class Reader:
+    """Decode one delta from ``fh``, checking as it goes. ``header`` is read at construction; iterate
+    ``records()`` to the end, which checks the trailer (``trailer`` is set then). Nothing from a delta
+    may be made durable before its iteration ended without an error."""
+
+    def __init__(self, fh: BinaryIO, *, strict_end: bool = True) -> None:
+        self._fh = fh
+        self._whole = _h()
+        self._strict = strict_end
+        self.trailer: Trailer | None = None
+        self.header = self._read_header()
+
+    def _read(self, n: int, what: str) -> bytes:
+        b = self._fh.read(n)
+        if len(b) != n:
+            raise DeltaTruncated(f"delta ends inside its {what} ({len(b)} of {n} bytes): it was cut short in"
+                                 f" transit or on disk; send it again")
+        return b
+
+    def _take(self, n: int, what: str) -> bytes:
+        b = self._read(n, what)
+        self._whole.update(b)
+        return b
+
+    def _read_header(self) -> Header:
+        pre = self._take(_PRE.size, "header")
+        magic, version, n = _PRE.unpack(pre)
+        if magic != MAGIC:
+            raise DeltaCorrupt("not a veritas delta (bad magic): the stream is damaged or is something else")
+        if version != VERSION:
+            raise DeltaVersion(f"delta format version {version}; this build reads version {VERSION}:"
+                               f" upgrade the older side so both speak the same version")
+        if n > _MAX_HEADER:
+            raise DeltaCorrupt(f"delta header length {n} is implausible: the stream is damaged")
+        body = self._take(n, "header")
+        d = _h()
+        d.update(pre + body)
+        if self._take(DIGEST, "header checksum") != d.digest():
+            raise DeltaCorrupt("delta header checksum mismatch: the stream is damaged; send it again")
+        try:
+            raw = json.loads(body)
+            h = Header(**raw)
+        except (ValueError, TypeError) as exc:
+            raise DeltaCorrupt(f"delta header unreadable ({exc})") from exc
+        ints = (h.idx, h.from_seq, h.to_seq, h.size, h.chunk)
+        if (not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in ints)
+                or not all(isinstance(x, str) and x for x in (h.rvg, h.volume, h.method))
+                or h.to_seq <= h.from_seq or not 0 < h.chunk <= MAX_CHUNK):
+            raise DeltaCorrupt(f"delta header has out-of-range fields: {raw}")
+        return h
+
+    def records(self) -> Iterator[Record]:
+        h = self.header
+        index = 0
+        end = 0
+        data_bytes = zero_bytes = 0
+        while True:
+            kind = self._take(1, "record")
+            if kind == b"T":
+                break
+            if kind not in (b"D", b"Z"):
+                raise DeltaCorrupt(f"delta record {index} has unknown kind {kind!r}: the stream is damaged")
+            rest = self._take(_REC.size - 1, "record")
+            _k, i, off, n = _REC.unpack(kind + rest)
+            if i != index:
+                raise DeltaCorrupt(f"delta record {i} where record {index} was due: records lost or reordered")
+            if n == 0 or (kind == b"D" and n > h.chunk):
+                raise DeltaCorrupt(f"delta record {i} has length {n} (chunk {h.chunk}): the stream is damaged")
+            if off < end:
+                raise DeltaCorrupt(f"delta record {i} at offset {off} overlaps or precedes the previous one"
+                                   f" (ending at {end}): records reordered")
+            if off + n > h.size:
+                raise DeltaCorrupt(f"delta record {i} ({off}+{n}) is past the image size {h.size}")
+            d = _h()
+            d.update(kind + rest)
+            data: bytes | None = None
+            if kind == b"D":
+                data = self._take(n, "record data")
+                d.update(data)
+                data_bytes += n
+            else:
+                zero_bytes += n
+            if self._take(DIGEST, "record checksum") != d.digest():
+                raise DeltaCorrupt(f"delta record {i} (offset {off}, {n} bytes) checksum mismatch: the stream"
+                                   f" is damaged; send it again")
+            yield Record(off, n, data)
+            index += 1
+            end = off + n
+        rest = self._take(_TRL.size - 1, "trailer")
+        _t, count, db, zb = _TRL.unpack(b"T" + rest)
+        expect = self._whole.digest()
+        if self._read(DIGEST, "trailer checksum") != expect:
+            raise DeltaCorrupt("delta checksum mismatch: the stream is damaged; send it again")
+        if (count, db, zb) != (index, data_bytes, zero_bytes):
+            raise DeltaCorrupt(f"delta trailer counts ({count}, {db}, {zb}) disagree with its records")
+        if self._strict and self._fh.read(1):
+            raise DeltaCorrupt("bytes after the delta's trailer: the stream is damaged or two were joined")
+        self.trailer = Trailer(count, db, zb)

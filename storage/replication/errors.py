@@ -1,0 +1,33 @@
+"""Typed errors of replication (storage.errors style: what went wrong and what to do)."""
+
+from __future__ import annotations
+
+from storage.errors import NotFound, VeritasError
+
+
+class ReplicationError(VeritasError):
+    exit_code = 11
+
+
+class DeltaCorrupt(ReplicationError):
+    """A delta failed a checksum or a structural check: it was damaged on the way or on disk."""
+
+
+class DeltaTruncated(DeltaCorrupt):
+    """The delta ends before its trailer."""
+
+
+class DeltaVersion(ReplicationError):
+    """A delta in a format version this build does not read."""
+
+
+class DeltaMismatch(ReplicationError):
+    """A sound delta that does not fit the replica: another RVG, or a base checkpoint it does not have."""
+
+
+class SrlOverflow(ReplicationError):
+    """The SRL has no room for the delta: track changed extents instead (DCM) and resync later."""
+
+
+class NoSuchCheckpoint(NotFound):
+    pass

@@ -1,0 +1,132 @@
+"""The delta stream: round trip, and every damage (a flipped byte, a cut, reordering, a foreign version
+or an out-of-range record) refused with a typed error."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import struct
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from storage.replication import delta, extents
+from storage.replication.delta import Header, Reader
+from storage.replication.errors import DeltaCorrupt, DeltaTruncated, DeltaVersion, ReplicationError
+
+SIZE = 64 * 1024
+
+
+def image(tmp: Path, seed: int) -> Path:
+    p = tmp / f"img.{seed}"
+    p.write_bytes(hashlib.shake_256(str(seed).encode()).digest(SIZE))
+    return p
+
+
+def decode(buf: bytes) -> tuple[Header, dict[int, bytes | None]]:
+    r = Reader(io.BytesIO(buf))
+    return r.header, {rec.offset: rec.data for rec in r.records()}
+
+
+def encode(src: Path, pieces: list[tuple[int, int, bool]], chunk: int = 4096) -> bytes:
+    h = Header("rvg1", "vol1", 0, 3, 4, SIZE, chunk=chunk)
+    out = io.BytesIO()
+    n = delta.encode(out, h, src, pieces)
+    assert n == len(out.getvalue()) == delta.encoded_size(h, pieces)
+    return out.getvalue()
+
+
+ranges_st = st.lists(st.tuples(st.integers(0, SIZE - 1), st.integers(1, 9000)), max_size=8)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ranges_st, st.lists(st.tuples(st.integers(0, SIZE - 1), st.integers(1, 20000)), max_size=4),
+       st.sampled_from([512, 4096, 65536]))
+def test_round_trip(tmp_path: Path, ranges: list[tuple[int, int]], data: list[tuple[int, int]], chunk: int) -> None:
+    src = image(tmp_path, 1)
+    body = src.read_bytes()
+    pieces = extents.split(extents.clip(ranges, SIZE), extents.merge(extents.clip(data, SIZE)))
+    h, recs = decode(encode(src, pieces, chunk))
+    assert h.key == "vol1.0" and (h.from_seq, h.to_seq, h.size) == (3, 4, SIZE)
+    rebuilt = bytearray(SIZE)
+    for off, payload in recs.items():
+        if payload is not None:
+            rebuilt[off:off + len(payload)] = payload
+            assert len(payload) <= chunk
+    for o, n, has in pieces:
+        assert bytes(rebuilt[o:o + n]) == (body[o:o + n] if has else bytes(n))
+
+
+def small_stream(tmp_path: Path) -> bytes:
+    return encode(image(tmp_path, 2), [(0, 100, True), (4096, 300, False), (9000, 50, True)], chunk=64)
+
+
+def test_every_single_byte_corruption_is_detected(tmp_path: Path) -> None:
+    buf = small_stream(tmp_path)
+    for i in range(len(buf)):
+        for x in (0x01, 0x80, 0xFF):
+            bad = bytearray(buf)
+            bad[i] ^= x
+            with pytest.raises(ReplicationError):
+                decode(bytes(bad))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_random_single_byte_corruption_is_detected(tmp_path: Path, data: st.DataObject) -> None:
+    buf = encode(image(tmp_path, 3), [(0, 5000, True), (20000, 4096, False), (30000, 9000, True)], chunk=4096)
+    i = data.draw(st.integers(0, len(buf) - 1))
+    bad = bytearray(buf)
+    bad[i] = data.draw(st.integers(0, 255).filter(lambda v: v != buf[i]))
+    with pytest.raises(ReplicationError):
+        decode(bytes(bad))
+
+
+def test_every_truncation_and_trailing_garbage_is_detected(tmp_path: Path) -> None:
+    buf = small_stream(tmp_path)
+    for n in range(len(buf)):
+        with pytest.raises(DeltaTruncated, match="cut short"):
+            decode(buf[:n])
+    with pytest.raises(DeltaCorrupt, match="after the delta's trailer"):
+        decode(buf + b"\0")
+
+
+def _raw(records: list[tuple[bytes, int, int, bytes]], version: int = delta.VERSION, size: int = SIZE) -> bytes:
+    """A stream with valid checksums around whatever records are given, to reach the structural checks."""
+    h = Header("rvg1", "vol1", 0, 3, 4, size, chunk=4096)
+    head = delta._header_bytes(h)
+    if version != delta.VERSION:
+        pre = struct.pack("<8sHI", delta.MAGIC, version, len(head) - 14 - 32) + head[14:-32]
+        head = pre + hashlib.blake2b(pre, digest_size=32).digest()
+    out = bytearray(head)
+    nd = nz = 0
+    for kind, idx, off, data in records:
+        rec = struct.pack("<cIQI", kind, idx, off, len(data))
+        payload = b"" if kind == b"Z" else data
+        out += rec + payload + hashlib.blake2b(rec + payload, digest_size=32).digest()
+    out += struct.pack("<cIQQ", b"T", len(records), nd, nz)
+    out += hashlib.blake2b(bytes(out), digest_size=32).digest()
+    return bytes(out)
+
+
+def test_structural_checks_with_valid_checksums() -> None:
+    d = b"a" * 10
+    with pytest.raises(DeltaVersion, match="version 2"):
+        decode(_raw([], version=2))
+    with pytest.raises(DeltaCorrupt, match="record 1 where record 0"):
+        decode(_raw([(b"D", 1, 0, d)]))
+    with pytest.raises(DeltaCorrupt, match="reordered"):
+        decode(_raw([(b"D", 0, 100, d), (b"D", 1, 50, d)]))
+    with pytest.raises(DeltaCorrupt, match="past the image size"):
+        decode(_raw([(b"D", 0, SIZE - 5, d)]))
+    with pytest.raises(DeltaCorrupt, match="trailer counts"):
+        decode(_raw([(b"D", 0, 0, d)]))  # its counts say no data bytes
+    with pytest.raises(DeltaCorrupt, match="bad magic"):
+        decode(b"NOTDELTA" + bytes(100))
+
+
+def test_encoder_refuses_ranges_past_the_image(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="past the image size"):
+        encode(image(tmp_path, 4), [(SIZE - 10, 20, True)])
