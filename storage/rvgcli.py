@@ -131,6 +131,8 @@ def _set_state(cfg: Config, a: argparse.Namespace, want: str, allowed: tuple[str
             if r.state not in allowed:
                 raise InvalidArgument(f"RVG {r.name} is {r.state}: cannot {a.cmd} it (needs {' or '.join(allowed)})")
             r = rvg.update(dg, r.name, state=want)
+        with dg.locks.hold(link.sender_lock(r.name)):
+            pass  # a round of the link service under way ends first: after this, it sees the new state
         _emit(a, r.to_json(), f"RVG {r.name}: {want}")
     finally:
         dg.close()

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
+from storage import crash
 from storage.errors import InvalidArgument, VeritasError
 from storage.group import DiskGroup
 from storage.replication import checkpoint, delta, deltaset, protocol, rvg
@@ -114,8 +115,7 @@ class Conn:
         try:
             send(self.fh, {"type": "delta", "rvg": name, "from_seq": from_seq, "to_seq": to_seq,
                            "created": created, "lengths": sizes})
-            out = cast(BinaryIO, _Counting(self.fh, sum(sizes), progress)) if progress else self.fh
-            write(out)
+            write(cast(BinaryIO, _Counting(self.fh, sum(sizes), progress)))
             self.fh.flush()
             ack = expect(self.fh, "ack")
         except OSError as exc:
@@ -135,8 +135,16 @@ class _Counting(io.RawIOBase):
         return True
 
     def write(self, b: Any) -> int:
-        n = self.fh.write(b)
-        self.done += len(b)
+        data = bytes(b)
+        if not self.done and len(data) > 1:  # the first write goes out in two halves:
+            self.fh.write(data[:len(data) // 2])
+            self.fh.flush()
+            crash.point("rlink.send.partial")  # part of a delta on the wire, the rest not
+            self.fh.write(data[len(data) // 2:])
+        else:
+            self.fh.write(data)
+        n = len(data)
+        self.done += n
         if self.progress:
             self.progress(self.done, self.total)
         return n
@@ -318,6 +326,9 @@ class Service:
             due = now - self._last_tick.get(r.name, 0.0) >= self.interval
             try:
                 with self.dg.locks.hold(sender_lock(r.name), timeout=self.interval):
+                    r = rvg.get(self.dg, r.name)  # as it is now: a pauserep waits on this lock
+                    if r.role != "primary" or not r.synced or r.state == "stopped":
+                        continue
                     if due:
                         self._last_tick[r.name] = now
                         tick(self.dg, r)
