@@ -121,10 +121,13 @@ def _replication_settings(sec: configparser.SectionProxy, where: Callable[[str, 
         raise InvalidArgument(f"config{where('replication', 'key_file')}: replication.key_file must be an"
                               f" absolute path, got {str(key_file)!r}")
     raw_srl = sec.get("srl_size", fallback="").strip()
+    try:
+        srl_size = parse_size(raw_srl, "replication.srl_size") if raw_srl else d.srl_size
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"config{where('replication', 'srl_size')}: {exc}") from None
     return ReplicationSettings(
         interval=_seconds(sec, "interval", d.interval, where("replication", "interval")),
-        srl_size=parse_size(raw_srl, "replication.srl_size") if raw_srl else d.srl_size,
-        listen=listen, key_file=key_file)
+        srl_size=srl_size, listen=listen, key_file=key_file)
 
 
 @dataclass(frozen=True)
