@@ -43,9 +43,11 @@ class Site:
     def env(self, **extra: str) -> dict[str, str]:
         return {**os.environ, "VERITAS_CONFIG": str(self.config_path), **extra}
 
-    def cli(self, *args: str, check: bool = True, key: Path | None = None) -> subprocess.CompletedProcess[str]:
+    def cli(self, *args: str, check: bool = True, key: Path | None = None,
+            text: bool = False) -> subprocess.CompletedProcess[str]:
         pre = ["rvg", "--key-file", str(key)] if key and args[0] == "rvg" else [args[0]]
-        p = subprocess.run([sys.executable, "-m", "veritas.cli", "--json", *pre, *args[1:]], cwd=REPO,
+        js = [] if text else ["--json"]
+        p = subprocess.run([sys.executable, "-m", "veritas.cli", *js, *pre, *args[1:]], cwd=REPO,
                            env=self.env(), capture_output=True, text=True, timeout=120, check=False)
         if check and p.returncode != 0:
             raise AssertionError(f"veritas {' '.join(args)} failed ({p.returncode}): {p.stderr}")
@@ -238,6 +240,8 @@ def test_startrep_then_writes_arrive_and_kill_9_of_either_service_mid_delta(site
         synced_pair(a, b, dga, dgb)
         assert big in rep.image("v1.0").read_bytes()
         assert status(a)["consistent"] is True
+        text = a.cli("rvg", "repstatus", RVG, text=True).stdout
+        assert text.startswith(f"RVG {RVG}: primary, replicating, link connected to {b.addr}") and "SRL" in text
     finally:
         dga.close()
         dgb.close()
@@ -299,6 +303,8 @@ def test_bad_input_is_refused_and_changes_nothing(sites: tuple[Site, Site]) -> N
         assert rvg.get(dgb, RVG).role == "secondary"
         p = b.cli("rvg", "startrep", RVG, check=False)
         assert p.returncode == 2 and "secondary on this site" in p.stderr
+        assert a.cli("rvg", "repstatus", RVG, text=True).stdout.startswith(f"RVG {RVG}: primary, stopped, link")
+        assert b.cli("rvg", "repstatus", RVG, text=True).stdout.startswith(f"RVG {RVG}: secondary, stopped")
     finally:
         dga.close()
         dgb.close()
