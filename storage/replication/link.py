@@ -227,6 +227,17 @@ def catch_up(dg: DiskGroup, r: rvg.Rvg, conn: Conn) -> int:
     sec = int(conn.status(r.name)["seq"])
     if sec > srl.acked and sec <= _srl_last(srl):
         srl.ack(sec)  # an ack lost with the link (the secondary applied it)
+    latest = checkpoint.last_consistent(dg, r.name)
+    if sec < srl.acked and latest is not None:
+        # the secondary went back (its replica restored or recreated): the SRL's deltas start after
+        # what it holds, so send every allocated extent of the newest checkpoint instead
+        log.warning("RVG %s: the secondary holds checkpoint %d, before the acknowledged %d: full resync",
+                    r.name, sec, srl.acked)
+        plans = deltaset.plan_ranges(dg, r.name, sec, latest.seq, _full_ranges(dg, latest))
+        sec = conn.send_plans(r.name, sec, latest.seq, latest.created, plans)
+        srl.ack(sec)
+        _acked(dg, r.name, sec)
+        return sec
     d = srl.dcm()
     if d is not None:
         plans = deltaset.plan_ranges(dg, r.name, sec, d.upto, d.ranges)

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -240,6 +241,14 @@ def test_startrep_then_writes_arrive_and_kill_9_of_either_service_mid_delta(site
         synced_pair(a, b, dga, dgb)
         assert big in rep.image("v1.0").read_bytes()
         assert status(a)["consistent"] is True
+        # a secondary whose replica went back (here: recreated empty) gets a full resync, not a mismatch
+        b.kill(b.procs[-1], signal.SIGTERM)
+        shutil.rmtree(rvg.replica_root(dgb, RVG))
+        rvg.replica_root(dgb, RVG).mkdir()
+        Replica.create(rvg.replica_root(dgb, RVG), RVG)
+        b.serve(port=port)
+        synced_pair(a, b, dga, dgb)
+        assert big in rep.image("v1.0").read_bytes() and "full resync" in a.log()
         text = a.cli("rvg", "repstatus", RVG, text=True).stdout
         assert text.startswith(f"RVG {RVG}: primary, replicating, link connected to {b.addr}") and "SRL" in text
     finally:
