@@ -343,7 +343,8 @@ class Service:
                     if due:
                         self._last_tick[r.name] = now
                         tick(self.dg, r)
-                    if r.state == "replicating" and (due or self._behind(r)):
+                    # behind with the link up: go on at once; the link down: retry at the next round due
+                    if r.state == "replicating" and (due or (r.name in self._conns and self._behind(r))):
                         catch_up(self.dg, r, self._conn(r))
             except LinkError as exc:
                 self._drop(r.name)
