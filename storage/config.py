@@ -28,6 +28,7 @@ VALID_KEYS: dict[str, tuple[str, ...]] = {
     "node": ("name",),
     "plugin": ("socket", "workers", "docker_host", "driver"),
     "cluster": ("catalog", "etcd_endpoints", "lease_ttl", "lease_interval", "engine_grace"),
+    "replication": ("interval", "srl_size", "listen", "key_file"),
 }
 # defaults of make: layouts and file systems it can be given without asking (see storage.layouts)
 DEFAULT_LAYOUTS = ("concat", "mirror", "stripe", "mirror-stripe", "auto")
@@ -97,6 +98,39 @@ class ClusterSettings:
 
 
 @dataclass(frozen=True)
+class ReplicationSettings:
+    """The replication link (storage.replication.link): a checkpoint every ``interval`` seconds, the
+    SRL size an RVG gets when createpri names none, where ``veritas rlink serve`` listens, and the file
+    holding the pre-shared key both sites authenticate with."""
+
+    interval: float = 10.0
+    srl_size: int = 1024**3
+    listen: str = "0.0.0.0:4145"
+    key_file: Path = Path("/etc/vx/docker/rlink.key")
+
+
+def _replication_settings(sec: configparser.SectionProxy, where: Callable[[str, str], str]) -> ReplicationSettings:
+    d = ReplicationSettings()
+    listen = sec.get("listen", fallback="").strip() or d.listen
+    host, colon, port = listen.rpartition(":")
+    if not colon or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise InvalidArgument(f"config{where('replication', 'listen')}: replication.listen = {listen!r} is not"
+                              " HOST:PORT")
+    key_file = Path(sec.get("key_file", fallback="").strip() or d.key_file)
+    if not key_file.is_absolute():
+        raise InvalidArgument(f"config{where('replication', 'key_file')}: replication.key_file must be an"
+                              f" absolute path, got {str(key_file)!r}")
+    raw_srl = sec.get("srl_size", fallback="").strip()
+    try:
+        srl_size = parse_size(raw_srl, "replication.srl_size") if raw_srl else d.srl_size
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"config{where('replication', 'srl_size')}: {exc}") from None
+    return ReplicationSettings(
+        interval=_seconds(sec, "interval", d.interval, where("replication", "interval")),
+        srl_size=srl_size, listen=listen, key_file=key_file)
+
+
+@dataclass(frozen=True)
 class Config:
     diskgroup: str = "dockerdg"
     state_root: Path = Path("/var/lib/veritas")
@@ -107,6 +141,7 @@ class Config:
     volume: VolumeDefaults = field(default_factory=VolumeDefaults)
     plugin: PluginSettings = field(default_factory=PluginSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    replication: ReplicationSettings = field(default_factory=ReplicationSettings)
     source: Path | None = None
 
     @property
@@ -284,7 +319,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     def where(sec: str, key: str) -> str:
         n = lines.get((sec, key))
         return f" file {chosen}, line {n}" if n else f" file {chosen}"
-    for sec in ("storage", "volume", "node", "plugin", "cluster"):
+    for sec in ("storage", "volume", "node", "plugin", "cluster", "replication"):
         if not parser.has_section(sec):
             parser.add_section(sec)
     st, vol, node, plug = parser["storage"], parser["volume"], parser["node"], parser["plugin"]
@@ -306,5 +341,6 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         volume=defaults,
         plugin=plugin,
         cluster=cluster,
+        replication=_replication_settings(parser["replication"], where),
         source=chosen,
     )

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from storage import cli as storage_cli
+from storage import rvgcli
 from storage.config import Config, load_config
 from storage.errors import VeritasError
 
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--via", metavar="CMD", help="command prefix that runs a command on the target (ssh NODE); "
                    "without it, the arriving half is left to run there")
     x.set_defaults(fn=_migrate_daemon)
+    rvgcli.add_commands(sub)
     return p
 
 

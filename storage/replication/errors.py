@@ -31,3 +31,19 @@ class SrlOverflow(ReplicationError):
 
 class NoSuchCheckpoint(NotFound):
     pass
+
+
+class NoSuchRvg(NotFound):
+    pass
+
+
+class LinkError(ReplicationError):
+    """The replication link failed: the peer is unreachable, refused us, or broke off."""
+
+
+class AuthFailed(LinkError):
+    """The peer did not prove it holds the pre-shared key (or we could not prove it to the peer)."""
+
+
+class ProtocolError(LinkError):
+    """A frame that is not what the protocol allows here: damaged, too big, or from another version."""

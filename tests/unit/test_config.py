@@ -322,3 +322,29 @@ def test_bad_cluster_lease_settings_are_refused_with_the_line(tmp_path: Path, li
     with pytest.raises(InvalidArgument, match=words) as err:
         load_config(path)
     assert str(path) in str(err.value) and "line" in str(err.value)
+
+
+def test_replication_settings_default_and_are_read(tmp_path: Path) -> None:
+    from storage.config import ReplicationSettings
+
+    assert load_config(minimal(tmp_path)).replication == ReplicationSettings()
+    assert load_config(REPO_DEFAULT).replication == ReplicationSettings()
+    path = write(tmp_path, minimal(tmp_path).read_text() + "[replication]\ninterval = 2.5\nsrl_size = 256m\n"
+                 "listen = 127.0.0.1:5000\nkey_file = /etc/k\n")
+    assert load_config(path).replication == ReplicationSettings(2.5, 256 * MiB, "127.0.0.1:5000", Path("/etc/k"))
+
+
+@pytest.mark.parametrize(("lines", "words"), [
+    ("interval = 0", "replication.interval = 0 must be more than 0"),
+    ("interval = often", "not a number of seconds"),
+    ("srl_size = lots", "replication.srl_size"),
+    ("listen = 4145", "not HOST:PORT"),
+    ("listen = host:99999", "not HOST:PORT"),
+    ("key_file = rlink.key", "absolute path"),
+    ("port = 4145", "unknown key 'port'"),
+])
+def test_bad_replication_settings_are_refused_with_the_line(tmp_path: Path, lines: str, words: str) -> None:
+    path = write(tmp_path, minimal(tmp_path).read_text() + "[replication]\n" + lines + "\n")
+    with pytest.raises(InvalidArgument, match=words) as err:
+        load_config(path)
+    assert str(path) in str(err.value) and "line" in str(err.value)

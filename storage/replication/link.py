@@ -1,0 +1,462 @@
+"""The replication link: ``veritas rlink serve`` (one foreground process per site) and its client.
+
+Both sides authenticate each other (storage.replication.protocol: PSK HMAC challenge-response) before
+anything else is read; a refused peer is logged and changes nothing. On a secondary the service
+answers ``addsec`` (record this site as the RVG's secondary), ``status`` (the replica's last consistent
+checkpoint) and ``delta`` (apply one delta set with apply.Replica, atomically, then ``ack``). On a
+primary its sender thread takes a checkpoint of each replicating RVG every ``interval`` seconds,
+logs the delta to the SRL (or the DCM when it would overflow), and ships what the secondary lacks in
+order, calling Srl.ack on each acknowledgement. ``startrep`` (the initial full sync) uses the same
+client, under the same per-RVG sender lock.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, cast
+
+from storage import crash
+from storage.errors import InvalidArgument, VeritasError
+from storage.group import DiskGroup
+from storage.replication import checkpoint, delta, deltaset, protocol, rvg
+from storage.replication.apply import Replica
+from storage.replication.deltaset import ImagePlan
+from storage.replication.errors import LinkError, ProtocolError, SrlOverflow
+from storage.replication.protocol import expect, send
+from storage.replication.srl import Srl
+
+log = logging.getLogger("veritas")
+CONNECT_TIMEOUT = 5.0
+IO_TIMEOUT = 120.0
+Progress = Callable[[int, int], None]
+
+
+def parse_addr(addr: str) -> tuple[str, int]:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise InvalidArgument(f"address {addr!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def sender_lock(name: str) -> str:
+    """Held by whoever ships deltas of RVG ``name`` (the serve's sender, startrep): one at a time."""
+    return f"@rlink.{name}"
+
+
+# ------------------------------------------------------------------ client
+
+
+class Conn:
+    """An authenticated connection to a peer's link service."""
+
+    def __init__(self, addr: str, key: bytes, timeout: float = CONNECT_TIMEOUT) -> None:
+        self.addr = addr
+        host, port = parse_addr(addr)
+        try:
+            self.sock = socket.create_connection((host, port), timeout=timeout)
+        except OSError as exc:
+            raise LinkError(f"cannot reach the link service at {addr}: {exc.strerror or exc}; is"
+                            f" `veritas rlink serve` running there, and the address right?") from None
+        self.sock.settimeout(IO_TIMEOUT)
+        self.fh = cast(BinaryIO, self.sock.makefile("rwb"))
+        try:
+            protocol.handshake_client(self.fh, key)
+        except (OSError, VeritasError) as exc:
+            self.close()
+            if isinstance(exc, VeritasError):
+                raise LinkError(f"link to {addr}: {exc}") from None
+            raise LinkError(f"link to {addr} broke during authentication: {exc}") from None
+
+    def close(self) -> None:
+        for c in (self.fh, self.sock):
+            try:
+                c.close()
+            except (OSError, AttributeError):
+                pass
+
+    def call(self, msg: dict[str, Any], reply: str) -> dict[str, Any]:
+        try:
+            send(self.fh, msg)
+            return expect(self.fh, reply)
+        except OSError as exc:
+            raise LinkError(f"link to {self.addr} broke: {exc}") from None
+
+    def status(self, name: str) -> dict[str, Any]:
+        return self.call({"type": "status", "rvg": name}, "status")
+
+    def send_plans(self, name: str, from_seq: int, to_seq: int, created: float, plans: Sequence[ImagePlan],
+                   progress: Progress | None = None) -> int:
+        """Encode ``plans`` straight onto the link (no spool) and wait for the ack; the secondary's seq."""
+        sizes = [p.encoded_size for p in plans]
+        return self._ship(name, from_seq, to_seq, created, sizes,
+                          lambda out: [delta.encode(out, p.header, p.source, p.pieces) for p in plans], progress)
+
+    def send_files(self, name: str, from_seq: int, to_seq: int, created: float, files: Sequence[Path]) -> int:
+        """Ship an SRL entry's delta files and wait for the ack."""
+        sizes = [os.stat(f).st_size for f in files]
+
+        def write(out: BinaryIO) -> None:
+            for f in files:
+                with open(f, "rb") as fh:
+                    shutil.copyfileobj(fh, out, 1 << 20)
+        return self._ship(name, from_seq, to_seq, created, sizes, write, None)
+
+    def _ship(self, name: str, from_seq: int, to_seq: int, created: float, sizes: list[int],
+              write: Callable[[BinaryIO], object], progress: Progress | None) -> int:
+        try:
+            send(self.fh, {"type": "delta", "rvg": name, "from_seq": from_seq, "to_seq": to_seq,
+                           "created": created, "lengths": sizes})
+            write(cast(BinaryIO, _Counting(self.fh, sum(sizes), progress)))
+            self.fh.flush()
+            ack = expect(self.fh, "ack")
+        except OSError as exc:
+            raise LinkError(f"link to {self.addr} broke while sending delta {to_seq}: {exc}") from None
+        if ack.get("seq") != to_seq:
+            raise ProtocolError(f"secondary acknowledged {ack.get('seq')} for delta {to_seq}")
+        return to_seq
+
+
+class _Counting(io.RawIOBase):
+    """A writer that counts bytes through to ``fh`` and reports progress."""
+
+    def __init__(self, fh: BinaryIO, total: int, progress: Progress | None) -> None:
+        self.fh, self.total, self.done, self.progress = fh, total, 0, progress
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        data = bytes(b)
+        if not self.done and len(data) > 1:  # the first write goes out in two halves:
+            self.fh.write(data[:len(data) // 2])
+            self.fh.flush()
+            crash.point("rlink.send.partial")  # part of a delta on the wire, the rest not
+            self.fh.write(data[len(data) // 2:])
+        else:
+            self.fh.write(data)
+        n = len(data)
+        self.done += n
+        if self.progress:
+            self.progress(self.done, self.total)
+        return n
+
+
+class _Bounded(io.RawIOBase):
+    """The next ``n`` bytes of ``fh`` as a stream of their own (one delta on the link)."""
+
+    def __init__(self, fh: BinaryIO, n: int) -> None:
+        self.fh, self.left = fh, n
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, k: int | None = -1) -> bytes:
+        k = self.left if k is None or k < 0 else min(k, self.left)
+        b = self.fh.read(k) if k else b""
+        self.left -= len(b)
+        return b
+
+    def drain(self) -> None:
+        while self.left and self.read(1 << 20):
+            pass
+
+
+# ------------------------------------------------------------------ primary: checkpoint, log, ship
+
+
+def _full_ranges(dg: DiskGroup, ck: checkpoint.Checkpoint) -> dict[str, list[tuple[int, int]]]:
+    return {i.key: [(0, os.stat(ck.path(dg, i)).st_size)] for i in ck.images}
+
+
+def _srl_last(srl: Srl) -> int:
+    d = srl.dcm()
+    return max([srl.acked, *srl.pending(), d.upto if d else 0])
+
+
+def _prune(dg: DiskGroup, name: str, keep: int) -> None:
+    for c in checkpoint.list_checkpoints(dg, name):
+        if c.seq < keep:
+            checkpoint.delete(dg, name, c.seq)
+
+
+def tick(dg: DiskGroup, r: rvg.Rvg) -> int:
+    """Take the RVG's next checkpoint and log its delta in the SRL, or in the DCM when it would overflow
+    (or when the base checkpoint is gone: a killed tick). Only the newest checkpoint is kept. Its seq."""
+    srl = Srl(rvg.srl_root(dg, r.name), r.srl_size)
+    base = _srl_last(srl)
+    have = {c.seq for c in checkpoint.list_checkpoints(dg, r.name)}
+    ck = checkpoint.take(dg, r.name, r.volumes)
+    if srl.dcm_active:
+        plans = deltaset.plan(dg, r.name, base, ck.seq) if base in have else None
+        srl.dcm_add(ck.seq, {p.ref.key: p.ranges for p in plans} if plans is not None else _full_ranges(dg, ck))
+    elif base not in have:
+        log.warning("RVG %s: checkpoint %d the SRL ends at is gone: tracking all extents (DCM) to resync",
+                    r.name, base)
+        srl.to_dcm(ck.seq, _full_ranges(dg, ck))
+    else:
+        plans = deltaset.plan(dg, r.name, base, ck.seq)
+        try:
+            srl.append(ck.seq, plans)
+        except SrlOverflow as exc:
+            log.warning("RVG %s: %s", r.name, exc)
+            srl.to_dcm(ck.seq, {p.ref.key: p.ranges for p in plans})
+    _prune(dg, r.name, ck.seq)
+    return ck.seq
+
+
+def _created(dg: DiskGroup, name: str, seq: int) -> float:
+    try:
+        return checkpoint.get(dg, name, seq).created
+    except VeritasError:
+        return time.time()
+
+
+def catch_up(dg: DiskGroup, r: rvg.Rvg, conn: Conn) -> int:
+    """Ship what the secondary lacks: the SRL's entries in order, or one DCM resync delta; the
+    secondary's seq after."""
+    srl = Srl(rvg.srl_root(dg, r.name), r.srl_size)
+    sec = int(conn.status(r.name)["seq"])
+    if sec > srl.acked and sec <= _srl_last(srl):
+        srl.ack(sec)  # an ack lost with the link (the secondary applied it)
+    latest = checkpoint.last_consistent(dg, r.name)
+    if sec < srl.acked and latest is not None:
+        # the secondary went back (its replica restored or recreated): the SRL's deltas start after
+        # what it holds, so send every allocated extent of the newest checkpoint instead
+        log.warning("RVG %s: the secondary holds checkpoint %d, before the acknowledged %d: full resync",
+                    r.name, sec, srl.acked)
+        plans = deltaset.plan_ranges(dg, r.name, sec, latest.seq, _full_ranges(dg, latest))
+        sec = conn.send_plans(r.name, sec, latest.seq, latest.created, plans)
+        srl.ack(sec)
+        _acked(dg, r.name, sec)
+        return sec
+    d = srl.dcm()
+    if d is not None:
+        plans = deltaset.plan_ranges(dg, r.name, sec, d.upto, d.ranges)
+        sec = conn.send_plans(r.name, sec, d.upto, _created(dg, r.name, d.upto), plans)
+        srl.ack(sec)
+        _acked(dg, r.name, sec)
+        return sec
+    for s in srl.pending():
+        if s <= sec:
+            continue
+        sec = conn.send_files(r.name, sec, s, _created(dg, r.name, s), srl.entry(s))
+        srl.ack(sec)
+        _acked(dg, r.name, sec)
+    return sec
+
+
+def _acked(dg: DiskGroup, name: str, seq: int) -> None:
+    rvg.set_link_state(dg, name, acked_seq=seq, acked_created=_created(dg, name, seq), acked_at=time.time(),
+                       link="connected", error="")
+
+
+def full_sync(dg: DiskGroup, r: rvg.Rvg, key: bytes, progress: Progress | None = None) -> int:
+    """The initial full sync (startrep): a new checkpoint, every allocated extent of it shipped from
+    whatever the secondary holds, applied there atomically. The SRL and DCM start afresh from it."""
+    conn = Conn(r.peer_addr, key)
+    try:
+        with dg.locks.hold(sender_lock(r.name)):
+            sec = int(conn.status(r.name)["seq"])
+            ck = checkpoint.take(dg, r.name, r.volumes)
+            plans = deltaset.plan_ranges(dg, r.name, sec, ck.seq, _full_ranges(dg, ck))
+            conn.send_plans(r.name, sec, ck.seq, ck.created, plans, progress)
+            srl = Srl(rvg.srl_root(dg, r.name), r.srl_size)
+            if ck.seq >= srl.acked:
+                srl.ack(ck.seq)
+            _acked(dg, r.name, ck.seq)
+            _prune(dg, r.name, ck.seq)
+            return ck.seq
+    finally:
+        conn.close()
+
+
+# ------------------------------------------------------------------ the service
+
+
+@dataclass
+class Service:
+    dg: DiskGroup
+    key: bytes
+    listen: str
+    interval: float
+    stop: threading.Event
+
+    def __post_init__(self) -> None:
+        self._apply_lock = threading.Lock()
+        self._conns: dict[str, Conn] = {}
+        self._last_tick: dict[str, float] = {}
+        host, port = parse_addr(self.listen)
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.sock.bind((host, port))
+        except OSError as exc:
+            self.sock.close()
+            raise InvalidArgument(f"cannot listen on {self.listen}: {exc.strerror}") from None
+        self.sock.listen(16)
+        self.sock.settimeout(0.5)
+
+    @property
+    def address(self) -> str:
+        host, port = self.sock.getsockname()[:2]
+        return f"{host}:{port}"
+
+    def run(self) -> None:
+        threading.Thread(target=self._accept_loop, name="rlink-accept", daemon=True).start()
+        try:
+            while not self.stop.is_set():
+                self._send_round()
+                self.stop.wait(min(0.5, self.interval))
+        finally:
+            self.sock.close()
+            for c in self._conns.values():
+                c.close()
+
+    # ---- primary side
+
+    def _send_round(self) -> None:
+        try:
+            rvgs = rvg.all_rvgs(self.dg)
+        except VeritasError as exc:
+            log.error("reading RVG records: %s", exc)
+            return
+        for r in rvgs:
+            if r.role != "primary" or not r.synced or r.state == "stopped":
+                self._drop(r.name)
+                continue
+            now = time.monotonic()
+            due = now - self._last_tick.get(r.name, 0.0) >= self.interval
+            try:
+                with self.dg.locks.hold(sender_lock(r.name), timeout=self.interval):
+                    r = rvg.get(self.dg, r.name)  # as it is now: a pauserep waits on this lock
+                    if r.role != "primary" or not r.synced or r.state == "stopped":
+                        continue
+                    if due:
+                        self._last_tick[r.name] = now
+                        tick(self.dg, r)
+                    # behind with the link up: go on at once; the link down: retry at the next round due
+                    if r.state == "replicating" and (due or (r.name in self._conns and self._behind(r))):
+                        catch_up(self.dg, r, self._conn(r))
+            except LinkError as exc:
+                self._drop(r.name)
+                rvg.set_link_state(self.dg, r.name, link="disconnected", error=str(exc))
+                log.warning("RVG %s: %s", r.name, exc)
+            except (VeritasError, OSError) as exc:
+                self._drop(r.name)
+                log.error("RVG %s: %s", r.name, exc)
+
+    def _behind(self, r: rvg.Rvg) -> bool:
+        srl = Srl(rvg.srl_root(self.dg, r.name), r.srl_size)
+        return bool(srl.pending()) or srl.dcm_active
+
+    def _conn(self, r: rvg.Rvg) -> Conn:
+        c = self._conns.get(r.name)
+        if c is None:
+            c = self._conns[r.name] = Conn(r.peer_addr, self.key)
+        return c
+
+    def _drop(self, name: str) -> None:
+        c = self._conns.pop(name, None)
+        if c is not None:
+            c.close()
+
+    # ---- secondary side
+
+    def _accept_loop(self) -> None:
+        while not self.stop.is_set():
+            try:
+                s, peer = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(s, f"{peer[0]}:{peer[1]}"), daemon=True).start()
+
+    def _handle(self, s: socket.socket, peer: str) -> None:
+        s.settimeout(IO_TIMEOUT)
+        fh = cast(BinaryIO, s.makefile("rwb"))
+        try:
+            try:
+                protocol.handshake_server(fh, self.key)
+            except (VeritasError, OSError) as exc:
+                log.warning("refused link from %s: %s", peer, exc)
+                return
+            while not self.stop.is_set():
+                try:
+                    msg = protocol.decode_frame(fh)
+                except LinkError:
+                    return
+                try:
+                    send(fh, self._answer(msg, fh))
+                except (VeritasError, OSError) as exc:
+                    log.error("link from %s: %s: %s", peer, msg.get("type"), exc)
+                    try:
+                        send(fh, {"type": "error", "message": str(exc)})
+                    except OSError:
+                        pass
+                    return  # the stream position is unknown after a failed request: hang up
+        finally:
+            fh.close()
+            s.close()
+
+    def _answer(self, msg: dict[str, Any], fh: BinaryIO) -> dict[str, Any]:
+        kind = msg["type"]
+        name = str(msg.get("rvg", ""))
+        if kind == "addsec":
+            return self._addsec(msg)
+        if kind == "status":
+            r = self._secondary(name)
+            rep = Replica(rvg.replica_root(self.dg, r.name), r.name)
+            st = rvg.link_state(self.dg, r.name)
+            return {"type": "status", "seq": rep.seq, "created": st.get("applied_created")}
+        if kind == "delta":
+            return self._delta(name, msg, fh)
+        raise ProtocolError(f"unknown request {kind!r}")
+
+    def _secondary(self, name: str) -> rvg.Rvg:
+        r = rvg.get(self.dg, name)
+        if r.role != "secondary":
+            raise InvalidArgument(f"RVG {name} is {r.role} on this site, not secondary: refusing its deltas")
+        return r
+
+    def _addsec(self, msg: dict[str, Any]) -> dict[str, Any]:
+        name = str(msg.get("rvg", ""))
+        vols = msg.get("volumes")
+        if not isinstance(vols, list) or not all(isinstance(v, str) for v in vols):
+            raise ProtocolError("addsec without a list of volumes")
+        with rvg.locked(self.dg):
+            rec = rvg.Rvg(name, tuple(vols), int(msg.get("srl_size", 0)), "secondary", "stopped",
+                          str(msg.get("secondary_addr", "")), str(msg.get("primary_addr", "")))
+            rvg.check_new(self.dg, name, rec.volumes, rec.srl_size, need_volumes=False)
+            root = rvg.replica_root(self.dg, name)
+            if root.exists():
+                shutil.rmtree(root)  # a replica no record names: left by a killed addsec
+            root.mkdir(parents=True)
+            Replica.create(root, name)
+            rvg.create(self.dg, rec, need_volumes=False)
+        log.info("RVG %s: this site is now the secondary of %s", name, rec.peer_addr)
+        return {"type": "ok"}
+
+    def _delta(self, name: str, msg: dict[str, Any], fh: BinaryIO) -> dict[str, Any]:
+        lengths = msg.get("lengths")
+        if not isinstance(lengths, list) or not all(isinstance(n, int) and n > 0 for n in lengths):
+            raise ProtocolError("delta frame without stream lengths")
+        streams = [_Bounded(fh, n) for n in lengths]
+        r = self._secondary(name)
+        with self._apply_lock:
+            rep = Replica(rvg.replica_root(self.dg, r.name), r.name)
+            seq = rep.apply(cast(Sequence[BinaryIO], streams))
+        for b in streams:
+            b.drain()
+        rvg.set_link_state(self.dg, name, applied_seq=seq, applied_created=msg.get("created"),
+                           applied_at=time.time(), link="connected")
+        return {"type": "ack", "seq": seq}

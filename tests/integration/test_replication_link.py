@@ -1,0 +1,319 @@
+"""The replication link between two sites on one machine: two disk groups under two state roots, each
+site's ``veritas rlink serve`` a subprocess on 127.0.0.1 (ephemeral port), the rvg commands run as the
+real CLI. Initial sync makes the secondary byte-identical; writes arrive within the interval and one
+delta; SIGKILL of either service mid-delta leaves the secondary's last consistent checkpoint whole and
+replication resumes; a wrong key, an unreachable secondary and bad names are refused, changing nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from storage import diskgroup, volumes
+from storage.config import load_config
+from storage.diskgroup import DiskGroup, DiskSpec
+from storage.replication import checkpoint, link, rvg
+from storage.replication.apply import Replica
+from tests.integration.conftest import REPO, finish, write_config
+
+RVG = "rvg1"
+KEY = "0123456789abcdef0123456789abcdef\n"
+
+
+@dataclass
+class Site:
+    root: Path
+    config_path: Path
+    procs: list[subprocess.Popen[str]] = field(default_factory=list)
+    addr: str = ""
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {**os.environ, "VERITAS_CONFIG": str(self.config_path), **extra}
+
+    def cli(self, *args: str, check: bool = True, key: Path | None = None,
+            text: bool = False) -> subprocess.CompletedProcess[str]:
+        pre = ["rvg", "--key-file", str(key)] if key and args[0] == "rvg" else [args[0]]
+        js = [] if text else ["--json"]
+        p = subprocess.run([sys.executable, "-m", "veritas.cli", *js, *pre, *args[1:]], cwd=REPO,
+                           env=self.env(), capture_output=True, text=True, timeout=120, check=False)
+        if check and p.returncode != 0:
+            raise AssertionError(f"veritas {' '.join(args)} failed ({p.returncode}): {p.stderr}")
+        return p
+
+    def serve(self, interval: float = 1.0, port: int = 0, **extra: str) -> subprocess.Popen[str]:
+        log = open(self.root / "serve.log", "a")
+        p = subprocess.Popen([sys.executable, "-m", "veritas.cli", "rlink", "serve", "--listen",
+                              f"127.0.0.1:{port}", "--interval", str(interval)], cwd=REPO, env=self.env(**extra),
+                             stdout=subprocess.PIPE, stderr=log, text=True)
+        log.close()
+        self.procs.append(p)
+        assert p.stdout is not None
+        ready, _, _ = select.select([p.stdout], [], [], 30)
+        line = p.stdout.readline() if ready else ""
+        assert line.startswith("listening on "), f"rlink serve did not start: {line!r} {self.log()}"
+        self.addr = line.split()[-1]
+        return p
+
+    def kill(self, p: subprocess.Popen[str], sig: int = signal.SIGKILL) -> None:
+        if p.poll() is None:
+            os.kill(p.pid, sig)
+        p.wait(timeout=30)
+
+    def log(self) -> str:
+        f = self.root / "serve.log"
+        return f.read_text() if f.exists() else ""
+
+    def dg(self) -> DiskGroup:
+        return diskgroup.open_dg(load_config(self.config_path), "testdg")
+
+
+def make_site(root: Path) -> Site:
+    path = write_config(root)
+    (root / "rlink.key").write_text(KEY)
+    os.chmod(root / "rlink.key", 0o600)
+    with open(path, "a") as fh:
+        fh.write(f"[replication]\nkey_file = {root}/rlink.key\ninterval = 1\n")
+    (root / "disks").mkdir()
+    diskgroup.init(load_config(path), "testdg", [DiskSpec.parse(f"{root}/disks/d1.img=2g")]).close()
+    return Site(root, path)
+
+
+@pytest.fixture
+def sites() -> Iterator[tuple[Site, Site]]:
+    """Two sites, each a state root of its own with one disk group; torn down like ``env`` (services
+    killed by PID first, then every disk group destroyed and leaks checked)."""
+    made: list[Site] = []
+    roots = [Path(tempfile.mkdtemp(prefix="vtest-", dir="/tmp")) for _ in range(2)]
+    try:
+        for r in roots:
+            made.append(make_site(r))
+        yield made[0], made[1]
+    finally:
+        for s in made:
+            for p in s.procs:  # SIGTERM: the service ends its round (a SIGKILL could leave a freeze)
+                try:
+                    s.kill(p, signal.SIGTERM)
+                except subprocess.TimeoutExpired:
+                    s.kill(p)
+        for r in roots:
+            cfg = r / "veritas.conf"
+            finish(load_config(cfg) if cfg.exists() else load_config(write_config(r)), r)
+
+
+def digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=32)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def poll(what: str, fn: Callable[[], bool], timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while not fn():
+        if time.monotonic() > end:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def synced_pair(a: Site, b: Site, dga: DiskGroup, dgb: DiskGroup) -> tuple[int, dict[str, str]]:
+    """Hold A's sender lock, so no checkpoint is taken or pruned, until B's replica is at A's newest
+    checkpoint; then the seq and the replica's image digests, which must equal the checkpoint's."""
+    end = time.monotonic() + 30
+    while True:
+        with dga.locks.hold(link.sender_lock(RVG)):
+            ck = checkpoint.last_consistent(dga, RVG)
+            rep = Replica(rvg.replica_root(dgb, RVG), RVG)
+            if ck is not None and rep.seq == ck.seq:
+                got = {k: digest(rep.image(k)) for k in rep.keys()}
+                assert got == {i.key: digest(ck.path(dga, i)) for i in ck.images}, \
+                    "the secondary's replica differs from the primary's checkpoint"
+                return ck.seq, got
+        if time.monotonic() > end:
+            pytest.fail(f"secondary never caught up; A: {a.log()[-2000:]} B: {b.log()[-2000:]}")
+        time.sleep(0.3)
+
+
+def write_marker(mnt: Path, name: str) -> bytes:
+    data = os.urandom(64 * 1024)
+    fd = os.open(mnt / name, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return data
+
+
+def status(site: Site) -> dict[str, object]:
+    return dict(json.loads(site.cli("rvg", "repstatus", RVG).stdout))
+
+
+def test_startrep_then_writes_arrive_and_kill_9_of_either_service_mid_delta(sites: tuple[Site, Site]) -> None:
+    a, b = sites
+    dga, dgb = a.dg(), b.dg()
+    try:
+        volumes.make(dga, "v1", "320m", fstype="xfs")
+        mnt = volumes.mount(dga, "v1")
+        write_marker(mnt, "before")
+        b.serve()
+        a.serve()
+        a.cli("rvg", "createpri", RVG, "v1", "2m")
+        a.cli("rvg", "addsec", RVG, a.addr, b.addr)
+        assert rvg.get(dgb, RVG).role == "secondary" and rvg.get(dga, RVG).peer_addr == b.addr
+        start = a.cli("rvg", "startrep", RVG)
+        assert "100%" in start.stderr, "progress lines on stderr (not a terminal)"
+        seq0 = json.loads(start.stdout)["seq"]
+        seq1, _ = synced_pair(a, b, dga, dgb)
+        assert seq1 >= seq0
+
+        # a write arrives within the interval and one delta
+        t0 = time.monotonic()
+        marker = write_marker(mnt, "after")
+        poll("the write to reach the secondary",
+             lambda: int(status(a)["last_consistent_seq"]) > seq1 + 1, 15)  # a checkpoint taken after it
+        assert time.monotonic() - t0 < 1 + 10, "replication lag over interval + one delta"
+        seq2, _ = synced_pair(a, b, dga, dgb)
+        rep = Replica(rvg.replica_root(dgb, RVG), RVG)
+        assert marker in rep.image("v1.0").read_bytes(), "the replica holds the write"
+        st = status(a)
+        assert st["role"] == "primary" and st["link"] == "connected" and st["consistent"] is True
+        assert status(b)["role"] == "secondary"
+
+        # SIGKILL of the secondary's service while it applies a delta
+        b.kill(b.procs[-1], signal.SIGTERM)
+        before = {k: digest(rep.image(k)) for k in rep.keys()}
+        at = rep.seq
+        port = int(b.addr.rsplit(":", 1)[1])
+        victim = b.serve(port=port, VERITAS_CRASH_AT="repl.apply.record")
+        write_marker(mnt, "during-b")
+        victim.wait(timeout=30)
+        assert victim.returncode == -signal.SIGKILL, "the secondary's service was killed mid-apply"
+        rep.recover()
+        assert rep.seq == at and {k: digest(rep.image(k)) for k in rep.keys()} == before, \
+            "the last consistent checkpoint still verifies"
+        b.serve(port=port)
+        seq3, _ = synced_pair(a, b, dga, dgb)
+        assert seq3 > at
+
+        # SIGKILL of the primary's service with part of a delta on the wire
+        a.kill(a.procs[-1], signal.SIGTERM)
+        aport = int(a.addr.rsplit(":", 1)[1])
+        at = rep.seq
+        before = {k: digest(rep.image(k)) for k in rep.keys()}
+        victim = a.serve(port=aport, VERITAS_CRASH_AT="rlink.send.partial")
+        write_marker(mnt, "during-a")
+        victim.wait(timeout=30)
+        assert victim.returncode == -signal.SIGKILL, "the primary's service was killed mid-send"
+        time.sleep(0.5)
+        assert rep.seq == at and {k: digest(rep.image(k)) for k in rep.keys()} == before, \
+            "a torn delta changed nothing on the secondary"
+        a.serve(port=aport)
+        seq4, _ = synced_pair(a, b, dga, dgb)
+        assert seq4 > at
+
+        # paused, the SRL overflows into the DCM (secondary marked inconsistent); resumed, one resync
+        a.cli("rvg", "pauserep", RVG)
+        paused_at = rep.seq  # once pauserep returns, nothing more is sent
+        big = os.urandom(3 << 20)
+        (mnt / "big").write_bytes(big)
+        os.sync()
+        poll("the SRL to overflow into the DCM", lambda: status(a)["dcm"] is True, 15)
+        st = status(a)
+        assert st["consistent"] is False and int(st["lag_bytes"]) >= len(big)
+        assert rep.seq == paused_at, "paused: nothing is sent"
+        a.cli("rvg", "resumerep", RVG)
+        poll("the DCM resync", lambda: status(a)["dcm"] is False, 20)
+        synced_pair(a, b, dga, dgb)
+        assert big in rep.image("v1.0").read_bytes()
+        assert status(a)["consistent"] is True
+        # a secondary whose replica went back (here: recreated empty) gets a full resync, not a mismatch
+        b.kill(b.procs[-1], signal.SIGTERM)
+        shutil.rmtree(rvg.replica_root(dgb, RVG))
+        rvg.replica_root(dgb, RVG).mkdir()
+        Replica.create(rvg.replica_root(dgb, RVG), RVG)
+        b.serve(port=port)
+        synced_pair(a, b, dga, dgb)
+        assert big in rep.image("v1.0").read_bytes() and "full resync" in a.log()
+        text = a.cli("rvg", "repstatus", RVG, text=True).stdout
+        assert text.startswith(f"RVG {RVG}: primary, replicating, link connected to {b.addr}") and "SRL" in text
+    finally:
+        dga.close()
+        dgb.close()
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = int(s.getsockname()[1])
+    s.close()
+    return port
+
+
+def test_bad_input_is_refused_and_changes_nothing(sites: tuple[Site, Site]) -> None:
+    a, b = sites
+    dga, dgb = a.dg(), b.dg()
+    try:
+        volumes.make(dga, "v1", "320m", fstype="xfs")
+        volumes.make(dga, "v2", "320m", fstype="xfs")
+        p = a.cli("rvg", "createpri", RVG, "v1,nosuch", "64m", check=False)
+        assert p.returncode == 3 and "no such volume: nosuch" in p.stderr and rvg.names(dga) == []
+        p = a.cli("rvg", "createpri", RVG, "v1", "lots", check=False)
+        assert p.returncode == 2 and rvg.names(dga) == []
+        a.cli("rvg", "createpri", RVG, "v1", "64m")
+        p = a.cli("rvg", "createpri", "rvg2", "v2,v1", "64m", check=False)
+        assert p.returncode == 5 and "volume v1 is already in RVG rvg1" in p.stderr and rvg.names(dga) == [RVG]
+        for cmd in ("repstatus", "startrep", "pauserep"):
+            p = a.cli("rvg", cmd, "nosuch", check=False)
+            assert p.returncode == 3 and "no such RVG: nosuch" in p.stderr, cmd
+        p = a.cli("rvg", "startrep", RVG, check=False)
+        assert p.returncode == 2 and "has no secondary" in p.stderr
+        record = rvg.get(dga, RVG)
+
+        # addsec to an address nobody listens on
+        p = a.cli("rvg", "addsec", RVG, "127.0.0.1:1", f"127.0.0.1:{free_port()}", check=False)
+        assert p.returncode == 11 and "cannot reach the link service" in p.stderr
+        assert rvg.get(dga, RVG) == record
+
+        # a secondary whose key differs: refused both ways, logged, nothing recorded anywhere
+        b.serve()
+        wrong = a.root / "wrong.key"
+        wrong.write_text("fedcba9876543210fedcba9876543210\n")
+        p = a.cli("rvg", "addsec", RVG, "127.0.0.1:1", b.addr, check=False, key=wrong)
+        assert p.returncode == 11 and "did not prove the pre-shared key" in p.stderr
+        assert rvg.get(dga, RVG) == record and rvg.names(dgb) == []
+        assert not rvg.replica_root(dgb, RVG).exists()
+        poll("the refusal in the secondary's log", lambda: "refused link from 127.0.0.1" in b.log(), 10)
+
+        # a peer that skips the handshake: refused, logged, nothing changed
+        with socket.create_connection(tuple(link.parse_addr(b.addr))) as s:  # type: ignore[arg-type]
+            body = json.dumps({"type": "addsec", "rvg": RVG, "volumes": ["v1"], "srl_size": 1}).encode()
+            s.sendall(len(body).to_bytes(4, "big") + body)
+            s.settimeout(10)
+            while s.recv(4096):
+                pass
+        assert rvg.names(dgb) == []
+        # and with the right key it works
+        a.cli("rvg", "addsec", RVG, "127.0.0.1:1", b.addr)
+        assert rvg.get(dgb, RVG).role == "secondary"
+        p = b.cli("rvg", "startrep", RVG, check=False)
+        assert p.returncode == 2 and "secondary on this site" in p.stderr
+        assert a.cli("rvg", "repstatus", RVG, text=True).stdout.startswith(f"RVG {RVG}: primary, stopped, link")
+        assert b.cli("rvg", "repstatus", RVG, text=True).stdout.startswith(f"RVG {RVG}: secondary, stopped")
+    finally:
+        dga.close()
+        dgb.close()
