@@ -22,7 +22,7 @@ service, ``ratio`` the median per-run ratio, ``spread`` its [min, max].
   node_kill_to_running_with_data    the same after `scripts/lab kill NODE` (every process of the node).
                                     Target value < lease_ttl + 3 s, lease_ttl read from the config the lab
                                     wrote for the node.
-                                    Both kill figures: p50 of 10 runs (2 with --quick); the killed node is
+                                    Both kill figures: p50 of 10 runs (1 with --quick); the killed node is
                                     started again (`scripts/lab start`) before the next run.
   lab_up_3_nodes_swarm              bench/lab.py's figure (its own labs, before this one), group "up".
 
@@ -351,7 +351,7 @@ class Bench:
             return
         if not self.dev:
             self.start_lab()
-        kills = 2 if self.quick else 10
+        kills = 1 if self.quick else 10
         if group == "drain":
             self.figure("drain_to_running_with_volume", "drain", 1 if self.quick else 5,
                         lambda base: f"value<{round(round(base, 3) + 1.0, 3)}")
