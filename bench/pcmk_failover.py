@@ -14,6 +14,8 @@ socket, so a poll costs a fraction of the seconds measured.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import time
 import uuid
@@ -297,7 +299,7 @@ def container_kill(c: Cluster, rsc: Rsc, threshold: int = THRESHOLD, via: str = 
         if not old:
             raise AssertionError(f"{rsc.container} does not run on {src} before kill {kill}")
         move.t0 = time.monotonic()
-        subprocess.run(["kill", "-9", str(old)], check=True)
+        os.kill(old, signal.SIGKILL)
         move.kills = kill
         wait_for(lambda b=before: c.failcount(via, rsc.id, src) > b, 40, f"kill {kill} of {rsc.id} counted")  # type: ignore[misc]
         if c.failcount(via, rsc.id, src) >= threshold:
