@@ -202,7 +202,14 @@ class LabFigures:
         from lab.image import IMAGE
 
         src = self.mig_at
-        c.docker(src, "volume", "create", "-d", "veritas", "-o", "size=100m", MIG_VOL, timeout=120)
+        errors = []
+        for n in (src, *pf.NODES):  # made on any node that sees the disk group (the first that can)
+            r = c.docker(n, "volume", "create", "-d", "veritas", "-o", "size=100m", MIG_VOL, check=False, timeout=120)
+            if r.returncode == 0:
+                break
+            errors.append(f"{n}: {r.stderr.strip()}")
+        else:
+            raise RuntimeError(f"no node could make volume {MIG_VOL}: {'; '.join(errors)}")
         for name, vol in ((MIG, f"{MIG_VOL}:/data"), (BARE, f"{BARE_VOL}:/data")):
             drv = ["--volume-driver", "veritas"] if name == MIG else []
             c.docker(src, "run", "-d", "--name", name, "--stop-timeout", "5", "-v", vol, *drv, IMAGE, *MIG_CMD,
