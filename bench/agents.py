@@ -114,7 +114,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(REPO))
 
 from bench import common  # noqa: E402
-from bench.common import Pairs, emit, log, pct  # noqa: E402
+from bench.common import Pairs, emit, log, pct, strata_phases  # noqa: E402
 from bench.pcmk_figures import LabFigures  # noqa: E402
 
 OCF_AGENT = REPO / "agents" / "ocf" / "DockerContainer"
@@ -127,14 +127,6 @@ LOAD_CONTAINERS = 49  # with bench-web: the engine runs 50
 POLL_INTERVAL = 10.0  # seconds: the monitor interval the watcher is compared against
 OCF_NOT_RUNNING = 7
 PCMK_GROUPS = ["standby", "container_kill", "dockerd_kill", "node_kill"]  # failover_*, in the Pacemaker lab
-
-
-def strata_phases(n: int, interval: float, rng: random.Random) -> list[float]:
-    """``n`` phases in [0, interval): one uniform draw from each of n equal strata, in shuffled order, so
-    that few runs still sample the whole interval evenly (a poll's phase against a kill is uniform)."""
-    out = [(k + rng.random()) * interval / n for k in range(n)]
-    rng.shuffle(out)
-    return out
 
 
 def poll_detection(kill_at: float, phase: float, interval: float, monitor: Callable[[], int],

@@ -281,20 +281,29 @@ def unstandby(c: Cluster, node: str, via: str = "node1") -> None:
 
 
 def container_kill(c: Cluster, rsc: Rsc, threshold: int = THRESHOLD, via: str = "node1", timeout: float = 60,
-                   after_restart: Callable[[int, float], None] | None = None) -> Move:
+                   after_restart: Callable[[int, float], None] | None = None, phase: float | None = None) -> Move:
     """``kill -9`` of ``rsc``'s container process (from the host) until its fail count reaches
-    ``threshold``; each kill below it is waited for to restart in place (``after_restart(kill, secs)``).
-    The move is timed from the kill that crossed the threshold."""
+    ``threshold``; each kill below it is waited for to restart in place (Pacemaker shows it Started on
+    the node again and its new container runs: ``after_restart(kill, secs)``), then for the cluster to
+    settle. The move is timed from the kill that crossed the threshold.
+
+    ``phase``: seconds to wait, after the cluster settled, before a kill with the fail count at
+    ``threshold - 1``: where failures are seen by a monitor, the one after a start runs at once and
+    the next an interval later, so this places the crossing kill at that phase of the interval."""
     src = c.where(rsc.id, via)
     token = c.write_token(src, rsc) if rsc.data else None
     move = Move(src, 0.0, tokens={rsc.id: token})
 
     def restarted(old: int) -> bool:
         running, pid = c.state(src, rsc)
-        return running and pid not in (0, old) and (token is None or c.reads(src, token, rsc))
+        return running and pid not in (0, old) and c.started(via, rsc.id) == [src] and (
+            token is None or c.reads(src, token, rsc))
 
     for kill in range(1, threshold + 1):
+        c.settle(via)
         before = c.failcount(via, rsc.id, src)
+        if phase is not None and before == threshold - 1:
+            time.sleep(phase)
         old = c.container_pid(src, rsc)
         if not old:
             raise AssertionError(f"{rsc.container} does not run on {src} before kill {kill}")

@@ -8,6 +8,7 @@ scenarios are bench/pcmk_failover.py's, the ones tests/cluster/test_pacemaker_fa
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -20,9 +21,10 @@ from typing import Any
 
 from bench import common
 from bench import pcmk_failover as pf
-from bench.common import Pairs, log, pct
+from bench.common import Pairs, log, pct, strata_phases
 from bench.pcmk_failover import GROUP, STOCK_RSC, WEB_RSC, Cluster, Move, Rsc
 
+MONITOR_INTERVAL = 10.0  # web's and stockweb's monitor interval (lab.pacemaker, pcmk_failover.stock_xml)
 TTL, INTERVAL = 5.0, 0.5  # the lab's leases: tests/cluster/test_pacemaker_failover.py's
 MIG, MIG_VOL = "mig", "migdata"  # ours: a container on a veritas volume, moved by veritas migrate
 BARE, BARE_VOL = "migl", "migl"  # the baseline: the same container on a local-driver volume
@@ -134,6 +136,8 @@ class LabFigures:
         before = len(self.sampler.overlaps)
         pairs = Pairs()
         self.fenced = {WEB_RSC.id: 0, STOCK_RSC.id: 0}
+        # container_kill: where in the 10 s monitor interval the crossing kill falls, one per stratum
+        phases = strata_phases(runs, MONITOR_INTERVAL, random.Random(7))
         t_fig = time.monotonic()
         for i in range(runs):
             if group in ("standby", "node_kill"):
@@ -148,11 +152,12 @@ class LabFigures:
                 o, b = m.secs(WEB_RSC), m.secs(STOCK_RSC)
                 log(f"{group} run {i}: {m.src} -> web {m.dst(WEB_RSC)} {o:.2f} s, stock {m.dst(STOCK_RSC)} {b:.2f} s")
             else:
-                one: Callable[[Rsc], float] = self.kill_container if group == "container_kill" else self.kill_dockerd
+                one: Callable[[Rsc, float], float] = (self.kill_container if group == "container_kill"
+                                                      else self.kill_dockerd)
                 if i % 2 == 0:
-                    o, b = one(WEB_RSC), one(STOCK_RSC)
+                    o, b = one(WEB_RSC, phases[i]), one(STOCK_RSC, phases[i])
                 else:
-                    b, o = one(STOCK_RSC), one(WEB_RSC)
+                    b, o = one(STOCK_RSC, phases[i]), one(WEB_RSC, phases[i])
                 log(f"{group} run {i}: web {o:.2f} s, stock {b:.2f} s")
             pairs.ours.append(o)
             pairs.base.append(b)
@@ -169,17 +174,17 @@ class LabFigures:
 
     fenced: dict[str, int] = {}  # dockerd_kill: per resource, the runs in which its node was fenced
 
-    def kill_container(self, rsc: Rsc) -> float:
+    def kill_container(self, rsc: Rsc, phase: float) -> float:
         assert self.c is not None
         self.only(rsc)
         self.idle(False)
-        m = pf.container_kill(self.c, rsc)
+        m = pf.container_kill(self.c, rsc, phase=phase)
         pf.clear_failures(self.c, rsc, m.src)
         log(f"   {rsc.id}: {m.kills} kills, restarts in place {[round(x, 2) for x in m.restarts]} s, "
-            f"then on {m.dst(rsc)} {m.secs(rsc):.2f} s after the last")
+            f"then on {m.dst(rsc)} {m.secs(rsc):.2f} s after the last (phase {phase:.2f} s)")
         return m.secs(rsc)
 
-    def kill_dockerd(self, rsc: Rsc) -> float:
+    def kill_dockerd(self, rsc: Rsc, _phase: float) -> float:
         assert self.c is not None
         self.only(rsc)
         self.idle(False)
