@@ -61,11 +61,19 @@ with an error after printing the line).
                              on (one event, both timed); the node is taken out of standby after.
   failover_container_kill    ``kill -9`` (from the host) of the resource's container's PID 1 until its
                              fail count reaches migration-threshold 3; each kill below it waits for the
-                             restart in place; timed from the kill that crossed the threshold to running
-                             on another node. Web's kills are seen by the watcher at once, stockweb's by
-                             its 10 s monitor. Separate events: in each run web and stockweb take turns
-                             (order alternating), the other one stopped (target-role Stopped) meanwhile,
-                             so neither move loads the other's; fail counts are cleared after.
+                             restart in place (Started again in Pacemaker, a new container running) and
+                             the cluster to settle; timed from the kill that crossed the threshold to
+                             running on another node. Web's kills are seen by the watcher at once (one
+                             is sometimes counted twice by Pacemaker 2.1.5, so web may move after 2
+                             kills: stderr shows the kills), stockweb's by its 10 s monitor. The monitor
+                             after a start runs at once, so a kill right after the cluster settled would
+                             always wait almost a whole interval: the kill at fail count 2 waits a phase
+                             first, drawn one per stratum of [0, 10 s) over the runs (in shuffled
+                             order, as detect's polling baseline), the same phase for both in a run, so
+                             the stock figure samples the interval evenly. Separate events: in each run
+                             web and stockweb take turns (order alternating), the other one stopped
+                             (target-role Stopped) meanwhile, so neither move loads the other's; fail
+                             counts are cleared after.
   failover_dockerd_kill      ``scripts/lab kill N --only dockerd`` of the node the resource runs on;
                              separate events as above. The stock agent's stop on a dead engine fails
                              (``docker version`` fails: OCF_ERR_GENERIC), so Pacemaker fences that node
