@@ -113,3 +113,71 @@ def test_failover_and_migrate_lines_obey_the_bench_rules(capsys: pytest.CaptureF
     assert p50["spread"] is not None and p50["unit"] == "s"
     assert (p95["value"], p95["baseline"]) == (2.9, 3.9)
     assert (mig["value"], mig["baseline"], mig["target"], mig["runs"]) == (1.5, 0.9, None, 3)
+
+
+class KillCluster(pf.Cluster):
+    """A resource whose fail count goes up by ``per_kill`` at each kill (2: Pacemaker counting one
+    watcher-injected failure twice); restarted in place below the threshold, on node2 once it is reached."""
+
+    def __init__(self, per_kill: int, threshold: int = 3) -> None:
+        super().__init__(lab=None)
+        self.per_kill, self.threshold = per_kill, threshold
+        self.fc, self.pid, self.t = 0, 100, 0.0
+        self.log: list[str] = []
+
+    def on(self) -> str:
+        return "node2" if self.fc >= self.threshold else "node1"
+
+    def kill(self, pid: int, sig: int) -> None:
+        assert pid == self.pid
+        self.log.append(f"kill at {self.t:g}")
+        self.fc += self.per_kill
+        self.pid += 1
+
+    def started(self, via: str, rsc: str) -> list[str]:
+        return [self.on()]
+
+    def failcount(self, via: str, rsc: str, node: str) -> int:
+        return self.fc
+
+    def settle(self, via: str, timeout: float = 120) -> None:
+        self.log.append("settle")
+
+    def write_token(self, node: str, rsc: pf.Rsc = pf.WEB_RSC) -> str:
+        return "tok"
+
+    def state(self, node: str, rsc: pf.Rsc) -> tuple[bool, int]:
+        return node == self.on(), self.pid
+
+    def runs_on(self, node: str, rsc: pf.Rsc, token: str | None) -> bool:
+        return node == self.on()
+
+    def reads(self, node: str, token: str, rsc: pf.Rsc = pf.WEB_RSC) -> bool:
+        return node == self.on()
+
+    def in_node(self, node: str, *argv: str, timeout: float = 30, check: bool = True) -> Any:
+        return subprocess.CompletedProcess(list(argv), 0, crm_mon({"web": (self.on(), "Started", "false")}), "")
+
+
+@pytest.mark.parametrize("per_kill, kills, restarts", [(1, 3, 2), (2, 2, 1)])
+def test_container_kill_kills_until_the_threshold_and_times_the_move_from_the_crossing_kill(
+        monkeypatch: pytest.MonkeyPatch, per_kill: int, kills: int, restarts: int) -> None:
+    c = KillCluster(per_kill)
+    monkeypatch.setattr(pf.os, "kill", c.kill)
+    monkeypatch.setattr(pf.time, "monotonic", lambda: c.t)
+
+    def sleep(s: float) -> None:
+        c.log.append(f"sleep {s:g}")
+        c.t += s
+
+    monkeypatch.setattr(pf.time, "sleep", sleep)
+    seen: list[int] = []
+    m = pf.container_kill(c, pf.WEB_RSC, 3, after_restart=lambda k, _s: seen.append(k), phase=4.0)
+    assert (m.kills, len(m.restarts), seen) == (kills, restarts, list(range(1, restarts + 1)))
+    assert m.src == "node1" and m.dst(pf.WEB_RSC) == "node2"
+    kill_times = [float(x.split()[-1]) for x in c.log if x.startswith("kill")]
+    assert m.t0 == kill_times[-1]  # from the kill that crossed the threshold
+    # the cluster settles before every kill; the phase is waited once, right before the kill at fail count 2
+    assert c.log.count("settle") == kills
+    assert c.log.count("sleep 4") == 1
+    assert c.log.index("sleep 4") == c.log.index(f"kill at {kill_times[-1]:g}") - 1
