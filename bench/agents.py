@@ -65,15 +65,16 @@ with an error after printing the line).
                              the cluster to settle; timed from the kill that crossed the threshold to
                              running on another node. Web's kills are seen by the watcher at once (one
                              is sometimes counted twice by Pacemaker 2.1.5, so web may move after 2
-                             kills: stderr shows the kills), stockweb's by its 10 s monitor. The monitor
-                             after a start runs at once, so a kill right after the cluster settled would
-                             always wait almost a whole interval: the kill at fail count 2 waits a phase
-                             first, drawn one per stratum of [0, 10 s) over the runs (in shuffled
-                             order, as detect's polling baseline), the same phase for both in a run, so
-                             the stock figure samples the interval evenly. Separate events: in each run
-                             web and stockweb take turns (order alternating), the other one stopped
-                             (target-role Stopped) meanwhile, so neither move loads the other's; fail
-                             counts are cleared after.
+                             kills: stderr shows the kills), stockweb's by its 10 s monitor. A kill right
+                             after the cluster settled would fall at the same point of that monitor's
+                             interval in every run (the next monitor came ~8 s after the settle here), so
+                             the kill at fail count 2 first waits a phase drawn one per stratum of
+                             [0, 10 s) over the runs (shuffled, as detect's polling baseline; the same
+                             phase for both in a run): the wait until the next monitor, (offset - phase)
+                             mod 10 s, then samples the interval evenly whatever the offset. Separate
+                             events: in each run web and stockweb take turns (order alternating), the
+                             other one stopped (target-role Stopped) meanwhile, so neither move loads
+                             the other's; fail counts are cleared after.
   failover_dockerd_kill      ``scripts/lab kill N --only dockerd`` of the node the resource runs on;
                              separate events as above. The stock agent's stop on a dead engine fails
                              (``docker version`` fails: OCF_ERR_GENERIC), so Pacemaker fences that node

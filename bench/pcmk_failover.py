@@ -288,8 +288,9 @@ def container_kill(c: Cluster, rsc: Rsc, threshold: int = THRESHOLD, via: str = 
     settle. The move is timed from the kill that crossed the threshold.
 
     ``phase``: seconds to wait, after the cluster settled, before a kill with the fail count at
-    ``threshold - 1``: where failures are seen by a monitor, the one after a start runs at once and
-    the next an interval later, so this places the crossing kill at that phase of the interval."""
+    ``threshold - 1``: where failures are seen by a recurring monitor, whose schedule stands at about
+    the same point whenever the cluster has just settled, this shifts the crossing kill to that phase
+    of the monitor's interval."""
     src = c.where(rsc.id, via)
     token = c.write_token(src, rsc) if rsc.data else None
     move = Move(src, 0.0, tokens={rsc.id: token})
