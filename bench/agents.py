@@ -49,7 +49,7 @@ web's node. Each run starts with the cluster idle (``crm_resource --wait``, ever
 resources started). The scenarios are bench/pcmk_failover.py's, the code the test asserts on. "Running
 on another node": crm_mon shows the resource Started on a node other than the one of the event, and its
 container runs there; for web, the container also reads from its volume the token written into it
-before the event (docker exec). Polled every ~0.1 s (crm_mon inside a node by nsenter, docker CLI on
+before the event (docker exec). Polled every 0.1-0.2 s (crm_mon inside a node by nsenter, docker CLI on
 the node's socket). value: p50 of web, baseline: p50 of stockweb, ratio: the median per-run ratio,
 spread its [min, max]; a ``*_p95`` line follows each with the p95 of both. 10 runs each (1 with
 --quick). No target: issue 11 names none (target and met null). MountSampler (tests/cluster/
