@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Cluster agent benchmark: the DockerContainer agent's monitor and the watcher's detection of a dead container.
+"""Cluster agent benchmark: the DockerContainer agent's monitor, the watcher's detection of a dead container,
+failover under Pacemaker beside the stock docker agent, and offline migration.
 
 Prints one JSON object per figure on stdout (progress on stderr), in the format of bench/common.py.
-Every figure runs on one private engine (dockerd in its own mount and network namespaces, never the
+The monitor and detect figures run on one private engine (dockerd in its own mount and network namespaces, never the
 host's) with ``veritas plugin serve``, both under a fresh /tmp root (tests/integration/dockerstack.py).
 The managed container ``bench-web`` (busybox ``sleep``, a veritas volume at /data) is brought online by
 the OCF agent's ``start``, as Pacemaker would, and registered for the watcher under the root.
@@ -35,14 +36,71 @@ the OCF agent's ``start``, as Pacemaker would, and registered for the watcher un
                              count (never seen). So the baseline is the phase plus a real monitor's time,
                              not an assumed 5 s. The agent restarts the container (OCF start) between runs.
   detect_container_death_p95 the p95 of the same runs, and of the same polls (information: no target).
-  migrate_container          null with a note: ``veritas migrate container`` is not on main yet.
 
-The ``failover_*`` figures of issue 11 need the Pacemaker lab (scripts/lab up --pacemaker) and its
-failover tests; this bench does not take them yet and prints no line for them.
+The figures below run in one three-node Pacemaker lab (``scripts/lab up --pacemaker --app``, leases
+5 s / 0.5 s as in tests/cluster/test_pacemaker_failover.py; bench/pcmk_figures.py), brought up at the
+first of their groups, beside the engine above. To web's group (ocf:veritas:DockerContainer ``web``, the
+lab's busybox with a veritas volume webdata:/data, on the DockerDaemon clone, with the watcher) the bench
+adds through cibadmin the baseline ``stockweb``: the stock ocf:heartbeat:docker agent (resource-agents;
+it drives the docker CLI on /run/docker.sock, the node's engine) running the same image with no volume
+(``--init sleep``: the stock agent word-splits run_cmd without quotes, so web's ``sh -c '...'`` cannot
+be passed; both end at once on SIGTERM), with web's stickiness, migration-threshold 3, failure timeout
+and 10 s monitor, on the DockerDaemon clone, and colocated with web's group at score 200 (above the
+stickiness 100): one event moves both, yet it can move alone when its own fail count bars it from
+web's node. Each run starts with the cluster idle (``crm_resource --wait``, every dockerd adopted, the
+resources started). The scenarios are bench/pcmk_failover.py's, the code the test asserts on. "Running
+on another node": crm_mon shows the resource Started on a node other than the one of the event, and its
+container runs there; for web, the container also reads from its volume the token written into it
+before the event (docker exec). Polled every 0.1-0.2 s (crm_mon inside a node by nsenter, docker CLI on
+the node's socket). value: p50 of web, baseline: p50 of stockweb, ratio: the median per-run ratio,
+spread its [min, max]; a ``*_p95`` line follows each with the p95 of both. 10 runs each (1 with
+--quick). No target: issue 11 names none (target and met null). MountSampler (tests/cluster/
+test_failover.py) reads every node's mount table ten times a second from lab up to down; ``overlaps``
+counts samples with a volume mounted on two nodes at once, and any overlap fails the bench (it exits
+with an error after printing the line).
 
-Runs as root. Everything it makes (containers, engine, plugin, disk group, mounts, loop devices) is
-removed at the end, processes by PID and loop devices by their backing file's identity, also on error
-or SIGTERM. ``--quick`` runs a few repetitions of each (smoke test).
+  failover_standby           ``crm_attribute --node N --name standby --update on`` of the node both run
+                             on (one event, both timed); the node is taken out of standby after.
+  failover_container_kill    ``kill -9`` (from the host) of the resource's container's PID 1 until its
+                             fail count reaches migration-threshold 3; each kill below it waits for the
+                             restart in place (Started again in Pacemaker, a new container running) and
+                             the cluster to settle; timed from the kill that crossed the threshold to
+                             running on another node. Web's kills are seen by the watcher at once (one
+                             is sometimes counted twice by Pacemaker 2.1.5, so web may move after 2
+                             kills: stderr shows the kills), stockweb's by its 10 s monitor. A kill right
+                             after the cluster settled would fall at the same point of that monitor's
+                             interval in every run (the next monitor came ~8 s after the settle here), so
+                             the kill at fail count 2 first waits a phase drawn one per stratum of
+                             [0, 10 s) over the runs (shuffled, as detect's polling baseline; the same
+                             phase for both in a run): the wait until the next monitor, (offset - phase)
+                             mod 10 s, then samples the interval evenly whatever the offset. Separate
+                             events: in each run web and stockweb take turns (order alternating), the
+                             other one stopped (target-role Stopped) meanwhile, so neither move loads
+                             the other's; fail counts are cleared after.
+  failover_dockerd_kill      ``scripts/lab kill N --only dockerd`` of the node the resource runs on;
+                             separate events as above. The stock agent's stop on a dead engine fails
+                             (``docker version`` fails: OCF_ERR_GENERIC), so Pacemaker fences that node
+                             before starting stockweb elsewhere: its figure includes the fencing (stderr
+                             counts the runs). After each run: the fenced node started again, fail counts
+                             cleared, the clone restarts the node's dockerd.
+  failover_node_kill         ``scripts/lab kill N`` (every process of the node) of the node both run on
+                             (one event, both timed): Pacemaker fences it (fence_lab), then recovers both.
+                             The node is started again (``scripts/lab start``, rejoined, its dockerd
+                             adopted) before the next run.
+  migrate_container          ``veritas migrate container mig --to B --to-host URL`` run inside node A
+                             (nsenter, its config) of a container (busybox, trap on SIGTERM, stop timeout
+                             5 s) on veritas volume migdata, from the command's start until the container
+                             runs on B and reads back (docker exec) the token written before; baseline: a
+                             bare ``docker stop``, ``docker rm`` on A and ``docker run`` of the same
+                             container with a local-driver volume on B, then one ``docker exec`` of it
+                             (ls /data): the data is NOT carried (a local volume stays on its node).
+                             Nodes node2 and node3, direction alternating; p50 over 10 interleaved pairs
+                             (1 with --quick) after one warm-up of each. No target: issue 11 names none,
+                             and nothing justifies the "<=2" once written here (target null).
+
+Runs as root. Everything it makes (containers, engine, plugin, disk group, mounts, loop devices, the
+lab by ``scripts/lab down``) is removed at the end, processes by PID and loop devices by their backing
+file's identity, also on error or SIGTERM. ``--quick`` runs a few repetitions of each (smoke test).
 """
 
 from __future__ import annotations
@@ -67,7 +125,8 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(REPO))
 
 from bench import common  # noqa: E402
-from bench.common import Pairs, emit, emit_missing, log, pct  # noqa: E402
+from bench.common import Pairs, emit, log, pct, strata_phases  # noqa: E402
+from bench.pcmk_figures import LabFigures  # noqa: E402
 
 OCF_AGENT = REPO / "agents" / "ocf" / "DockerContainer"
 STOCK_AGENT = Path("/usr/lib/ocf/resource.d/heartbeat/docker")
@@ -82,14 +141,7 @@ LOAD_CONTAINERS = 49  # with bench-web: the engine runs 50
 AGENT_PATH = os.pathsep.join([str(Path(sys.executable).parent), "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
 POLL_INTERVAL = 10.0  # seconds: the monitor interval the watcher is compared against
 OCF_NOT_RUNNING = 7
-
-
-def strata_phases(n: int, interval: float, rng: random.Random) -> list[float]:
-    """``n`` phases in [0, interval): one uniform draw from each of n equal strata, in shuffled order, so
-    that few runs still sample the whole interval evenly (a poll's phase against a kill is uniform)."""
-    out = [(k + rng.random()) * interval / n for k in range(n)]
-    rng.shuffle(out)
-    return out
+PCMK_GROUPS = ["standby", "container_kill", "dockerd_kill", "node_kill"]  # failover_*, in the Pacemaker lab
 
 
 def poll_detection(kill_at: float, phase: float, interval: float, monitor: Callable[[], int],
@@ -153,13 +205,6 @@ def emit_detect(watch_ms: list[float], poll_ms: list[float]) -> None:
          fields={"runs": len(watch_ms)})
 
 
-def emit_migrate() -> None:
-    emit_missing("migrate_container", "s", "<=2",
-                 "veritas migrate container is not on main yet (issue 11); when it lands this figure times it "
-                 "to running on the target with its data against a bare stop, rm and run with a local volume "
-                 "(target provisional: at most twice that)")
-
-
 def _ms(xs: list[float]) -> str:
     return f"p50 {pct(xs, 0.5):.1f} ms, p95 {pct(xs, 0.95):.1f} ms, max {max(xs):.1f} ms"
 
@@ -178,6 +223,7 @@ class Bench:
         self.loaded = False
         self.params: dict[str, str] = {}
         self.images: set[tuple[int, int, int]] = set()  # what loop devices of ours can be backed by
+        self.pcmk = LabFigures(root / "pcmk", quick)  # the Pacemaker lab's figures (brought up when first needed)
 
     # ------------------------------------------------------------ set-up / clean-up
 
@@ -206,6 +252,10 @@ class Bench:
 
     def cleanup(self) -> None:
         log("cleaning up")
+        try:
+            self.pcmk.cleanup()
+        except Exception as exc:  # go on with the rest
+            log(f"taking the Pacemaker lab down: {exc!r}")
         try:
             self.node.stop()  # removes containers and volumes through Docker (and so through the plugin)
         except Exception as exc:  # go on with the rest
@@ -390,13 +440,16 @@ class Bench:
         elif group == "detect":
             self.detect()
         elif group == "migrate":
-            emit_migrate()
+            self.pcmk.migrate()
+        elif group in PCMK_GROUPS:
+            self.pcmk.figure(group)
 
 
 def main(argv: list[str] | None = None) -> int:
     return common.main("bench-agents", __doc__, argv,
-                       tools=("dockerd", "docker", "unshare", "ip", "losetup", str(STOCK_AGENT)),
-                       groups=["monitor", "detect", "migrate"], make=Bench,
+                       tools=("dockerd", "docker", "unshare", "ip", "losetup", "nsenter", "corosync", "pacemakerd",
+                              str(STOCK_AGENT)),
+                       groups=["monitor", "detect", "migrate", *PCMK_GROUPS], make=Bench,
                        run_group=lambda bench, group: bench.run_group(group))  # type: ignore[attr-defined]
 
 

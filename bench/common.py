@@ -8,6 +8,7 @@ import json
 import math
 import operator
 import os
+import random
 import shutil
 import signal
 import statistics
@@ -237,6 +238,14 @@ def pct(xs: list[float], q: float) -> float:
     """The q-quantile (0..1) of xs, by the nearest-rank method."""
     s = sorted(xs)
     return s[min(len(s) - 1, max(0, round(q * len(s) + 0.5) - 1))]
+
+
+def strata_phases(n: int, interval: float, rng: random.Random) -> list[float]:
+    """``n`` phases in [0, interval): one uniform draw from each of n equal strata, in shuffled order, so
+    that few runs still sample the whole interval evenly (a poll's phase against a kill is uniform)."""
+    out = [(k + rng.random()) * interval / n for k in range(n)]
+    rng.shuffle(out)
+    return out
 
 
 def rotated(n: int, *sides: Callable[[int], float]) -> list[list[float]]:

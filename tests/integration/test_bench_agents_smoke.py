@@ -1,9 +1,11 @@
-"""``python bench/agents.py --quick`` runs on its own private engine and plugin, prints only well-formed
-figure lines (monitor with 50 containers against the stock heartbeat/docker agent, the watcher's detection
-of a kill -9 against polling at 10 s, migration as not yet measurable), and leaves nothing behind: no
+"""``python bench/agents.py --quick --only monitor detect`` runs on its own private engine and plugin, prints
+only well-formed figure lines (monitor with 50 containers against the stock heartbeat/docker agent, the
+watcher's detection of a kill -9 against polling at 10 s), and leaves nothing behind: no
 process naming its root (engine, plugin, shims, the containers, which carry the root in their
 environment), no loop device backed by one of its files (by the kernel's identity of the file), no mount,
-no temp root, and the host engine's docker0 as it was."""
+no temp root, and the host engine's docker0 as it was. (The failover and migration groups bring up a
+Pacemaker lab: too long for the suite; their pure parts are tests/unit/test_bench_pcmk.py's, their
+scenarios tests/cluster/test_pacemaker_failover.py's.)"""
 
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ TIMEOUT = 300  # --quick takes about 90 s on an idle machine
 def test_bench_agents_quick(host_engine: hostengine.HostState) -> None:
     assert hostengine.docker0_ifindex() == host_engine.docker0_ifindex is not None, \
         "the host engine's docker0 is already gone or changed" + hostengine.engines_in_host_netns(host_engine.pid)
-    proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "agents.py"), "--quick"], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "agents.py"), "--quick", "--only", "monitor",
+                             "detect"], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=TIMEOUT)
@@ -40,8 +43,8 @@ def test_bench_agents_quick(host_engine: hostengine.HostState) -> None:
 
     figs = [benchfigs.check(line) for line in out.splitlines()]
     assert [f["metric"] for f in figs] == ["monitor_p95_50_containers", "detect_container_death",
-                                           "detect_container_death_p95", "migrate_container"], out
-    mon, p50, p95, mig = figs
+                                           "detect_container_death_p95"], out
+    mon, p50, p95 = figs
     # measured, in ms, with a verdict on the issue's targets
     assert mon["unit"] == "ms" and mon["target"] == "value<50" and isinstance(mon["met"], bool), mon
     assert mon["runs"] == 10, mon
@@ -52,7 +55,6 @@ def test_bench_agents_quick(host_engine: hostengine.HostState) -> None:
     # watcher does not
     assert p50["baseline"] > 3333 and p50["value"] < p50["baseline"], p50
     assert p95["target"] is None and p95["met"] is None and p95["runs"] == 3, p95
-    assert mig["value"] is None and "veritas migrate container" in mig["note"], mig
 
     conftest.assert_bench_left_nothing(err)
     root = re.search(r"\] root (/tmp/vbench-agents-\S+)", err)

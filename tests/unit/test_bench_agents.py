@@ -91,15 +91,13 @@ def test_stamps_give_the_next_call_for_the_resource_after_a_drain() -> None:
 def test_figure_lines_obey_the_bench_rules(capsys: pytest.CaptureFixture[str]) -> None:
     bench_agents.emit_monitor([180.0 + i for i in range(100)], [120.0 + i for i in range(100)])
     bench_agents.emit_detect([40.0 + i for i in range(20)], [300.0 + 500 * i for i in range(20)])
-    bench_agents.emit_migrate()
     lines = capsys.readouterr().out.splitlines()
     figs = [benchfigs.check(line) for line in lines]
     assert [f["metric"] for f in figs] == ["monitor_p95_50_containers", "detect_container_death",
-                                           "detect_container_death_p95", "migrate_container"]
-    mon, p50, p95, mig = figs
+                                           "detect_container_death_p95"]
+    mon, p50, p95 = figs
     assert (mon["value"], mon["baseline"], mon["target"], mon["met"], mon["runs"]) == (275.0, 215.0, "value<50",
                                                                                        False, 100)
     assert p50["target"] == "value<1000" and p50["met"] is True and p50["settled"] is True
     assert p50["value"] == 49.5 and p50["runs"] == 20 and p50["unit"] == "ms"
     assert p95["target"] is None and p95["met"] is None and p95["value"] == 59.0
-    assert mig["value"] is None and mig["met"] is False and "migrate" in mig["note"]
