@@ -25,7 +25,7 @@ def test_bench_failover_quick_prints_the_figures_and_cleans_up() -> None:
     figs = {f["metric"]: f for f in (benchfigs.check(line) for line in proc.stdout.splitlines())}
     assert list(figs) == ["drain_to_running_with_volume", "dockerd_kill_to_running_with_data",
                           "node_kill_to_running_with_data"], proc.stdout
-    for name, fig in figs.items():
+    for fig in figs.values():
         assert fig["unit"] == "s" and fig["overlaps"] == 0 and fig["value"] > 0, fig
         assert fig["runs"] == 1, fig
     # the drain target is the run's own baseline plus one second, written out
