@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from storage import crash, mountpoints, ownership, qos, recovery, steps, trees
+from storage import crash, mountpoints, ownership, qos, recovery, rvgrole, steps, trees
 from storage.catalog.base import IntentRec, MountRec
 from storage.errors import Degraded, InUse, SnapshotInvalid
 from storage.group import DiskGroup
@@ -18,6 +18,7 @@ def mount(dg: DiskGroup, name: str, mount_id: str = ADMIN_MOUNT_ID, degraded: bo
     with dg.locks.hold(name):
         recovery.recover_held(dg, name)  # a killed worker's umount is finished, not overwritten
         v = steps.ready(dg, name)
+        rvgrole.refuse_secondary(dg, name)
         if v.invalid:
             raise SnapshotInvalid(f"snapshot {name} is invalid and cannot be mounted: {v.invalid}; its data was"
                                   f" released, remove it (veritas vol rm {name})")
