@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from storage.errors import SecondaryVolume
 from storage.group import DiskGroup
@@ -18,19 +19,33 @@ def record_path(dg: DiskGroup, rvg: str) -> Path:
     return dg.root / "repl" / rvg / "rvg.json"
 
 
+def _records(dg: DiskGroup) -> list[dict[str, Any]]:
+    d = dg.root / "repl"
+    out = []
+    for p in sorted(d.glob("*/rvg.json")) if d.is_dir() else []:
+        try:
+            out.append(dict(json.loads(p.read_text())))
+        except (OSError, ValueError):
+            continue  # removed meanwhile (writes are atomic: never torn)
+    return out
+
+
 def secondary_rvg(dg: DiskGroup, volume: str) -> str | None:
     """The RVG that holds ``volume`` as secondary on this site, if any."""
-    d = dg.root / "repl"
-    if not d.is_dir():
-        return None
-    for p in sorted(d.glob("*/rvg.json")):
-        try:
-            raw = json.loads(p.read_text())
-        except (OSError, ValueError):
-            continue  # removed meanwhile, or being replaced (writes are atomic: never torn)
+    for raw in _records(dg):
         if raw.get("role") == "secondary" and volume in raw.get("volumes", []):
-            return str(raw.get("name", p.parent.name))
+            return str(raw.get("name"))
     return None
+
+
+def mount_options(dg: DiskGroup, volume: str, fstype: str) -> list[str]:
+    """``nouuid`` for a replicated XFS volume: its peer site's copy is the same filesystem (same UUID),
+    and both may be mounted on one host (two sites of a lab; a takeover while the old primary's
+    kernel still holds its mount). Changing the UUID instead would zero the log, an extent change
+    of tens of MiB that fast-failback would then have to send."""
+    if fstype == "xfs" and any(volume in raw.get("volumes", []) for raw in _records(dg)):
+        return ["nouuid"]
+    return []
 
 
 def refuse_secondary(dg: DiskGroup, volume: str) -> None:

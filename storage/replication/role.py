@@ -3,13 +3,15 @@
 
 Both need the RVG's volumes unused here (not mounted, no container's mount), hold the ``@rvgs`` lock
 and the volumes' locks throughout, and undo their own steps when one fails. The RVG record's role is
-written last: it is the commit. Until it flips, a secondary's volumes stay unmountable
-(storage.rvgrole), so nobody sees a half-made primary. storage.replication.failover composes the two
-halves of migrate, takeover and fbsync over the link; the link service runs the peer's half.
+written last: it is the commit (a secondary's old volumes are removed only after it). Until it flips,
+a secondary's volumes stay unmountable (storage.rvgrole), so nobody sees a half-made primary.
+storage.replication.failover composes the two halves of migrate, takeover and fbsync over the link;
+the link service runs the peer's half.
 
 Promote makes each volume's images reflink clones of the replica's (a copy where the disk is another
-filesystem), flagged ``identity_pending``: the filesystem gets its own UUID/fsid at its first mount
-(storage.steps.ensure_identity), so it mounts beside a copy of the same filesystem on this host. Its
+filesystem). A btrfs one is flagged ``identity_pending``: it gets its own fsid at its first mount
+(storage.steps.ensure_identity: its superblocks only), so it mounts beside a copy of the same
+filesystem on this host; XFS is mounted nouuid instead (storage.rvgrole.mount_options). Its
 first checkpoint is taken from those images before that, under the replica's sequence number: the
 checkpoint both sites hold, which fast-failback starts from.
 """
@@ -162,7 +164,8 @@ def _make_live(dg: DiskGroup, rep: Replica, v: str, have: list[tuple[int, str]],
         disks = [first] if len(have) == 1 else LayoutEngine.place(sizes, dg.free(), str(shape["layout"]), dg.name)
         vol = VolumeRec(v, int(shape["size"]), str(shape["layout"]), str(shape["fstype"]), int(shape["nmirror"]),
                         int(shape["ncol"]), int(shape["maxiops"]), None, 0, "creating", time.time(),
-                        bool(shape["protect"]), identity_pending=True, provisioning=str(shape["provisioning"]))
+                        bool(shape["protect"]), identity_pending=shape["fstype"] == "btrfs",
+                        provisioning=str(shape["provisioning"]))
         sds = [SubdiskRec(v, i, d, sz, sz) for (i, _k), d, sz in zip(have, disks, sizes, strict=True)]
         dg.catalog.create_volume(vol, sds, IntentRec(v, "make", {}, time.time()), dg.capacity())
         undo.append(lambda: steps.teardown(dg, v))  # recovery tears it down too if this process dies
@@ -183,7 +186,7 @@ def _make_live(dg: DiskGroup, rep: Replica, v: str, have: list[tuple[int, str]],
         copy_image(rep.image(k), p)
     durable.sync_files(paths)
     was = rec.identity_pending
-    dg.catalog.update_volume(v, identity_pending=True)
+    dg.catalog.update_volume(v, identity_pending=rec.fstype == "btrfs")
     undo.append(lambda: dg.catalog.update_volume(v, identity_pending=was))
 
 
@@ -193,14 +196,21 @@ def _restorer(prev: Path, p: Path) -> Callable[[], None]:
 
 def demote(dg: DiskGroup, name: str, seq: int, peer_addr: str) -> None:
     """Make this site RVG ``name``'s secondary holding its checkpoint ``seq`` (the peer's first, as
-    primary). The live volumes stay recorded but refuse mounts; their data is what the replica says
-    from now on (a promote replaces their images). :raises NoSuchCheckpoint: no checkpoint ``seq``."""
+    primary). Once the role is recorded, the live volumes are removed: a secondary's data is its
+    replica (a reflink of the checkpoint), and its volume names refuse mount and make until a promote
+    makes them again. :raises NoSuchCheckpoint: no checkpoint ``seq``; :raises InUse: a volume is
+    mounted or has snapshots (nothing changed)."""
     with rvg.locked(dg):
         r = rvg.get(dg, name)
         with dg.locks.hold(*r.volumes):
             if r.role != "primary":
                 raise InvalidArgument(f"RVG {name} is already secondary on this site")
             refuse_in_use(dg, name, r.volumes)
+            for v in r.volumes:
+                snaps = [s.name for s in dg.catalog.volumes() if s.snapshot_of == v]
+                if snaps:
+                    raise InUse(f"volume {v} of RVG {name} has snapshots ({', '.join(snaps)}): a secondary keeps"
+                                f" none; remove them first")
             ck = checkpoint.get(dg, name, seq)
             root = rvg.replica_root(dg, name)
             new, old = root.with_name("replica.new"), root.with_name("replica.old")
@@ -230,4 +240,6 @@ def demote(dg: DiskGroup, name: str, seq: int, peer_addr: str) -> None:
             store.remove_tree(old)
             checkpoint.drop_all(dg, name)
             store.remove_tree(rvg.srl_root(dg, name))
+            for v in r.volumes:
+                steps.teardown(dg, v)
     log.info("RVG %s: this site is now secondary of %s, at checkpoint %d", name, peer_addr, seq)
