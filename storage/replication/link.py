@@ -353,7 +353,7 @@ class Service:
                     self._last_tick[r.name] = now
                     try:
                         self.failback(r)
-                        log.info("RVG %s: the old primary %s is now secondary (automatic fast-failback)",
+                        log.warning("RVG %s: the old primary %s is now secondary (automatic fast-failback)",
                                  r.name, r.peer_addr)
                     except LinkError as exc:
                         log.debug("RVG %s: old primary not back yet: %s", r.name, exc)

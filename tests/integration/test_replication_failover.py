@@ -156,10 +156,25 @@ def test_bad_input_and_a_failed_migrate_change_nothing(sites: tuple[Site, Site])
         assert dgb.catalog.volume("v1") is None and dga.catalog.volume("v1") is not None
         assert not rvg.replica_root(dga, RVG).exists()
         seq, _ = synced_pair(a, b, dga, dgb)  # and replication goes on
+        rs = js(a.cli("rvg", "resync", RVG))  # no DCM: a full resync, on demand
+        assert rs["kind"] == "full" and int(str(rs["seq"])) > seq
+        p = b.cli("rvg", "resync", RVG, check=False)
+        assert p.returncode == 2 and "secondary on this site" in p.stderr
         # without the failure it works
         mig = js(a.cli("rvg", "migrate", RVG, b.addr))
         assert int(str(mig["seq"])) >= seq and rvg.get(dgb, RVG).role == "primary"
         refused_on_secondary(dga)
+        synced_pair(b, a, dgb, dga)
+
+        # takeover --autofb: the old primary becomes secondary by itself once its service is back
+        b.kill(b.procs[-1], signal.SIGKILL)
+        out = js(a.cli("rvg", "takeover", RVG, "--autofb"))
+        assert out["autofb"] is True and rvg.get(dga, RVG).role == "primary"
+        b.serve(port=int(b.addr.rsplit(":", 1)[1]))
+        poll("the automatic fast-failback", lambda: rvg.get(dgb, RVG).role == "secondary", 20)
+        poll("the new primary to replicate", lambda: rvg.get(dga, RVG).common_seq == 0, 10)
+        synced_pair(a, b, dga, dgb)
+        assert "automatic fast-failback" in a.log()
     finally:
         dga.close()
         dgb.close()
