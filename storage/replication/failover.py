@@ -111,7 +111,7 @@ def fbsync(dg: DiskGroup, name: str, key: bytes) -> dict[str, Any]:
     base = checkpoint.get(dg, name, r.common_seq)
     conn = link.Conn(r.peer_addr, key)
     try:
-        with dg.locks.hold(link.sender_lock(name)):
+        with rvg.locked(dg), dg.locks.hold(link.sender_lock(name)):  # in migrate's order
             reply = conn.call({"type": "fbprep", "rvg": name, "seq": base.seq, "primary_addr": r.local_addr},
                               "fbprep")
             raw = reply.get("ranges")
@@ -126,8 +126,7 @@ def fbsync(dg: DiskGroup, name: str, key: bytes) -> dict[str, Any]:
             store.remove_tree(root)
             Srl(root, r.srl_size).ack(ck.seq)
             link.record_acked(dg, name, ck.seq)
-            with rvg.locked(dg):
-                rvg.update(dg, name, state="replicating", synced=True, common_seq=0, autofb=False)
+            rvg.update(dg, name, state="replicating", synced=True, common_seq=0, autofb=False)
             link.prune(dg, name, ck.seq)
     finally:
         conn.close()

@@ -466,7 +466,8 @@ class Service:
         old primary: its changes since the common checkpoint, then it becomes secondary at it)."""
         seq = int(msg.get("seq", 0))
         peer = str(msg.get("primary_addr", ""))
-        with self._apply_lock, self.dg.locks.hold(sender_lock(name)):
+        # the order migrate takes them in on its site: the RVG records, the sender, then the volumes
+        with self._apply_lock, rvg.locked(self.dg), self.dg.locks.hold(sender_lock(name)):
             if kind == "promote":
                 self._secondary(name)
                 have = Replica(rvg.replica_root(self.dg, name), name).seq

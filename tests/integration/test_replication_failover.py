@@ -168,6 +168,11 @@ def test_bad_input_and_a_failed_migrate_change_nothing(sites: tuple[Site, Site])
 
         # takeover --autofb: the old primary becomes secondary by itself once its service is back
         b.kill(b.procs[-1], signal.SIGKILL)
+        at = Replica(rvg.replica_root(dga, RVG), RVG).seq
+        p = a.cli("rvg", "takeover", RVG, check=False, env={"VERITAS_FAIL_AT": "role.promote.checkpoint"})
+        assert p.returncode != 0 and "failure injected" in p.stderr, p.stderr  # a failed takeover is undone:
+        assert rvg.get(dga, RVG).role == "secondary" and dga.catalog.volume("v1") is None
+        assert Replica(rvg.replica_root(dga, RVG), RVG).seq == at and checkpoint.list_checkpoints(dga, RVG) == []
         out = js(a.cli("rvg", "takeover", RVG, "--autofb"))
         assert out["autofb"] is True and rvg.get(dga, RVG).role == "primary"
         b.serve(port=int(b.addr.rsplit(":", 1)[1]))
