@@ -13,11 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from plugin.app import create_app
+from plugin.driver import Driver
 from storage import volumes
 from storage.diskgroup import DiskGroup
 from storage.errors import SecondaryVolume
 from storage.replication import checkpoint, rvg
 from storage.replication.apply import Replica
+from tests.integration.conftest import Env
 from tests.integration.twosites import RVG, Site, digest, poll, status, synced_pair, write_marker
 from tests.integration.twosites import sites as sites_fixture
 
@@ -183,3 +186,22 @@ def test_bad_input_and_a_failed_migrate_change_nothing(sites: tuple[Site, Site])
     finally:
         dga.close()
         dgb.close()
+
+
+def test_the_plugin_refuses_create_and_mount_of_a_secondary_volume(env: Env) -> None:
+    """Docker's Create and Mount, through the plugin's VolumeDriver views on the real disk group: a
+    secondary's volume name gets a clear Err, and no local volume of that name appears."""
+    drv = Driver(env.config)
+    http = create_app(drv).test_client()
+
+    def call(endpoint: str, body: dict[str, str]) -> dict[str, object]:
+        return dict(http.post(f"/{endpoint}", data=json.dumps(body)).get_json())
+    dg = drv.dg
+    volumes.make(dg, "v2", "320m", fstype="xfs")  # kept from when this site was primary, say
+    with rvg.locked(dg):
+        rvg.create(dg, rvg.Rvg(RVG, ("v1", "v2"), 1 << 20, "secondary"), need_volumes=False)
+    assert "secondary of RVG rvg1" in str(call("VolumeDriver.Create", {"Name": "v1"})["Err"])
+    assert dg.catalog.volume("v1") is None
+    assert "secondary of RVG rvg1" in str(call("VolumeDriver.Mount", {"Name": "v2", "ID": "c1"})["Err"])
+    assert not volumes.is_mounted(dg, "v2") and dg.catalog.mounts("v2") == []
+    assert [v["Name"] for v in call("VolumeDriver.List", {})["Volumes"]] == ["v2"]  # type: ignore[attr-defined]
