@@ -7,7 +7,10 @@ checkpoint) and ``delta`` (apply one delta set with apply.Replica, atomically, t
 primary its sender thread takes a checkpoint of each replicating RVG every ``interval`` seconds,
 logs the delta to the SRL (or the DCM when it would overflow), and ships what the secondary lacks in
 order, calling Srl.ack on each acknowledgement. ``startrep`` (the initial full sync) uses the same
-client, under the same per-RVG sender lock.
+client, under the same per-RVG sender lock. For the role changes (storage.replication.failover) it
+also answers ``role``, ``promote`` and ``demote`` (the peer's half of migrate and its rollback) and
+``fbprep`` (the old primary's half of fbsync), and after a takeover with --autofb its rounds retry
+the fbsync until the old primary answers.
 """
 
 from __future__ import annotations
