@@ -254,7 +254,8 @@ def cmd_serve(cfg: Config, a: argparse.Namespace) -> None:
     stop = threading.Event()
     try:
         svc = link.Service(dg, key, a.listen or rc.listen, interval, stop,
-                           failback=lambda r: failover.fbsync(dg, r.name, key))
+                           failback=lambda r: failover.fbsync(dg, r.name, key),
+                           migrate=lambda name, addr: failover.migrate(dg, name, addr, key))
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
         print(f"listening on {svc.address}", flush=True)

@@ -77,6 +77,48 @@ def migrate(dg: DiskGroup, name: str, new_primary: str, key: bytes) -> dict[str,
             "seconds": round(time.monotonic() - t0, 3)}
 
 
+def peer_role(r: rvg.Rvg, key: bytes, timeout: float = 3.0) -> str | None:
+    """The role the peer's link service answers for RVG ``r``: primary or secondary; None when it cannot
+    be reached or answers nothing for it (a takeover would not make two primaries then)."""
+    try:
+        conn = link.Conn(r.peer_addr, key, timeout=timeout)
+    except LinkError:
+        return None
+    try:
+        got = conn.call({"type": "role", "rvg": r.name}, "role").get("role")
+    except LinkError:
+        return None
+    finally:
+        conn.close()
+    return str(got) if got in rvg.ROLES else None
+
+
+MIGRATE_REFUSALS: dict[str, type[Exception]] = {"OutOfDate": OutOfDate, "InUse": InUse,
+                                                "InvalidArgument": InvalidArgument}
+
+
+def request_migrate(dg: DiskGroup, name: str, key: bytes) -> dict[str, Any]:
+    """On the secondary: ask the primary's link service to migrate RVG ``name``'s primary role to this
+    site (what ``migrate`` does run there; the RVGPrimary agent brings a secondary online this way).
+    :raises OutOfDate, InUse: the primary refused, nothing changed (a later try may succeed);
+    :raises LinkError: the primary is unreachable or broke off."""
+    r = rvg.get(dg, name)
+    if r.role != "secondary":
+        raise InvalidArgument(f"RVG {name} is already primary on this site: nothing to migrate here")
+    if not r.local_addr or not r.peer_addr:
+        raise InvalidArgument(f"RVG {name} has no link addresses on this site: addsec {name} first")
+    conn = link.Conn(r.peer_addr, key)
+    try:
+        reply = conn.call({"type": "migrate", "rvg": name, "new_primary": r.local_addr}, "migrated")
+    finally:
+        conn.close()
+    if not reply.get("ok"):
+        err = MIGRATE_REFUSALS.get(str(reply.get("kind")), InvalidArgument)
+        raise err(f"the primary {r.peer_addr} refused to migrate: {reply.get('message', '')}")
+    out = reply.get("result")
+    return dict(out) if isinstance(out, dict) else {"rvg": name}
+
+
 def takeover(dg: DiskGroup, name: str, key: bytes, autofb: bool = False) -> dict[str, Any]:
     """Make this secondary the primary from its last consistent checkpoint, the primary being gone."""
     r = rvg.get(dg, name)

@@ -9,8 +9,9 @@ logs the delta to the SRL (or the DCM when it would overflow), and ships what th
 order, calling Srl.ack on each acknowledgement. ``startrep`` (the initial full sync) uses the same
 client, under the same per-RVG sender lock. For the role changes (storage.replication.failover) it
 also answers ``role``, ``promote`` and ``demote`` (the peer's half of migrate and its rollback) and
-``fbprep`` (the old primary's half of fbsync), and after a takeover with --autofb its rounds retry
-the fbsync until the old primary answers.
+``fbprep`` (the old primary's half of fbsync), and on a primary ``migrate`` (its secondary asks for
+the role: failover.request_migrate, the RVGPrimary agent's online). After a takeover with --autofb
+its rounds retry the fbsync until the old primary answers.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 from storage import crash
-from storage.errors import InvalidArgument, VeritasError
+from storage.errors import InUse, InvalidArgument, VeritasError
 from storage.group import DiskGroup
 from storage.replication import checkpoint, delta, deltaset, extents, protocol, role, rvg, store
 from storage.replication.apply import Replica
@@ -307,6 +308,8 @@ class Service:
     stop: threading.Event
     # after a takeover with --autofb: fbsync the old primary (failover.fbsync); LinkError while it is away
     failback: Callable[[rvg.Rvg], object] | None = None
+    # a secondary's request to become primary (failover.migrate run here, the primary; its result)
+    migrate: Callable[[str, str], dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         self._apply_lock = threading.Lock()
@@ -456,6 +459,8 @@ class Service:
             return {"type": "role", "role": r.role}
         if kind in ("promote", "demote", "fbprep"):
             return self._role_change(kind, name, msg)
+        if kind == "migrate":
+            return self._migrate(name, str(msg.get("new_primary", "")))
         raise ProtocolError(f"unknown request {kind!r}")
 
     def _secondary(self, name: str) -> rvg.Rvg:
@@ -502,6 +507,17 @@ class Service:
                      name, seq, sum(n for rs in ranges.values() for _o, n in rs))
             return {"type": "fbprep", "ranges": ranges}
 
+    def _migrate(self, name: str, new_primary: str) -> dict[str, Any]:
+        """The secondary asks for the primary role (the RVGPrimary agent's online): migrate to it, or
+        answer why not with the error's class (OutOfDate and InUse may pass; the secondary retries)."""
+        if self.migrate is None:
+            raise ProtocolError("this link service does not take migrate requests")
+        try:
+            out = self.migrate(name, new_primary)
+        except (InvalidArgument, OutOfDate, InUse) as exc:
+            return {"type": "migrated", "ok": False, "kind": _refusal(exc), "message": str(exc)}
+        return {"type": "migrated", "ok": True, "result": out}
+
     def _addsec(self, msg: dict[str, Any]) -> dict[str, Any]:
         name = str(msg.get("rvg", ""))
         vols = msg.get("volumes")
@@ -538,3 +554,7 @@ class Service:
         rvg.set_link_state(self.dg, name, applied_seq=seq, applied_created=msg.get("created"),
                            applied_at=time.time(), link="connected")
         return {"type": "ack", "seq": seq}
+
+
+def _refusal(exc: Exception) -> str:
+    return "OutOfDate" if isinstance(exc, OutOfDate) else "InUse" if isinstance(exc, InUse) else "InvalidArgument"
