@@ -187,7 +187,9 @@ def make_primary(site: Site, spec: RvgSpec, deadline: float, clock: Callable[[],
             return ActionResult(True, f"this site is primary of RVG {spec.rvg}" + (f": {why}" if why else ""))
         try:
             why, gone = _try(site, spec, gone)
-            continue  # done: the role is read again
+            if site.role() == "primary":
+                continue  # done
+            why += ", yet this site's record is not primary"
         except Unreachable as exc:
             why = str(exc)
             gone += 1
