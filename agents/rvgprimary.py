@@ -26,7 +26,7 @@ from agents.params import Param, check_abs_path, check_name, parse_bool, parse_i
 from agents.result import CLEAN_REASONS, ActionResult, MonitorResult
 from storage.config import Config, load_config
 from storage.errors import InUse, InvalidArgument, NotFound, VeritasError
-from storage.replication.errors import LinkError, NoSuchRvg, OutOfDate, ReplicationError
+from storage.replication.errors import AuthFailed, LinkError, NoSuchRvg, OutOfDate, ReplicationError
 
 KIND = "RVGPrimary"
 RETRY_SECONDS = 1.0  # between tries of a refused migrate
@@ -196,6 +196,9 @@ def make_primary(site: Site, spec: RvgSpec, deadline: float, clock: Callable[[],
         except Retry as exc:
             why = str(exc)
             gone = 0
+        except AuthFailed as exc:  # it answers, so it may be a live primary: never a takeover
+            return ActionResult(False, f"RVG {spec.rvg}: the peer's link service answers but the key does not"
+                                       f" match (KeyFile / [replication] key_file on both sites): {exc}")
         except (InUse, OutOfDate, LinkError) as exc:
             why = str(exc)  # refused for now (not up to date, in use, the peer answered meanwhile, broke off)
             gone = 0

@@ -22,7 +22,7 @@ from storage import crash
 from storage.errors import InUse, InvalidArgument
 from storage.group import DiskGroup
 from storage.replication import checkpoint, deltaset, link, role, rvg, store
-from storage.replication.errors import LinkError, NoCommonCheckpoint, OutOfDate
+from storage.replication.errors import AuthFailed, LinkError, NoCommonCheckpoint, OutOfDate
 from storage.replication.srl import Srl, merge_maps
 
 log = logging.getLogger("veritas")
@@ -79,9 +79,12 @@ def migrate(dg: DiskGroup, name: str, new_primary: str, key: bytes) -> dict[str,
 
 def peer_role(r: rvg.Rvg, key: bytes, timeout: float = 3.0) -> str | None:
     """The role the peer's link service answers for RVG ``r``: primary or secondary; None when it cannot
-    be reached or answers nothing for it (a takeover would not make two primaries then)."""
+    be reached or answers nothing for it (a takeover would not make two primaries then).
+    :raises AuthFailed: a peer answers but does not prove the key: it may well be a live primary."""
     try:
         conn = link.Conn(r.peer_addr, key, timeout=timeout)
+    except AuthFailed:
+        raise
     except LinkError:
         return None
     try:

@@ -35,6 +35,7 @@ from storage.replication import checkpoint, delta, deltaset, extents, protocol, 
 from storage.replication.apply import Replica
 from storage.replication.deltaset import ImagePlan
 from storage.replication.errors import (
+    AuthFailed,
     LinkError,
     NoCommonCheckpoint,
     NoSuchCheckpoint,
@@ -83,6 +84,8 @@ class Conn:
             protocol.handshake_client(self.fh, key)
         except (OSError, VeritasError) as exc:
             self.close()
+            if isinstance(exc, AuthFailed):  # the peer answers: not to be taken for one that is gone
+                raise AuthFailed(f"link to {addr}: {exc}") from None
             if isinstance(exc, VeritasError):
                 raise LinkError(f"link to {addr}: {exc}") from None
             raise LinkError(f"link to {addr} broke during authentication: {exc}") from None

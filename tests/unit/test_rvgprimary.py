@@ -13,7 +13,7 @@ import pytest
 from agents import ocf_front, registry, vcs_front
 from agents.rvgprimary import RVGPrimary, RvgSpec, make_primary
 from storage.errors import InUse
-from storage.replication.errors import LinkError, OutOfDate
+from storage.replication.errors import AuthFailed, LinkError, OutOfDate
 
 
 @pytest.fixture(autouse=True)
@@ -25,7 +25,8 @@ def _state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 class FakeSite:
     """A secondary whose peer answers ``peers`` in turn (the last one repeats); migrate and takeover
-    raise the next of ``migrate_errors`` / ``takeover_errors`` (None: success, the role flips)."""
+    raise the next of ``migrate_errors`` / ``takeover_errors`` (None: success, the role flips). A peer
+    "wrong key" answers but fails authentication (AuthFailed)."""
 
     def __init__(self, peers: list[str | None], migrate_errors: list[Exception | None] | None = None,
                  takeover_errors: list[Exception | None] | None = None, role: str = "secondary") -> None:
@@ -41,6 +42,8 @@ class FakeSite:
 
     def peer_role(self) -> str | None:
         self.calls.append("probe")
+        if self.peers[0] == "wrong key":
+            raise AuthFailed("the peer did not prove the pre-shared key")
         return self.peers.pop(0) if len(self.peers) > 1 else self.peers[0]
 
     def _do(self, what: str, errors: list[Exception | None]) -> dict[str, Any]:
@@ -138,6 +141,12 @@ def test_takeover_refused_because_the_primary_answered_meanwhile_turns_into_migr
     s = FakeSite([None, None, "primary"], takeover_errors=[InUse("its primary answers: use migrate")])
     res, _ = run(s)
     assert res.ok and s.calls == ["probe", "probe", "takeover autofb=True", "probe", "migrate"]
+
+
+def test_a_peer_with_the_wrong_key_answers_so_no_takeover() -> None:
+    s = FakeSite(["wrong key"])
+    res, c = run(s)
+    assert not res.ok and "key does not match" in res.reason and s.calls == ["probe"] and c.sleeps == 0
 
 
 def test_link_breaking_during_migrate_is_retried() -> None:
