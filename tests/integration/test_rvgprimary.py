@@ -25,8 +25,8 @@ OCF = REPO / "agents" / "ocf" / "RVGPrimary"
 VCS = REPO / "agents" / "vcs" / "RVGPrimary"
 
 
-def params(s: Site, rvg_name: str = RVG) -> dict[str, str]:
-    return {"rvg": rvg_name, "diskgroup": "testdg", "config": str(s.config_path)}
+def params(s: Site, rvg_name: str = RVG, dg: str = "testdg") -> dict[str, str]:
+    return {"rvg": rvg_name, "diskgroup": dg, "config": str(s.config_path)}
 
 
 def agent_env(s: Site, **extra: str) -> dict[str, str]:
@@ -35,19 +35,19 @@ def agent_env(s: Site, **extra: str) -> dict[str, str]:
     return {**env, "VERITAS_AGENT_STATE": str(s.root / "agent-state"), "OCF_RESOURCE_INSTANCE": "rvgres", **extra}
 
 
-def ocf(s: Site, action: str, rvg_name: str = RVG) -> subprocess.CompletedProcess[str]:
-    env = agent_env(s, **{f"OCF_RESKEY_{k}": v for k, v in params(s, rvg_name).items()})
+def ocf(s: Site, action: str, rvg_name: str = RVG, dg: str = "testdg") -> subprocess.CompletedProcess[str]:
+    env = agent_env(s, **{f"OCF_RESKEY_{k}": v for k, v in params(s, rvg_name, dg).items()})
     return subprocess.run([str(OCF), action], env=env, capture_output=True, text=True, timeout=120, check=False)
 
 
-def vcs_argv(s: Site, entry: str, wait: str = "30") -> list[str]:
+def vcs_argv(s: Site, entry: str, wait: str = "30", rvg_name: str = RVG) -> list[str]:
     # ArgList: RVG, DiskGroup, ConfigFile, KeyFile, AutoTakeover, AutoResync, WaitTimeout
-    return [str(VCS / entry), "rvgres", RVG, "testdg", str(s.config_path), "", "1", "1", wait]
+    return [str(VCS / entry), "rvgres", rvg_name, "testdg", str(s.config_path), "", "1", "1", wait]
 
 
-def vcs(s: Site, entry: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(vcs_argv(s, entry), env=agent_env(s), capture_output=True, text=True, timeout=120,
-                          check=False)
+def vcs(s: Site, entry: str, rvg_name: str = RVG) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(vcs_argv(s, entry, rvg_name=rvg_name), env=agent_env(s), capture_output=True, text=True,
+                          timeout=120, check=False)
 
 
 def roles(dga: DiskGroup, dgb: DiskGroup) -> tuple[str, str]:
@@ -80,6 +80,12 @@ def test_rvgprimary_migrates_then_takes_over_and_passes_ocf_tester(sites: tuple[
         assert vcs(b, "monitor").returncode == 100
         p = ocf(b, "monitor", "nosuch")
         assert p.returncode == 6 and "no such RVG: nosuch" in p.stderr, p.stderr
+        assert vcs(b, "monitor", "nosuch").returncode == 99
+        p = ocf(b, "monitor", dg="nodg")
+        assert p.returncode == 5 and "no such disk group: nodg" in p.stderr, p.stderr
+        t0 = time.monotonic()
+        assert ocf(b, "monitor").returncode == 7
+        print(f"OCF monitor: {1000 * (time.monotonic() - t0):.0f} ms")
         assert ocf(a, "start").returncode == 0 and roles(dga, dgb) == ("primary", "secondary")
         assert ocf(a, "monitor").returncode == 0 and vcs(a, "monitor").returncode == 110
 
