@@ -1,4 +1,5 @@
-"""What the two front ends share: the agent types, their attribute tables, the core's errors as codes.
+"""What the two front ends share: the agent types (DockerContainer, DockerDaemon, RVGPrimary), their
+attribute tables, the core's errors as codes.
 
 Kept free of the docker SDK so meta-data and usage work anywhere (ocf-tester runs meta-data as nobody).
 """
@@ -29,6 +30,10 @@ class AgentType:
             from agents import container
 
             return container.from_attributes(resource, given)
+        if self.kind == "RVGPrimary":
+            from agents import rvgprimary
+
+            return rvgprimary.from_attributes(resource, given)
         from agents import daemon
 
         return daemon.from_attributes(resource, given)
@@ -51,6 +56,15 @@ def agent_type(kind: str) -> AgentType:
                          "Manages dockerd: starts it with its arguments (such as a data root on a veritas "
                          "volume), monitors its process and API, stops it, and on clean kills it and every "
                          "process it left running.", False, ("status", "leftovers"))
+    if kind == "RVGPrimary":
+        from agents.rvgprimary import PARAMS as rvg_params
+
+        return AgentType("RVGPrimary", rvg_params, "This site as primary of a replicated volume group",
+                         "Makes the local site the primary of an RVG when it comes online: a planned migrate "
+                         "when the primary's link service answers (retried until its secondary is up to date "
+                         "and its volumes unused), a takeover when it does not (if AutoTakeover). Offline "
+                         "changes no role. Monitor: online where the site is primary and the resource online.",
+                         False, ("status", "inspect"))
     raise KeyError(kind)
 
 

@@ -72,6 +72,11 @@ class InUse(VeritasError):
     exit_code = 5
 
 
+class SecondaryVolume(InUse):
+    """The volume is replicated here as an RVG's secondary: replication owns its data until this site
+    becomes primary (takeover or migrate)."""
+
+
 class LeaseStale(InUse):
     """This node's own lease has not been renewed lately: it may not attach until its plugin renews."""
 

@@ -4,6 +4,10 @@
     veritas rvg [-g DG] addsec RVG PRIMARY_ADDR SECONDARY_ADDR
     veritas rvg [-g DG] startrep RVG          (initial full sync; progress on stderr)
     veritas rvg [-g DG] stoprep|pauserep|resumerep|repstatus RVG
+    veritas rvg [-g DG] migrate RVG NEWPRIMARY_ADDR     (planned role transfer; on the primary)
+    veritas rvg [-g DG] takeover RVG [--autofb]         (the primary is gone; on the secondary)
+    veritas rvg [-g DG] fbsync RVG                      (fast-failback of the old primary; on the new one)
+    veritas rvg [-g DG] resync RVG [--full]             (DCM or full resync now; on the primary)
     veritas rlink serve [-g DG] [--listen HOST:PORT] [--key-file FILE] [--interval SECONDS]
 
 Every command checks its input before it changes anything; the veritas command (veritas/cli.py)
@@ -25,7 +29,7 @@ from storage import diskgroup
 from storage.config import Config
 from storage.diskgroup import DiskGroup
 from storage.errors import AlreadyExists, InvalidArgument
-from storage.replication import checkpoint, link, protocol, rvg
+from storage.replication import checkpoint, failover, link, protocol, role, rvg
 from storage.replication.apply import Replica
 from storage.replication.srl import Srl
 from storage.units import format_size, parse_size
@@ -76,7 +80,8 @@ def cmd_addsec(cfg: Config, a: argparse.Namespace) -> None:
             conn = link.Conn(a.secondary_addr, key)
             try:
                 conn.call({"type": "addsec", "rvg": r.name, "volumes": list(r.volumes), "srl_size": r.srl_size,
-                           "primary_addr": a.primary_addr, "secondary_addr": a.secondary_addr}, "ok")
+                           "primary_addr": a.primary_addr, "secondary_addr": a.secondary_addr,
+                           "shapes": role.shapes(dg, r.volumes)}, "ok")
             finally:
                 conn.close()
             r = rvg.update(dg, r.name, local_addr=a.primary_addr, peer_addr=a.secondary_addr)
@@ -150,13 +155,58 @@ def cmd_resumerep(cfg: Config, a: argparse.Namespace) -> None:
     _set_state(cfg, a, "replicating", ("paused",))
 
 
+def cmd_migrate(cfg: Config, a: argparse.Namespace) -> None:
+    key = _key(cfg, a)
+    dg = _open(cfg, a.diskgroup)
+    try:
+        out = failover.migrate(dg, a.rvg, a.new_primary, key)
+    finally:
+        dg.close()
+    _emit(a, out, f"RVG {a.rvg}: {out['primary']} is primary from checkpoint {out['seq']}; this site is its"
+          f" secondary")
+
+
+def cmd_takeover(cfg: Config, a: argparse.Namespace) -> None:
+    key = _key(cfg, a)
+    dg = _open(cfg, a.diskgroup)
+    try:
+        out = failover.takeover(dg, a.rvg, key, autofb=a.autofb)
+    finally:
+        dg.close()
+    then = "it becomes secondary when it returns" if a.autofb else f"fbsync {a.rvg} makes it secondary"
+    _emit(a, out, f"RVG {a.rvg}: this site is primary from checkpoint {out['seq']}; the old primary"
+          f" {out['old_primary']} keeps that checkpoint: {then}")
+
+
+def cmd_fbsync(cfg: Config, a: argparse.Namespace) -> None:
+    key = _key(cfg, a)
+    dg = _open(cfg, a.diskgroup)
+    try:
+        out = failover.fbsync(dg, a.rvg, key)
+    finally:
+        dg.close()
+    _emit(a, out, f"RVG {a.rvg}: old primary resynchronised from checkpoint {out['from_seq']} to {out['to_seq']}:"
+          f" {out['bytes_sent']} bytes sent for {out['changed_bytes']} changed; replicating")
+
+
+def cmd_resync(cfg: Config, a: argparse.Namespace) -> None:
+    key = _key(cfg, a)
+    dg = _open(cfg, a.diskgroup)
+    try:
+        out = failover.resync(dg, a.rvg, key, full=a.full)
+    finally:
+        dg.close()
+    _emit(a, out, f"RVG {a.rvg}: {out['kind']} resync done; the secondary holds checkpoint {out['seq']}")
+
+
 def status(dg: DiskGroup, name: str) -> dict[str, Any]:
     """repstatus: role, link state, consistent or not, lag (bytes, seconds), SRL use, last consistent point."""
     r = rvg.get(dg, name)
     st = rvg.link_state(dg, name)
     out: dict[str, Any] = {"rvg": r.name, "role": r.role, "state": r.state, "volumes": list(r.volumes),
                            "local_addr": r.local_addr, "peer_addr": r.peer_addr,
-                           "link": st.get("link", "unknown"), "link_error": st.get("error", "")}
+                           "link": st.get("link", "unknown"), "link_error": st.get("error", ""),
+                           "common_seq": r.common_seq, "autofb": r.autofb}
     if r.role == "secondary":
         root = rvg.replica_root(dg, name)
         seq = Replica(root, name).seq if (root / "consistent.json").exists() else 0
@@ -203,7 +253,9 @@ def cmd_serve(cfg: Config, a: argparse.Namespace) -> None:
     dg = _open(cfg, a.diskgroup)
     stop = threading.Event()
     try:
-        svc = link.Service(dg, key, a.listen or rc.listen, interval, stop)
+        svc = link.Service(dg, key, a.listen or rc.listen, interval, stop,
+                           failback=lambda r: failover.fbsync(dg, r.name, key),
+                           migrate=lambda name, addr: failover.migrate(dg, name, addr, key))
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
         print(f"listening on {svc.address}", flush=True)
@@ -237,6 +289,21 @@ def add_commands(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
             x.add_argument("-a", action="store_true", help="automatic sync (the only kind here)")
         x.add_argument("rvg")
         x.set_defaults(fn=fn)
+    x = sub.add_parser("migrate", help="hand the primary role to the secondary (planned; volumes unused)")
+    x.add_argument("rvg")
+    x.add_argument("new_primary", metavar="NEWPRIMARY_ADDR")
+    x.set_defaults(fn=cmd_migrate)
+    x = sub.add_parser("takeover", help="make this secondary primary (its primary is gone)")
+    x.add_argument("rvg")
+    x.add_argument("--autofb", action="store_true", help="fbsync the old primary as soon as it is back")
+    x.set_defaults(fn=cmd_takeover)
+    x = sub.add_parser("fbsync", help="fast-failback: make the old primary secondary, sending only changes")
+    x.add_argument("rvg")
+    x.set_defaults(fn=cmd_fbsync)
+    x = sub.add_parser("resync", help="resynchronise the secondary now (DCM ranges, or all with --full)")
+    x.add_argument("rvg")
+    x.add_argument("--full", action="store_true", help="every allocated extent, even with a DCM")
+    x.set_defaults(fn=cmd_resync)
     p = top.add_parser("rlink", help="the replication link service")
     sub = p.add_subparsers(dest="cmd", required=True)
     x = sub.add_parser("serve", help="serve this site's end of its RVGs' links (foreground)")

@@ -72,9 +72,9 @@ class LayoutEngine(abc.ABC):
         return 0
 
     def mount(self, devices: Sequence[str], shape: Shape, target: Path, degraded: bool = False,
-              runner: Runner = run) -> None:
+              runner: Runner = run, options: Sequence[str] = ()) -> None:
         opts = ["degraded"] if degraded and shape.fstype == "btrfs" else []
-        fs.mount(devices, target, shape.fstype, options=opts, runner=runner)
+        fs.mount(devices, target, shape.fstype, options=[*opts, *options], runner=runner)
 
     def detach(self, devices: Sequence[str], shape: Shape, runner: Runner = run) -> None:
         """Detach the loop devices of an unmounted volume; btrfs forgets them first, so a reused loop

@@ -95,10 +95,11 @@ def _validate(dg: DiskGroup, volumes: Sequence[str]) -> None:
             raise NoSuchVolume(f"no such volume: {v} in disk group {dg.name}")
 
 
-def take(dg: DiskGroup, rvg: str, volumes: Sequence[str]) -> Checkpoint:
-    """Checkpoint ``volumes`` together as RVG ``rvg``'s next sequence number and record it as the last
-    consistent one. Bad input (no volume, one named twice, an unknown one, an fstype=none one, a
-    degraded one) raises before anything is frozen or written."""
+def take(dg: DiskGroup, rvg: str, volumes: Sequence[str], seq: int | None = None) -> Checkpoint:
+    """Checkpoint ``volumes`` together as RVG ``rvg``'s next sequence number (or ``seq``, which must
+    not go back: a new primary's first checkpoint keeps the number of the replica it was made from)
+    and record it as the last consistent one. Bad input (no volume, one named twice, an unknown one,
+    an fstype=none one, a degraded one) raises before anything is frozen or written."""
     check_name(rvg, "RVG name")
     _validate(dg, volumes)
     with dg.locks.hold(_lock(rvg), *volumes):
@@ -117,7 +118,10 @@ def take(dg: DiskGroup, rvg: str, volumes: Sequence[str]) -> Checkpoint:
                     raise InvalidArgument(f"volume {rec.name} is degraded (disk {sd.disk}); repair it before"
                                           f" checkpointing its RVG")
                 refs.append(ImageRef(rec.name, sd.idx, sd.disk, 0))
-        seq = _next_seq(dg, rvg)
+        nxt = _next_seq(dg, rvg)
+        if seq is not None and seq < nxt:
+            raise InvalidArgument(f"checkpoint {seq} of RVG {rvg} would go back: the next is {nxt}")
+        seq = nxt if seq is None else seq
         mounted = [v for v in volumes if steps.is_mounted(dg, v)]
         meta = meta_dir(dg, rvg)
         (meta / "ckpt").mkdir(parents=True, exist_ok=True)
@@ -251,6 +255,14 @@ def last_consistent(dg: DiskGroup, rvg: str) -> Checkpoint | None:
     if rec is None or rec["seq"] not in _seqs(dg, rvg):
         return None
     return get(dg, rvg, int(rec["seq"]))
+
+
+def drop_all(dg: DiskGroup, rvg: str) -> None:
+    """Delete every checkpoint of the RVG and its consistent record (a site that became secondary: its
+    replica holds the state now, and its next checkpoints as primary restart from the replica's seq)."""
+    for c in list_checkpoints(dg, rvg):
+        delete(dg, rvg, c.seq)
+    store.remove_tree(meta_dir(dg, rvg) / "consistent.json")
 
 
 def delete(dg: DiskGroup, rvg: str, seq: int) -> None:

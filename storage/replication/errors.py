@@ -33,6 +33,14 @@ class NoSuchCheckpoint(NotFound):
     pass
 
 
+class NoCommonCheckpoint(ReplicationError):
+    """Fast-failback needs a checkpoint both sites hold (kept from the takeover); there is none."""
+
+
+class OutOfDate(ReplicationError):
+    """The secondary does not hold the primary's last checkpoint: a planned migrate would lose data."""
+
+
 class NoSuchRvg(NotFound):
     pass
 

@@ -7,7 +7,11 @@ checkpoint) and ``delta`` (apply one delta set with apply.Replica, atomically, t
 primary its sender thread takes a checkpoint of each replicating RVG every ``interval`` seconds,
 logs the delta to the SRL (or the DCM when it would overflow), and ships what the secondary lacks in
 order, calling Srl.ack on each acknowledgement. ``startrep`` (the initial full sync) uses the same
-client, under the same per-RVG sender lock.
+client, under the same per-RVG sender lock. For the role changes (storage.replication.failover) it
+also answers ``role``, ``promote`` and ``demote`` (the peer's half of migrate and its rollback) and
+``fbprep`` (the old primary's half of fbsync), and on a primary ``migrate`` (its secondary asks for
+the role: failover.request_migrate, the RVGPrimary agent's online). After a takeover with --autofb
+its rounds retry the fbsync until the old primary answers.
 """
 
 from __future__ import annotations
@@ -25,12 +29,20 @@ from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 from storage import crash
-from storage.errors import InvalidArgument, VeritasError
+from storage.errors import InUse, InvalidArgument, VeritasError
 from storage.group import DiskGroup
-from storage.replication import checkpoint, delta, deltaset, protocol, rvg
+from storage.replication import checkpoint, delta, deltaset, extents, protocol, role, rvg, store
 from storage.replication.apply import Replica
 from storage.replication.deltaset import ImagePlan
-from storage.replication.errors import LinkError, ProtocolError, SrlOverflow
+from storage.replication.errors import (
+    AuthFailed,
+    LinkError,
+    NoCommonCheckpoint,
+    NoSuchCheckpoint,
+    OutOfDate,
+    ProtocolError,
+    SrlOverflow,
+)
 from storage.replication.protocol import expect, send
 from storage.replication.srl import Srl
 
@@ -72,6 +84,8 @@ class Conn:
             protocol.handshake_client(self.fh, key)
         except (OSError, VeritasError) as exc:
             self.close()
+            if isinstance(exc, AuthFailed):  # the peer answers: not to be taken for one that is gone
+                raise AuthFailed(f"link to {addr}: {exc}") from None
             if isinstance(exc, VeritasError):
                 raise LinkError(f"link to {addr}: {exc}") from None
             raise LinkError(f"link to {addr} broke during authentication: {exc}") from None
@@ -182,9 +196,15 @@ def _srl_last(srl: Srl) -> int:
     return max([srl.acked, *srl.pending(), d.upto if d else 0])
 
 
-def _prune(dg: DiskGroup, name: str, keep: int) -> None:
+def prune(dg: DiskGroup, name: str, keep: int) -> None:
+    """Delete the checkpoints before ``keep`` except those the secondary may hold: the last acknowledged
+    one and the first after it (its ack may have been lost with the link) or the DCM's end. After a
+    takeover they are the checkpoint both sites have in common, fast-failback's base."""
+    srl = Srl(rvg.srl_root(dg, name), rvg.get(dg, name).srl_size)
+    d = srl.dcm()
+    held = {srl.acked, *srl.pending()[:1], *([d.upto] if d else [])}
     for c in checkpoint.list_checkpoints(dg, name):
-        if c.seq < keep:
+        if c.seq < keep and c.seq not in held:
             checkpoint.delete(dg, name, c.seq)
 
 
@@ -209,7 +229,7 @@ def tick(dg: DiskGroup, r: rvg.Rvg) -> int:
         except SrlOverflow as exc:
             log.warning("RVG %s: %s", r.name, exc)
             srl.to_dcm(ck.seq, {p.ref.key: p.ranges for p in plans})
-    _prune(dg, r.name, ck.seq)
+    prune(dg, r.name, ck.seq)
     return ck.seq
 
 
@@ -236,25 +256,25 @@ def catch_up(dg: DiskGroup, r: rvg.Rvg, conn: Conn) -> int:
         plans = deltaset.plan_ranges(dg, r.name, sec, latest.seq, _full_ranges(dg, latest))
         sec = conn.send_plans(r.name, sec, latest.seq, latest.created, plans)
         srl.ack(sec)
-        _acked(dg, r.name, sec)
+        record_acked(dg, r.name, sec)
         return sec
     d = srl.dcm()
     if d is not None:
         plans = deltaset.plan_ranges(dg, r.name, sec, d.upto, d.ranges)
         sec = conn.send_plans(r.name, sec, d.upto, _created(dg, r.name, d.upto), plans)
         srl.ack(sec)
-        _acked(dg, r.name, sec)
+        record_acked(dg, r.name, sec)
         return sec
     for s in srl.pending():
         if s <= sec:
             continue
         sec = conn.send_files(r.name, sec, s, _created(dg, r.name, s), srl.entry(s))
         srl.ack(sec)
-        _acked(dg, r.name, sec)
+        record_acked(dg, r.name, sec)
     return sec
 
 
-def _acked(dg: DiskGroup, name: str, seq: int) -> None:
+def record_acked(dg: DiskGroup, name: str, seq: int) -> None:
     rvg.set_link_state(dg, name, acked_seq=seq, acked_created=_created(dg, name, seq), acked_at=time.time(),
                        link="connected", error="")
 
@@ -272,8 +292,8 @@ def full_sync(dg: DiskGroup, r: rvg.Rvg, key: bytes, progress: Progress | None =
             srl = Srl(rvg.srl_root(dg, r.name), r.srl_size)
             if ck.seq >= srl.acked:
                 srl.ack(ck.seq)
-            _acked(dg, r.name, ck.seq)
-            _prune(dg, r.name, ck.seq)
+            record_acked(dg, r.name, ck.seq)
+            prune(dg, r.name, ck.seq)
             return ck.seq
     finally:
         conn.close()
@@ -289,6 +309,10 @@ class Service:
     listen: str
     interval: float
     stop: threading.Event
+    # after a takeover with --autofb: fbsync the old primary (failover.fbsync); LinkError while it is away
+    failback: Callable[[rvg.Rvg], object] | None = None
+    # a secondary's request to become primary (failover.migrate run here, the primary; its result)
+    migrate: Callable[[str, str], dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         self._apply_lock = threading.Lock()
@@ -330,11 +354,24 @@ class Service:
             log.error("reading RVG records: %s", exc)
             return
         for r in rvgs:
+            now = time.monotonic()
+            due = now - self._last_tick.get(r.name, 0.0) >= self.interval
+            if r.role == "primary" and r.common_seq:  # taken over: the peer is the old primary
+                self._drop(r.name)
+                if r.autofb and self.failback is not None and due:
+                    self._last_tick[r.name] = now
+                    try:
+                        self.failback(r)
+                        log.warning("RVG %s: the old primary %s is now secondary (automatic fast-failback)",
+                                 r.name, r.peer_addr)
+                    except LinkError as exc:
+                        log.debug("RVG %s: old primary not back yet: %s", r.name, exc)
+                    except (VeritasError, OSError) as exc:
+                        log.error("RVG %s: automatic fast-failback: %s", r.name, exc)
+                continue
             if r.role != "primary" or not r.synced or r.state == "stopped":
                 self._drop(r.name)
                 continue
-            now = time.monotonic()
-            due = now - self._last_tick.get(r.name, 0.0) >= self.interval
             try:
                 with self.dg.locks.hold(sender_lock(r.name), timeout=self.interval):
                     r = rvg.get(self.dg, r.name)  # as it is now: a pauserep waits on this lock
@@ -420,6 +457,13 @@ class Service:
             return {"type": "status", "seq": rep.seq, "created": st.get("applied_created")}
         if kind == "delta":
             return self._delta(name, msg, fh)
+        if kind == "role":
+            r = rvg.get(self.dg, name)
+            return {"type": "role", "role": r.role}
+        if kind in ("promote", "demote", "fbprep"):
+            return self._role_change(kind, name, msg)
+        if kind == "migrate":
+            return self._migrate(name, str(msg.get("new_primary", "")))
         raise ProtocolError(f"unknown request {kind!r}")
 
     def _secondary(self, name: str) -> rvg.Rvg:
@@ -427,6 +471,55 @@ class Service:
         if r.role != "secondary":
             raise InvalidArgument(f"RVG {name} is {r.role} on this site, not secondary: refusing its deltas")
         return r
+
+    def _role_change(self, kind: str, name: str, msg: dict[str, Any]) -> dict[str, Any]:
+        """The peer's half of migrate (promote; demote to roll it back) and of fbsync (fbprep, on the
+        old primary: its changes since the common checkpoint, then it becomes secondary at it)."""
+        seq = int(msg.get("seq", 0))
+        peer = str(msg.get("primary_addr", ""))
+        # the order migrate takes them in on its site: the RVG records, the sender, then the volumes
+        with self._apply_lock, rvg.locked(self.dg), self.dg.locks.hold(sender_lock(name)):
+            if kind == "promote":
+                self._secondary(name)
+                have = Replica(rvg.replica_root(self.dg, name), name).seq
+                if have != seq:
+                    raise OutOfDate(f"RVG {name}: this secondary holds checkpoint {have}, not {seq}: not up to date")
+                shapes = msg.get("shapes")
+                role.promote(self.dg, name, peer, state="replicating", common=False,
+                             shapes_in=shapes if isinstance(shapes, dict) else None)
+                return {"type": "ok", "seq": seq}
+            if kind == "demote":
+                role.demote(self.dg, name, seq, peer)
+                return {"type": "ok", "seq": seq}
+            r = rvg.get(self.dg, name)
+            if r.role == "secondary":  # an fbsync that broke off after this step: the replica is the base
+                have = Replica(rvg.replica_root(self.dg, name), name).seq
+                if have != seq:
+                    raise NoCommonCheckpoint(f"RVG {name}: this site is a secondary at checkpoint {have}, not {seq}")
+                return {"type": "fbprep", "ranges": {}}
+            try:
+                ck = checkpoint.get(self.dg, name, seq)
+            except NoSuchCheckpoint:
+                raise NoCommonCheckpoint(f"RVG {name}: this site no longer has checkpoint {seq}, the last one in"
+                                         f" common with the new primary: resync {name} there (a full sync)") from None
+            role.refuse_in_use(self.dg, name, r.volumes)
+            ranges = {i.key: extents.diff(ck.path(self.dg, i), self.dg.image(i.disk, i.volume, i.idx)).ranges
+                      for i in ck.images}
+            role.demote(self.dg, name, seq, peer)
+            log.info("RVG %s: fast-failback: discarding this site's writes since checkpoint %d (%d bytes)",
+                     name, seq, sum(n for rs in ranges.values() for _o, n in rs))
+            return {"type": "fbprep", "ranges": ranges}
+
+    def _migrate(self, name: str, new_primary: str) -> dict[str, Any]:
+        """The secondary asks for the primary role (the RVGPrimary agent's online): migrate to it, or
+        answer why not with the error's class (OutOfDate and InUse may pass; the secondary retries)."""
+        if self.migrate is None:
+            raise ProtocolError("this link service does not take migrate requests")
+        try:
+            out = self.migrate(name, new_primary)
+        except (InvalidArgument, OutOfDate, InUse) as exc:
+            return {"type": "migrated", "ok": False, "kind": _refusal(exc), "message": str(exc)}
+        return {"type": "migrated", "ok": True, "result": out}
 
     def _addsec(self, msg: dict[str, Any]) -> dict[str, Any]:
         name = str(msg.get("rvg", ""))
@@ -442,6 +535,10 @@ class Service:
                 shutil.rmtree(root)  # a replica no record names: left by a killed addsec
             root.mkdir(parents=True)
             Replica.create(root, name)
+            shapes = msg.get("shapes")
+            if isinstance(shapes, dict):  # how to make the volumes live here at a takeover
+                rvg.shapes_path(self.dg, name).parent.mkdir(parents=True, exist_ok=True)
+                store.write_json(rvg.shapes_path(self.dg, name), shapes)
             rvg.create(self.dg, rec, need_volumes=False)
         log.info("RVG %s: this site is now the secondary of %s", name, rec.peer_addr)
         return {"type": "ok"}
@@ -460,3 +557,7 @@ class Service:
         rvg.set_link_state(self.dg, name, applied_seq=seq, applied_created=msg.get("created"),
                            applied_at=time.time(), link="connected")
         return {"type": "ack", "seq": seq}
+
+
+def _refusal(exc: Exception) -> str:
+    return "OutOfDate" if isinstance(exc, OutOfDate) else "InUse" if isinstance(exc, InUse) else "InvalidArgument"

@@ -4,8 +4,9 @@ One JSON record per RVG, ``repl/<rvg>/rvg.json`` in the disk group's root beside
 (storage.replication.store: written atomically). The record is the administrator's intent (written by
 the rvg commands under the ``@rvgs`` lock); what the link service learns as it runs (connected or not,
 last acknowledged checkpoint) goes to ``repl/<rvg>/link.json`` so the two writers never race. A
-volume belongs to one RVG at most. ``role`` is primary or secondary: takeover and migrate (later)
-swap it.
+volume belongs to one RVG at most. ``role`` is primary or secondary: takeover and migrate
+(storage.replication.failover) swap it. After a takeover the new primary records the last checkpoint
+it has in common with the old primary (``common_seq``) until fbsync brings that one back as secondary.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from storage import rvgrole
 from storage.errors import AlreadyExists, InUse, InvalidArgument, NoSuchVolume
 from storage.group import DiskGroup
 from storage.replication import store
@@ -37,6 +39,8 @@ class Rvg:
     local_addr: str = ""  # this site's link address (HOST:PORT)
     peer_addr: str = ""  # the other site's
     synced: bool = False  # the initial full sync completed (startrep)
+    common_seq: int = 0  # after a takeover: the checkpoint both sites hold, fbsync's base (0: none pending)
+    autofb: bool = False  # after a takeover: fbsync the old primary as soon as its service answers
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -47,7 +51,8 @@ class Rvg:
     def from_json(cls, raw: Any) -> Rvg:
         return cls(str(raw["name"]), tuple(raw["volumes"]), int(raw["srl_size"]), str(raw["role"]),
                    str(raw.get("state", "stopped")), str(raw.get("local_addr", "")),
-                   str(raw.get("peer_addr", "")), bool(raw.get("synced", False)))
+                   str(raw.get("peer_addr", "")), bool(raw.get("synced", False)),
+                   int(raw.get("common_seq", 0)), bool(raw.get("autofb", False)))
 
 
 def _dir(dg: DiskGroup) -> Path:
@@ -55,7 +60,7 @@ def _dir(dg: DiskGroup) -> Path:
 
 
 def _path(dg: DiskGroup, name: str) -> Path:
-    return _dir(dg) / name / "rvg.json"
+    return rvgrole.record_path(dg, name)  # where storage.rvgrole finds it too
 
 
 @contextmanager
@@ -141,6 +146,11 @@ def link_state(dg: DiskGroup, name: str) -> dict[str, Any]:
     """What the link service last recorded for RVG ``name`` (empty when it never ran)."""
     raw = store.read_json(_dir(dg) / name / "link.json")
     return dict(raw) if raw else {}
+
+
+def shapes_path(dg: DiskGroup, name: str) -> Path:
+    """On a secondary: the primary's volume shapes (layout, fstype, size...), for making them live here."""
+    return _dir(dg) / name / "shapes.json"
 
 
 def set_link_state(dg: DiskGroup, name: str, **fields: Any) -> None:

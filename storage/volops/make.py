@@ -6,7 +6,7 @@ import logging
 import time
 from typing import Any
 
-from storage import crash, durable, mountpoints, options, recovery, steps
+from storage import crash, durable, mountpoints, options, recovery, rvgrole, steps
 from storage.catalog.base import SubdiskRec, VolumeRec
 from storage.errors import InvalidArgument, SharedFailureDomain, VeritasError
 from storage.group import DiskGroup
@@ -30,6 +30,7 @@ def make(dg: DiskGroup, name: str, size: str | int | None = None, *, spec: optio
     Every option is checked before the first step; the config file's [volume] section gives the defaults.
     """
     check_name(name, "volume name")
+    rvgrole.refuse_secondary(dg, name)
     if spec is None:
         spec = options.parse_volume(size, opts)
     elif size is not None or opts:

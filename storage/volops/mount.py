@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from storage import crash, mountpoints, ownership, qos, recovery, steps, trees
+from storage import crash, mountpoints, ownership, qos, recovery, rvgrole, steps, trees
 from storage.catalog.base import IntentRec, MountRec
 from storage.errors import Degraded, InUse, SnapshotInvalid
 from storage.group import DiskGroup
@@ -17,6 +17,7 @@ def mount(dg: DiskGroup, name: str, mount_id: str = ADMIN_MOUNT_ID, degraded: bo
     """Mount the volume at its mount point (once), and count ``mount_id`` as a user of it."""
     with dg.locks.hold(name):
         recovery.recover_held(dg, name)  # a killed worker's umount is finished, not overwritten
+        rvgrole.refuse_secondary(dg, name)  # replication writes it here: not even its record is live
         v = steps.ready(dg, name)
         if v.invalid:
             raise SnapshotInvalid(f"snapshot {name} is invalid and cannot be mounted: {v.invalid}; its data was"
@@ -54,7 +55,8 @@ def mount(dg: DiskGroup, name: str, mount_id: str = ADMIN_MOUNT_ID, degraded: bo
             if trees.is_tree(v):  # no loop device, no filesystem of its own: the tree, bind-mounted
                 trees.bind(dg, v, mp)
             else:
-                steps.engine_of(v).mount(devs, steps.shape_of(v), mp, degraded=state == "degraded", runner=dg.runner)
+                steps.engine_of(v).mount(devs, steps.shape_of(v), mp, degraded=state == "degraded", runner=dg.runner,
+                                         options=rvgrole.mount_options(dg, v.name, v.fstype))
             crash.point("mount.mounted")
             if trees.is_tree(v):
                 pass  # its devices are the whole host filesystem's: no writeback limit in the root cgroup

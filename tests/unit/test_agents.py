@@ -32,7 +32,7 @@ from agents.result import MonitorResult, State
 from agents.watch import Pacemaker, Recording, Watcher
 
 REPO = Path(__file__).resolve().parents[2]
-KINDS = ("DockerContainer", "DockerDaemon")
+KINDS = ("DockerContainer", "DockerDaemon", "RVGPrimary")
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,57 @@
+"""Which volumes are an RVG's secondary on this site, read from the RVG records themselves.
+
+Mount and make sit below replication in the layers, yet must refuse a secondary's volumes (replication
+writes them; a local mount would see a replica being rewritten, a local make would shadow the name).
+This reads the records storage.replication.rvg writes (``repl/<rvg>/rvg.json`` in the disk group's root).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from storage.errors import SecondaryVolume
+from storage.group import DiskGroup
+
+
+def record_path(dg: DiskGroup, rvg: str) -> Path:
+    return dg.root / "repl" / rvg / "rvg.json"
+
+
+def _records(dg: DiskGroup) -> list[dict[str, Any]]:
+    d = dg.root / "repl"
+    out = []
+    for p in sorted(d.glob("*/rvg.json")) if d.is_dir() else []:
+        try:
+            out.append(dict(json.loads(p.read_text())))
+        except (OSError, ValueError):
+            continue  # removed meanwhile (writes are atomic: never torn)
+    return out
+
+
+def secondary_rvg(dg: DiskGroup, volume: str) -> str | None:
+    """The RVG that holds ``volume`` as secondary on this site, if any."""
+    for raw in _records(dg):
+        if raw.get("role") == "secondary" and volume in raw.get("volumes", []):
+            return str(raw.get("name"))
+    return None
+
+
+def mount_options(dg: DiskGroup, volume: str, fstype: str) -> list[str]:
+    """``nouuid`` for a replicated XFS volume: its peer site's copy is the same filesystem (same UUID),
+    and both may be mounted on one host (two sites of a lab; a takeover while the old primary's
+    kernel still holds its mount). Changing the UUID instead would zero the log, an extent change
+    of tens of MiB that fast-failback would then have to send."""
+    if fstype == "xfs" and any(volume in raw.get("volumes", []) for raw in _records(dg)):
+        return ["nouuid"]
+    return []
+
+
+def refuse_secondary(dg: DiskGroup, volume: str) -> None:
+    """:raises SecondaryVolume: ``volume`` is a secondary here (nothing is changed)."""
+    name = secondary_rvg(dg, volume)
+    if name is not None:
+        raise SecondaryVolume(f"volume {volume} is the secondary of RVG {name} on this site: it cannot be"
+                              f" mounted or made here while replication writes it; make this site primary"
+                              f" first (veritas rvg migrate or takeover {name})")
