@@ -275,6 +275,25 @@ def standby(c: Cluster, rscs: list[Rsc], via: str = "node1", timeout: float = 60
     return Move(src, t0, wait_moved(c, via, src, t0, tokens, timeout, "standby"), tokens=_ids(tokens))
 
 
+def move(c: Cluster, target: str | None = None, via: str = "node1", timeout: float = 60) -> Move:
+    """``crm_resource --move`` of web's group to ``target`` (default: another node with a dockerd): the
+    agent's stop on the source (the container stopped, its volume released), its start on the target (the
+    container recreated there from the resource's attributes, on the same volume). The move's constraint
+    is cleared again once it runs there."""
+    src = _one_node(c, via, [WEB_RSC])
+    dst = target or next(n for n in sorted(c.started(via, pcmk.APP_DAEMON)) if n != src)
+    tokens = _tokens(c, src, [WEB_RSC])
+    t0 = time.monotonic()
+    c.in_node(via, "crm_resource", "--move", "--resource", GROUP, "--node", dst)
+    try:
+        moved = wait_moved(c, via, src, t0, tokens, timeout, f"crm_resource --move to {dst}")
+    finally:
+        c.in_node(via, "crm_resource", "--clear", "--resource", GROUP, check=False)
+    if moved[WEB_RSC.id][0] != dst:
+        raise AssertionError(f"crm_resource --move to {dst}: web runs on {moved[WEB_RSC.id][0]}")
+    return Move(src, t0, moved, tokens=_ids(tokens))
+
+
 def unstandby(c: Cluster, node: str, via: str = "node1") -> None:
     c.in_node(via, "crm_attribute", "--node", node, "--name", "standby", "--update", "off")
     c.daemons_everywhere(via, 60, f"({node} out of standby)")

@@ -94,6 +94,21 @@ def test_standby_of_the_active_node_moves_the_container_with_its_data(env: dict[
     assert c.started("node1", WEB) == [dst]  # sticky: it does not move back
 
 
+def test_crm_resource_move_migrates_the_container_offline_with_its_data(env: dict[str, Any]) -> None:
+    """The seed's offline migration of a container through the cluster: stopped on the source, its volume
+    released, recreated and started on the target with its data; never attached on both (the sampler)."""
+    c: Cluster = env["c"]
+    m = pf.move(c)
+    src, dst, took = m.src, m.dst(WEB_RSC), m.secs(WEB_RSC)
+    env["times"]["crm_resource_move"] = round(took, 2)
+    print(f"\ncrm_resource --move {src} -> web with its data on {dst}: {took:.1f} s")
+    mounted_only_on(env, dst)
+    assert c.docker(src, "ps", "-q", "--filter", f"name=^{WEB}$", check=False).stdout.strip() == ""
+    assert c.started("node1", WEB) == [dst]  # the move's constraint is gone; stickiness keeps it there
+    c.settle("node1")
+    assert c.started("node1", WEB) == [dst]
+
+
 def test_killing_the_containers_process_restarts_it_in_place_then_moves_it(env: dict[str, Any]) -> None:
     lab: Lab = env["lab"]
     c: Cluster = env["c"]
