@@ -11,8 +11,6 @@ import contextlib
 import re
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any
 
 from agents import engine, registry, sdk
 from agents.errors import AgentError, ConfigError, NotInstalled
@@ -29,7 +27,12 @@ from agents.params import (
     split_words,
     values,
 )
+from agents.record import Frozen
 from agents.result import CLEAN_REASONS, ActionResult, MonitorResult, State
+
+TYPE_CHECKING = False  # typing is ~9 ms of a monitor process (agents.record); mypy reads the block
+if TYPE_CHECKING:
+    from typing import Any
 
 KIND = "DockerContainer"
 LABEL = "com.veritas.agent.resource"  # set on containers the agent creates: which resource owns it
@@ -213,11 +216,14 @@ def parse_run_options(text: str) -> dict[str, Any]:
     return kw
 
 
-@dataclass(frozen=True)
-class VolumeMount:
+class VolumeMount(Frozen):
+    __slots__ = ("name", "target", "read_only")
     name: str
     target: str
     read_only: bool
+
+    def __init__(self, name: str, target: str, read_only: bool) -> None:
+        self._init(name=name, target=target, read_only=read_only)
 
 
 def parse_volumes(text: str) -> list[VolumeMount]:
@@ -238,10 +244,11 @@ def parse_volumes(text: str) -> list[VolumeMount]:
     return out
 
 
-@dataclass(frozen=True)
-class ContainerSpec:
+class ContainerSpec(Frozen):
     """A checked DockerContainer configuration."""
 
+    __slots__ = ("name", "image", "command", "run", "volumes", "docker_host", "stop_timeout", "start_timeout",
+                 "remove_on_offline", "use_healthcheck", "check_command")
     name: str
     image: str
     command: list[str]
@@ -252,7 +259,14 @@ class ContainerSpec:
     start_timeout: int
     remove_on_offline: bool
     use_healthcheck: bool
-    check_command: list[str] = field(default_factory=list)
+    check_command: list[str]
+
+    def __init__(self, name: str, image: str, command: list[str], run: dict[str, Any], volumes: list[VolumeMount],
+                 docker_host: str, stop_timeout: int, start_timeout: int, remove_on_offline: bool,
+                 use_healthcheck: bool, check_command: list[str] | None = None) -> None:
+        self._init(name=name, image=image, command=command, run=run, volumes=volumes, docker_host=docker_host,
+                   stop_timeout=stop_timeout, start_timeout=start_timeout, remove_on_offline=remove_on_offline,
+                   use_healthcheck=use_healthcheck, check_command=check_command or [])
 
     @classmethod
     def parse(cls, given: Mapping[str, str]) -> ContainerSpec:

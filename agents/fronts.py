@@ -8,22 +8,30 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
 
 from agents.errors import ArgsError, ConfigError, NotInstalled
 from agents.params import Param
+from agents.record import Frozen
 from storage.errors import InvalidArgument, VeritasError
 
+TYPE_CHECKING = False  # typing is ~9 ms of a monitor process (agents.record); mypy reads the block
+if TYPE_CHECKING:
+    from typing import Any
 
-@dataclass(frozen=True)
-class AgentType:
+
+class AgentType(Frozen):
+    __slots__ = ("kind", "params", "shortdesc", "longdesc", "migrates", "actions")
     kind: str
     params: list[Param]
     shortdesc: str
     longdesc: str
     migrates: bool
     actions: tuple[str, ...]  # VCS SupportedActions
+
+    def __init__(self, kind: str, params: list[Param], shortdesc: str, longdesc: str, migrates: bool,
+                 actions: tuple[str, ...]) -> None:
+        self._init(kind=kind, params=params, shortdesc=shortdesc, longdesc=longdesc, migrates=migrates,
+                   actions=actions)
 
     def build(self, resource: str, given: Mapping[str, str]) -> Any:
         if self.kind == "DockerContainer":

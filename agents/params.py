@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 import shlex
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from agents.errors import ConfigError
+from agents.record import Frozen
 
 # the engine API version every agent client speaks (Docker 20.10 and later): fixed, so that a client
 # costs no /version round trip
@@ -26,10 +26,10 @@ IMAGE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,199}(:[0-9]{1,5}/[A-Za-z0-9
 RESOURCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 
 
-@dataclass(frozen=True)
-class Param:
+class Param(Frozen):
     """One attribute: OCF name, VCS name, type (string|integer|boolean), default, whether required."""
 
+    __slots__ = ("key", "vcs", "kind", "default", "required", "short", "long")
     key: str
     vcs: str
     kind: str
@@ -37,6 +37,10 @@ class Param:
     required: bool
     short: str
     long: str
+
+    def __init__(self, key: str, vcs: str, kind: str, default: str, required: bool, short: str,
+                 long: str) -> None:
+        self._init(key=key, vcs=vcs, kind=kind, default=default, required=required, short=short, long=long)
 
 
 def check_resource(name: str) -> str:

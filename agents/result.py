@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+
+from agents.record import Frozen
 
 
 class State(enum.Enum):
@@ -13,13 +14,16 @@ class State(enum.Enum):
     UNKNOWN = "unknown"  # cannot tell, or the object is not the one configured
 
 
-@dataclass(frozen=True)
-class MonitorResult:
+class MonitorResult(Frozen):
     """A resource state with the confidence (0-100, meaningful when online) and why."""
 
+    __slots__ = ("state", "confidence", "reason")
     state: State
     confidence: int
     reason: str
+
+    def __init__(self, state: State, confidence: int, reason: str) -> None:
+        self._init(state=state, confidence=confidence, reason=reason)
 
     @classmethod
     def online(cls, confidence: int, reason: str) -> MonitorResult:
@@ -38,12 +42,15 @@ class MonitorResult:
         return cls(State.UNKNOWN, 0, reason)
 
 
-@dataclass(frozen=True)
-class ActionResult:
+class ActionResult(Frozen):
     """The outcome of online / offline / clean / migrate: done or not, and why."""
 
+    __slots__ = ("ok", "reason")
     ok: bool
     reason: str
+
+    def __init__(self, ok: bool, reason: str) -> None:
+        self._init(ok=ok, reason=reason)
 
 
 # VCS clean reason codes (the agent framework passes one to clean)

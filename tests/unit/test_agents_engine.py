@@ -182,6 +182,9 @@ def test_a_monitor_imports_neither_site_packages_nor_the_docker_sdk(
                 if line.startswith("import time:")}
     assert "agents" in imported
     assert not imported & {"docker", "requests", "urllib3", "site"}, sorted(imported)
+    # nor the standard library's slow starters (agents.record says why): ~35 ms of a 50 ms budget
+    assert not imported & {"typing", "dataclasses", "inspect", "pathlib", "urllib", "xml", "traceback"}, \
+        sorted(imported)
     assert len(e.requests) == 1  # one inspect
 
 
