@@ -26,7 +26,8 @@ default interval ([replication] interval, 10 s; --quick: 1 s, which the lag line
                           over the link, applied and made durable on the secondary, acknowledged): MB/s
                           of the image's data (its FIEMAP data extents) against a plain copy of the same
                           image over the same loopback TCP (bench/tcpcopy.py: one process reading the
-                          image file into a socket, one writing what arrives to a file on the
+                          image file, its page cache dropped first as startrep's new checkpoint clone
+                          starts with none, into a socket, one writing what arrives to a file on the
                           secondary's disk and fsyncing it; its MB/s counts every byte of the image,
                           holes included), interleaved pairs (stoprep between: each startrep is a full
                           sync); target ratio>=0.8
@@ -327,6 +328,11 @@ class Bench:
             return mbs
 
         def base(i: int) -> float:
+            fd = os.open(img, os.O_RDONLY)  # read cold, as startrep reads its new checkpoint's clone
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
             recv = subprocess.Popen([sys.executable, "-m", "bench.tcpcopy", "recv", str(copy)], cwd=REPO,
                                     stdout=subprocess.PIPE, text=True)
             try:
