@@ -33,7 +33,7 @@ default interval ([replication] interval, 10 s; --quick: 1 s, which the lag line
                           sync); target ratio>=0.8
   failback_bytes_ratio    null until fast-failback (takeover, fbsync) is on main
   lag_seconds_p50/_p99    a steady writer (20 random 4 KiB O_DIRECT writes a second into the volume's
-                          data file, each fsynced, each block stamped with the write's number) for 3
+                          data file, each fsynced, each block stamped with the write's number) for 2
                           minutes (--quick: 6 s); a write's lag is from its fsync returning to the bench
                           seeing the secondary's consistent.json name the first checkpoint that holds
                           it (the stamps are read from the replica's image at the blocks' FIEMAP
@@ -429,7 +429,7 @@ class Bench:
             finally:
                 os.close(img)
 
-        duration = 6.0 if self.quick else 180.0
+        duration = 6.0 if self.quick else 120.0
         log(f"lag: {LAG_RATE} fsynced 4 KiB writes a second for {duration:.0f} s, interval {self.interval:g} s")
         thread = threading.Thread(target=writer, name="lag-writer", daemon=True)
         last = rep.seq
@@ -470,7 +470,7 @@ class Bench:
         self._replicating()
         dga = self.site_dgs[0]
         assert self.mnt is not None
-        runtime = 2 if self.quick else 20
+        runtime = 2 if self.quick else 15
         aport = int(a.addr.rsplit(":", 1)[1])
         args = ["--thread", "--direct=1", "--ioengine=libaio", "--rw=randwrite", "--bs=4k", "--iodepth=32",
                 f"--size={self.data_size}", f"--runtime={runtime}", "--time_based", "--output-format=json"]
@@ -501,7 +501,7 @@ class Bench:
             return fio(i, "link service stopped")
 
         n = 1 if self.quick else 5
-        res = run_pairs(ours, base, ">=0.8", n, cap=1 if self.quick else 9)
+        res = run_pairs(ours, base, ">=0.8", n, cap=1 if self.quick else 7)
         res.emit("primary_write_overhead", "IOPS", ">=0.8", fields={"runs": len(res.ours)})
 
     def _caught_up(self, after: int) -> None:
