@@ -45,7 +45,8 @@ default interval ([replication] interval, 10 s; --quick: 1 s, which the lag line
                           each run, checkpointing and shipping at the interval) against the same file
                           with the primary's link service stopped (no checkpoint taken or shipped; the
                           RVG keeps its last checkpoint, as stoprep does, so blocks it still shares copy
-                          on their first write in both halves), interleaved pairs; IOPS, target >=0.8
+                          on their first write in both halves), interleaved pairs of 15 s runs (--quick:
+                          2 s); IOPS, target >=0.8
 
 Runs as root, under a fresh /tmp root with its own disk groups, all removed at the end, the link
 services stopped by PID (also on error or SIGTERM). ``--quick``: one round or pair of each (a smoke test).
