@@ -78,14 +78,15 @@ class Site:
         return diskgroup.open_dg(load_config(self.config_path), "testdg")
 
 
-def make_site(root: Path) -> Site:
+def make_site(root: Path, disk_size: str = "2g") -> Site:
+    """A site under ``root``: its config and key, one disk group of one disk of ``disk_size``."""
     path = write_config(root)
     (root / "rlink.key").write_text(KEY)
     os.chmod(root / "rlink.key", 0o600)
     with open(path, "a") as fh:
         fh.write(f"[replication]\nkey_file = {root}/rlink.key\ninterval = 1\n")
     (root / "disks").mkdir()
-    diskgroup.init(load_config(path), "testdg", [DiskSpec.parse(f"{root}/disks/d1.img=2g")]).close()
+    diskgroup.init(load_config(path), "testdg", [DiskSpec.parse(f"{root}/disks/d1.img={disk_size}")]).close()
     return Site(root, path)
 
 
