@@ -31,7 +31,15 @@ default interval ([replication] interval, 10 s; --quick: 1 s, which the lag line
                           secondary's disk and fsyncing it; its MB/s counts every byte of the image,
                           holes included), interleaved pairs (stoprep between: each startrep is a full
                           sync); target ratio>=0.8
-  failback_bytes_ratio    null until fast-failback (takeover, fbsync) is on main
+  failback_bytes_ratio    a DR drill on two fresh sites per run: the RVG (one mounted XFS volume of the
+                          size above, its data written) replicating, the primary's link service SIGKILLed
+                          (the site is gone), 0.1 % of the volume rewritten on the old primary after the
+                          split, `rvg takeover` on the secondary, 1 % of the volume rewritten there in 4 KiB
+                          random direct writes, the old primary's service back and `rvg fbsync`: the MiB it
+                          reports sent (value) against the MiB of distinct blocks rewritten on either side
+                          (baseline, counted by the bench from the blocks it chose); target ratio<=1.2.
+                          3 runs (--quick: 1). What is sent also carries each filesystem's own log and
+                          metadata writes (mount, umount)
   lag_seconds_p50/_p99    a steady writer (20 random 4 KiB O_DIRECT writes a second into the volume's
                           data file, each fsynced, each block stamped with the write's number) for 2
                           minutes (--quick: 6 s); a write's lag is from its fsync returning to the bench
@@ -73,7 +81,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench import common
-from bench.common import emit, emit_missing, log, run_pairs, sh
+from bench.common import emit, log, run_pairs, sh
 from storage import diskgroup, volumes
 from storage.config import ReplicationSettings, load_config
 from storage.diskgroup import DiskGroup, DiskSpec
@@ -161,6 +169,7 @@ class Bench:
         self.data_size = 200 * MiB if quick else FILE_SIZE
         self.sites: tuple[Site, Site] | None = None
         self.site_dgs: list[DiskGroup] = []
+        self.extra_dgs: list[DiskGroup] = []  # the failback runs' own sites
         self.made_sites: list[Site] = []
         self.mnt: Path | None = None
 
@@ -180,7 +189,7 @@ class Bench:
                 subprocess.run(["fsfreeze", "-u", e.target], capture_output=True, check=False)
         if self.dg is not None:
             self.dg.close()
-        for dg in self.site_dgs:
+        for dg in [*self.site_dgs, *self.extra_dgs]:
             dg.close()
         if (self.config.dg_parent / DG_NAME).exists():
             common.destroy_dg(self.config, DG_NAME)
@@ -361,8 +370,66 @@ class Bench:
         res.emit("initial_sync_throughput", "MB/s", ">=0.8", fields={"runs": len(res.ours)})
 
     def failback(self) -> None:
-        emit_missing("failback_bytes_ratio", "MiB", "<=1.2",
-                     "fast-failback (rvg takeover, fbsync) is not on main yet: there is no failback to measure")
+        runs = 1 if self.quick else 3
+        nblocks = self.vol_size // 100 // B  # 1 % of the volume, on the new primary
+        sizes: list[tuple[float, float]] = []
+        for r in range(runs):
+            a, b = (self._site(f"fb{r}a"), self._site(f"fb{r}b"))
+            dga, dgb = a.dg(), b.dg()
+            self.extra_dgs += [dga, dgb]
+            volumes.make(dga, "fv1", self.vol_size, fstype="xfs")
+            mnt = volumes.mount(dga, "fv1")
+            sh("dd", "if=/dev/urandom", f"of={mnt / 'data'}", "bs=1M", f"count={self.data_size // MiB}",
+               "oflag=direct", "conv=fsync")
+            b.serve(interval=self.interval)
+            a.serve(interval=self.interval)
+            a.cli("rvg", "createpri", SITE_RVG, "fv1", "1g")
+            a.cli("rvg", "addsec", SITE_RVG, a.addr, b.addr)
+            a.cli("rvg", "startrep", SITE_RVG)
+            self._synced(dga, dgb)
+            a.kill(a.procs[-1], signal.SIGKILL)  # the primary site is gone
+            rng = random.Random(r)
+            file_blocks = self.data_size // B
+            lost = rng.sample(range(file_blocks), nblocks // 10)  # the old primary's writes after the split
+            _pwrite_blocks(mnt / "data", lost, rng)
+            b.cli("rvg", "takeover", SITE_RVG)
+            mntb = volumes.mount(dgb, "fv1")
+            new = rng.sample(range(file_blocks), nblocks)
+            _pwrite_blocks(mntb / "data", new, rng)
+            volumes.umount(dgb, "fv1")
+            volumes.umount(dga, "fv1")
+            a.serve(interval=self.interval, port=int(a.addr.rsplit(":", 1)[1]))  # the old site returns
+            out = json.loads(b.cli("rvg", "fbsync", SITE_RVG).stdout)
+            changed = len(set(lost) | set(new)) * B
+            sent = int(out["bytes_sent"])
+            log(f"failback {r}: fbsync sent {sent} bytes for {changed} rewritten ({sent / changed:.4f}); it "
+                f"counted {out['changed_bytes']} changed")
+            sizes.append((sent / MiB, changed / MiB))
+            for site in (a, b):
+                for proc in list(site.procs):
+                    if proc.poll() is None:
+                        _stop(site, proc)
+        common.Pairs([s for s, _ in sizes], [c for _, c in sizes]).emit("failback_bytes_ratio", "MiB", "<=1.2",
+                                                                        fields={"runs": len(sizes)})
+
+    def _site(self, name: str) -> Site:
+        (self.root / name).mkdir()
+        site = make_site(self.root / name, disk_size="8g")
+        self.made_sites.append(site)
+        return site
+
+    def _synced(self, dga: DiskGroup, dgb: DiskGroup, timeout: float = 120) -> None:
+        """Until the secondary's replica holds the primary's newest checkpoint (under the sender lock: no
+        checkpoint is taken or pruned meanwhile)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with dga.locks.hold(link.sender_lock(SITE_RVG)):
+                ck = checkpoint.last_consistent(dga, SITE_RVG)
+                if ck is not None and Replica(rvg.replica_root(dgb, SITE_RVG), SITE_RVG).seq == ck.seq:
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError("the secondary did not catch up with the primary")
+            time.sleep(0.2)
 
     def lag(self) -> None:
         a, b = self._two_sites()
@@ -525,6 +592,21 @@ class Bench:
 
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _pwrite_blocks(target: Path, blocks: list[int], rng: random.Random) -> None:
+    """Rewrite these 4 KiB blocks of ``target`` with random data, direct I/O, then fsync."""
+    buf = mmap.mmap(-1, B)  # page-aligned, as O_DIRECT wants
+    fd = os.open(target, os.O_WRONLY | os.O_DIRECT)
+    try:
+        for blk in blocks:
+            buf.seek(0)
+            buf.write(rng.randbytes(B))
+            os.pwritev(fd, [buf], blk * B)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        buf.close()
 
 
 def _stop(site: Site, proc: subprocess.Popen[str]) -> None:

@@ -44,7 +44,9 @@ def test_bench_replication_quick_prints_figures_and_cleans_up() -> None:
     p50, p99 = figs["lag_seconds_p50"], figs["lag_seconds_p99"]
     assert p50["baseline"] == p99["baseline"] == 1, "the lag lines state --quick's interval, 1 s"
     assert 0 < p50["value"] <= p99["value"] and p50["met"] is None and p50["runs"] > 50, (p50, p99)
-    assert figs["failback_bytes_ratio"]["value"] is None and "fbsync" in figs["failback_bytes_ratio"]["note"]
+    fb = figs["failback_bytes_ratio"]
+    assert fb["target"] == "<=1.2" and isinstance(fb["met"], bool) and fb["runs"] == 1, fb
+    assert 0 < fb["baseline"] <= fb["value"] < 10 * fb["baseline"], "fast-failback sends the changed extents"
     conftest.assert_bench_left_nothing(err)
     root = Path(re.search(r"\] root (/tmp/vbench-\S+)", err).group(1))  # type: ignore[union-attr]
     assert benchfigs.processes_under(root) == [], "a link service outlived the bench"
