@@ -57,9 +57,13 @@ def probe(directory: Path) -> OSError | None:
     return None
 
 
-def unshared_bytes(path: Path) -> int:
-    """Bytes of ``path`` stored in extents it shares with no other file (a snapshot's cache use)."""
-    total = 0
+def extent_map(path: Path) -> list[tuple[int, int, int, int]]:
+    """The FIEMAP extent map of ``path`` (flushed first: FIEMAP_FLAG_SYNC) in logical order, as
+    (logical, physical, length, flags) tuples.
+
+    :raises OSError: EOPNOTSUPP/ENOTTY where the filesystem has no FIEMAP.
+    """
+    out: list[tuple[int, int, int, int]] = []
     start = 0
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -72,16 +76,20 @@ def unshared_bytes(path: Path) -> int:
                 break
             last = False
             for i in range(mapped):
-                logical, _phys, length, _r1, _r2, flags = _EXT.unpack_from(buf, _HDR.size + i * _EXT.size)
-                if not flags & _EXTENT_SHARED:
-                    total += length
+                logical, physical, length, _r1, _r2, flags = _EXT.unpack_from(buf, _HDR.size + i * _EXT.size)
+                out.append((logical, physical, length, flags))
                 start = logical + length
                 last = bool(flags & _EXTENT_LAST)
             if last:
                 break
     finally:
         os.close(fd)
-    return total
+    return out
+
+
+def unshared_bytes(path: Path) -> int:
+    """Bytes of ``path`` stored in extents it shares with no other file (a snapshot's cache use)."""
+    return sum(length for _lg, _ph, length, flags in extent_map(path) if not flags & _EXTENT_SHARED)
 
 
 def allocated_bytes(path: Path) -> int:

@@ -13,15 +13,13 @@ the result says so.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
-import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-FS_IOC_FIEMAP = 0xC020660B  # _IOWR('f', 11, struct fiemap)
-FIEMAP_FLAG_SYNC = 0x1
+from storage.kernel import reflink
+
 EXTENT_LAST = 0x1
 EXTENT_UNKNOWN = 0x2
 EXTENT_DELALLOC = 0x4
@@ -29,12 +27,6 @@ EXTENT_DATA_INLINE = 0x200
 EXTENT_NOT_ALIGNED = 0x100
 EXTENT_UNWRITTEN = 0x800
 EXTENT_SHARED = 0x2000
-# struct fiemap (linux/fiemap.h): fm_start, fm_length, fm_flags, fm_mapped_extents, fm_extent_count,
-# fm_reserved; then fm_extent_count struct fiemap_extent: fe_logical, fe_physical, fe_length,
-# fe_reserved64[2], fe_flags, fe_reserved[3]
-_HDR = struct.Struct("=QQIIII")
-_EXT = struct.Struct("=QQQ16xI12x")
-_BATCH = 1024
 # flags whose physical offset says nothing about the content: never taken as unchanged
 _OPAQUE = EXTENT_UNKNOWN | EXTENT_DELALLOC | EXTENT_DATA_INLINE | EXTENT_NOT_ALIGNED
 BLOCK = 4096
@@ -80,28 +72,7 @@ def fiemap(path: Path) -> list[Extent]:
 
     :raises OSError: EOPNOTSUPP/ENOTTY where the filesystem has no FIEMAP.
     """
-    out: list[Extent] = []
-    start = 0
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        while True:
-            buf = bytearray(_HDR.size + _EXT.size * _BATCH)
-            _HDR.pack_into(buf, 0, start, 0xFFFFFFFFFFFFFFFF - start, FIEMAP_FLAG_SYNC, 0, _BATCH, 0)
-            fcntl.ioctl(fd, FS_IOC_FIEMAP, buf)
-            mapped = _HDR.unpack_from(buf, 0)[3]
-            if mapped == 0:
-                break
-            last = False
-            for i in range(mapped):
-                logical, physical, length, flags = _EXT.unpack_from(buf, _HDR.size + i * _EXT.size)
-                out.append(Extent(logical, physical, length, flags))
-                start = logical + length
-                last = bool(flags & EXTENT_LAST)
-            if last:
-                break
-    finally:
-        os.close(fd)
-    return out
+    return [Extent(*e) for e in reflink.extent_map(path)]
 
 
 def merge(ranges: Iterable[Range]) -> list[Range]:
