@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -155,47 +156,37 @@ def cmd_resumerep(cfg: Config, a: argparse.Namespace) -> None:
     _set_state(cfg, a, "replicating", ("paused",))
 
 
-def cmd_migrate(cfg: Config, a: argparse.Namespace) -> None:
+def _with_key(cfg: Config, a: argparse.Namespace, op: Callable[[DiskGroup, bytes], dict[str, Any]]) -> dict[str, Any]:
+    """``op`` on the disk group with the link's key: the frame of every role change and resync."""
     key = _key(cfg, a)
     dg = _open(cfg, a.diskgroup)
     try:
-        out = failover.migrate(dg, a.rvg, a.new_primary, key)
+        return op(dg, key)
     finally:
         dg.close()
+
+
+def cmd_migrate(cfg: Config, a: argparse.Namespace) -> None:
+    out = _with_key(cfg, a, lambda dg, key: failover.migrate(dg, a.rvg, a.new_primary, key))
     _emit(a, out, f"RVG {a.rvg}: {out['primary']} is primary from checkpoint {out['seq']}; this site is its"
           f" secondary")
 
 
 def cmd_takeover(cfg: Config, a: argparse.Namespace) -> None:
-    key = _key(cfg, a)
-    dg = _open(cfg, a.diskgroup)
-    try:
-        out = failover.takeover(dg, a.rvg, key, autofb=a.autofb)
-    finally:
-        dg.close()
+    out = _with_key(cfg, a, lambda dg, key: failover.takeover(dg, a.rvg, key, autofb=a.autofb))
     then = "it becomes secondary when it returns" if a.autofb else f"fbsync {a.rvg} makes it secondary"
     _emit(a, out, f"RVG {a.rvg}: this site is primary from checkpoint {out['seq']}; the old primary"
           f" {out['old_primary']} keeps that checkpoint: {then}")
 
 
 def cmd_fbsync(cfg: Config, a: argparse.Namespace) -> None:
-    key = _key(cfg, a)
-    dg = _open(cfg, a.diskgroup)
-    try:
-        out = failover.fbsync(dg, a.rvg, key)
-    finally:
-        dg.close()
+    out = _with_key(cfg, a, lambda dg, key: failover.fbsync(dg, a.rvg, key))
     _emit(a, out, f"RVG {a.rvg}: old primary resynchronised from checkpoint {out['from_seq']} to {out['to_seq']}:"
           f" {out['bytes_sent']} bytes sent for {out['changed_bytes']} changed; replicating")
 
 
 def cmd_resync(cfg: Config, a: argparse.Namespace) -> None:
-    key = _key(cfg, a)
-    dg = _open(cfg, a.diskgroup)
-    try:
-        out = failover.resync(dg, a.rvg, key, full=a.full)
-    finally:
-        dg.close()
+    out = _with_key(cfg, a, lambda dg, key: failover.resync(dg, a.rvg, key, full=a.full))
     _emit(a, out, f"RVG {a.rvg}: {out['kind']} resync done; the secondary holds checkpoint {out['seq']}")
 
 
