@@ -149,8 +149,36 @@ class Cluster:
             return []
 
     def where(self, rsc: str, via: str = "node1", timeout: float = 60) -> str:
-        wait_for(lambda: len(self.started(via, rsc)) == 1, timeout, f"{rsc} running on one node")
+        try:
+            wait_for(lambda: len(self.started(via, rsc)) == 1, timeout, f"{rsc} running on one node")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.report()}") from None
         return self.started(via, rsc)[0]
+
+    def report(self, lines: int = 6) -> str:
+        """What a timed-out scenario leaves to read: the cluster as a live node's Pacemaker shows it
+        (with fail counts and failed actions), then per node the last of its controller's errors and
+        warnings about operations, and of its plugin's and watcher's logs."""
+        out = []
+        via = next((n for n in NODES if self.alive(n)), None)
+        if via is not None:
+            mon = self.in_node(via, "crm_mon", "-1", "-r", "-f", check=False)
+            out.append(f"crm_mon on {via}:\n{mon.stdout.strip() or mon.stderr.strip()}")
+        keys = ("error", "warning: rsc_op", "did not send", "Timed Out", "Result of", "Initiating")
+        for n in NODES:
+            base = self.dir / "nodes" / n
+            for name, path, want in (("pacemaker", base / "pcmk" / "log-pacemaker" / "pacemaker.log", keys),
+                                     ("plugin", base / "plugin.log", ("WARNING", "ERROR")),
+                                     ("watch", base / "watch.log", ("",))):
+                try:
+                    text = path.read_text(errors="replace").splitlines()
+                except OSError:
+                    continue
+                picked = [ln[:220] for ln in text if any(k in ln for k in want)
+                          and "meta-data" not in ln and "metadata" not in ln][-lines:]
+                if picked:
+                    out.append(f"{n} {name}.log:\n  " + "\n  ".join(picked))
+        return "\n".join(out)
 
     def failcount(self, via: str, rsc: str, node: str) -> int:
         return parse_failcount(self.in_node(via, "crm_failcount", "--query", "--quiet", "-r", rsc, "-N", node,
@@ -244,7 +272,8 @@ def wait_moved(c: Cluster, via: str, src: str, t0: float, tokens: dict[Rsc, str 
                 out[rsc.id] = (on[0], time.monotonic() - t0)
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: after {timeout:g} s only {sorted(out)} of "
-                                 f"{sorted(r.id for r in tokens)} run on another node than {src} (with their data)")
+                                 f"{sorted(r.id for r in tokens)} run on another node than {src} (with their data)"
+                                 f"\n{c.report()}")
         if len(out) < len(tokens):
             time.sleep(0.05)
     return out
@@ -292,6 +321,32 @@ def move(c: Cluster, target: str | None = None, via: str = "node1", timeout: flo
     if moved[WEB_RSC.id][0] != dst:
         raise AssertionError(f"crm_resource --move to {dst}: web runs on {moved[WEB_RSC.id][0]}")
     return Move(src, t0, moved, tokens=_ids(tokens))
+
+
+def restore(c: Cluster, rscs: list[Rsc], via: str = "node1") -> list[str]:
+    """Back to where every scenario starts, whatever an earlier one left (a failed run of it, say):
+    every node up and out of standby, no fail counts, the DockerDaemon clone on every node, each of
+    ``rscs`` running on one node, nothing pending. What had to be done, for the caller to report."""
+    done = []
+    for n in NODES:
+        if not c.alive(n):
+            c.lab.run("start", n, timeout=180)
+            done.append(f"started {n}")
+    for n in NODES:
+        q = c.in_node(via, "crm_attribute", "--node", n, "--name", "standby", "--query", "--quiet", check=False)
+        if q.stdout.strip() == "on":
+            c.in_node(via, "crm_attribute", "--node", n, "--name", "standby", "--update", "off")
+            done.append(f"{n} out of standby")
+    for rid in [DAEMON, *(r.id for r in rscs)]:
+        if any(c.failcount(via, rid, n) for n in NODES):
+            c.cleanup(via, DAEMON_CLONE if rid == DAEMON else rid)
+            done.append(f"{rid}'s fail counts cleared")
+    if done:
+        c.settle(via)
+    c.daemons_everywhere(via, 90, "(restore)")
+    for r in rscs:
+        c.where(r.id, via)
+    return done
 
 
 def unstandby(c: Cluster, node: str, via: str = "node1") -> None:

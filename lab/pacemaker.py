@@ -23,6 +23,7 @@ import os
 import pwd
 import shlex
 import shutil
+import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -66,15 +67,33 @@ def prepare_lab(dir: Path) -> list[str]:
     for f in sorted(src.iterdir()) if src.is_dir() else []:
         if f.is_file() and os.access(f, os.X_OK) and not f.name.startswith((".", "_")):
             if _python_script(f):
-                # Pacemaker runs agents with its own PATH, where `env python3` may find a Python without
-                # the docker SDK: the agent runs under the lab's own interpreter, from its real path
-                (ocf / f.name).write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -S '
-                                          f'{shlex.quote(str(f.resolve()))} "$@"\n')
+                (ocf / f.name).write_text(python_agent_wrapper(f))
                 os.chmod(ocf / f.name, 0o755)
             else:
                 (ocf / f.name).symlink_to(f.resolve())
             names.append(f.name)
     return names
+
+
+def python_agent_wrapper(agent: Path) -> str:
+    """A shell wrapper for a Python agent: every action runs the agent under the lab's own interpreter,
+    from its real path (Pacemaker's PATH may find a python3 without the docker SDK); meta-data is
+    answered by the wrapper itself, from the agent's own output taken now.
+
+    Why meta-data is inlined: the controller runs it as hacluster, who cannot execute the lab's
+    interpreter when it lives under /root (pyenv). Pacemaker 2.1.5 fetches meta-data asynchronously
+    before an agent's first operation on a node, and when two such fetches fail at once it can lose one
+    of the operations waiting on them: never run, never reported, the DC's transition stuck until its
+    timeout (90 s), with every event (a standby, a failure) waiting behind it."""
+    run = [sys.executable, "-S", str(agent.resolve())]
+    r = subprocess.run([*run, "meta-data"], capture_output=True, text=True, timeout=60, check=False)
+    if r.returncode != 0 or not r.stdout.lstrip().startswith("<?xml"):
+        raise RuntimeError(f"{agent} meta-data failed ({r.returncode}): {r.stderr.strip()[-500:]}")
+    end = "VERITAS_META_DATA_END"
+    if end in r.stdout:
+        raise RuntimeError(f"{agent} meta-data contains the wrapper's here-document delimiter {end}")
+    return (f'#!/bin/sh\nif [ "$1" = meta-data ]; then\ncat <<\'{end}\'\n{r.stdout.rstrip()}\n{end}\n'
+            f'exit 0\nfi\nexec {shlex.join(run)} "$@"\n')
 
 
 def _python_script(f: Path) -> bool:

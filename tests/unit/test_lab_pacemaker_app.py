@@ -33,6 +33,33 @@ def test_python_agents_run_under_the_labs_interpreter_whatever_pacemakers_path(
     assert md.returncode == 0 and ET.fromstring(md.stdout).get("name") == "DockerContainer"
 
 
+def test_meta_data_is_answered_without_the_labs_interpreter(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pacemaker's controller asks for meta-data as hacluster, who may not execute the lab's interpreter
+    (pyenv under /root): the wrapper answers it by itself, with exactly what the agent says."""
+    monkeypatch.setenv("VERITAS_LAB_OCF_DIR", str(REPO / "agents" / "ocf"))
+    pcmk.prepare_lab(tmp_path)
+    for name in ("DockerContainer", "DockerDaemon"):
+        wrapper = tmp_path / "pcmk" / "ocf" / "veritas" / name
+        own = subprocess.run([str(REPO / "agents" / "ocf" / name), "meta-data"], capture_output=True, text=True,
+                             timeout=60, check=True).stdout
+        # sh and cat only: the interpreter is never started (as hacluster: tests/cluster/test_pacemaker_failover)
+        r = subprocess.run(["/bin/sh", str(wrapper), "meta-data"], env={"PATH": "/usr/bin:/bin"},
+                           capture_output=True, text=True, timeout=10, check=True)
+        assert r.stdout.strip() == own.strip() and ET.fromstring(r.stdout).get("name") == name
+        assert "python" not in wrapper.read_text().split("then", 1)[1].split("fi", 1)[0]
+
+
+def test_an_agent_whose_meta_data_fails_is_not_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "Broken").write_text("#!/usr/bin/env python3\nimport sys\nsys.exit('no meta-data here')\n")
+    os.chmod(src / "Broken", 0o755)
+    monkeypatch.setenv("VERITAS_LAB_OCF_DIR", str(src))
+    with pytest.raises(RuntimeError, match="meta-data failed.*no meta-data here"):
+        pcmk.prepare_lab(tmp_path / "lab")
+
+
 def test_a_shell_agent_is_still_installed_as_a_symlink(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = tmp_path / "src"
     src.mkdir()
