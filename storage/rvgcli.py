@@ -33,7 +33,7 @@ from storage.errors import AlreadyExists, InvalidArgument
 from storage.replication import checkpoint, failover, link, protocol, role, rvg
 from storage.replication.apply import Replica
 from storage.replication.srl import Srl
-from storage.units import format_size, parse_size
+from storage.units import check_name, format_size, parse_size
 
 
 def _open(cfg: Config, name: str | None) -> DiskGroup:
@@ -60,7 +60,10 @@ def cmd_createpri(cfg: Config, a: argparse.Namespace) -> None:
     size = parse_size(a.srl, "SRL size")
     dg = _open(cfg, a.diskgroup)
     try:
-        with rvg.locked(dg):
+        for v in vols:
+            check_name(v, "volume name")
+        # the volumes' locks too: a vol rm or grow under way finishes first, a later one sees the RVG
+        with rvg.locked(dg), dg.locks.hold(*vols):
             r = rvg.create(dg, rvg.Rvg(a.rvg, tuple(vols), size, "primary"))
         _emit(a, r.to_json(), f"RVG {r.name} created as primary of {', '.join(r.volumes)} with an SRL of"
               f" {format_size(size, long=True)}")
