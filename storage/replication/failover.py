@@ -31,7 +31,7 @@ from storage.replication.errors import (
     PeerUnreachable,
     ProtocolError,
 )
-from storage.replication.srl import Srl, merge_maps
+from storage.replication.srl import Srl, merge_maps, peek
 
 log = logging.getLogger("veritas")
 
@@ -217,9 +217,9 @@ def resync(dg: DiskGroup, name: str, key: bytes, full: bool = False) -> dict[str
         raise InvalidArgument(f"RVG {name} has no synced secondary: addsec and startrep {name} first")
     if r.common_seq:
         raise InvalidArgument(f"RVG {name} was taken over: fbsync {name} brings its old primary back first")
-    srl = Srl(rvg.srl_root(dg, name), r.srl_size)
     t0 = time.monotonic()
-    if srl.dcm_active and not full:
+    # a look, not Srl(): its recovery would remove the running service's temporary files under it
+    if peek(rvg.srl_root(dg, name)).dcm is not None and not full:
         conn = link.Conn(r.peer_addr, key)
         try:
             with dg.locks.hold(link.sender_lock(name)):

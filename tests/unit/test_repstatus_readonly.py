@@ -9,6 +9,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from storage import rvgcli, volumes
 from storage.replication import rvg
 from storage.replication.errors import SrlOverflow
@@ -113,3 +115,20 @@ def test_repstatus_in_a_loop_beside_the_srl_switching_to_dcm_and_back(world: Wor
         t.join(30)
     assert not errors, f"the SRL's writer failed beside repstatus: {errors[0]!r}"
     assert switches[0] >= 3 and reads >= 50 and seen_dcm and seen_srl, (switches, reads, seen_dcm, seen_srl)
+
+
+def test_resync_decides_dcm_or_full_without_recovering_the_srl(world: World, tmp_path: Path) -> None:
+    """resync reads whether a DCM is pending before it takes the sender lock: a read, as repstatus's."""
+    from storage.replication import failover
+    from storage.replication.errors import PeerUnreachable
+
+    root = primary(world)
+    with rvg.locked(world.dg):
+        rvg.update(world.dg, "rvg1", peer_addr="127.0.0.1:1")
+    srl = Srl(root, LIMIT)
+    torn = srl.entries / f".tmp.2.{os.getpid()}"  # the service's append under way
+    torn.mkdir()
+    before = tree(root.parent)
+    with pytest.raises(PeerUnreachable):
+        failover.resync(world.dg, "rvg1", b"k" * 32)
+    assert tree(root.parent) == before
