@@ -82,6 +82,7 @@ def refuse_reshape(dg: DiskGroup, volume: str, what: str) -> None:
                               f" migrate or takeover {name}), and reshape it only with its RVG's replication"
                               f" stopped and the volume taken out of the RVG")
     raise ReplicatedVolume(f"volume {volume} is in RVG {name} (primary on this site): it cannot be {what} as"
-                           f" if unreplicated, which would silently break replication to its secondary; stop"
-                           f" replication (veritas rvg stoprep {name}) and take the volume out of RVG {name}"
-                           f" first (nothing was changed)")
+                           f" if unreplicated, which would silently break replication to its secondary (an"
+                           f" RVG's volumes keep their set and size while it exists); stop replication (veritas"
+                           f" rvg stoprep {name}) and take the volume out of RVG {name} first (no command does"
+                           f" that yet: vradmin's delvol and resizevol have no counterpart); nothing was changed")
