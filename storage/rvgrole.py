@@ -57,6 +57,11 @@ def refuse_secondary(dg: DiskGroup, volume: str) -> None:
                               f" first (veritas rvg migrate or takeover {name})")
 
 
+def rvgs(dg: DiskGroup) -> list[tuple[str, str]]:
+    """Every RVG recorded on this site, with this site's role in it."""
+    return [(str(raw.get("name")), str(raw.get("role"))) for raw in _records(dg)]
+
+
 def rvg_of(dg: DiskGroup, volume: str) -> tuple[str, str] | None:
     """The RVG holding ``volume`` on this site and this site's role in it, if any."""
     for raw in _records(dg):

@@ -65,3 +65,17 @@ def test_destroy_force_still_removes_an_rvg_volume(world: World) -> None:
     _rvg(world, "primary")
     diskgroup.destroy(world.dg, force=True)
     assert not (world.config.dg_parent / "fastdg").exists()
+
+
+def test_destroy_of_a_secondary_site_with_no_volumes_is_refused(world: World) -> None:
+    """A secondary's data is its replica, in no volume record: destroy without --force would take it."""
+    from storage import diskgroup
+    from storage.errors import InUse
+
+    _rvg(world, "secondary")
+    replica = rvg.replica_root(world.dg, "rvg1")
+    replica.mkdir(parents=True)
+    before = world.state()
+    with pytest.raises(InUse, match=r"holds RVGs \(rvg1 \(secondary\)\)"):
+        diskgroup.destroy(world.dg)
+    assert world.state() == before and replica.is_dir() and rvg.get(world.dg, "rvg1").role == "secondary"
