@@ -85,10 +85,14 @@ def migrate(dg: DiskGroup, name: str, new_primary: str, key: bytes) -> dict[str,
             "seconds": round(time.monotonic() - t0, 3)}
 
 
-PROBE_TIMEOUT = 3.0  # seconds to connect, and to wait for each answer, when asking the peer its role
+PROBE_TIMEOUT = 3.0  # seconds to connect when asking the peer its role
+# seconds to wait for each of its answers once connected: a live primary that is slow to answer (its
+# disks busy) must not pass for gone, yet one whose kernel accepts but whose service hangs is gone
+PROBE_ANSWER_TIMEOUT = 10.0
 
 
-def probe_peer(r: rvg.Rvg, key: bytes, timeout: float = PROBE_TIMEOUT) -> str | None:
+def probe_peer(r: rvg.Rvg, key: bytes, timeout: float = PROBE_TIMEOUT,
+               answer_timeout: float = PROBE_ANSWER_TIMEOUT) -> str | None:
     """The role the peer's link service answers for RVG ``r`` (primary or secondary), or None when it
     cannot be reached at all (refused, timed out, reset: the one case a takeover may take for "gone").
 
@@ -96,7 +100,7 @@ def probe_peer(r: rvg.Rvg, key: bytes, timeout: float = PROBE_TIMEOUT) -> str | 
     :raises ProtocolError: it answers in another protocol or version, or with a role that is none;
     :raises PeerError: it answers the role request with an error."""
     try:
-        conn = link.Conn(r.peer_addr, key, timeout=timeout, io_timeout=timeout)
+        conn = link.Conn(r.peer_addr, key, timeout=timeout, io_timeout=answer_timeout)
     except PeerUnreachable:
         return None
     try:

@@ -151,7 +151,7 @@ def promote(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 @pytest.mark.parametrize("peer", ["reset", "closed", "silent"], indirect=True)
 def test_an_unreachable_primary_is_gone(peer: Peer) -> None:
     r = rvg.Rvg("rvg1", ("v1",), 1, "secondary", peer_addr=peer.addr)
-    assert failover.probe_peer(r, KEY, timeout=0.5) is None
+    assert failover.probe_peer(r, KEY, timeout=0.5, answer_timeout=0.5) is None
     assert failover.probe_peer(rvg.Rvg("rvg1", ("v1",), 1, "secondary", peer_addr=gone_addr()), KEY) is None
 
 
