@@ -83,7 +83,7 @@ class Site(Protocol):
 
     def role(self) -> str: ...  # primary | secondary; ConfigError: no such RVG
 
-    def peer_role(self) -> str | None: ...  # the peer's answer, None: unreachable or no answer
+    def peer_role(self) -> str | None: ...  # the peer's answer, None: unreachable (LinkError: it answers wrongly)
 
     def migrate(self) -> dict[str, Any]: ...  # ask the peer to migrate the role here
 

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from storage import crash, recovery
+from storage import crash, recovery, rvgrole
 from storage.catalog.base import CatalogStore, DiskGroupRec, VolumeRec
 from storage.config import Config
 from storage.errors import AlreadyExists, InUse, InvalidArgument
@@ -183,6 +183,10 @@ def destroy(dg: DiskGroup, force: bool = False) -> None:
         if vols and not force:
             raise InUse(f"disk group {dg.name} holds volumes ({', '.join(v.name for v in vols)});"
                         " remove them or use --force")
+        held = rvgrole.rvgs(dg)
+        if held and not force:  # a secondary's replica is in no volume record: it would go unasked
+            raise InUse(f"disk group {dg.name} holds RVGs ({', '.join(f'{n} ({r})' for n, r in held)}), whose"
+                        " replicated data would go with it; stop their replication, or use --force")
         crash.point("destroy.checked")
         # deepest snapshots first, so that every volume has none left when its turn comes
         for v in sorted(vols, key=lambda v: -_snapshot_depth(vols, v.name)):

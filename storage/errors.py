@@ -77,6 +77,11 @@ class SecondaryVolume(InUse):
     becomes primary (takeover or migrate)."""
 
 
+class ReplicatedVolume(InUse):
+    """The volume is one of an RVG's volumes on its primary: removing or reshaping it here alone would
+    silently break replication (the secondary keeps the old volume and shape)."""
+
+
 class LeaseStale(InUse):
     """This node's own lease has not been renewed lately: it may not attach until its plugin renews."""
 

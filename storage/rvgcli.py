@@ -5,7 +5,7 @@
     veritas rvg [-g DG] startrep RVG          (initial full sync; progress on stderr)
     veritas rvg [-g DG] stoprep|pauserep|resumerep|repstatus RVG
     veritas rvg [-g DG] migrate RVG NEWPRIMARY_ADDR     (planned role transfer; on the primary)
-    veritas rvg [-g DG] takeover RVG [--autofb]         (the primary is gone; on the secondary)
+    veritas rvg [-g DG] takeover RVG [--autofb] [--force]   (the primary is gone; on the secondary)
     veritas rvg [-g DG] fbsync RVG                      (fast-failback of the old primary; on the new one)
     veritas rvg [-g DG] resync RVG [--full]             (DCM or full resync now; on the primary)
     veritas rlink serve [-g DG] [--listen HOST:PORT] [--key-file FILE] [--interval SECONDS]
@@ -30,10 +30,10 @@ from storage import diskgroup
 from storage.config import Config
 from storage.diskgroup import DiskGroup
 from storage.errors import AlreadyExists, InvalidArgument
-from storage.replication import checkpoint, failover, link, protocol, role, rvg
-from storage.replication.apply import Replica
-from storage.replication.srl import Srl
-from storage.units import format_size, parse_size
+from storage.replication import checkpoint, failover, link, protocol, role, rvg, store
+from storage.replication.errors import NoSuchCheckpoint
+from storage.replication.srl import peek
+from storage.units import check_name, format_size, parse_size
 
 
 def _open(cfg: Config, name: str | None) -> DiskGroup:
@@ -60,7 +60,10 @@ def cmd_createpri(cfg: Config, a: argparse.Namespace) -> None:
     size = parse_size(a.srl, "SRL size")
     dg = _open(cfg, a.diskgroup)
     try:
-        with rvg.locked(dg):
+        for v in vols:
+            check_name(v, "volume name")
+        # the volumes' locks too: a vol rm or grow under way finishes first, a later one sees the RVG
+        with rvg.locked(dg), dg.locks.hold(*vols):
             r = rvg.create(dg, rvg.Rvg(a.rvg, tuple(vols), size, "primary"))
         _emit(a, r.to_json(), f"RVG {r.name} created as primary of {', '.join(r.volumes)} with an SRL of"
               f" {format_size(size, long=True)}")
@@ -173,7 +176,8 @@ def cmd_migrate(cfg: Config, a: argparse.Namespace) -> None:
 
 
 def cmd_takeover(cfg: Config, a: argparse.Namespace) -> None:
-    out = _with_key(cfg, a, lambda dg, key: failover.takeover(dg, a.rvg, key, autofb=a.autofb))
+    out = _with_key(cfg, a, lambda dg, key: failover.takeover(dg, a.rvg, key, autofb=a.autofb,
+                                                                         force=a.force))
     then = "it becomes secondary when it returns" if a.autofb else f"fbsync {a.rvg} makes it secondary"
     _emit(a, out, f"RVG {a.rvg}: this site is primary from checkpoint {out['seq']}; the old primary"
           f" {out['old_primary']} keeps that checkpoint: {then}")
@@ -191,7 +195,11 @@ def cmd_resync(cfg: Config, a: argparse.Namespace) -> None:
 
 
 def status(dg: DiskGroup, name: str) -> dict[str, Any]:
-    """repstatus: role, link state, consistent or not, lag (bytes, seconds), SRL use, last consistent point."""
+    """repstatus: role, link state, consistent or not, lag (bytes, seconds), SRL use, last consistent point.
+
+    Read-only: it changes no file (no SRL recovery, no directory made), and tolerates the link
+    service (or a role change) replacing records and removing entries and checkpoints under it, so
+    it runs at any time beside a running service without its sender lock."""
     r = rvg.get(dg, name)
     st = rvg.link_state(dg, name)
     out: dict[str, Any] = {"rvg": r.name, "role": r.role, "state": r.state, "volumes": list(r.volumes),
@@ -199,22 +207,32 @@ def status(dg: DiskGroup, name: str) -> dict[str, Any]:
                            "link": st.get("link", "unknown"), "link_error": st.get("error", ""),
                            "common_seq": r.common_seq, "autofb": r.autofb}
     if r.role == "secondary":
-        root = rvg.replica_root(dg, name)
-        seq = Replica(root, name).seq if (root / "consistent.json").exists() else 0
+        rec = store.read_json(rvg.replica_root(dg, name) / "consistent.json")
+        seq = int(rec["seq"]) if rec and rec.get("rvg") == name else 0
         out.update(consistent=seq > 0, last_consistent_seq=seq, last_consistent_time=st.get("applied_created"),
                    applied_at=st.get("applied_at"))
         return out
-    srl = Srl(rvg.srl_root(dg, name), r.srl_size)
-    d = srl.dcm()
-    latest = checkpoint.last_consistent(dg, name)
+    srl = peek(rvg.srl_root(dg, name))
+    d = srl.dcm
+    latest = _latest(dg, name)
     acked_t = st.get("acked_created")
     lag_s = max(0.0, latest.created - float(acked_t)) if latest and acked_t is not None else None
     dcm_bytes = sum(n for rs in d.ranges.values() for _o, n in rs) if d else 0
     out.update(consistent=r.synced and d is None, synced=r.synced, dcm=d is not None,
-               srl_used=srl.used(), srl_size=r.srl_size, lag_bytes=srl.used() + dcm_bytes,
+               srl_used=srl.used, srl_size=r.srl_size, lag_bytes=srl.used + dcm_bytes,
                lag_seconds=lag_s, latest_seq=latest.seq if latest else 0,
                last_consistent_seq=srl.acked, last_consistent_time=acked_t)
     return out
+
+
+def _latest(dg: DiskGroup, name: str, tries: int = 20) -> checkpoint.Checkpoint | None:
+    """The newest checkpoint, read while the service may take the next one and prune this one."""
+    for _ in range(tries):
+        try:
+            return checkpoint.last_consistent(dg, name)
+        except NoSuchCheckpoint:
+            continue  # pruned between its record and its manifest: read again
+    return None
 
 
 def cmd_repstatus(cfg: Config, a: argparse.Namespace) -> None:
@@ -287,6 +305,9 @@ def add_commands(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     x = sub.add_parser("takeover", help="make this secondary primary (its primary is gone)")
     x.add_argument("rvg")
     x.add_argument("--autofb", action="store_true", help="fbsync the old primary as soon as it is back")
+    x.add_argument("--force", action="store_true", help="take over even though the primary's link service"
+                   " answers without proving the key or in another protocol version (never from one that answers"
+                   " as primary)")
     x.set_defaults(fn=cmd_takeover)
     x = sub.add_parser("fbsync", help="fast-failback: make the old primary secondary, sending only changes")
     x.add_argument("rvg")

@@ -49,6 +49,15 @@ class LinkError(ReplicationError):
     """The replication link failed: the peer is unreachable, refused us, or broke off."""
 
 
+class PeerUnreachable(LinkError):
+    """The peer's link service cannot be reached: connection refused, timed out, reset or closed. The
+    only LinkError that lets a takeover assume its primary is gone."""
+
+
+class PeerError(LinkError):
+    """The peer answered a request with an error (it is up, and refused or failed the request)."""
+
+
 class AuthFailed(LinkError):
     """The peer did not prove it holds the pre-shared key (or we could not prove it to the peer)."""
 

@@ -22,8 +22,16 @@ from storage import crash
 from storage.errors import InUse, InvalidArgument
 from storage.group import DiskGroup
 from storage.replication import checkpoint, deltaset, link, role, rvg, store
-from storage.replication.errors import AuthFailed, LinkError, NoCommonCheckpoint, OutOfDate
-from storage.replication.srl import Srl, merge_maps
+from storage.replication.errors import (
+    AuthFailed,
+    LinkError,
+    NoCommonCheckpoint,
+    OutOfDate,
+    PeerError,
+    PeerUnreachable,
+    ProtocolError,
+)
+from storage.replication.srl import Srl, merge_maps, peek
 
 log = logging.getLogger("veritas")
 
@@ -77,23 +85,41 @@ def migrate(dg: DiskGroup, name: str, new_primary: str, key: bytes) -> dict[str,
             "seconds": round(time.monotonic() - t0, 3)}
 
 
-def peer_role(r: rvg.Rvg, key: bytes, timeout: float = 3.0) -> str | None:
-    """The role the peer's link service answers for RVG ``r``: primary or secondary; None when it cannot
-    be reached or answers nothing for it (a takeover would not make two primaries then).
-    :raises AuthFailed: a peer answers but does not prove the key: it may well be a live primary."""
+PROBE_TIMEOUT = 3.0  # seconds to connect when asking the peer its role
+# seconds to wait for each of its answers once connected: a live primary that is slow to answer (its
+# disks busy) must not pass for gone, yet one whose kernel accepts but whose service hangs is gone
+PROBE_ANSWER_TIMEOUT = 10.0
+
+
+def probe_peer(r: rvg.Rvg, key: bytes, timeout: float = PROBE_TIMEOUT,
+               answer_timeout: float = PROBE_ANSWER_TIMEOUT) -> str | None:
+    """The role the peer's link service answers for RVG ``r`` (primary or secondary), or None when it
+    cannot be reached at all (refused, timed out, reset: the one case a takeover may take for "gone").
+
+    :raises AuthFailed: it answers but does not prove the key (it may well be a live primary);
+    :raises ProtocolError: it answers in another protocol or version, or with a role that is none;
+    :raises PeerError: it answers the role request with an error."""
     try:
-        conn = link.Conn(r.peer_addr, key, timeout=timeout)
-    except AuthFailed:
-        raise
-    except LinkError:
+        conn = link.Conn(r.peer_addr, key, timeout=timeout, io_timeout=answer_timeout)
+    except PeerUnreachable:
         return None
     try:
         got = conn.call({"type": "role", "rvg": r.name}, "role").get("role")
-    except LinkError:
+    except PeerUnreachable:
         return None
     finally:
         conn.close()
-    return str(got) if got in rvg.ROLES else None
+    if got not in rvg.ROLES:
+        raise ProtocolError(f"link to {r.peer_addr}: the peer answers role {got!r} for RVG {r.name}")
+    return str(got)
+
+
+def peer_role(r: rvg.Rvg, key: bytes, timeout: float = PROBE_TIMEOUT) -> str | None:
+    """The role the peer's link service answers for RVG ``r``: primary or secondary; None when it cannot
+    be reached (a takeover would not make two primaries then).
+    :raises AuthFailed, ProtocolError, PeerError: a peer answers but cannot be trusted to be gone
+    (see probe_peer): never a takeover on those."""
+    return probe_peer(r, key, timeout)
 
 
 MIGRATE_REFUSALS: dict[str, type[Exception]] = {"OutOfDate": OutOfDate, "InUse": InUse,
@@ -122,25 +148,30 @@ def request_migrate(dg: DiskGroup, name: str, key: bytes) -> dict[str, Any]:
     return dict(out) if isinstance(out, dict) else {"rvg": name}
 
 
-def takeover(dg: DiskGroup, name: str, key: bytes, autofb: bool = False) -> dict[str, Any]:
-    """Make this secondary the primary from its last consistent checkpoint, the primary being gone."""
+def takeover(dg: DiskGroup, name: str, key: bytes, autofb: bool = False, force: bool = False) -> dict[str, Any]:
+    """Make this secondary the primary from its last consistent checkpoint, the primary being gone.
+
+    Only a primary that cannot be reached is gone (connection refused, timed out, reset). A peer that
+    answers as primary is refused always (two primaries: the planned way is migrate); one that answers
+    but cannot be trusted (wrong key, another protocol version, an error) is refused unless ``force``:
+    the administrator then vouches that it is no live primary. Nothing is changed by a refusal."""
     r = rvg.get(dg, name)
     if r.role == "primary":
         raise InvalidArgument(f"RVG {name} is already primary on this site: takeover runs on its secondary")
-    try:  # a takeover beside a live primary would make two: the planned way is migrate
-        conn = link.Conn(r.peer_addr, key, timeout=3.0)
-    except LinkError:
-        pass
-    else:
-        try:
-            peer_role = conn.call({"type": "role", "rvg": name}, "role").get("role")
-        except LinkError:
-            peer_role = None
-        finally:
-            conn.close()
-        if peer_role == "primary":
-            raise InUse(f"RVG {name}'s primary at {r.peer_addr} answers: use migrate {name} there (planned)"
-                        f" rather than takeover")
+    try:
+        peer = probe_peer(r, key)
+    except (AuthFailed, ProtocolError, PeerError) as exc:
+        if not force:
+            raise type(exc)(f"RVG {name}: takeover refused: the primary's link service at {r.peer_addr} answers,"
+                            f" so it is not gone, but it cannot be asked its role: {exc}. Fix the key"
+                            f" (KeyFile / [replication] key_file) or the versions on both sites, or, if that site"
+                            f" is down for good and only its service is left, takeover {name} --force") from None
+        log.warning("RVG %s: taking over by force from a peer that answers but cannot be asked its role: %s",
+                    name, exc)
+        peer = None
+    if peer == "primary":
+        raise InUse(f"RVG {name}'s primary at {r.peer_addr} answers: use migrate {name} there (planned)"
+                    f" rather than takeover; if that site must be abandoned, stop its link service first")
     seq = role.promote(dg, name, r.peer_addr, state="stopped", common=True, autofb=autofb)
     ck = checkpoint.get(dg, name, seq)
     return {"rvg": name, "seq": seq, "created": ck.created, "old_primary": r.peer_addr, "autofb": autofb}
@@ -190,9 +221,9 @@ def resync(dg: DiskGroup, name: str, key: bytes, full: bool = False) -> dict[str
         raise InvalidArgument(f"RVG {name} has no synced secondary: addsec and startrep {name} first")
     if r.common_seq:
         raise InvalidArgument(f"RVG {name} was taken over: fbsync {name} brings its old primary back first")
-    srl = Srl(rvg.srl_root(dg, name), r.srl_size)
     t0 = time.monotonic()
-    if srl.dcm_active and not full:
+    # a look, not Srl(): its recovery would remove the running service's temporary files under it
+    if peek(rvg.srl_root(dg, name)).dcm is not None and not full:
         conn = link.Conn(r.peer_addr, key)
         try:
             with dg.locks.hold(link.sender_lock(name)):

@@ -40,6 +40,8 @@ from storage.replication.errors import (
     NoCommonCheckpoint,
     NoSuchCheckpoint,
     OutOfDate,
+    PeerError,
+    PeerUnreachable,
     ProtocolError,
     SrlOverflow,
 )
@@ -70,15 +72,18 @@ def sender_lock(name: str) -> str:
 class Conn:
     """An authenticated connection to a peer's link service."""
 
-    def __init__(self, addr: str, key: bytes, timeout: float = CONNECT_TIMEOUT) -> None:
+    def __init__(self, addr: str, key: bytes, timeout: float = CONNECT_TIMEOUT, io_timeout: float = IO_TIMEOUT) -> None:
+        """:raises PeerUnreachable: refused, timed out, reset or closed (the peer may be gone);
+        :raises AuthFailed: the peer answers but the keys differ (or it refused our handshake);
+        :raises ProtocolError: the peer answers in another protocol or version."""
         self.addr = addr
         host, port = parse_addr(addr)
         try:
             self.sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as exc:
-            raise LinkError(f"cannot reach the link service at {addr}: {exc.strerror or exc}; is"
-                            f" `veritas rlink serve` running there, and the address right?") from None
-        self.sock.settimeout(IO_TIMEOUT)
+            raise PeerUnreachable(f"cannot reach the link service at {addr}: {exc.strerror or exc}; is"
+                                  f" `veritas rlink serve` running there, and the address right?") from None
+        self.sock.settimeout(io_timeout)
         self.fh = cast(BinaryIO, self.sock.makefile("rwb"))
         try:
             protocol.handshake_client(self.fh, key)
@@ -86,9 +91,14 @@ class Conn:
             self.close()
             if isinstance(exc, AuthFailed):  # the peer answers: not to be taken for one that is gone
                 raise AuthFailed(f"link to {addr}: {exc}") from None
-            if isinstance(exc, VeritasError):
+            if isinstance(exc, PeerError):  # it refused our hello or our proof
+                raise AuthFailed(f"link to {addr}: the peer refused the handshake ({exc}): the pre-shared key"
+                                 f" differs between the sites, or the peer speaks another protocol version") from None
+            if isinstance(exc, ProtocolError):
+                raise ProtocolError(f"link to {addr}: {exc}") from None
+            if isinstance(exc, VeritasError) and not isinstance(exc, PeerUnreachable):
                 raise LinkError(f"link to {addr}: {exc}") from None
-            raise LinkError(f"link to {addr} broke during authentication: {exc}") from None
+            raise PeerUnreachable(f"link to {addr} broke during authentication: {exc}") from None
 
     def close(self) -> None:
         for c in (self.fh, self.sock):
@@ -102,7 +112,7 @@ class Conn:
             send(self.fh, msg)
             return expect(self.fh, reply)
         except OSError as exc:
-            raise LinkError(f"link to {self.addr} broke: {exc}") from None
+            raise PeerUnreachable(f"link to {self.addr} broke: {exc}") from None
 
     def status(self, name: str) -> dict[str, Any]:
         return self.call({"type": "status", "rvg": name}, "status")
@@ -133,7 +143,7 @@ class Conn:
             self.fh.flush()
             ack = expect(self.fh, "ack")
         except OSError as exc:
-            raise LinkError(f"link to {self.addr} broke while sending delta {to_seq}: {exc}") from None
+            raise PeerUnreachable(f"link to {self.addr} broke while sending delta {to_seq}: {exc}") from None
         if ack.get("seq") != to_seq:
             raise ProtocolError(f"secondary acknowledged {ack.get('seq')} for delta {to_seq}")
         return to_seq

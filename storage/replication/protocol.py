@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from storage.errors import InvalidArgument
-from storage.replication.errors import AuthFailed, LinkError, ProtocolError
+from storage.replication.errors import AuthFailed, PeerError, PeerUnreachable, ProtocolError
 
 VERSION = 1
 MAX_FRAME = 1 << 20
@@ -47,12 +47,12 @@ def encode_frame(msg: dict[str, Any]) -> bytes:
 def _read_exact(fh: BinaryIO, n: int) -> bytes:
     b = fh.read(n)
     if b is None or len(b) != n:
-        raise LinkError(f"the peer closed the link ({0 if not b else len(b)} of {n} bytes of a frame)")
+        raise PeerUnreachable(f"the peer closed the link ({0 if not b else len(b)} of {n} bytes of a frame)")
     return b
 
 
 def decode_frame(fh: BinaryIO) -> dict[str, Any]:
-    """Read one frame from ``fh``. :raises ProtocolError: damaged or too big; :raises LinkError: closed."""
+    """Read one frame from ``fh``. :raises ProtocolError: damaged or too big; :raises PeerUnreachable: closed."""
     (n,) = _LEN.unpack(_read_exact(fh, _LEN.size))
     if n > MAX_FRAME:
         raise ProtocolError(f"frame length {n} is over the limit of {MAX_FRAME}: not a veritas peer, or damaged")
@@ -75,7 +75,7 @@ def expect(fh: BinaryIO, kind: str) -> dict[str, Any]:
     """The next frame, which must be of type ``kind``; an ``error`` frame raises its message."""
     msg = decode_frame(fh)
     if msg["type"] == "error":
-        raise LinkError(f"the peer says: {msg.get('message', 'error')}")
+        raise PeerError(f"the peer says: {msg.get('message', 'error')}")
     if msg["type"] != kind:
         raise ProtocolError(f"expected a {kind} frame, got {msg['type']}")
     return msg

@@ -22,6 +22,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from storage import crash, durable
 from storage.errors import InvalidArgument
@@ -41,6 +42,64 @@ class Dcm:
 def merge_maps(a: Mapping[str, Iterable[Range]], b: Mapping[str, Iterable[Range]]) -> dict[str, list[Range]]:
     """Per image, the union of the ranges of ``a`` and ``b``, merged."""
     return {k: merge([*a.get(k, []), *b.get(k, [])]) for k in sorted(set(a) | set(b))}
+
+
+@dataclass(frozen=True)
+class SrlState:
+    """What ``peek`` saw: the acknowledged seq, the DCM if any, the pending entries and their bytes."""
+
+    acked: int
+    dcm: Dcm | None
+    pending: tuple[int, ...]
+    used: int
+
+
+def _entry_bytes(d: Path) -> int:
+    n = 0
+    try:
+        names = os.listdir(d)
+    except FileNotFoundError:  # acknowledged (or dropped for the DCM) meanwhile
+        return 0
+    for f in names:
+        try:
+            n += os.stat(d / f).st_size
+        except FileNotFoundError:
+            pass
+    return n
+
+
+def _read_dcm(root: Path) -> Dcm | None:
+    return _dcm_of(store.read_json(root / "dcm.json"))
+
+
+def _dcm_of(raw: Any) -> Dcm | None:
+    if raw is None:
+        return None
+    return Dcm(int(raw["since"]), int(raw["upto"]),
+               {k: [(int(o), int(n)) for o, n in v] for k, v in raw["ranges"].items()})
+
+
+def peek(root: Path, tries: int = 20) -> SrlState:
+    """The SRL under ``root`` as it is, read-only: nothing is created, recovered or removed, so a status
+    read is safe beside the link service appending, acknowledging or switching to DCM (Srl() recovers,
+    which is the owner's business). Entries and records may vanish under the read; the acknowledged
+    seq and the DCM record are read before and after the entries, and the read is retried until they
+    agree, so the figures are of one state (the DCM drops the entries: none count then; an entry's
+    temporary directory is a torn or running append, never counted)."""
+    ent = root / "entries"
+    for _ in range(tries):
+        before = (store.read_json(root / "acked.json"), store.read_json(root / "dcm.json"))
+        acked = int(before[0]["seq"]) if before[0] else 0
+        try:
+            names = os.listdir(ent)
+        except FileNotFoundError:
+            names = []
+        pending = tuple(sorted(int(n) for n in names if n.isdigit() and int(n) > acked)) if before[1] is None else ()
+        used = sum(_entry_bytes(ent / str(seq)) for seq in pending)
+        after = (store.read_json(root / "acked.json"), store.read_json(root / "dcm.json"))
+        if after == before:
+            break
+    return SrlState(acked, _dcm_of(before[1]), pending, used)
 
 
 class Srl:
@@ -88,11 +147,7 @@ class Srl:
         return (self.root / "dcm.json").exists()
 
     def dcm(self) -> Dcm | None:
-        raw = store.read_json(self.root / "dcm.json")
-        if raw is None:
-            return None
-        return Dcm(int(raw["since"]), int(raw["upto"]),
-                   {k: [(int(o), int(n)) for o, n in v] for k, v in raw["ranges"].items()})
+        return _read_dcm(self.root)
 
     def _last(self) -> int:
         d = self.dcm()

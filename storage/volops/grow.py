@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from storage import crash, recovery, steps
+from storage import crash, recovery, rvgrole, steps
 from storage.catalog.base import IntentRec, VolumeRec
 from storage.errors import Degraded, InvalidArgument, NoSpace, SnapshotInvalid
 from storage.group import DiskGroup
@@ -16,6 +16,7 @@ def grow(dg: DiskGroup, name: str, size: str | int) -> VolumeRec:
     """Grow the volume to ``size`` (online for XFS and btrfs)."""
     new = parse_size(size)
     with dg.locks.hold(name):
+        rvgrole.refuse_reshape(dg, name, "grown")
         recovery.recover_held(dg, name)
         v = steps.ready(dg, name)
         if v.invalid:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from storage import crash, recovery, steps, trees
+from storage import crash, recovery, rvgrole, steps, trees
 from storage.catalog.base import IntentRec
 from storage.errors import InUse
 from storage.group import DiskGroup
@@ -13,6 +13,8 @@ from storage.group import DiskGroup
 def remove(dg: DiskGroup, name: str, force: bool = False, _cascade: bool = False) -> None:
     """Remove the volume and free its space. Refused while mounted or snapshotted, unless ``force``."""
     with dg.locks.hold(name):
+        if not _cascade:  # a disk group destroyed with --force goes with its RVG records
+            rvgrole.refuse_reshape(dg, name, "removed")
         recovery.recover_held(dg, name)
         v = steps.get(dg, name)
         snaps = [s.name for s in dg.catalog.volumes() if s.snapshot_of == name]
