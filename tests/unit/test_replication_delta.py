@@ -99,22 +99,24 @@ def _raw(records: list[tuple[bytes, int, int, bytes]], version: int = delta.VERS
     head = delta._header_bytes(h)
     if version != delta.VERSION:
         pre = struct.pack("<8sHI", delta.MAGIC, version, len(head) - 14 - 32) + head[14:-32]
-        head = pre + hashlib.blake2b(pre, digest_size=32).digest()
+        head = pre + hashlib.sha256(pre).digest()
     out = bytearray(head)
+    digests = []
     nd = nz = 0
     for kind, idx, off, data in records:
         rec = struct.pack("<cIQI", kind, idx, off, len(data))
         payload = b"" if kind == b"Z" else data
-        out += rec + payload + hashlib.blake2b(rec + payload, digest_size=32).digest()
-    out += struct.pack("<cIQQ", b"T", len(records), nd, nz)
-    out += hashlib.blake2b(bytes(out), digest_size=32).digest()
+        digests.append(hashlib.sha256(rec + payload).digest())
+        out += rec + payload + digests[-1]
+    trl = struct.pack("<cIQQ", b"T", len(records), nd, nz)
+    out += trl + delta.chain_digest(head[-32:], digests, trl)
     return bytes(out)
 
 
 def test_structural_checks_with_valid_checksums() -> None:
     d = b"a" * 10
-    with pytest.raises(DeltaVersion, match="version 2"):
-        decode(_raw([], version=2))
+    with pytest.raises(DeltaVersion, match="version 1; this build reads version 2"):
+        decode(_raw([], version=1))
     with pytest.raises(DeltaCorrupt, match="record 1 where record 0"):
         decode(_raw([(b"D", 1, 0, d)]))
     with pytest.raises(DeltaCorrupt, match="reordered"):
@@ -130,3 +132,18 @@ def test_structural_checks_with_valid_checksums() -> None:
 def test_encoder_refuses_ranges_past_the_image(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="past the image size"):
         encode(image(tmp_path, 4), [(SIZE - 10, 20, True)])
+
+
+def test_a_record_spliced_in_from_another_delta_is_caught_by_the_chain(tmp_path: Path) -> None:
+    """Each record's own checksum holds for a record taken whole from another delta of the same layout
+    (same index, offset and length, other data): only the trailer's chain of digests can tell."""
+    pieces = [(0, 100, True), (4096, 300, True)]
+    mine, other = encode(image(tmp_path, 3), pieces, chunk=4096), encode(image(tmp_path, 4), pieces, chunk=4096)
+    head = len(delta._header_bytes(Header("rvg1", "vol1", 0, 3, 4, SIZE, chunk=4096)))
+    rec0 = delta._REC.size + 100 + delta.DIGEST
+    assert mine[:head] == other[:head] and mine[head:head + rec0] != other[head:head + rec0]
+    spliced = mine[:head] + other[head:head + rec0] + mine[head + rec0:]
+    r = Reader(io.BytesIO(spliced))
+    with pytest.raises(DeltaCorrupt, match="delta checksum mismatch"):
+        list(r.records())
+    assert decode(mine)[1][0] == image(tmp_path, 3).read_bytes()[:100]
