@@ -158,7 +158,14 @@ class Cluster:
     def report(self, lines: int = 6) -> str:
         """What a timed-out scenario leaves to read: the cluster as a live node's Pacemaker shows it
         (with fail counts and failed actions), then per node the last of its controller's errors and
-        warnings about operations, and of its plugin's and watcher's logs."""
+        warnings about operations, and of its plugin's and watcher's logs. Never raises: a report that
+        cannot be made must not hide the failure it was to explain."""
+        try:
+            return self._report(lines)
+        except Exception as exc:
+            return f"(no cluster report: {exc!r})"
+
+    def _report(self, lines: int) -> str:
         out = []
         via = next((n for n in NODES if self.alive(n)), None)
         if via is not None:
