@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -111,6 +112,26 @@ class Snapshot:
         roots = {p for p in self.ppid if (net is not None and self.net[p] == net)
                  or (mnt is not None and self.mnt[p] == mnt)}
         return self.descendants(roots)
+
+
+def listening(pid: int, host: str, port: int) -> bool:
+    """Whether process ``pid`` holds a TCP socket listening on IPv4 ``host``:``port``, as the kernel shows
+    it: the socket's inode in the table of the process's network namespace (/proc/PID/net/tcp, state
+    0A) and among the process's open files."""
+    want = f"{socket.inet_aton(host)[::-1].hex().upper()}:{port:04X}"
+    try:
+        lines = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    inodes = {f[9] for f in (line.split() for line in lines) if len(f) > 9 and f[1] == want and f[3] == "0A"}
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in {f"socket:[{i}]" for i in inodes}:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def children(pid: int) -> list[int]:
