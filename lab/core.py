@@ -31,6 +31,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -497,6 +498,7 @@ class Node:
             if left:
                 raise LabError(f"{self.name}: processes outlived SIGKILL: {left}")
             self.set_port(False)  # a dead host answers nobody
+            thaw_orphans(self.lab.dir)  # nor does its kernel keep a filesystem frozen
             self._record(init=None, dockerd=None, plugin=None, corosync=None, pacemakerd=None, watch=None,
                          rlink=None)
             return
@@ -988,6 +990,7 @@ class Lab:
                 left = kill_until_gone(n.members)
                 if left:
                     errors.append(f"{n.name}: processes outlived SIGKILL: {left}")
+        thaw_orphans(self.dir)
         errors += _detach_loops_under(self.dir)
         ns = self.dir / "ns"
         for f in sorted(ns.glob("*.net")) if ns.exists() else []:
@@ -1068,13 +1071,8 @@ def _parallel(fns: list[Callable[[], Any]]) -> None:
         raise errors[0]
 
 
-def _detach_loops_under(root: Path) -> list[str]:
-    """Detach the loop devices of the lab: those whose backing file (by device and inode) is a file
-    under ``root``, and those whose backing file lies on a filesystem of one of those (a volume's image
-    inside a disk's filesystem, which only a node's namespace had mounted: it keeps that filesystem,
-    and so the disk's loop device, alive after the namespace is gone). The outermost go first."""
-    from storage.kernel import loop
-
+def _file_ids(root: Path) -> set[tuple[int, int, int]]:
+    """(major, minor, inode) of every non-empty regular file under ``root`` but the docker data roots."""
     ids = set()
     for dirpath, _dirs, files in os.walk(root):
         if Path(dirpath).is_relative_to(root / "nodes") and "/data" in dirpath:
@@ -1084,21 +1082,89 @@ def _detach_loops_under(root: Path) -> list[str]:
                 st = os.lstat(os.path.join(dirpath, f))
                 if st.st_size > 0 and (st.st_mode & 0o170000) == 0o100000:
                     ids.add((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino))
+    return ids
+
+
+def _loops_of(ids: set[tuple[int, int, int]]) -> dict[str, int]:
+    """The lab's loop devices, each with its depth: 0 when backed by a file of ``ids`` (a file under the
+    lab's directory), n + 1 when backed by a file on the filesystem of a device of depth n (a volume's
+    image inside a disk's filesystem)."""
+    from storage.kernel import loop
+
+    backing = {dev: loop.backing_id(dev) for dev in loop.attached()}
+    depth: dict[str, int] = {dev: 0 for dev, b in backing.items() if b in ids}
+    while True:
+        nums = {}
+        for d in depth:
+            with contextlib.suppress(OSError):
+                nums[loop.devnum(d)] = depth[d]
+        more = {dev: nums[(b[0], b[1])] + 1 for dev, b in backing.items()
+                if dev not in depth and b is not None and (b[0], b[1]) in nums}
+        if not more:
+            return depth
+        depth.update(more)
+
+
+def _mounted_devnums() -> set[tuple[int, int]]:
+    """The device numbers that some live process's mount table shows mounted (any namespace)."""
+    out: set[tuple[int, int]] = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/mountinfo") as fh:
+                for line in fh:
+                    major, _, minor = line.split(" ", 3)[2].partition(":")
+                    out.add((int(major), int(minor)))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def _has_filesystem(dev: str) -> bool:
+    """Whether the kernel holds a filesystem (a superblock) of ``dev``, mounted or not."""
+    name = Path(dev).name
+    return Path(f"/sys/fs/xfs/{name}").exists() or Path(f"/sys/fs/ext4/{name}").exists() or \
+        any(Path("/sys/fs/btrfs").glob(f"*/devices/{name}"))
+
+
+def thaw_orphans(root: Path) -> list[str]:
+    """Thaw and let go the filesystems on the lab's loop devices that no live process mounts (lab.thaw:
+    what a node killed mid-checkpoint leaves frozen in the shared kernel). The devices thawed."""
+    from storage.kernel import loop
+
+    mounted = _mounted_devnums()
+    thawed = []
+    for dev, _ in sorted(_loops_of(_file_ids(root)).items(), key=lambda kv: -kv[1]):
+        try:
+            if loop.devnum(dev) in mounted or not _has_filesystem(dev):
+                continue
+        except OSError:
+            continue
+        mnt = tempfile.mkdtemp(prefix=".thaw-", dir=root)
+        try:
+            r = subprocess.run(["unshare", "-m", "--propagation", "private", sys.executable, "-m", "lab.thaw", dev,
+                                mnt], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                               text=True, timeout=60, check=False)
+        finally:
+            os.rmdir(mnt)
+        debug(f"thaw {dev}: exit {r.returncode} {r.stderr.strip()}")
+        if r.returncode == 0:
+            thawed.append(dev)
+    return thawed
+
+
+def _detach_loops_under(root: Path) -> list[str]:
+    """Detach the loop devices of the lab: those whose backing file (by device and inode) is a file
+    under ``root``, and those whose backing file lies on a filesystem of one of those (a volume's image
+    inside a disk's filesystem, which only a node's namespace had mounted: it keeps that filesystem,
+    and so the disk's loop device, alive after the namespace is gone). The outermost go first."""
+    from storage.kernel import loop
+
+    ids = _file_ids(root)
 
     def ours() -> dict[str, int]:
-        """The lab's loop devices, each with its depth (0: backed by a file under root)."""
-        backing = {dev: loop.backing_id(dev) for dev in loop.attached()}
-        depth: dict[str, int] = {dev: 0 for dev, b in backing.items() if b in ids}
-        while True:
-            nums = {}
-            for d in depth:
-                with contextlib.suppress(OSError):
-                    nums[loop.devnum(d)] = depth[d]
-            more = {dev: nums[(b[0], b[1])] + 1 for dev, b in backing.items()
-                    if dev not in depth and b is not None and (b[0], b[1]) in nums}
-            if not more:
-                return depth
-            depth.update(more)
+        return _loops_of(ids)
 
     errors = []
     for dev, _ in sorted(ours().items(), key=lambda kv: -kv[1]):
