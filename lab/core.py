@@ -494,11 +494,15 @@ class Node:
 
     def kill(self, only: str | None = None) -> None:
         if only is None:
-            left = kill_until_gone(self.members)
+            # nor does a dead host's kernel keep a filesystem frozen: the node's own are thawed, once they
+            # are no longer mounted elsewhere, while (a writer blocked on one dies only then) and after
+            # its processes die (lab.thaw)
+            mine = self.mounted_loops()
+            left = kill_until_gone(self.members, stuck=lambda pids: thaw_unused(mine, but=pids))
+            thaw_unused(mine, but=set())
             if left:
                 raise LabError(f"{self.name}: processes outlived SIGKILL: {left}")
             self.set_port(False)  # a dead host answers nobody
-            thaw_orphans(self.lab.dir)  # nor does its kernel keep a filesystem frozen
             self._record(init=None, dockerd=None, plugin=None, corosync=None, pacemakerd=None, watch=None,
                          rlink=None)
             return
@@ -515,6 +519,24 @@ class Node:
             while (proc.alive() or (ctrd is not None and ctrd.alive())) and time.monotonic() < deadline:
                 time.sleep(0.02)
         self._record(**{only: None})
+
+    def mounted_loops(self) -> list[str]:
+        """The lab's loop devices that the node's mount namespace shows mounted, outermost first."""
+        init = self.proc("init")
+        if init is None:
+            return []
+        try:
+            mine = _devnums_in(Path(f"/proc/{init.pid}/mountinfo"))
+        except OSError:
+            return []
+        from storage.kernel import loop
+
+        out = []
+        for dev, _ in sorted(_loops_of(_file_ids(self.lab.dir)).items(), key=lambda kv: -kv[1]):
+            with contextlib.suppress(OSError):
+                if loop.devnum(dev) in mine:
+                    out.append(dev)
+        return out
 
     def set_port(self, up: bool) -> None:
         """Plug the node into the switch or pull its cable. Plugging in returns once both ends are
@@ -1105,19 +1127,24 @@ def _loops_of(ids: set[tuple[int, int, int]]) -> dict[str, int]:
         depth.update(more)
 
 
-def _mounted_devnums() -> set[tuple[int, int]]:
-    """The device numbers that some live process's mount table shows mounted (any namespace)."""
+def _devnums_in(mountinfo: Path) -> set[tuple[int, int]]:
+    """The device numbers of the filesystems in one mount table (/proc/PID/mountinfo)."""
+    out: set[tuple[int, int]] = set()
+    with open(mountinfo) as fh:
+        for line in fh:
+            with contextlib.suppress(ValueError, IndexError):
+                major, _, minor = line.split(" ", 3)[2].partition(":")
+                out.add((int(major), int(minor)))
+    return out
+
+
+def _mounted_devnums(but: set[int]) -> set[tuple[int, int]]:
+    """The device numbers that the mount table of some live process not in ``but`` shows (any namespace)."""
     out: set[tuple[int, int]] = set()
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/mountinfo") as fh:
-                for line in fh:
-                    major, _, minor = line.split(" ", 3)[2].partition(":")
-                    out.add((int(major), int(minor)))
-        except (OSError, ValueError, IndexError):
-            continue
+        if entry.isdigit() and int(entry) not in but:
+            with contextlib.suppress(OSError):
+                out |= _devnums_in(Path(f"/proc/{entry}/mountinfo"))
     return out
 
 
@@ -1131,17 +1158,24 @@ def _has_filesystem(dev: str) -> bool:
 def thaw_orphans(root: Path) -> list[str]:
     """Thaw and let go the filesystems on the lab's loop devices that no live process mounts (lab.thaw:
     what a node killed mid-checkpoint leaves frozen in the shared kernel). The devices thawed."""
+    return thaw_unused([d for d, _ in sorted(_loops_of(_file_ids(root)).items(), key=lambda kv: -kv[1])], set())
+
+
+def thaw_unused(devs: list[str], but: set[int]) -> list[str]:
+    """Thaw the filesystems of ``devs`` (loop devices, in this order) that the kernel still holds but no
+    live process outside ``but`` mounts, and let them go (lab.thaw); a frozen one mounted elsewhere
+    (another node's checkpoint under way) is never touched. The devices thawed."""
     from storage.kernel import loop
 
-    mounted = _mounted_devnums()
+    mounted = _mounted_devnums(but)
     thawed = []
-    for dev, _ in sorted(_loops_of(_file_ids(root)).items(), key=lambda kv: -kv[1]):
+    for dev in devs:
         try:
             if loop.devnum(dev) in mounted or not _has_filesystem(dev):
                 continue
         except OSError:
             continue
-        mnt = tempfile.mkdtemp(prefix=".thaw-", dir=root)
+        mnt = tempfile.mkdtemp(prefix="lab-thaw-")
         try:
             r = subprocess.run(["unshare", "-m", "--propagation", "private", sys.executable, "-m", "lab.thaw", dev,
                                 mnt], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,

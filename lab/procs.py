@@ -188,12 +188,16 @@ def end_pids(pids: list[int], sig: int = signal.SIGTERM, timeout: float = 10.0) 
                 pass
 
 
-def kill_until_gone(members: Callable[[], set[int]], timeout: float = 20.0) -> list[int]:
+def kill_until_gone(members: Callable[[], set[int]], timeout: float = 20.0,
+                    stuck: Callable[[set[int]], object] | None = None, stuck_after: float = 1.0) -> list[int]:
     """SIGKILL every PID ``members()`` returns, as a dead host's processes die: all at once. They are
     stopped first (SIGSTOP, again until no new member appears), so none forks or is re-parented out of
     sight while the others die; then killed, again until ``members()`` returns none. Returns the PIDs
-    that outlived ``timeout`` (none, normally)."""
+    that outlived ``timeout`` (none, normally). ``stuck`` is called once with the PIDs still there
+    ``stuck_after`` seconds after the first SIGKILL (a process in an uninterruptible wait, such as a
+    write to a frozen filesystem, dies only once that wait ends)."""
     deadline = time.monotonic() + timeout
+    first_kill: float | None = None
     stopped: set[int] = set()
     while time.monotonic() < deadline:
         new = members() - stopped
@@ -211,6 +215,11 @@ def kill_until_gone(members: Callable[[], set[int]], timeout: float = 20.0) -> l
             return []  # zombies hold no namespace; their parents (or init) reap them
         if time.monotonic() > deadline:
             return sorted(pids)
+        if first_kill is None:
+            first_kill = time.monotonic()
+        elif stuck is not None and time.monotonic() - first_kill > stuck_after:
+            stuck(pids)
+            stuck = None
         for p in pids:
             try:
                 os.kill(p, signal.SIGKILL)
