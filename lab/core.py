@@ -1007,9 +1007,11 @@ class Lab:
         e = self.etcd_node()
         if e is not None:
             everyone.append(e)
+        loops = [d for d, _ in sorted(_loops_of(_file_ids(self.dir)).items(), key=lambda kv: -kv[1])]
         for n in everyone:
             if n.base.exists() or n.netns.exists():
-                left = kill_until_gone(n.members)
+                # a writer blocked on a filesystem left frozen dies once it is thawed (lab.thaw)
+                left = kill_until_gone(n.members, stuck=lambda pids: thaw_unused(loops, but=pids))
                 if left:
                     errors.append(f"{n.name}: processes outlived SIGKILL: {left}")
         thaw_orphans(self.dir)

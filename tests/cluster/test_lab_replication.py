@@ -178,7 +178,9 @@ def test_dr_drill_primary_site_killed_takeover_and_the_container_at_the_dr_site(
     devnum = lab.exec("node1", "findmnt", "-no", "MAJ:MIN", mnt).stdout.strip()
     dev = Path(f"/sys/dev/block/{devnum}").resolve().name
     assert Path(f"/sys/fs/xfs/{dev}").exists(), (devnum, dev)
-    lab.exec("node1", "fsfreeze", "--freeze", mnt)
+    # (busy while the service's own checkpoint has it frozen: then just after that)
+    wait_for(lambda: lab.exec("node1", "fsfreeze", "--freeze", mnt, check=False).returncode == 0, 10,
+             "the volume frozen")
     lab.run("kill", "node1")
     assert lab.node("node1")["state"] == "killed"
     assert not Path(f"/sys/fs/xfs/{dev}").exists(), \
