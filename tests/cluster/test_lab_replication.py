@@ -4,7 +4,8 @@ address. Everything goes through the nodes, as an administrator would: the verit
 the node, the containers through the node's docker on the veritas driver.
 
 A container writes a checksummed stream (tests/cluster/replstream.py) into a replicated volume on
-node1. While it writes, the link between the sites is cut and restored, and every checkpoint the
+node1. While it writes, the link between the sites is cut and restored, and each side's link service
+SIGKILLed and started again (`lab kill NODE --only rlink`); every checkpoint the
 secondary commits is checked. Then the DR drill: the whole primary site is killed (mid-checkpoint:
 its volume frozen, as the link service leaves it between freeze and thaw), node2 takes over, the
 container starts there on the replicated volume; the old site returns, fast-failback sends only
@@ -126,7 +127,7 @@ def test_every_node_serves_its_link_with_the_labs_key(sites: Sites) -> None:
     assert lab.exec("node1", "python3", "-c", hello, B, str(key)).stdout.strip() == "welcome"
 
 
-def test_no_torn_deltas_while_the_link_between_the_sites_is_cut_and_restored(sites: Sites) -> None:
+def test_no_torn_deltas_while_the_link_is_cut_and_restored_and_the_services_killed(sites: Sites) -> None:
     lab = sites.lab
     sites.docker("node1", "volume", "create", "-d", "veritas", "-o", "size=320m", "-o", "layout=concat",
                  "-o", "fstype=xfs", VOL)
@@ -141,7 +142,7 @@ def test_no_torn_deltas_while_the_link_between_the_sites_is_cut_and_restored(sit
     sites.writer("node1", "w1")
 
     # every checkpoint the secondary commits meanwhile, checked in node2 as it commits them
-    window = 16.0
+    window = 22.0
     args, env = ["scripts/lab", "exec", "node2", "--", "python3", "-m", "tests.cluster.replstream", "sample",
                  RVG, VOL, f"{window:g}"], {**os.environ, "VERITAS_LAB_DIR": str(lab.dir)}
     sampler = subprocess.Popen(args, cwd=Path(__file__).resolve().parents[2], env=env, stdout=subprocess.PIPE,
@@ -154,6 +155,13 @@ def test_no_torn_deltas_while_the_link_between_the_sites_is_cut_and_restored(sit
         st = sites.rvg("node1", "repstatus", RVG)
         lab.run("heal", "node2")
         healed_at = uptime()
+        # and either side's service SIGKILLed while it ships or applies, then started again
+        time.sleep(INTERVAL)
+        for node in ("node2", "node1"):
+            lab.run("kill", node, "--only", "rlink")
+            lab.run("start", node)
+            time.sleep(INTERVAL)
+        killed_at = uptime()
         out, err = sampler.communicate(timeout=window + 60)
     finally:
         if sampler.poll() is None:
@@ -162,12 +170,13 @@ def test_no_torn_deltas_while_the_link_between_the_sites_is_cut_and_restored(sit
     assert sampler.returncode == 0, err[-3000:]
     assert int(st["lag_bytes"]) > 0, f"the cut held the writes back: {st}"
     seen = [json.loads(line) for line in out.splitlines()]
-    print(f"cut at {cut_at:.2f}, healed at {healed_at:.2f}; checkpoints: "
+    print(f"cut at {cut_at:.2f}, healed at {healed_at:.2f}, services killed by {killed_at:.2f}; checkpoints: "
           + ", ".join(f"{s['seq']}: {s['records']} to {s['last_time']}" for s in seen))
     assert [s for s in seen if s["error"]] == [], "a checkpoint of the secondary holds a torn record"
     assert [s["records"] for s in seen] == sorted(s["records"] for s in seen) and seen[-1]["records"] > 0
-    assert any(s["last_time"] > healed_at for s in seen), "replication went on after the link came back"
-    assert len(seen) >= 4, seen
+    assert any(s["last_time"] > killed_at for s in seen), "replication went on after the link came back and" \
+        " after the services' kills"
+    assert len(seen) >= 6, seen
 
 
 def test_dr_drill_primary_site_killed_takeover_and_the_container_at_the_dr_site(sites: Sites) -> None:
