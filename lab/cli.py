@@ -28,12 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--no-plugin", action="store_true", help="bare engines, no veritas plugin")
     up.add_argument("--lease-ttl", type=float, help="[cluster] lease_ttl of every node (default: the config's 10 s)")
     up.add_argument("--lease-interval", type=float, help="[cluster] lease_interval (default: the config's 2 s)")
+    up.add_argument("--repl-interval", type=float, help="with --sites 2 or more: [replication] interval of every "
+                    "node's `veritas rlink serve` (started on every node, on ADDRESS:4145; default 2 s)")
     ex = sub.add_parser("exec", help="run CMD inside NODE with DOCKER_HOST and VERITAS_CONFIG set")
     ex.add_argument("node")
     ex.add_argument("argv", nargs=argparse.REMAINDER)
     k = sub.add_parser("kill", help="SIGKILL the whole node (every process in it) or one daemon")
     k.add_argument("node")
-    k.add_argument("--only", choices=["dockerd", "plugin"])
+    k.add_argument("--only", choices=["dockerd", "plugin", "rlink"])
     s = sub.add_parser("start", help="bring back whatever of NODE is not running (with Pacemaker: until it rejoined)")
     s.add_argument("node")
     c = sub.add_parser("cut", help="partition NODE from its peers and etcd")
@@ -51,7 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if a.cmd == "up":
             print(json.dumps(lab.up(a.nodes, a.sites, a.swarm, a.catalog, not a.no_plugin, a.pacemaker,
-                                    lease_ttl=a.lease_ttl, lease_interval=a.lease_interval, app=a.app)))
+                                    lease_ttl=a.lease_ttl, lease_interval=a.lease_interval, app=a.app,
+                                    repl_interval=a.repl_interval)))
         elif a.cmd == "exec":
             cmd = a.argv[1:] if a.argv[:1] == ["--"] else a.argv
             args, env = lab.exec_argv(a.node, cmd)

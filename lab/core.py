@@ -8,6 +8,8 @@ never collide:
     sites/siteK/state         the site's shared disk group state root ("shared storage")
     nodes/NODE/               data (docker data root), exec, etc-docker, plugins (socket dir), mnt
                               (the plugin's mount root), veritas.conf, pids.json, logs
+    rlink.key                 with --sites 2 or more: the pre-shared key of every node's ``veritas rlink
+                              serve`` (one key: the sites authenticate each other with it), mode 0600
     nodes/etcd/               etcd's data and log, with --catalog etcd
     nodes/NODE/pcmk/, pcmk/   with --pacemaker: each node's corosync/Pacemaker dirs, the overlaid agents
                               (lab.pacemaker); fencer.sock and fencer.log of the fencing helper (lab.fencer)
@@ -24,10 +26,12 @@ import fcntl
 import functools
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,7 +42,7 @@ from typing import Any
 from lab import pacemaker as pcmk
 from lab import uhttp, wire
 from lab.image import IMAGE, busybox_tar
-from lab.procs import Proc, Snapshot, alive, kill_until_gone, ns_inode
+from lab.procs import Proc, Snapshot, alive, kill_until_gone, listening, ns_inode
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DIR = "/var/lib/veritas-lab"  # not /run: a small tmpfs on most hosts, and the images are 8 GiB sparse
@@ -46,6 +50,8 @@ SUBNET = "198.18.0.0/16"  # the switch; engines take their bridges from 198.19.0
 ETCD_ADDR = "198.18.1.1"
 MANAGER_ADDR = "198.18.0.1"
 MAX_NODES = 60  # docker bridges 198.19.N.0/24 stay below the address pool 198.19.64.0/18
+RLINK_PORT = 4145  # VVR's port: every node's `veritas rlink serve` listens on ADDRESS:4145
+REPL_INTERVAL = 2.0  # seconds between checkpoints in a lab (the config's default, 10 s, is slow for tests)
 
 
 _T0 = time.monotonic()
@@ -128,6 +134,11 @@ class Node:
     def state_root(self) -> Path:
         return self.lab.dir / "sites" / self.site / "state"
 
+    @property
+    def rlink_addr(self) -> str:
+        """Where the node's replication link service listens (its lab address, a fixed port)."""
+        return f"{self.address}:{RLINK_PORT}"
+
     # --- recorded processes -------------------------------------------------------------------------
     def pids(self) -> dict[str, Any]:
         try:
@@ -207,7 +218,7 @@ class Node:
         proc = Proc.of(p.pid)
         assert proc is not None
         self._record(init=proc.to_json(), mnt=ns_inode(p.pid, "mnt"), dockerd=None, plugin=None,
-                     corosync=None, pacemakerd=None, watch=None)
+                     corosync=None, pacemakerd=None, watch=None, rlink=None)
 
     def spawn(self, role: str, argv: list[str], env: dict[str, str], log: str) -> Proc:
         pid = int(self._ask({"op": "spawn", "argv": argv, "env": env, "cwd": str(REPO),
@@ -281,6 +292,40 @@ class Node:
                 raise LabError(f"{self.name}: the plugin did not come up: {_tail(self.base / 'plugin.log')}")
             time.sleep(0.05)
 
+    def start_rlink(self, timeout: float = 60) -> None:
+        """``veritas rlink serve`` inside the node, on its lab address; ready once the kernel shows the
+        process holding a listening socket there (in the node's network namespace). A restarted service
+        takes the port at once: the service sets SO_REUSEADDR."""
+        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "PYTHONPATH": str(REPO),
+               "VERITAS_CONFIG": str(self.config), "HOME": "/root"}
+        proc = self.spawn("rlink", [sys.executable, "-m", "veritas.cli", "rlink", "serve"], env, "rlink.log")
+        deadline = time.monotonic() + timeout
+        while not listening(proc.pid, self.address, RLINK_PORT):
+            if not proc.alive():
+                self._record(rlink=None)
+                raise LabError(f"{self.name}: veritas rlink serve exited: {_tail(self.base / 'rlink.log')}")
+            if time.monotonic() > deadline:
+                raise LabError(f"{self.name}: veritas rlink serve did not listen on {self.rlink_addr}:"
+                               f" {_tail(self.base / 'rlink.log')}")
+            time.sleep(0.05)
+        debug(f"{self.name}: rlink listening on {self.rlink_addr}")
+
+    def stop_rlink(self, timeout: float = 30) -> None:
+        """SIGTERM the link service (by its recorded PID): it ends the round under way, so no checkpoint's
+        freeze is left behind; SIGKILL if it has not ended after ``timeout``."""
+        proc = self.proc("rlink")
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while proc.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if proc.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+        self._record(rlink=None)
+
     def write_config(self) -> None:
         text = ("# written by scripts/lab for this node\n"
                 "[storage]\n"
@@ -303,6 +348,12 @@ class Node:
                 cluster.append(f"{key} = {self.lab.meta[key]:g}")
         if cluster:
             text += "[cluster]\n" + "".join(line + "\n" for line in cluster)
+        repl = self.lab.replication
+        if repl is not None:
+            text += ("[replication]\n"
+                     f"listen = {self.rlink_addr}\n"
+                     f"key_file = {self.lab.rlink_key}\n"
+                     f"interval = {float(repl['interval']):g}\n")
         self.config.write_text(text)
 
     def boot(self, fresh: bool = False) -> None:
@@ -334,12 +385,10 @@ class Node:
     def _boot_docker(self, fresh: bool) -> None:
         want_plugin = self.lab.plugin and self.proc("plugin") is None
         if fresh and want_plugin and self.proc("dockerd") is None:
-            _parallel([self.start_plugin, self.start_dockerd])
+            _parallel([self._boot_storage, self.start_dockerd])
             debug(f"{self.name}: plugin and dockerd up")
         else:
-            if want_plugin:
-                self.start_plugin()
-                debug(f"{self.name}: plugin up")
+            self._boot_storage()
             if self.proc("dockerd") is None:
                 self.start_dockerd()
                 debug(f"{self.name}: dockerd up")
@@ -347,6 +396,15 @@ class Node:
             # dockerd loads a plugin found by its socket only when it first needs one; listing volumes
             # does, and the node then shows the driver in `docker info` (what swarm schedules by)
             uhttp.get_json(str(self.sock), "/volumes", timeout=60)
+
+    def _boot_storage(self) -> None:
+        """The plugin, then (with replication) the link service: after the plugin, which makes the
+        site's default disk group on first use, as a host's rlink unit starts after its plugin."""
+        if self.lab.plugin and self.proc("plugin") is None:
+            self.start_plugin()
+            debug(f"{self.name}: plugin up")
+        if self.lab.replication is not None and self.proc("rlink") is None:
+            self.start_rlink()
 
     # --- corosync and Pacemaker (lab.pacemaker) ------------------------------------------------------
     def run_in(self, argv: list[str], timeout: float = 30) -> str:
@@ -436,16 +494,22 @@ class Node:
 
     def kill(self, only: str | None = None) -> None:
         if only is None:
-            left = kill_until_gone(self.members)
+            # nor does a dead host's kernel keep a filesystem frozen: the node's own are thawed, once they
+            # are no longer mounted elsewhere, while (a writer blocked on one dies only then) and after
+            # its processes die (lab.thaw)
+            mine = self.mounted_loops()
+            left = kill_until_gone(self.members, stuck=lambda pids: thaw_unused(mine, but=pids))
+            thaw_unused(mine, but=set())
             if left:
                 raise LabError(f"{self.name}: processes outlived SIGKILL: {left}")
             self.set_port(False)  # a dead host answers nobody
-            self._record(init=None, dockerd=None, plugin=None, corosync=None, pacemakerd=None, watch=None)
+            self._record(init=None, dockerd=None, plugin=None, corosync=None, pacemakerd=None, watch=None,
+                         rlink=None)
             return
         proc = self.proc(only)
         if proc is None:
             raise LabError(f"{self.name}: no {only} runs")
-        if only == "plugin":
+        if only in ("plugin", "rlink"):
             tree = Snapshot.take().descendants({proc.pid})
             kill_until_gone(lambda: {p for p in tree if alive(p)})
         else:
@@ -455,6 +519,24 @@ class Node:
             while (proc.alive() or (ctrd is not None and ctrd.alive())) and time.monotonic() < deadline:
                 time.sleep(0.02)
         self._record(**{only: None})
+
+    def mounted_loops(self) -> list[str]:
+        """The lab's loop devices that the node's mount namespace shows mounted, outermost first."""
+        init = self.proc("init")
+        if init is None:
+            return []
+        try:
+            mine = _devnums_in(Path(f"/proc/{init.pid}/mountinfo"))
+        except OSError:
+            return []
+        from storage.kernel import loop
+
+        out = []
+        for dev, _ in sorted(_loops_of(_file_ids(self.lab.dir)).items(), key=lambda kv: -kv[1]):
+            with contextlib.suppress(OSError):
+                if loop.devnum(dev) in mine:
+                    out.append(dev)
+        return out
 
     def set_port(self, up: bool) -> None:
         """Plug the node into the switch or pull its cable. Plugging in returns once both ends are
@@ -479,6 +561,8 @@ class Node:
         if init is None:
             return "killed"
         if dockerd is None or (self.lab.plugin and plugin is None):
+            return "degraded"
+        if self.lab.replication is not None and self.proc("rlink") is None:
             return "degraded"
         if self.lab.pacemaker and (self.proc("corosync") is None or self.proc("pacemakerd") is None):
             return "degraded"
@@ -518,6 +602,16 @@ class Lab:
     @property
     def pacemaker(self) -> bool:
         return bool(self.meta.get("pacemaker"))
+
+    @property
+    def replication(self) -> dict[str, Any] | None:
+        """With --sites 2 or more (and the plugin): the link services' settings ({"interval": s})."""
+        r = self.meta.get("replication")
+        return dict(r) if isinstance(r, dict) else None
+
+    @property
+    def rlink_key(self) -> Path:
+        return self.dir / "rlink.key"
 
     @property
     def switch(self) -> Path:
@@ -570,7 +664,8 @@ class Lab:
     # --- up -----------------------------------------------------------------------------------------
     def up(self, nodes: int = 3, sites: int = 1, swarm: bool = False, catalog: str = "sqlite",
            plugin: bool = True, pacemaker: bool = False, lease_ttl: float | None = None,
-           lease_interval: float | None = None, app: bool = False) -> dict[str, Any]:
+           lease_interval: float | None = None, app: bool = False,
+           repl_interval: float | None = None) -> dict[str, Any]:
         if not 1 <= nodes <= MAX_NODES:
             raise LabError(f"--nodes must be 1..{MAX_NODES}, not {nodes}")
         if not 1 <= sites <= nodes:
@@ -578,6 +673,11 @@ class Lab:
         if catalog not in ("sqlite", "etcd"):
             raise LabError(f"--catalog must be sqlite or etcd, not {catalog!r}")
         _check_leases(lease_ttl, lease_interval)
+        if repl_interval is not None:
+            if sites < 2 or not plugin:
+                raise LabError("--repl-interval needs --sites 2 or more and the plugin (the link services run"
+                               " only between sites)")
+            _check_repl_interval(repl_interval)
         if app and not (pacemaker and plugin):
             raise LabError("--app needs --pacemaker and the plugin (its container mounts a veritas volume)")
         tools = ["dockerd", "docker", "nsenter", "unshare", "ip", "mount"] + (["etcd"] if catalog == "etcd" else [])
@@ -598,12 +698,16 @@ class Lab:
                                    for i in range(1, nodes + 1)],
                          "sites": sites, "swarm": swarm, "catalog": catalog, "plugin": plugin, "cut": [],
                          "etcd": catalog == "etcd", "lease_ttl": lease_ttl, "lease_interval": lease_interval,
-                         "pacemaker": pacemaker, "app": app}
+                         "pacemaker": pacemaker, "app": app,
+                         "replication": {"interval": repl_interval or REPL_INTERVAL}
+                         if sites >= 2 and plugin else None}
             self.save()
             try:
                 self._make_network()
                 if catalog == "etcd":
                     self._start_etcd()
+                if self.replication is not None:
+                    write_key(self.rlink_key)
                 for n in self.nodes():
                     for d in ("data", "exec", "etc-docker", "plugins", "mnt"):
                         (n.base / d).mkdir(parents=True, exist_ok=True)
@@ -632,6 +736,9 @@ class Lab:
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"nodes": [{"name": n.name, "site": n.site, "docker_host": n.docker_host,
                                           "address": n.address} for n in self.nodes()]}
+        if self.replication is not None:
+            for entry, n in zip(out["nodes"], self.nodes(), strict=True):
+                entry["rlink"] = n.rlink_addr
         if self.meta.get("etcd"):
             out["etcd"] = f"http://{ETCD_ADDR}:2379"
         return out
@@ -849,7 +956,7 @@ class Lab:
                 swarm = {"error": str(exc)}
         view, seen_from = self.cluster_view() if self.pacemaker else (None, None)
         roles = ("init", "dockerd", "plugin") + (("corosync", "pacemakerd") if self.pacemaker else ()) \
-            + (("watch",) if self.meta.get("app") else ())
+            + (("watch",) if self.meta.get("app") else ()) + (("rlink",) if self.replication is not None else ())
         for n in self.nodes():
             pids = {role: (p.pid if p else None) for role in roles for p in [n.proc(role)]}
             ctrd = n.containerd()
@@ -857,6 +964,8 @@ class Lab:
             entry: dict[str, Any] = {"name": n.name, "site": n.site, "address": n.address,
                                      "docker_host": n.docker_host, "state": n.state(), "cut": self.is_cut(n.name),
                                      "pids": pids}
+            if self.replication is not None:
+                entry["rlink"] = n.rlink_addr
             if self.meta.get("swarm"):
                 entry["swarm"] = swarm.get(n.name)
             if self.pacemaker:
@@ -892,15 +1001,20 @@ class Lab:
             left = kill_until_gone(lambda: Snapshot.take().descendants({fencer.pid}) if fencer.alive() else set())
             if left:
                 errors.append(f"the fencing helper outlived SIGKILL: {left}")
+        # the link services first, by SIGTERM: each ends its round, so no checkpoint's freeze outlives them
+        _parallel([n.stop_rlink for n in self.nodes() if n.base.exists()])
         everyone = self.nodes()
         e = self.etcd_node()
         if e is not None:
             everyone.append(e)
+        loops = [d for d, _ in sorted(_loops_of(_file_ids(self.dir)).items(), key=lambda kv: -kv[1])]
         for n in everyone:
             if n.base.exists() or n.netns.exists():
-                left = kill_until_gone(n.members)
+                # a writer blocked on a filesystem left frozen dies once it is thawed (lab.thaw)
+                left = kill_until_gone(n.members, stuck=lambda pids: thaw_unused(loops, but=pids))
                 if left:
                     errors.append(f"{n.name}: processes outlived SIGKILL: {left}")
+        thaw_orphans(self.dir)
         errors += _detach_loops_under(self.dir)
         ns = self.dir / "ns"
         for f in sorted(ns.glob("*.net")) if ns.exists() else []:
@@ -938,6 +1052,31 @@ def _check_leases(ttl: float | None, interval: float | None) -> None:
         raise LabError(f"--lease-ttl/--lease-interval: {exc}") from None
 
 
+def _check_repl_interval(interval: float) -> None:
+    """--repl-interval by the config's own rule for [replication] interval."""
+    import configparser
+
+    from storage.config import _seconds
+    from storage.errors import InvalidArgument
+
+    parser = configparser.ConfigParser()
+    parser["replication"] = {"interval": f"{interval:g}"}
+    try:
+        _seconds(parser["replication"], "interval", REPL_INTERVAL, "")
+    except InvalidArgument as exc:
+        raise LabError(f"--repl-interval: {exc}") from None
+
+
+def write_key(path: Path) -> None:
+    """A fresh pre-shared key for the lab's link services: 32 random bytes in hex, mode 0600 from the
+    start (never readable by others, not even for a moment)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, (secrets.token_hex(32) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
 def _parallel(fns: list[Callable[[], Any]]) -> None:
     errors: list[BaseException] = []
 
@@ -956,13 +1095,8 @@ def _parallel(fns: list[Callable[[], Any]]) -> None:
         raise errors[0]
 
 
-def _detach_loops_under(root: Path) -> list[str]:
-    """Detach the loop devices of the lab: those whose backing file (by device and inode) is a file
-    under ``root``, and those whose backing file lies on a filesystem of one of those (a volume's image
-    inside a disk's filesystem, which only a node's namespace had mounted: it keeps that filesystem,
-    and so the disk's loop device, alive after the namespace is gone). The outermost go first."""
-    from storage.kernel import loop
-
+def _file_ids(root: Path) -> set[tuple[int, int, int]]:
+    """(major, minor, inode) of every non-empty regular file under ``root`` but the docker data roots."""
     ids = set()
     for dirpath, _dirs, files in os.walk(root):
         if Path(dirpath).is_relative_to(root / "nodes") and "/data" in dirpath:
@@ -972,21 +1106,101 @@ def _detach_loops_under(root: Path) -> list[str]:
                 st = os.lstat(os.path.join(dirpath, f))
                 if st.st_size > 0 and (st.st_mode & 0o170000) == 0o100000:
                     ids.add((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino))
+    return ids
+
+
+def _loops_of(ids: set[tuple[int, int, int]]) -> dict[str, int]:
+    """The lab's loop devices, each with its depth: 0 when backed by a file of ``ids`` (a file under the
+    lab's directory), n + 1 when backed by a file on the filesystem of a device of depth n (a volume's
+    image inside a disk's filesystem)."""
+    from storage.kernel import loop
+
+    backing = {dev: loop.backing_id(dev) for dev in loop.attached()}
+    depth: dict[str, int] = {dev: 0 for dev, b in backing.items() if b in ids}
+    while True:
+        nums = {}
+        for d in depth:
+            with contextlib.suppress(OSError):
+                nums[loop.devnum(d)] = depth[d]
+        more = {dev: nums[(b[0], b[1])] + 1 for dev, b in backing.items()
+                if dev not in depth and b is not None and (b[0], b[1]) in nums}
+        if not more:
+            return depth
+        depth.update(more)
+
+
+def _devnums_in(mountinfo: Path) -> set[tuple[int, int]]:
+    """The device numbers of the filesystems in one mount table (/proc/PID/mountinfo)."""
+    out: set[tuple[int, int]] = set()
+    with open(mountinfo) as fh:
+        for line in fh:
+            with contextlib.suppress(ValueError, IndexError):
+                major, _, minor = line.split(" ", 3)[2].partition(":")
+                out.add((int(major), int(minor)))
+    return out
+
+
+def _mounted_devnums(but: set[int]) -> set[tuple[int, int]]:
+    """The device numbers that the mount table of some live process not in ``but`` shows (any namespace)."""
+    out: set[tuple[int, int]] = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) not in but:
+            with contextlib.suppress(OSError):
+                out |= _devnums_in(Path(f"/proc/{entry}/mountinfo"))
+    return out
+
+
+def _has_filesystem(dev: str) -> bool:
+    """Whether the kernel holds a filesystem (a superblock) of ``dev``, mounted or not."""
+    name = Path(dev).name
+    return Path(f"/sys/fs/xfs/{name}").exists() or Path(f"/sys/fs/ext4/{name}").exists() or \
+        any(Path("/sys/fs/btrfs").glob(f"*/devices/{name}"))
+
+
+def thaw_orphans(root: Path) -> list[str]:
+    """Thaw and let go the filesystems on the lab's loop devices that no live process mounts (lab.thaw:
+    what a node killed mid-checkpoint leaves frozen in the shared kernel). The devices thawed."""
+    return thaw_unused([d for d, _ in sorted(_loops_of(_file_ids(root)).items(), key=lambda kv: -kv[1])], set())
+
+
+def thaw_unused(devs: list[str], but: set[int]) -> list[str]:
+    """Thaw the filesystems of ``devs`` (loop devices, in this order) that the kernel still holds but no
+    live process outside ``but`` mounts, and let them go (lab.thaw); a frozen one mounted elsewhere
+    (another node's checkpoint under way) is never touched. The devices thawed."""
+    from storage.kernel import loop
+
+    mounted = _mounted_devnums(but)
+    thawed = []
+    for dev in devs:
+        try:
+            if loop.devnum(dev) in mounted or not _has_filesystem(dev):
+                continue
+        except OSError:
+            continue
+        mnt = tempfile.mkdtemp(prefix="lab-thaw-")
+        try:
+            r = subprocess.run(["unshare", "-m", "--propagation", "private", sys.executable, "-m", "lab.thaw", dev,
+                                mnt], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                               text=True, timeout=60, check=False)
+        finally:
+            os.rmdir(mnt)
+        debug(f"thaw {dev}: exit {r.returncode} {r.stderr.strip()}")
+        if r.returncode == 0:
+            thawed.append(dev)
+    return thawed
+
+
+def _detach_loops_under(root: Path) -> list[str]:
+    """Detach the loop devices of the lab: those whose backing file (by device and inode) is a file
+    under ``root``, and those whose backing file lies on a filesystem of one of those (a volume's image
+    inside a disk's filesystem, which only a node's namespace had mounted: it keeps that filesystem,
+    and so the disk's loop device, alive after the namespace is gone). The outermost go first."""
+    from storage.kernel import loop
+
+    ids = _file_ids(root)
 
     def ours() -> dict[str, int]:
-        """The lab's loop devices, each with its depth (0: backed by a file under root)."""
-        backing = {dev: loop.backing_id(dev) for dev in loop.attached()}
-        depth: dict[str, int] = {dev: 0 for dev, b in backing.items() if b in ids}
-        while True:
-            nums = {}
-            for d in depth:
-                with contextlib.suppress(OSError):
-                    nums[loop.devnum(d)] = depth[d]
-            more = {dev: nums[(b[0], b[1])] + 1 for dev, b in backing.items()
-                    if dev not in depth and b is not None and (b[0], b[1]) in nums}
-            if not more:
-                return depth
-            depth.update(more)
+        return _loops_of(ids)
 
     errors = []
     for dev, _ in sorted(ours().items(), key=lambda kv: -kv[1]):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -113,6 +114,26 @@ class Snapshot:
         return self.descendants(roots)
 
 
+def listening(pid: int, host: str, port: int) -> bool:
+    """Whether process ``pid`` holds a TCP socket listening on IPv4 ``host``:``port``, as the kernel shows
+    it: the socket's inode in the table of the process's network namespace (/proc/PID/net/tcp, state
+    0A) and among the process's open files."""
+    want = f"{socket.inet_aton(host)[::-1].hex().upper()}:{port:04X}"
+    try:
+        lines = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    inodes = {f[9] for f in (line.split() for line in lines) if len(f) > 9 and f[1] == want and f[3] == "0A"}
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in {f"socket:[{i}]" for i in inodes}:
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def children(pid: int) -> list[int]:
     """PIDs whose parent is ``pid`` (zombies included)."""
     out = []
@@ -167,12 +188,16 @@ def end_pids(pids: list[int], sig: int = signal.SIGTERM, timeout: float = 10.0) 
                 pass
 
 
-def kill_until_gone(members: Callable[[], set[int]], timeout: float = 20.0) -> list[int]:
+def kill_until_gone(members: Callable[[], set[int]], timeout: float = 20.0,
+                    stuck: Callable[[set[int]], object] | None = None, stuck_after: float = 1.0) -> list[int]:
     """SIGKILL every PID ``members()`` returns, as a dead host's processes die: all at once. They are
     stopped first (SIGSTOP, again until no new member appears), so none forks or is re-parented out of
     sight while the others die; then killed, again until ``members()`` returns none. Returns the PIDs
-    that outlived ``timeout`` (none, normally)."""
+    that outlived ``timeout`` (none, normally). ``stuck`` is called once with the PIDs still there
+    ``stuck_after`` seconds after the first SIGKILL (a process in an uninterruptible wait, such as a
+    write to a frozen filesystem, dies only once that wait ends)."""
     deadline = time.monotonic() + timeout
+    first_kill: float | None = None
     stopped: set[int] = set()
     while time.monotonic() < deadline:
         new = members() - stopped
@@ -190,6 +215,11 @@ def kill_until_gone(members: Callable[[], set[int]], timeout: float = 20.0) -> l
             return []  # zombies hold no namespace; their parents (or init) reap them
         if time.monotonic() > deadline:
             return sorted(pids)
+        if first_kill is None:
+            first_kill = time.monotonic()
+        elif stuck is not None and time.monotonic() - first_kill > stuck_after:
+            stuck(pids)
+            stuck = None
         for p in pids:
             try:
                 os.kill(p, signal.SIGKILL)
