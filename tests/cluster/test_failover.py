@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import tempfile
 import threading
@@ -76,7 +77,10 @@ class MountSampler:
 
     def _run(self) -> None:
         while not self._stop.wait(0.1):
-            now, snap = time.time(), self.once()
+            # stamped when the read ended: whatever a sample shows was so by then (a stamp taken before
+            # the read could precede a mount the read then saw)
+            snap = self.once()
+            now = time.time()
             self.samples.append((now, snap))
             where: dict[Any, list[str]] = {}
             for node, vols in snap.items():
@@ -223,6 +227,21 @@ def test_node2_killed_whole_node3_takes_its_volume_after_the_lease_and_node2_bac
     lab.exec("node3", "docker", "volume", "rm", "whole")
 
 
+def wait_dead(pid: int, timeout: float) -> float:
+    """When ``pid`` ended (time.time()), woken by its pidfd at once: a poll would note the death up to
+    its period late, and then a mount that followed the death closely would seem to precede it."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return time.time()
+    try:
+        if not select.select([fd], [], [], timeout)[0]:
+            raise AssertionError(f"timed out after {timeout} s waiting for process {pid} to end")
+        return time.time()
+    finally:
+        os.close(fd)
+
+
 def test_only_dockerd_of_node2_killed_its_plugin_kills_the_writer_then_node3_mounts(env: dict[str, Any]) -> None:
     lab: Lab = env["lab"]
     s: MountSampler = env["sampler"]
@@ -237,8 +256,7 @@ def test_only_dockerd_of_node2_killed_its_plugin_kills_the_writer_then_node3_mou
     died: list[float] = []
 
     def watch() -> None:
-        wait_for(lambda: not pid_alive(pid), 60, "the writer killed")
-        died.append(time.time())
+        died.append(wait_dead(pid, 60))
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
