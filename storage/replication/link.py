@@ -50,7 +50,21 @@ from storage.replication.srl import Srl
 
 log = logging.getLogger("veritas")
 CONNECT_TIMEOUT = 5.0
-IO_TIMEOUT = 120.0
+IO_TIMEOUT = 120.0  # one read or write; an ack may wait this long for the secondary's apply
+DEAD_LINK = 15.0  # a path that carries nothing (a cut, a dead site) drops the connection after this
+
+
+def _dead_path_detection(sock: socket.socket, after: float = DEAD_LINK) -> None:
+    """Let the kernel drop the connection once the path is gone, within ``after`` seconds, whether data
+    is in flight (TCP_USER_TIMEOUT: sent bytes unacknowledged that long) or the link is quiet (keepalive
+    probes, as while an ack is awaited). Without this a cut link held a send, and the sender lock with
+    it, for IO_TIMEOUT: no checkpoint taken, pauserep and stoprep waiting, repstatus saying connected."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    idle = max(1, int(after / 3))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, idle // 2))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(after * 1000))
 Progress = Callable[[int, int], None]
 
 
@@ -84,6 +98,7 @@ class Conn:
             raise PeerUnreachable(f"cannot reach the link service at {addr}: {exc.strerror or exc}; is"
                                   f" `veritas rlink serve` running there, and the address right?") from None
         self.sock.settimeout(io_timeout)
+        _dead_path_detection(self.sock)
         self.fh = cast(BinaryIO, self.sock.makefile("rwb"))
         try:
             protocol.handshake_client(self.fh, key)
@@ -430,6 +445,7 @@ class Service:
 
     def _handle(self, s: socket.socket, peer: str) -> None:
         s.settimeout(IO_TIMEOUT)
+        _dead_path_detection(s)
         fh = cast(BinaryIO, s.makefile("rwb"))
         try:
             try:

@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 from storage.kernel import loop
+from storage.replication import link
 from tests.cluster.replstream import WRITER, Stream, check, records
 from tests.cluster.test_lab import Lab, lab_footprint, lab_loops, pid_alive, wait_for
 
@@ -177,6 +178,37 @@ def test_no_torn_deltas_while_the_link_is_cut_and_restored_and_the_services_kill
     assert any(s["last_time"] > killed_at for s in seen), "replication went on after the link came back and" \
         " after the services' kills"
     assert len(seen) >= 6, seen
+
+
+def test_a_long_cut_is_seen_as_disconnected_and_the_primary_goes_on_logging(sites: Sites) -> None:
+    """A cut longer than the link's dead-path limit: the primary's send must not hang on TCP
+    retransmissions (it held the sender lock up to link.IO_TIMEOUT, 120 s, with repstatus saying
+    connected and no checkpoint taken): within DEAD_LINK and a round the link is disconnected, the
+    checkpoints go on into the SRL, and after the heal the secondary catches up."""
+    lab = sites.lab
+    assert sites.rvg("node1", "repstatus", RVG)["link"] == "connected"
+    lab.run("cut", "node2")
+    t0 = time.monotonic()
+    try:
+        limit = link.DEAD_LINK + 3 * INTERVAL + ONE_DELTA
+        seen: dict[str, Any] = {}
+
+        def down() -> bool:
+            seen.update(sites.rvg("node1", "repstatus", RVG))
+            return seen["link"] != "connected"
+        wait_for(down, limit + 20, "the primary to see the cut link as disconnected")
+        took = time.monotonic() - t0
+        used = int(seen["srl_used"])
+        wait_for(lambda: int(sites.rvg("node1", "repstatus", RVG)["srl_used"]) > used, 4 * INTERVAL + ONE_DELTA,
+                 "a checkpoint logged into the SRL while the link is down")
+    finally:
+        lab.run("heal", "node2")
+    print(f"cut seen as {seen['link']} after {took:.1f} s ({seen['link_error']})")
+    assert took <= limit, f"the cut was seen only after {took:.1f} s (limit {limit:.1f} s)"
+    wait_for(lambda: sites.rvg("node1", "repstatus", RVG)["link"] == "connected", 30, "the link back after heal")
+    logged = int(sites.rvg("node1", "repstatus", RVG)["last_consistent_seq"])
+    wait_for(lambda: int(sites.rvg("node1", "repstatus", RVG)["last_consistent_seq"]) > logged + 1, 60,
+             "the secondary applying checkpoints again after the heal")
 
 
 def test_dr_drill_primary_site_killed_takeover_and_the_container_at_the_dr_site(sites: Sites) -> None:
