@@ -577,14 +577,21 @@ class EtcdCatalog(Catalog):
             if cur is not None:
                 held = _attach(json.loads(cur["value"]))
                 if held.node != node:  # its lease's end, as the server counts it (whole seconds)
-                    live[held.node] = LeaseRec(held.node, now + max(self._ttl_left(cur["lease"]), 0) + 1, 0.0)
+                    left = self._ttl_left(cur["lease"])
+                    # -1: the server has expired that lease (it can never be renewed again), and its keys
+                    # go once the revocation is committed, which under load takes a while: the holder is
+                    # dead now, as the other backend judges it at its lease's end
+                    if left >= 0:
+                        live[held.node] = LeaseRec(held.node, now + left + 1, 0.0)
             new = refuse_attach(volume, node, held, live, now)
             if new is held:
                 return new
-            if alive is None or cur is not None:  # refused above: no live lease here, or a live holder
+            if alive is None:  # refused above: no live lease here
                 raise CatalogError(f"cannot {what}: the attachment changed while it was decided; retry")
             body = _js({"volume": volume, "node": node, "since": new.since, "wanted_by": None})
-            ok, _ = self.etcd.txn(what, [mod_is(self._k(rel), 0), mod_is(self._k(alive_rel), alive["mod"]),
+            # no attachment, or the expired holder's, unchanged since it was read: replaced with this node's
+            ok, _ = self.etcd.txn(what, [mod_is(self._k(rel), cur["mod"] if cur is not None else 0),
+                                         mod_is(self._k(alive_rel), alive["mod"]),
                                          exists(self._k(f"vol/{q(volume)}")), *self._fence.compares()],
                                   [put(self._k(rel), body, alive["lease"])])
             if ok:

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -1249,6 +1250,34 @@ def test_attach_is_exclusive_while_the_holder_lives(timed: Timed) -> None:
     assert cat.attachments() == [got]
     assert cat.attach("v2", "nodeB").node == "nodeB"  # another volume is free
     assert [(a.volume, a.node) for a in cat.attachments()] == [("v1", "nodeA"), ("v2", "nodeB")]
+
+
+def test_etcd_an_attachment_whose_lease_the_server_has_expired_is_taken_before_its_revocation(
+        etcd_server: Any) -> None:
+    """Between the server expiring a lease (time-to-live -1: it can never be renewed) and the revocation
+    removing its keys, which under load takes a while to commit, the dead holder's attachment is still
+    there. The next node attaches at once, as SQLite's lease end lets it, replacing exactly that key;
+    before, it was refused until the revocation went through (seen: a node waiting past mount_wait)."""
+    t = _make_timed("etcd", Path("/nonexistent"), etcd_server.endpoint)
+    cat = t.cat
+    assert isinstance(cat, EtcdCatalog)
+    try:
+        cat.renew_lease("nodeA", t.ttl)
+        cat.renew_lease("nodeB", t.ttl)
+        cat.attach("v1", "nodeA")
+        held = cat.etcd.get("test", cat._k("attach/v1"))
+        assert held is not None
+        real = cat.etcd.time_to_live
+        cat.etcd.time_to_live = lambda what, lease: -1 if lease == held["lease"] else real(what, lease)  # type: ignore[method-assign]
+        got = cat.attach("v1", "nodeB")
+        assert got.node == "nodeB" and [(a.volume, a.node) for a in cat.attachments()] == [("v1", "nodeB")]
+        now = cat.etcd.get("test", cat._k("attach/v1"))
+        assert now is not None and now["lease"] != held["lease"]  # on nodeB's lease now, not the dead one's
+        cat.etcd.time_to_live = real  # type: ignore[method-assign]
+        with pytest.raises(InUse, match="attached on node nodeB"):
+            cat.attach("v1", "nodeA")  # nodeB's lease is live
+    finally:
+        cat.close()
 
 
 def test_want_marks_the_holder_and_a_successful_attach_clears_it(timed: Timed) -> None:
