@@ -1,6 +1,12 @@
 """A real etcd (Debian's etcd-server) for tests: on 127.0.0.1 with free ports and a temporary data dir,
 ended by its PID. Its election timing is short so that leases of 1 s work (etcd's shortest lease is
-1.5 election timeouts), which keeps lease-expiry tests quick."""
+1.5 election timeouts), which keeps lease-expiry tests quick.
+
+The data dir is on tmpfs (/dev/shm) where there is one: fsync costs nothing there, so this etcd never
+stalls behind other tests' disk I/O. A stalled apply held a lease keepalive sent just before a plugin's
+kill -9 and renewed the dead node's lease seconds later, so the next node's Mount outwaited its
+mount_wait (seen twice in full runs, never alone). What these tests check is veritas on etcd, not
+etcd's own durability."""
 
 from __future__ import annotations
 
@@ -23,7 +29,8 @@ def free_port() -> int:
 
 class EtcdServer:
     def __init__(self, data_dir: Path | None = None) -> None:
-        self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="vetcd-", dir="/tmp"))
+        base = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
+        self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="vetcd-", dir=base))
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.client_port = free_port()
         self.peer_port = free_port()
