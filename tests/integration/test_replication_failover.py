@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-from pathlib import Path
 
 import pytest
 
@@ -21,7 +20,17 @@ from storage.errors import SecondaryVolume
 from storage.replication import checkpoint, rvg
 from storage.replication.apply import Replica
 from tests.integration.conftest import Env
-from tests.integration.twosites import RVG, Site, digest, poll, status, synced_pair, write_marker
+from tests.integration.twosites import (
+    RVG,
+    Site,
+    digest,
+    live,
+    poll,
+    replicating_pair,
+    status,
+    synced_pair,
+    write_marker,
+)
 from tests.integration.twosites import sites as sites_fixture
 
 sites = sites_fixture
@@ -30,20 +39,6 @@ SIZE = 320 << 20
 
 def js(p: object) -> dict[str, object]:
     return dict(json.loads(p.stdout))  # type: ignore[attr-defined]
-
-
-def live(dg: DiskGroup) -> Path:
-    sd = dg.catalog.subdisks("v1")[0]
-    return dg.image(sd.disk, "v1", sd.idx)
-
-
-def replicating_pair(a: Site, b: Site, dga: DiskGroup) -> None:
-    volumes.make(dga, "v1", "320m", fstype="xfs")
-    b.serve()
-    a.serve()
-    a.cli("rvg", "createpri", RVG, "v1", "64m")
-    a.cli("rvg", "addsec", RVG, a.addr, b.addr)
-    a.cli("rvg", "startrep", RVG)
 
 
 def refused_on_secondary(dg: DiskGroup) -> None:

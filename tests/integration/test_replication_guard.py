@@ -17,7 +17,7 @@ from plugin.driver import Driver
 from storage import rvgcli, volumes
 from storage.replication import checkpoint, rvg
 from tests.integration.conftest import REPO, Env
-from tests.integration.twosites import RVG, Site, digest, poll, synced_pair, write_marker
+from tests.integration.twosites import RVG, Site, digest, live, poll, replicating_pair, synced_pair, write_marker
 from tests.integration.twosites import sites as sites_fixture
 
 sites = sites_fixture
@@ -27,15 +27,9 @@ def test_cli_rm_and_grow_of_replicated_volumes_are_refused_on_both_sites(sites: 
     a, b = sites
     dga, dgb = a.dg(), b.dg()
     try:
-        volumes.make(dga, "v1", "320m", fstype="xfs")
-        b.serve()
-        a.serve()
-        a.cli("rvg", "createpri", RVG, "v1", "64m")
-        a.cli("rvg", "addsec", RVG, a.addr, b.addr)
-        a.cli("rvg", "startrep", RVG)
+        replicating_pair(a, b, dga)
         synced_pair(a, b, dga, dgb)
-        sd = dga.catalog.subdisks("v1")[0]
-        img = dga.image(sd.disk, "v1", sd.idx)
+        img = live(dga)
 
         def state() -> tuple[object, ...]:
             return (dga.catalog.volume("v1"), dga.catalog.subdisks("v1"), os.stat(img).st_size,
@@ -78,8 +72,7 @@ def test_plugin_remove_of_a_replicated_volume_is_refused(env: Env) -> None:
                        text=True, timeout=120, check=False)
     assert p.returncode == 0, p.stderr
     dg = drv.dg
-    sd = dg.catalog.subdisks("v1")[0]
-    img = dg.image(sd.disk, "v1", sd.idx)
+    img = live(dg)
     before = (dg.catalog.volume("v1"), digest(img))
     err = str(call("VolumeDriver.Remove", {"Name": "v1"})["Err"])
     assert "RVG rvg1" in err and "stoprep rvg1" in err, err
@@ -97,12 +90,7 @@ def test_takeover_refuses_a_primary_that_answers_wrongly_and_goes_on_only_by_for
     a, b = sites
     dga, dgb = a.dg(), b.dg()
     try:
-        volumes.make(dga, "v1", "320m", fstype="xfs")
-        b.serve()
-        a.serve()
-        a.cli("rvg", "createpri", RVG, "v1", "64m")
-        a.cli("rvg", "addsec", RVG, a.addr, b.addr)
-        a.cli("rvg", "startrep", RVG)
+        replicating_pair(a, b, dga)
         synced_pair(a, b, dga, dgb)
         wrong = b.root / "wrong.key"
         wrong.write_text("fedcba9876543210fedcba9876543210\n")

@@ -16,7 +16,7 @@ from storage import volumes
 from storage.diskgroup import DiskGroup
 from storage.replication import rvg
 from storage.replication.apply import Replica
-from tests.integration.twosites import RVG, Site, digest, synced_pair, write_marker
+from tests.integration.twosites import RVG, Site, digest, live, replicating_pair, synced_pair, write_marker
 from tests.integration.twosites import sites as sites_fixture
 
 sites = sites_fixture
@@ -54,21 +54,11 @@ def roles(dga: DiskGroup, dgb: DiskGroup) -> tuple[str, str]:
     return rvg.get(dga, RVG).role, rvg.get(dgb, RVG).role
 
 
-def live(dg: DiskGroup) -> Path:
-    sd = dg.catalog.subdisks("v1")[0]
-    return dg.image(sd.disk, "v1", sd.idx)
-
-
 def test_rvgprimary_migrates_then_takes_over_and_passes_ocf_tester(sites: tuple[Site, Site]) -> None:
     a, b = sites
     dga, dgb = a.dg(), b.dg()
     try:
-        volumes.make(dga, "v1", "320m", fstype="xfs")
-        b.serve()
-        a.serve()
-        a.cli("rvg", "createpri", RVG, "v1", "64m")
-        a.cli("rvg", "addsec", RVG, a.addr, b.addr)
-        a.cli("rvg", "startrep", RVG)
+        replicating_pair(a, b, dga)
         mnt = volumes.mount(dga, "v1")
         data = write_marker(mnt, "marker")
         volumes.umount(dga, "v1")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from storage import diskgroup
+from storage import diskgroup, volumes
 from storage.config import load_config
 from storage.diskgroup import DiskGroup, DiskSpec
 from storage.replication import checkpoint, link, rvg
@@ -167,3 +167,20 @@ def free_port() -> int:
     port = int(s.getsockname()[1])
     s.close()
     return port
+
+
+def live(dg: DiskGroup, name: str = "v1") -> Path:
+    """The image behind volume ``name`` (its first subdisk) on a site."""
+    sd = dg.catalog.subdisks(name)[0]
+    return dg.image(sd.disk, name, sd.idx)
+
+
+def replicating_pair(a: Site, b: Site, dga: DiskGroup, srl: str = "64m", interval: float = 1.0) -> None:
+    """RVG ``rvg1`` of one new 320 MiB XFS volume v1 on A, both link services up, B its secondary,
+    the initial sync done (startrep)."""
+    volumes.make(dga, "v1", "320m", fstype="xfs")
+    b.serve()
+    a.serve(interval=interval)
+    a.cli("rvg", "createpri", RVG, "v1", srl)
+    a.cli("rvg", "addsec", RVG, a.addr, b.addr)
+    a.cli("rvg", "startrep", RVG)
