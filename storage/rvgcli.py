@@ -8,6 +8,9 @@
     veritas rvg [-g DG] takeover RVG [--autofb] [--force]   (the primary is gone; on the secondary)
     veritas rvg [-g DG] fbsync RVG                      (fast-failback of the old primary; on the new one)
     veritas rvg [-g DG] resync RVG [--full]             (DCM or full resync now; on the primary)
+    veritas rvg [-g DG] delvol RVG VOL                  (VOL leaves the RVG on both sites; stopped)
+    veritas rvg [-g DG] delsec RVG [SECONDARY_ADDR] [--force]   (the secondary leaves; stopped)
+    veritas rvg [-g DG] delpri RVG                      (the RVG goes, its volumes stay; no secondary)
     veritas rlink serve [-g DG] [--listen HOST:PORT] [--key-file FILE] [--interval SECONDS]
 
 Every command checks its input before it changes anything; the veritas command (veritas/cli.py)
@@ -30,7 +33,7 @@ from storage import diskgroup
 from storage.config import Config
 from storage.diskgroup import DiskGroup
 from storage.errors import AlreadyExists, InvalidArgument
-from storage.replication import checkpoint, failover, link, protocol, role, rvg, store
+from storage.replication import checkpoint, failover, link, membership, protocol, role, rvg, store
 from storage.replication.errors import NoSuchCheckpoint
 from storage.replication.srl import peek
 from storage.units import check_name, format_size, parse_size
@@ -194,6 +197,36 @@ def cmd_resync(cfg: Config, a: argparse.Namespace) -> None:
     _emit(a, out, f"RVG {a.rvg}: {out['kind']} resync done; the secondary holds checkpoint {out['seq']}")
 
 
+def cmd_delvol(cfg: Config, a: argparse.Namespace) -> None:
+    check_name(a.volume, "volume name")
+    out = _with_key(cfg, a, lambda dg, key: membership.delvol(dg, a.rvg, a.volume, key))
+    _emit(a, out, f"RVG {a.rvg}: volume {a.volume} taken out on both sites (it stays a volume here); volumes"
+          f" left: {', '.join(out['volumes'])}; startrep {a.rvg} resynchronises them in full")
+
+
+def cmd_delsec(cfg: Config, a: argparse.Namespace) -> None:
+    if a.secondary_addr is not None:
+        link.parse_addr(a.secondary_addr)
+    out = _with_key(cfg, a, lambda dg, key: membership.delsec(dg, a.rvg, key, a.secondary_addr, force=a.force))
+    if out.get("role") == "secondary":
+        text = f"RVG {a.rvg}: this site's replica and record are removed (its primary was not asked)"
+    elif out["peer_told"]:
+        text = f"RVG {a.rvg}: secondary {out['removed_secondary']} removed, and its replica there"
+    else:
+        text = (f"RVG {a.rvg}: secondary {out['removed_secondary']} forgotten on this site only (it did not"
+                f" answer): run `veritas rvg delsec {a.rvg} --force` there to drop its replica")
+    _emit(a, out, text)
+
+
+def cmd_delpri(cfg: Config, a: argparse.Namespace) -> None:
+    dg = _open(cfg, a.diskgroup)
+    try:
+        out = membership.delpri(dg, a.rvg)
+    finally:
+        dg.close()
+    _emit(a, out, f"RVG {a.rvg} removed; its volumes {', '.join(out['volumes'])} stay, unreplicated")
+
+
 def status(dg: DiskGroup, name: str) -> dict[str, Any]:
     """repstatus: role, link state, consistent or not, lag (bytes, seconds), SRL use, last consistent point.
 
@@ -316,6 +349,19 @@ def add_commands(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     x.add_argument("rvg")
     x.add_argument("--full", action="store_true", help="every allocated extent, even with a DCM")
     x.set_defaults(fn=cmd_resync)
+    x = sub.add_parser("delvol", help="take a volume out of the RVG on both sites (replication stopped)")
+    x.add_argument("rvg")
+    x.add_argument("volume", metavar="VOL")
+    x.set_defaults(fn=cmd_delvol)
+    x = sub.add_parser("delsec", help="remove the RVG's secondary and its replica (replication stopped)")
+    x.add_argument("rvg")
+    x.add_argument("secondary_addr", metavar="SECONDARY_ADDR", nargs="?", help="checked against the RVG's")
+    x.add_argument("--force", action="store_true", help="on the primary: forget a secondary that does not"
+                   " answer; on a secondary site: drop this site's replica without asking the primary")
+    x.set_defaults(fn=cmd_delsec)
+    x = sub.add_parser("delpri", help="remove the RVG from its primary (no secondary); its volumes stay")
+    x.add_argument("rvg")
+    x.set_defaults(fn=cmd_delpri)
     p = top.add_parser("rlink", help="the replication link service")
     sub = p.add_subparsers(dest="cmd", required=True)
     x = sub.add_parser("serve", help="serve this site's end of its RVGs' links (foreground)")

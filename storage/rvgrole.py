@@ -85,9 +85,10 @@ def refuse_reshape(dg: DiskGroup, volume: str, what: str) -> None:
         raise SecondaryVolume(f"volume {volume} is the secondary of RVG {name} on this site: it cannot be {what}"
                               f" here while replication writes it; make this site primary first (veritas rvg"
                               f" migrate or takeover {name}), and reshape it only with its RVG's replication"
-                              f" stopped and the volume taken out of the RVG")
+                              f" stopped and the volume taken out of the RVG (veritas rvg delvol {name} {volume},"
+                              f" on the primary)")
     raise ReplicatedVolume(f"volume {volume} is in RVG {name} (primary on this site): it cannot be {what} as"
                            f" if unreplicated, which would silently break replication to its secondary (an"
                            f" RVG's volumes keep their set and size while it exists); stop replication (veritas"
-                           f" rvg stoprep {name}) and take the volume out of RVG {name} first (no command does"
-                           f" that yet: vradmin's delvol and resizevol have no counterpart); nothing was changed")
+                           f" rvg stoprep {name}) and take the volume out of RVG {name} first (veritas rvg"
+                           f" delvol {name} {volume}); nothing was changed")

@@ -31,7 +31,7 @@ from typing import Any, BinaryIO, cast
 from storage import crash
 from storage.errors import InUse, InvalidArgument, VeritasError
 from storage.group import DiskGroup
-from storage.replication import checkpoint, delta, deltaset, extents, protocol, role, rvg, store
+from storage.replication import checkpoint, delta, deltaset, extents, protocol, role, rvg, store, teardown
 from storage.replication.apply import Replica
 from storage.replication.deltaset import ImagePlan
 from storage.replication.errors import (
@@ -47,6 +47,7 @@ from storage.replication.errors import (
 )
 from storage.replication.protocol import expect, send
 from storage.replication.srl import Srl
+from storage.units import check_name
 
 log = logging.getLogger("veritas")
 CONNECT_TIMEOUT = 5.0
@@ -490,6 +491,8 @@ class Service:
             return self._role_change(kind, name, msg)
         if kind == "migrate":
             return self._migrate(name, str(msg.get("new_primary", "")))
+        if kind in ("delvol", "delsec"):
+            return self._teardown(kind, name, str(msg.get("volume", "")))
         raise ProtocolError(f"unknown request {kind!r}")
 
     def _secondary(self, name: str) -> rvg.Rvg:
@@ -536,6 +539,20 @@ class Service:
                      name, seq, sum(n for rs in ranges.values() for _o, n in rs))
             return {"type": "fbprep", "ranges": ranges}
 
+    def _teardown(self, kind: str, name: str, volume: str) -> dict[str, Any]:
+        """The secondary's half of delvol and delsec (storage.replication.membership): idempotent, so a
+        primary that lost the answer asks again; an RVG this site has no record of is already gone."""
+        with self._apply_lock, rvg.locked(self.dg), self.dg.locks.hold(sender_lock(name)):
+            if name not in rvg.names(self.dg):
+                check_name(name, "RVG name")
+                return {"type": "ok", "had": False}
+            self._secondary(name)
+            if kind == "delsec":
+                teardown.drop_secondary(self.dg, name)
+                return {"type": "ok", "had": True}
+            check_name(volume, "volume name")
+            return {"type": "ok", "had": teardown.drop_secondary_volume(self.dg, name, volume)}
+
     def _migrate(self, name: str, new_primary: str) -> dict[str, Any]:
         """The secondary asks for the primary role (the RVGPrimary agent's online): migrate to it, or
         answer why not with the error's class (OutOfDate and InUse may pass; the secondary retries)."""
@@ -575,7 +592,9 @@ class Service:
             raise ProtocolError("delta frame without stream lengths")
         streams = [_Bounded(fh, n) for n in lengths]
         r = self._secondary(name)
-        with self._apply_lock:
+        # the sender lock too: a delsec --force run on this site meanwhile waits for the apply to end
+        with self._apply_lock, self.dg.locks.hold(sender_lock(name)):
+            r = self._secondary(name)
             rep = Replica(rvg.replica_root(self.dg, r.name), r.name)
             seq = rep.apply(cast(Sequence[BinaryIO], streams))
         for b in streams:
