@@ -32,11 +32,26 @@ def read_json(path: Path) -> Any:
 
 
 def remove_tmp(directory: Path) -> list[Path]:
-    """Remove the temporary files a killed write_json left in ``directory``; what was removed."""
-    gone = [p for p in directory.glob(".*.tmp.*")] if directory.is_dir() else []
+    """Remove the temporary files a killed write_json left in ``directory``; what was removed. A file
+    whose writer still runs is another process's write under way (an rvg command writing its record
+    while the link service recovers a checkpoint in the same directory): it is left alone."""
+    gone = [p for p in directory.glob(".*.tmp.*") if not _writer_alive(p)] if directory.is_dir() else []
     for p in gone:
         p.unlink(missing_ok=True)
     return gone
+
+
+def _writer_alive(tmp: Path) -> bool:
+    pid = tmp.name.rsplit(".", 1)[-1]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def remove_tree(path: Path) -> None:
