@@ -89,7 +89,8 @@ def _undo(undo: list[Callable[[], None]]) -> None:
             log.error("rolling back: %s", exc)
 
 
-def _by_volume(keys: list[str], volume: str) -> list[tuple[int, str]]:
+def by_volume(keys: list[str], volume: str) -> list[tuple[int, str]]:
+    """The replica keys (``volume.idx``) of ``volume``, by image index."""
     return sorted((int(k.rsplit(".", 1)[1]), k) for k in keys if k.rsplit(".", 1)[0] == volume)
 
 
@@ -116,7 +117,7 @@ def promote(dg: DiskGroup, name: str, peer_addr: str, *, state: str, common: boo
             shp = dict(shapes_in or store.read_json(rvg.shapes_path(dg, name)) or {})
             for v in r.volumes:
                 rec = dg.catalog.volume(v)
-                have = _by_volume(keys, v)
+                have = by_volume(keys, v)
                 if not have:
                     raise NoSuchCheckpoint(f"RVG {name}: the replica holds no image of volume {v}")
                 if rec is None and v not in shp:
@@ -130,7 +131,7 @@ def promote(dg: DiskGroup, name: str, peer_addr: str, *, state: str, common: boo
             prevs: list[Path] = []
             try:
                 for v in r.volumes:
-                    _make_live(dg, rep, v, _by_volume(keys, v), shp.get(v), undo, prevs)
+                    _make_live(dg, rep, v, by_volume(keys, v), shp.get(v), undo, prevs)
                 crash.point("role.promote.volumes")
                 checkpoint.drop_all(dg, name)  # a secondary's leftovers from when it was primary
                 checkpoint.take(dg, name, r.volumes, seq=seq)

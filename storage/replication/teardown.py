@@ -17,7 +17,7 @@ import logging
 
 from storage import crash, rvgrole
 from storage.group import DiskGroup
-from storage.replication import checkpoint, rvg, store
+from storage.replication import checkpoint, role, rvg, store
 from storage.replication.apply import Replica
 from storage.replication.errors import NoSuchCheckpoint
 
@@ -33,8 +33,10 @@ def drop_checkpoints(dg: DiskGroup, name: str) -> None:
     store.remove_tree(rvg.srl_root(dg, name))
 
 
-def _remove_dirs(dg: DiskGroup, name: str) -> None:
-    """The RVG's directories on the root and on every disk, once its record is gone."""
+def _forget(dg: DiskGroup, name: str) -> None:
+    """The record (the commit), then the RVG's directories on the root (its link state, shapes and
+    checkpoint records) and on every disk."""
+    store.remove_tree(rvgrole.record_path(dg, name))
     for d in dg.catalog.disks():
         base = dg.disk_dir(d.name)
         store.remove_tree(base / "repl" / name)
@@ -50,9 +52,8 @@ def drop_secondary_volume(dg: DiskGroup, name: str, volume: str) -> bool:
         return False
     rep = Replica(rvg.replica_root(dg, name), name)
     try:
-        for key in rep.keys():
-            if key.rsplit(".", 1)[0] == volume:
-                store.remove_tree(rep.image(key))
+        for _idx, key in role.by_volume(rep.keys(), volume):
+            store.remove_tree(rep.image(key))
     except NoSuchCheckpoint:
         pass  # no replica (addsec killed early): nothing to remove
     shapes = store.read_json(rvg.shapes_path(dg, name))
@@ -69,10 +70,7 @@ def drop_secondary(dg: DiskGroup, name: str) -> None:
     record, then the RVG's directories; its volume names are free on this site afterwards."""
     store.remove_tree(rvg.replica_root(dg, name))
     crash.point("repl.delsec.replica")
-    store.remove_tree(rvg.shapes_path(dg, name))
-    store.remove_tree(checkpoint.meta_dir(dg, name) / "link.json")
-    store.remove_tree(rvgrole.record_path(dg, name))
-    _remove_dirs(dg, name)
+    _forget(dg, name)
     log.info("RVG %s: this site is no longer its secondary; its replica is removed", name)
 
 
@@ -89,11 +87,7 @@ def forget_peer(dg: DiskGroup, name: str) -> rvg.Rvg:
 def drop_primary(dg: DiskGroup, name: str) -> None:
     """On a primary without a secondary (caller holds ``rvg.locked`` and the sender lock): the
     checkpoints, the SRL, then the record and the directories. The volumes stay, unreplicated."""
-    checkpoint.drop_all(dg, name)
-    checkpoint.recover(dg, name)
-    store.remove_tree(rvg.srl_root(dg, name))
+    drop_checkpoints(dg, name)
     crash.point("repl.delpri.checkpoints")
-    store.remove_tree(checkpoint.meta_dir(dg, name) / "link.json")
-    store.remove_tree(rvgrole.record_path(dg, name))
-    _remove_dirs(dg, name)
+    _forget(dg, name)
     log.info("RVG %s removed; its volumes stay, unreplicated", name)
