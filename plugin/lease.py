@@ -199,6 +199,7 @@ class LeaseKeeper:
         self.idle_wanted: set[str] = set()  # volumes held here, wanted elsewhere, with no container at the last look
         self.peers: set[str] = set()  # other nodes with a lease in the disk group: fencing is for them
         self._stop = threading.Event()
+        self._renewed = threading.Event()  # set by each renewal that succeeded, for _follower
         self._lock = threading.Lock()
         self._catalog: Catalog | None = None
         self._threads: list[threading.Thread] = []
@@ -252,9 +253,19 @@ class LeaseKeeper:
             else self.settings.lease_interval
 
     def _renewer(self) -> None:
+        """Renew, and only renew: what follows a renewal (asking the engine, releasing volumes) runs in
+        ``_follower``. A Docker engine that is starting accepts connections and answers seconds later,
+        and a release waits for the volume's lock: on this thread either would hold renewals back past
+        ``fence_after`` and fence a node whose catalog answers."""
         while not self._stop.wait(self.next_wait()):
-            if not self.renew():
+            if self.renew():
+                self._renewed.set()
+
+    def _follower(self) -> None:
+        while not self._stop.is_set():
+            if not self._renewed.wait(timeout=0.25):
                 continue
+            self._renewed.clear()
             try:
                 self._after_renewal()
             except (VeritasError, OSError) as exc:
@@ -462,7 +473,7 @@ class LeaseKeeper:
     def start(self) -> None:
         if not self.renew():
             log.warning("lease: first renewal failed; retrying every %.1f s", self.settings.lease_interval)
-        for target in (self._renewer, self._watchdog):
+        for target in (self._renewer, self._follower, self._watchdog):
             t = threading.Thread(target=target, name=f"lease-{target.__name__}", daemon=True)
             t.start()
             self._threads.append(t)

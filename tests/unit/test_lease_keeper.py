@@ -194,3 +194,40 @@ def test_the_catalog_counts_the_lease_from_when_the_renewal_was_sent(tmp_path: P
     assert k.renew()
     (rec,) = cat.leases()
     assert rec.expires == pytest.approx(sent + 10)
+
+
+class StartingEngine(DeadEngine):
+    """A dockerd that is starting: it takes the connection and answers only ``delay`` seconds later."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+    def reachable(self) -> bool:
+        time.sleep(self.delay)
+        return True
+
+
+def test_an_engine_slow_to_answer_never_holds_renewals_back(tmp_path: Path, cat: Failing) -> None:
+    """Real threads and clock: the engine answers each ping 1.5 s late, longer than fence_after (1 s).
+    Renewals go on meanwhile, so a node whose catalog answers is never fenced (it was, in a full run,
+    while its restarted dockerd came up: the renewer thread was waiting on the ping)."""
+    config = Config(state_root=tmp_path / "state", mount_root=tmp_path / "mnt", node="nodeA",
+                    cluster=ClusterSettings(lease_ttl=2, lease_interval=0.1))
+    k = LeaseKeeper(config, open_catalog=lambda: cat)
+    fenced: list[set[str]] = []
+    k.fence = lambda names, engine_alive=True: fenced.append(set(names)) or set()  # type: ignore[method-assign]
+    k.engine = StartingEngine(1.5)  # type: ignore[assignment]
+    cat.renew_lease("nodeB", 60)
+    cat.renew_lease("nodeA", 2)
+    cat.attach("v", "nodeA")
+    renewals: list[float] = []
+    real_renew = k.renew
+    k.renew = lambda: renewals.append(time.monotonic()) or real_renew()  # type: ignore[method-assign]
+    k.start()
+    try:
+        time.sleep(3.5)
+    finally:
+        k.stop()
+    assert fenced == []
+    gaps = [b - a for a, b in zip(renewals, renewals[1:], strict=False)]
+    assert len(renewals) >= 15 and max(gaps) < 0.5, gaps
