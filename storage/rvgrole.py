@@ -38,16 +38,6 @@ def secondary_rvg(dg: DiskGroup, volume: str) -> str | None:
     return None
 
 
-def mount_options(dg: DiskGroup, volume: str, fstype: str) -> list[str]:
-    """``nouuid`` for a replicated XFS volume: its peer site's copy is the same filesystem (same UUID),
-    and both may be mounted on one host (two sites of a lab; a takeover while the old primary's
-    kernel still holds its mount). Changing the UUID instead would zero the log, an extent change
-    of tens of MiB that fast-failback would then have to send."""
-    if fstype == "xfs" and any(volume in raw.get("volumes", []) for raw in _records(dg)):
-        return ["nouuid"]
-    return []
-
-
 def refuse_secondary(dg: DiskGroup, volume: str) -> None:
     """:raises SecondaryVolume: ``volume`` is a secondary here (nothing is changed)."""
     name = secondary_rvg(dg, volume)

@@ -1,9 +1,9 @@
 """Space-optimised snapshots: freeze, reflink-clone every image, thaw.
 
-The clone still carries its source's filesystem UUID; it gets its own (storage.steps.ensure_identity,
-done by its layout engine) before it is first attached, so taking the snapshot costs no more than the
-clone itself (for XFS a new UUID rewrites the whole 64 MiB log, which would triple the time and unshare
-64 MiB of the cache).
+The clone still carries its source's filesystem UUID. A btrfs or ext4 one gets its own
+(storage.steps.ensure_identity, done by its layout engine) before it is first attached, so taking the
+snapshot costs no more than the clone itself. An XFS one keeps it and is mounted ``nouuid``: a new UUID
+rewrites the whole 64 MiB log, which would unshare 64 MiB of the cache at the first mount.
 
 A snapshot is a volume in its own right (mount, grow, remove). Its images share every unchanged extent
 with the source; ``cachesize`` (default a percentage of the source) is what it reserves in the disk

@@ -11,7 +11,7 @@ the link service runs the peer's half.
 Promote makes each volume's images reflink clones of the replica's (a copy where the disk is another
 filesystem). A btrfs one is flagged ``identity_pending``: it gets its own fsid at its first mount
 (storage.steps.ensure_identity: its superblocks only), so it mounts beside a copy of the same
-filesystem on this host; XFS is mounted nouuid instead (storage.rvgrole.mount_options). Its
+filesystem on this host; XFS is mounted nouuid instead (storage.kernel.fs.XFS_MOUNT_OPTIONS). Its
 first checkpoint is taken from those images before that, under the replica's sequence number: the
 checkpoint both sites hold, which fast-failback starts from.
 """

@@ -55,8 +55,7 @@ def mount(dg: DiskGroup, name: str, mount_id: str = ADMIN_MOUNT_ID, degraded: bo
             if trees.is_tree(v):  # no loop device, no filesystem of its own: the tree, bind-mounted
                 trees.bind(dg, v, mp)
             else:
-                steps.engine_of(v).mount(devs, steps.shape_of(v), mp, degraded=state == "degraded", runner=dg.runner,
-                                         options=rvgrole.mount_options(dg, v.name, v.fstype))
+                steps.engine_of(v).mount(devs, steps.shape_of(v), mp, degraded=state == "degraded", runner=dg.runner)
             crash.point("mount.mounted")
             if trees.is_tree(v):
                 pass  # its devices are the whole host filesystem's: no writeback limit in the root cgroup
