@@ -17,7 +17,7 @@ import collections
 import contextlib
 import ctypes
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -94,9 +94,11 @@ class Replica:
                 done.append(str(p))
         return done
 
-    def apply(self, streams: Sequence[BinaryIO]) -> int:
+    def apply(self, streams: Sequence[BinaryIO], sealed: Callable[[Sequence[bytes]], None] | None = None) -> int:
         """Apply one delta per changed image, all from this replica's checkpoint to the same next one;
         images without a delta are carried forward unchanged. Returns the new sequence number.
+        ``sealed``, given the streams' chain digests once all are decoded, raises to refuse the set
+        before anything is committed (the link's keyed seal: storage.replication.protocol).
 
         :raises DeltaCorrupt: a damaged stream (nothing changed).
         :raises DeltaMismatch: a delta of another RVG, or from another base checkpoint (nothing changed).
@@ -108,6 +110,7 @@ class Replica:
         staging: Path | None = None
         to: int | None = None
         seen: set[str] = set()
+        chains: list[bytes] = []
         try:
             for fh in streams:
                 r = Reader(fh)
@@ -131,7 +134,11 @@ class Replica:
                 seen.add(h.key)
                 assert staging is not None
                 _write(r, staging / f"{h.key}.img")
+                assert r.chain is not None  # _write read to the checked trailer
+                chains.append(r.chain)
             assert staging is not None and to is not None
+            if sealed is not None:
+                sealed(chains)
             durable.sync_dir(staging)
             crash.point("repl.apply.verified")
             os.rename(staging, self.root / str(to))

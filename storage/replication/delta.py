@@ -196,6 +196,7 @@ class Reader:
         self._chain = _h()
         self._strict = strict_end
         self.trailer: Trailer | None = None
+        self.chain: bytes | None = None  # the chain digest, once the trailer checked
         self.header = self._read_header()
 
     def _read(self, n: int, what: str) -> bytes:
@@ -281,6 +282,7 @@ class Reader:
             raise DeltaCorrupt("delta checksum mismatch: the stream is damaged; send it again")
         if (count, db, zb) != (index, data_bytes, zero_bytes):
             raise DeltaCorrupt(f"delta trailer counts ({count}, {db}, {zb}) disagree with its records")
+        self.chain = expect
         if self._strict and self._fh.read(1):
             raise DeltaCorrupt("bytes after the delta's trailer: the stream is damaged or two were joined")
         self.trailer = Trailer(count, db, zb)

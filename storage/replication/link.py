@@ -1,17 +1,17 @@
 """The replication link: ``veritas rlink serve`` (one foreground process per site) and its client.
 
-Both sides authenticate each other (storage.replication.protocol: PSK HMAC challenge-response) before
-anything else is read; a refused peer is logged and changes nothing. On a secondary the service
-answers ``addsec`` (record this site as the RVG's secondary), ``status`` (the replica's last consistent
-checkpoint) and ``delta`` (apply one delta set with apply.Replica, atomically, then ``ack``). On a
-primary its sender thread takes a checkpoint of each replicating RVG every ``interval`` seconds,
-logs the delta to the SRL (or the DCM when it would overflow), and ships what the secondary lacks in
-order, calling Srl.ack on each acknowledgement. ``startrep`` (the initial full sync) uses the same
-client, under the same per-RVG sender lock. For the role changes (storage.replication.failover) it
-also answers ``role``, ``promote`` and ``demote`` (the peer's half of migrate and its rollback) and
-``fbprep`` (the old primary's half of fbsync), and on a primary ``migrate`` (its secondary asks for
-the role: failover.request_migrate, the RVGPrimary agent's online). After a takeover with --autofb
-its rounds retry the fbsync until the old primary answers.
+Both sides authenticate each other (storage.replication.protocol: PSK HMAC challenge-response, then
+every frame keyed) before anything else is read; a refused peer is logged and changes nothing. On a
+secondary the service answers ``addsec`` (record this site as the RVG's secondary), ``status`` (the
+replica's last consistent checkpoint) and ``delta`` (apply one delta set with apply.Replica, atomically,
+once its keyed seal matches, then ``ack``). On a primary its sender thread takes a checkpoint of each
+replicating RVG every ``interval`` seconds, logs the delta to the SRL (or the DCM when it would
+overflow), and ships what the secondary lacks in order, calling Srl.ack on each acknowledgement.
+``startrep`` (the initial full sync) uses the same client, under the same per-RVG sender lock. For the
+role changes (storage.replication.failover) it also answers ``role``, ``promote`` and ``demote`` (the
+peer's half of migrate and its rollback) and ``fbprep`` (the old primary's half of fbsync), and on a
+primary ``migrate`` (its secondary asks for the role: failover.request_migrate, the RVGPrimary agent's
+online). After a takeover with --autofb its rounds retry the fbsync until the old primary answers.
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ from storage.replication.errors import (
     ProtocolError,
     SrlOverflow,
 )
-from storage.replication.protocol import expect, send
 from storage.replication.srl import Srl
 from storage.units import check_name
 
@@ -102,7 +101,7 @@ class Conn:
         _dead_path_detection(self.sock)
         self.fh = cast(BinaryIO, self.sock.makefile("rwb"))
         try:
-            protocol.handshake_client(self.fh, key)
+            self.session = protocol.handshake_client(self.fh, key)
         except (OSError, VeritasError) as exc:
             self.close()
             if isinstance(exc, AuthFailed):  # the peer answers: not to be taken for one that is gone
@@ -125,8 +124,8 @@ class Conn:
 
     def call(self, msg: dict[str, Any], reply: str) -> dict[str, Any]:
         try:
-            send(self.fh, msg)
-            return expect(self.fh, reply)
+            self.session.send(self.fh, msg)
+            return self.session.expect(self.fh, reply)
         except OSError as exc:
             raise PeerUnreachable(f"link to {self.addr} broke: {exc}") from None
 
@@ -153,11 +152,13 @@ class Conn:
     def _ship(self, name: str, from_seq: int, to_seq: int, created: float, sizes: list[int],
               write: Callable[[BinaryIO], object], progress: Progress | None) -> int:
         try:
-            send(self.fh, {"type": "delta", "rvg": name, "from_seq": from_seq, "to_seq": to_seq,
-                           "created": created, "lengths": sizes})
-            write(cast(BinaryIO, _Counting(self.fh, sum(sizes), progress)))
-            self.fh.flush()
-            ack = expect(self.fh, "ack")
+            self.session.send(self.fh, {"type": "delta", "rvg": name, "from_seq": from_seq, "to_seq": to_seq,
+                                        "created": created, "lengths": sizes})
+            out = _Counting(self.fh, sizes, progress)
+            write(cast(BinaryIO, out))
+            # the streams' chain digests, keyed: the secondary commits only if they are what it decoded
+            self.session.send(self.fh, {"type": "seal", "chains": [t.hex() for t in out.tails()]})
+            ack = self.session.expect(self.fh, "ack")
         except OSError as exc:
             raise PeerUnreachable(f"link to {self.addr} broke while sending delta {to_seq}: {exc}") from None
         if ack.get("seq") != to_seq:
@@ -166,10 +167,28 @@ class Conn:
 
 
 class _Counting(io.RawIOBase):
-    """A writer that counts bytes through to ``fh`` and reports progress."""
+    """A writer that counts bytes through to ``fh``, reports progress, and keeps the last DIGEST bytes
+    of each of the streams of ``sizes`` written through it back to back: their chain digests."""
 
-    def __init__(self, fh: BinaryIO, total: int, progress: Progress | None) -> None:
-        self.fh, self.total, self.done, self.progress = fh, total, 0, progress
+    def __init__(self, fh: BinaryIO, sizes: Sequence[int], progress: Progress | None) -> None:
+        self.fh, self.total, self.done, self.progress = fh, sum(sizes), 0, progress
+        self._ends: list[int] = []
+        for n in sizes:
+            self._ends.append((self._ends[-1] if self._ends else 0) + n)
+        self._tails = [bytearray(min(n, delta.DIGEST)) for n in sizes]
+
+    def tails(self) -> list[bytes]:
+        if self.done != self.total:
+            raise ProtocolError(f"{self.done} bytes of deltas written where {self.total} were announced")
+        return [bytes(t) for t in self._tails]
+
+    def _keep_tails(self, start: int, data: bytes) -> None:
+        end = start + len(data)
+        for i, e in enumerate(self._ends):
+            lo = e - len(self._tails[i])
+            a, b = max(lo, start), min(e, end)
+            if a < b:
+                self._tails[i][a - lo:b - lo] = data[a - start:b - start]
 
     def writable(self) -> bool:
         return True
@@ -184,6 +203,7 @@ class _Counting(io.RawIOBase):
         else:
             self.fh.write(data)
         n = len(data)
+        self._keep_tails(self.done, data)
         self.done += n
         if self.progress:
             self.progress(self.done, self.total)
@@ -450,21 +470,24 @@ class Service:
         fh = cast(BinaryIO, s.makefile("rwb"))
         try:
             try:
-                protocol.handshake_server(fh, self.key)
+                session = protocol.handshake_server(fh, self.key)
             except (VeritasError, OSError) as exc:
                 log.warning("refused link from %s: %s", peer, exc)
                 return
             while not self.stop.is_set():
                 try:
-                    msg = protocol.decode_frame(fh)
+                    msg = session.recv(fh)
+                except AuthFailed as exc:
+                    log.warning("link from %s: %s", peer, exc)
+                    return
                 except LinkError:
                     return
                 try:
-                    send(fh, self._answer(msg, fh))
+                    session.send(fh, self._answer(msg, fh, session))
                 except (VeritasError, OSError) as exc:
                     log.error("link from %s: %s: %s", peer, msg.get("type"), exc)
                     try:
-                        send(fh, {"type": "error", "message": str(exc)})
+                        session.send(fh, {"type": "error", "message": str(exc)})
                     except OSError:
                         pass
                     return  # the stream position is unknown after a failed request: hang up
@@ -472,7 +495,7 @@ class Service:
             fh.close()
             s.close()
 
-    def _answer(self, msg: dict[str, Any], fh: BinaryIO) -> dict[str, Any]:
+    def _answer(self, msg: dict[str, Any], fh: BinaryIO, session: protocol.Session) -> dict[str, Any]:
         kind = msg["type"]
         name = str(msg.get("rvg", ""))
         if kind == "addsec":
@@ -483,7 +506,7 @@ class Service:
             st = rvg.link_state(self.dg, r.name)
             return {"type": "status", "seq": rep.seq, "created": st.get("applied_created")}
         if kind == "delta":
-            return self._delta(name, msg, fh)
+            return self._delta(name, msg, fh, session)
         if kind == "role":
             r = rvg.get(self.dg, name)
             return {"type": "role", "role": r.role}
@@ -586,7 +609,7 @@ class Service:
         log.info("RVG %s: this site is now the secondary of %s", name, rec.peer_addr)
         return {"type": "ok"}
 
-    def _delta(self, name: str, msg: dict[str, Any], fh: BinaryIO) -> dict[str, Any]:
+    def _delta(self, name: str, msg: dict[str, Any], fh: BinaryIO, session: protocol.Session) -> dict[str, Any]:
         lengths = msg.get("lengths")
         if not isinstance(lengths, list) or not all(isinstance(n, int) and n > 0 for n in lengths):
             raise ProtocolError("delta frame without stream lengths")
@@ -596,9 +619,16 @@ class Service:
         with self._apply_lock, self.dg.locks.hold(sender_lock(name)):
             r = self._secondary(name)
             rep = Replica(rvg.replica_root(self.dg, r.name), r.name)
-            seq = rep.apply(cast(Sequence[BinaryIO], streams))
-        for b in streams:
-            b.drain()
+
+            def sealed(chains: Sequence[bytes]) -> None:
+                """The primary's keyed seal names exactly the streams decoded: else nothing is applied."""
+                for b in streams:
+                    b.drain()
+                said = session.expect(fh, "seal").get("chains")
+                if said != [c.hex() for c in chains]:
+                    raise AuthFailed(f"RVG {name}: delta {msg.get('to_seq')}'s streams are not the ones the primary"
+                                     f" sealed: altered on the path; nothing applied")
+            seq = rep.apply(cast(Sequence[BinaryIO], streams), sealed)
         rvg.set_link_state(self.dg, name, applied_seq=seq, applied_created=msg.get("created"),
                            applied_at=time.time(), link="connected")
         return {"type": "ack", "seq": seq}

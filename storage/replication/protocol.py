@@ -1,4 +1,5 @@
-"""The replication link's wire protocol (version 1): control frames and the mutual PSK handshake.
+"""The replication link's wire protocol (version 2): control frames, the mutual PSK handshake, and
+keyed frames after it.
 
 A control frame is ``u32 big-endian length | that many bytes of UTF-8 JSON`` (an object with a
 ``type``); at most MAX_FRAME bytes. A ``delta`` frame names the delta streams that follow it raw on the
@@ -9,10 +10,21 @@ The handshake proves to each side that the other holds the pre-shared key; the k
     client -> {"type": "hello", "version": 1, "nonce": Nc}
     server -> {"type": "challenge", "version": 1, "nonce": Ns, "mac": HMAC(K, "server" Nc Ns)}
     client -> {"type": "auth", "mac": HMAC(K, "client" Nc Ns)}        (only once the server's mac verified)
-    server -> {"type": "welcome"}                                      (or an error frame, and it hangs up)
+    server -> {"type": "welcome", "mac": ...}                  (keyed, as every frame after it; or an
+                                                                 unkeyed error frame, and it hangs up)
 
 Both nonces are 32 fresh random bytes (hex), so a response recorded from another session is useless,
 and the two directions use different labels, so a mac cannot be reflected back to its sender.
+
+Why every later frame is keyed (version 1 authenticated only the handshake): whoever sits on the path
+could otherwise let the handshake through and then inject, alter, replay or drop requests (a demote, a
+delsec) and rewrite a delta along with its SHA-256 digests, which anybody can recompute. So each side
+derives one key per direction from the PSK and both nonces (a Session), and each frame carries
+``mac = HMAC(direction key, frame number | canonical JSON of the frame without its mac)``: a frame
+altered, replayed from another session, reordered or dropped fails the next check. A delta's raw
+streams are not MACed byte by byte (that would hash every byte a second time); a keyed ``seal`` frame
+after them carries each stream's chain digest (storage.replication.delta), which covers every one of
+its bytes, and the secondary commits the apply only once the seal matches what it decoded.
 """
 
 from __future__ import annotations
@@ -29,7 +41,7 @@ from typing import Any, BinaryIO
 from storage.errors import InvalidArgument
 from storage.replication.errors import AuthFailed, PeerError, PeerUnreachable, ProtocolError
 
-VERSION = 1
+VERSION = 2  # 1: only the handshake was keyed
 MAX_FRAME = 1 << 20
 NONCE = 32
 _LEN = struct.Struct(">I")
@@ -158,14 +170,79 @@ def server_verify(key: bytes, st: ServerChallenge, auth: dict[str, Any]) -> None
         raise AuthFailed("the peer did not prove the pre-shared key: wrong key on one site, or not our peer")
 
 
-def handshake_client(fh: BinaryIO, key: bytes) -> None:
+_SEQ = struct.Struct(">Q")
+
+
+class Session:
+    """The keyed half of a connection after the handshake: one key per direction, a frame counter each.
+
+    Not thread-safe; a connection is used by one thread at a time."""
+
+    def __init__(self, key: bytes, client_nonce: str, server_nonce: str, *, client: bool) -> None:
+        c2s = hmac.new(key, b"c2s\0" + client_nonce.encode() + b"\0" + server_nonce.encode(), hashlib.sha256).digest()
+        s2c = hmac.new(key, b"s2c\0" + client_nonce.encode() + b"\0" + server_nonce.encode(), hashlib.sha256).digest()
+        self._send_key, self._recv_key = (c2s, s2c) if client else (s2c, c2s)
+        self._sent = 0
+        self._received = 0
+
+    @staticmethod
+    def _frame_mac(key: bytes, n: int, msg: dict[str, Any]) -> str:
+        body = json.dumps(msg, sort_keys=True, separators=(",", ":")).encode()
+        return hmac.new(key, _SEQ.pack(n) + body, hashlib.sha256).hexdigest()
+
+    def seal(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """``msg`` with its mac, as the next frame this side sends."""
+        if "mac" in msg:
+            raise ProtocolError("a frame's mac is the session's to add")
+        out = {**msg, "mac": self._frame_mac(self._send_key, self._sent, msg)}
+        self._sent += 1
+        return out
+
+    def open(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Check the next received frame's mac; the frame without it.
+
+        :raises AuthFailed: altered, injected, replayed, reordered or after a dropped frame."""
+        mac = msg.get("mac")
+        bare = {k: v for k, v in msg.items() if k != "mac"}
+        want = self._frame_mac(self._recv_key, self._received, bare)
+        if not isinstance(mac, str) or not hmac.compare_digest(mac, want):
+            raise AuthFailed(f"frame {self._received} from the peer ({msg.get('type')!r}) fails its MAC: altered,"
+                             f" injected or replayed on the path, or not our peer; the connection is dropped")
+        self._received += 1
+        return bare
+
+    def send(self, fh: BinaryIO, msg: dict[str, Any]) -> None:
+        send(fh, self.seal(msg))
+
+    def recv(self, fh: BinaryIO) -> dict[str, Any]:
+        """The next frame, checked. :raises AuthFailed: see ``open``; :raises ProtocolError, PeerUnreachable."""
+        return self.open(decode_frame(fh))
+
+    def expect(self, fh: BinaryIO, kind: str) -> dict[str, Any]:
+        """The next frame, checked, which must be of type ``kind``; an ``error`` frame raises its message."""
+        msg = self.recv(fh)
+        if msg["type"] == "error":
+            raise PeerError(f"the peer says: {msg.get('message', 'error')}")
+        if msg["type"] != kind:
+            raise ProtocolError(f"expected a {kind} frame, got {msg['type']}")
+        return msg
+
+
+def handshake_client(fh: BinaryIO, key: bytes) -> Session:
     hello = client_hello()
     send(fh, hello.frame)
-    send(fh, client_auth(key, hello, expect(fh, "challenge")))
-    expect(fh, "welcome")
+    challenge = expect(fh, "challenge")
+    send(fh, client_auth(key, hello, challenge))
+    session = Session(key, hello.nonce, str(challenge["nonce"]), client=True)
+    welcome = decode_frame(fh)
+    if welcome["type"] == "error" and "mac" not in welcome:  # refused before any key was shared
+        raise PeerError(f"the peer says: {welcome.get('message', 'error')}")
+    if session.open(welcome)["type"] != "welcome":
+        raise ProtocolError(f"expected a welcome frame, got {welcome['type']}")
+    return session
 
 
-def handshake_server(fh: BinaryIO, key: bytes) -> None:
+def handshake_server(fh: BinaryIO, key: bytes) -> Session:
     """Authenticate a connecting peer; on failure tell it (without saying why beyond 'refused') and raise."""
     try:
         st, challenge = server_challenge(key, decode_frame(fh))
@@ -177,4 +254,6 @@ def handshake_server(fh: BinaryIO, key: bytes) -> None:
         except OSError:
             pass
         raise exc
-    send(fh, {"type": "welcome"})
+    session = Session(key, st.client_nonce, st.nonce, client=False)
+    session.send(fh, {"type": "welcome"})
+    return session

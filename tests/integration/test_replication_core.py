@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,10 +17,10 @@ from storage import volumes
 from storage.diskgroup import DiskGroup
 from storage.errors import InvalidArgument, NoSuchVolume
 from storage.kernel import fs, loop, reflink
-from storage.replication import checkpoint, deltaset, extents
+from storage.replication import checkpoint, delta, deltaset, extents
 from storage.replication.apply import Replica
 from storage.replication.checkpoint import Checkpoint
-from storage.replication.errors import DeltaCorrupt, DeltaMismatch, SrlOverflow
+from storage.replication.errors import AuthFailed, DeltaCorrupt, DeltaMismatch, SrlOverflow
 from storage.replication.srl import Srl
 from tests.integration.conftest import REPO, Env
 
@@ -299,5 +299,21 @@ def test_bad_input_changes_nothing(env: Env, dg: DiskGroup) -> None:
         apply_files(rep, first)  # a stale delta from before the replica's checkpoint
     with pytest.raises(DeltaMismatch, match="replica of RVG rvg1, not other"), open(first[0], "rb") as fh:
         Replica(rep.root, "other").apply([fh])
+    assert_replica_is(dg, rep, ck1)
+    # an intact delta whose seal (the link's keyed list of chain digests) is refused: nothing applied
+    files = ship(dg, deltaset.plan(dg, RVG, 1, 2), env.root / "d2")
+    chains: list[bytes] = []
+
+    def refuse(got: Sequence[bytes]) -> None:
+        chains.extend(got)
+        raise AuthFailed("not the streams the primary sealed")
+    fhs = [open(f, "rb") for f in files]
+    try:
+        with pytest.raises(AuthFailed):
+            rep.apply(fhs, refuse)
+    finally:
+        for fh in fhs:
+            fh.close()
+    assert chains == [f.read_bytes()[-delta.DIGEST:] for f in files], "the seal is asked of each stream's chain"
     assert_replica_is(dg, rep, ck1)
     assert sorted(p.name for p in rep.root.iterdir()) == ["1", "consistent.json"]

@@ -104,7 +104,7 @@ def test_a_replayed_response_is_refused(key: bytes) -> None:
 def test_other_versions_and_bad_nonces_are_refused() -> None:
     hello = protocol.client_hello()
     with pytest.raises(ProtocolError):
-        protocol.server_challenge(KEY, {**hello.frame, "version": 2})
+        protocol.server_challenge(KEY, {**hello.frame, "version": protocol.VERSION - 1})
     for bad in ("", "zz" * 32, "ab", None):
         with pytest.raises(AuthFailed):
             protocol.server_challenge(KEY, {**hello.frame, "nonce": bad})
@@ -128,3 +128,65 @@ def test_handshake_over_a_stream_both_ways() -> None:
     out = io.BytesIO(srv_out.getvalue())
     assert protocol.decode_frame(out)["type"] == "challenge"
     assert protocol.decode_frame(out) == {"type": "error", "message": "authentication refused"}
+
+
+def _pair(key: bytes = KEY) -> tuple[protocol.Session, protocol.Session]:
+    hello = protocol.client_hello()
+    st_, challenge = protocol.server_challenge(key, hello.frame)
+    protocol.server_verify(key, st_, protocol.client_auth(key, hello, challenge))
+    return (protocol.Session(key, hello.nonce, st_.nonce, client=True),
+            protocol.Session(key, hello.nonce, st_.nonce, client=False))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(frames.filter(lambda m: "mac" not in m), min_size=1, max_size=4))
+def test_keyed_frames_pass_in_order_and_each_one_is_bound_to_its_place(msgs: list[dict[str, object]]) -> None:
+    """After the handshake a frame altered, replayed, reordered, reflected to its sender, or from
+    another session fails its MAC; in order and untouched they arrive as sent."""
+    client, server = _pair()
+    sealed = [client.seal(m) for m in msgs]
+    other_client, _ = _pair()
+    with pytest.raises(AuthFailed):
+        server.open(other_client.seal(msgs[0]))  # another session's frame (its own nonces)
+    with pytest.raises(AuthFailed):
+        server.open({k: v for k, v in sealed[0].items() if k != "mac"})  # unkeyed: injected
+    if len(sealed) > 1:
+        with pytest.raises(AuthFailed):
+            server.open(sealed[1])  # frame 1 where frame 0 is due: reordered, or frame 0 dropped
+    with pytest.raises(AuthFailed):
+        client.open(sealed[0])  # reflected back to its sender: the directions' keys differ
+    with pytest.raises(AuthFailed):
+        server.open({**sealed[0], "type": sealed[0]["type"] + "x"})  # altered
+    assert [server.open(m) for m in sealed] == msgs
+    with pytest.raises(AuthFailed):
+        server.open(sealed[-1])  # replayed
+
+
+def test_a_session_never_takes_a_frame_with_a_mac_of_its_own() -> None:
+    client, _ = _pair()
+    with pytest.raises(ProtocolError):
+        client.seal({"type": "x", "mac": "00"})
+
+
+def test_handshakes_over_sockets_give_sessions_that_talk() -> None:
+    import socket
+    import threading
+
+    a, b = socket.socketpair()
+    fa, fb = a.makefile("rwb"), b.makefile("rwb")
+    got: list[object] = []
+
+    def serve() -> None:
+        s = protocol.handshake_server(fb, KEY)  # type: ignore[arg-type]
+        got.append(s.recv(fb))  # type: ignore[arg-type]
+        s.send(fb, {"type": "pong"})  # type: ignore[arg-type]
+
+    t = threading.Thread(target=serve)
+    t.start()
+    c = protocol.handshake_client(fa, KEY)  # type: ignore[arg-type]
+    c.send(fa, {"type": "ping", "n": 1})  # type: ignore[arg-type]
+    assert c.expect(fa, "pong") == {"type": "pong"}  # type: ignore[arg-type]
+    t.join(5)
+    assert got == [{"type": "ping", "n": 1}]
+    for x in (fa, fb, a, b):
+        x.close()

@@ -68,9 +68,9 @@ class Peer:
 
 def answering(key: bytes, answer: Callable[[dict[str, Any]], dict[str, Any]]) -> Behaviour:
     def run(_s: socket.socket, fh: BinaryIO) -> None:
-        protocol.handshake_server(fh, key)
+        session = protocol.handshake_server(fh, key)
         while True:
-            protocol.send(fh, answer(protocol.decode_frame(fh)))
+            session.send(fh, answer(session.recv(fh)))
     return run
 
 
