@@ -11,6 +11,7 @@ from storage import cli as storage_cli
 from storage import rvgcli
 from storage.config import Config, load_config
 from storage.errors import VeritasError
+from veritas.version import version
 
 
 def _serve(cfg: Config, a: argparse.Namespace) -> None:
@@ -21,6 +22,8 @@ def _serve(cfg: Config, a: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = storage_cli.build_parser()
+    p.add_argument("--version", action="version", version=f"veritas {version()}",
+                   help="print the installed version and exit")
     sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
     plug = sub.add_parser("plugin", help="the Docker volume plugin").add_subparsers(dest="cmd", required=True)
     x = plug.add_parser("serve", help="serve the VolumeDriver API on a unix socket (foreground)")
