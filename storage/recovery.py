@@ -111,7 +111,7 @@ def _volume(dg: DiskGroup, intent: IntentRec) -> VolumeRec:
 def _roll_back_make(dg: DiskGroup, intent: IntentRec) -> str:
     frozen = intent.data.get("frozen")
     if frozen:
-        fs.thaw(Path(frozen), dg.runner)
+        fs.thaw_if_same(Path(frozen), intent.data.get("frozen_dev"), dg.runner)
     steps.teardown(dg, intent.key)
     return f"{intent.op} {intent.key}: rolled back"
 

@@ -19,7 +19,7 @@ from storage import crash, durable, mountpoints, options, recovery, steps, trees
 from storage.catalog.base import IntentRec, SubdiskRec, VolumeRec
 from storage.errors import InvalidArgument, NoSuchVolume, SnapshotInvalid, Unsupported
 from storage.group import DiskGroup
-from storage.kernel import fs, reflink
+from storage.kernel import fs, mounts, reflink
 from storage.units import MiB, check_name, format_size, round_up
 
 COWEXTSIZE = 4096  # copy-on-write preallocation of snapshotted images: one block (see reflink, snapcache)
@@ -69,7 +69,9 @@ def make(dg: DiskGroup, source: str, name: str, cachesize: str | int | None = No
                         source, cache, "creating", time.time(), False, identity_pending=True,
                         autogrow=bool(spec.autogrow), provisioning=src.provisioning)  # for display only
         frozen = str(dg.mountpoint(source)) if steps.is_mounted(dg, source) else None
-        intent = IntentRec(name, "snap", {"frozen": frozen, "source": source}, time.time())  # recovery locks both
+        entry = mounts.mounted_at(Path(frozen)) if frozen else None
+        intent = IntentRec(name, "snap", {"frozen": frozen, "frozen_dev": entry.major_minor if entry else None,
+                                          "source": source}, time.time())  # recovery locks both
         dg.catalog.create_volume(vol, sds, intent, dg.capacity())
         crash.point("snap.recorded")
         try:

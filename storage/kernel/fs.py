@@ -107,6 +107,19 @@ def thaw(target: Path, runner: Runner = run) -> None:
         raise CommandFailed(["fsfreeze", "--unfreeze", str(target)], proc.returncode, proc.stderr)
 
 
+def thaw_if_same(target: Path, major_minor: str | None, runner: Runner = run) -> bool:
+    """Thaw ``target`` in recovery only if the filesystem mounted there is still the one that was
+    frozen, by the device number recorded at the freeze: between a killed freeze and its recovery the
+    volume may have been unmounted and another filesystem mounted at the same path, frozen by someone
+    else. ``None`` (a record from before the number was kept) thaws by path. Whether it thawed."""
+    if major_minor is not None:
+        entry = mounts.mounted_at(target)
+        if entry is None or entry.major_minor != major_minor:
+            return False
+    thaw(target, runner)
+    return True
+
+
 def grow(fstype: str, devices: Sequence[str], target: Path | None, runner: Runner = run) -> None:
     """Grow the filesystem to fill its (already grown) devices; XFS/btrfs online, ext4 offline."""
     if fstype in ("xfs", "btrfs") and target is None:

@@ -29,7 +29,7 @@ from typing import Any
 from storage import crash, durable, recovery, snapshots, steps, trees
 from storage.errors import InvalidArgument, NoSuchVolume, Unsupported, VeritasError
 from storage.group import DiskGroup
-from storage.kernel import fs, reflink
+from storage.kernel import fs, mounts, reflink
 from storage.replication import store
 from storage.replication.errors import NoSuchCheckpoint
 from storage.units import check_name
@@ -149,8 +149,9 @@ def _clone_frozen(dg: DiskGroup, rvg: str, seq: int, refs: list[ImageRef],
     """Freeze ``mounted``, clone every image, thaw all (whatever failed); the images with their sizes."""
     marker = meta_dir(dg, rvg) / "frozen.json"
     targets = [str(dg.mountpoint(v)) for v in mounted]
-    if targets:
-        store.write_json(marker, {"mountpoints": targets, "volumes": mounted})
+    if targets:  # with each mount's device: recover thaws a path only while the same filesystem is there
+        devs = [e.major_minor if (e := mounts.mounted_at(Path(t))) else None for t in targets]
+        store.write_json(marker, {"mountpoints": targets, "devices": devs, "volumes": mounted})
     frozen: list[Path] = []
     out: list[ImageRef] = []
     t0 = time.perf_counter()
@@ -173,17 +174,26 @@ def _clone_frozen(dg: DiskGroup, rvg: str, seq: int, refs: list[ImageRef],
     return out, secs
 
 
-def _thaw_all(dg: DiskGroup, targets: Sequence[Path]) -> None:
-    """Thaw each of ``targets``, all of them even when one fails; then raise the first failure."""
+def _thaw_all(dg: DiskGroup, targets: Sequence[Path], devices: Sequence[str | None] | None = None) -> list[Path]:
+    """Thaw each of ``targets``, all of them even when one fails; then raise the first failure. With
+    ``devices`` (recovery), a target is thawed only while the filesystem of that device is mounted
+    there. The targets thawed."""
     first: VeritasError | OSError | None = None
-    for t in reversed(targets):
+    devs = list(devices) if devices is not None else [None] * len(targets)
+    thawed: list[Path] = []
+    for t, dev in reversed(list(zip(targets, devs, strict=True))):
         try:
-            fs.thaw(t, dg.runner)
+            if devices is None:
+                fs.thaw(t, dg.runner)
+                thawed.append(t)
+            elif fs.thaw_if_same(t, dev, dg.runner):
+                thawed.append(t)
         except (VeritasError, OSError) as exc:
             log.error("thawing %s: %s", t, exc)
             first = first or exc
     if first is not None:
         raise first
+    return thawed[::-1]
 
 
 def recover(dg: DiskGroup, rvg: str) -> list[str]:
@@ -197,9 +207,15 @@ def recover(dg: DiskGroup, rvg: str) -> list[str]:
         done: list[str] = []
         rec = store.read_json(marker)
         if rec is not None:
-            _thaw_all(dg, [Path(t) for t in rec["mountpoints"]])
+            targets = rec["mountpoints"]
+            devs = rec.get("devices") or [None] * len(targets)
+            thawed = _thaw_all(dg, [Path(t) for t in targets], devs)
             store.remove_tree(marker)
-            done.append(f"thawed {', '.join(rec['mountpoints'])}")
+            if thawed:
+                done.append(f"thawed {', '.join(str(t) for t in thawed)}")
+            if len(thawed) < len(targets):
+                done.append("left alone " + ", ".join(t for t in targets if Path(t) not in thawed)
+                            + ": another filesystem is mounted there now")
         done += [f"removed {p}" for p in store.remove_tmp(meta) + store.remove_tmp(meta / "ckpt")]
         known = set(_seqs(dg, rvg))
         for d in dg.catalog.disks():

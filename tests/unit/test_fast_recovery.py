@@ -3,6 +3,8 @@ rolled back or forward by the next opener, as storage.recovery.HANDLERS says for
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from storage import recovery, snapshots, volumes
@@ -105,6 +107,27 @@ def test_killed_snapshot_is_rolled_back_and_its_source_thawed(world: World, monk
     assert dg.catalog.volume("snap1") is None and dg.catalog.intents() == []
     assert not list(dg.root.glob("disks/*/vols/snap1.*"))
     assert world.kernel.frozen == set() and volumes.is_mounted(dg, "src")
+
+
+def test_a_killed_snapshots_recovery_leaves_another_filesystem_at_the_sources_path_frozen(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recovery thaws the source by the device it froze, not by its path: if the source was unmounted
+    meanwhile and another filesystem mounted and frozen there by someone else, that one stays frozen."""
+    volumes.make(world.dg, "src", "400m")
+    volumes.make(world.dg, "other", "400m")
+    volumes.mount(world.dg, "src", "m1")
+    volumes.mount(world.dg, "other", "m1")
+    target = str(world.dg.mountpoint("src"))
+    world.kill_at(monkeypatch, "snap.frozen", lambda dg: snapshots.make(dg, "src", "snap1"))
+    k = world.kernel
+    assert target in k.frozen
+    assert k(["umount", target]).returncode == 0 and target not in k.frozen
+    theirs = next(m for m in k.mounted if m.entry.target == str(world.dg.mountpoint("other")))
+    k.mounted.append(dataclasses.replace(theirs, entry=dataclasses.replace(theirs.entry, target=target)))
+    assert k(["fsfreeze", "--freeze", target]).returncode == 0
+    world.dg = world.reopen()
+    assert world.dg.catalog.volume("snap1") is None and world.dg.catalog.intents() == []
+    assert target in k.frozen, "recovery thawed a filesystem it had not frozen"
 
 
 @pytest.mark.parametrize("point", ["adddisk.recorded", "adddisk.mkfs"])
