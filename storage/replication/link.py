@@ -596,12 +596,15 @@ class Service:
             rec = rvg.Rvg(name, tuple(vols), int(msg.get("srl_size", 0)), "secondary", "stopped",
                           str(msg.get("secondary_addr", "")), str(msg.get("primary_addr", "")))
             rvg.check_new(self.dg, name, rec.volumes, rec.srl_size, need_volumes=False)
+            shapes = msg.get("shapes")
+            if isinstance(shapes, dict):
+                with self.dg.locks.hold(*rec.volumes):
+                    role.check_adoptable(self.dg, name, {v: shapes.get(v) for v in rec.volumes})
             root = rvg.replica_root(self.dg, name)
             if root.exists():
                 shutil.rmtree(root)  # a replica no record names: left by a killed addsec
             root.mkdir(parents=True)
             Replica.create(root, name)
-            shapes = msg.get("shapes")
             if isinstance(shapes, dict):  # how to make the volumes live here at a takeover
                 rvg.shapes_path(self.dg, name).parent.mkdir(parents=True, exist_ok=True)
                 store.write_json(rvg.shapes_path(self.dg, name), shapes)

@@ -35,6 +35,7 @@ from storage.replication import checkpoint, rvg, store
 from storage.replication.apply import Replica
 from storage.replication.errors import NoSuchCheckpoint
 from storage.replication.srl import Srl
+from storage.units import format_size
 
 log = logging.getLogger("veritas")
 SHAPE_FIELDS = ("size", "layout", "fstype", "nmirror", "ncol", "maxiops", "protect", "provisioning")
@@ -47,6 +48,30 @@ def shapes(dg: DiskGroup, volumes: tuple[str, ...]) -> dict[str, dict[str, Any]]
         rec = steps.get(dg, v)
         out[v] = {f: getattr(rec, f) for f in SHAPE_FIELDS}
     return out
+
+
+def check_adoptable(dg: DiskGroup, name: str, shapes_in: Mapping[str, Any]) -> None:
+    """Refuse at addsec, not at a takeover in a disaster, a volume of the RVG that already exists on
+    this (secondary) site and could not become the replica's: a takeover replaces its images by the
+    replica's, so it must have the primary's shape, be no snapshot, and be unused. (VVR's procedure
+    makes the secondary's volumes first, so a matching one is the normal case.)
+    :raises InvalidArgument, InUse: naming the volume and the difference; nothing is changed."""
+    for v, shape in shapes_in.items():
+        rec = dg.catalog.volume(v)
+        if rec is None or not isinstance(shape, Mapping):
+            continue
+        if rec.snapshot_of:
+            raise InvalidArgument(f"volume {v} exists on this site as a snapshot of {rec.snapshot_of}: it cannot"
+                                  f" become RVG {name}'s replicated volume; remove it here first")
+        def shown(f: str, val: Any) -> str:
+            return format_size(val) if f == "size" and isinstance(val, int) else str(val)
+        diffs = [f"{f} {shown(f, getattr(rec, f))} here, {shown(f, shape.get(f))} on the primary"
+                 for f in ("size", "layout", "fstype", "nmirror", "ncol") if getattr(rec, f) != shape.get(f)]
+        if diffs:
+            raise InvalidArgument(f"volume {v} exists on this site with another shape than the primary's"
+                                  f" ({'; '.join(diffs)}): a takeover would replace its images by the primary's."
+                                  f" Remove it here (veritas vol rm -g {dg.name} {v}) or make it as on the primary")
+    refuse_in_use(dg, name, tuple(shapes_in))
 
 
 def refuse_in_use(dg: DiskGroup, name: str, volumes: tuple[str, ...]) -> None:

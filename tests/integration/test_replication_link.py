@@ -167,7 +167,21 @@ def test_bad_input_is_refused_and_changes_nothing(sites: tuple[Site, Site]) -> N
             while s.recv(4096):
                 pass
         assert rvg.names(dgb) == []
-        # and with the right key it works
+        # a volume of the RVG's already on the secondary: refused unless it has the primary's shape and
+        # is unused (a takeover replaces its images), before anything is recorded on either site
+        volumes.make(dgb, "v1", "400m", fstype="xfs")
+        p = a.cli("rvg", "addsec", RVG, "127.0.0.1:1", b.addr, check=False)
+        assert p.returncode != 0 and "volume v1 exists on this site with another shape" in p.stderr, p.stderr
+        assert "size 400M here, 320M on the primary" in p.stderr and "veritas vol rm -g" in p.stderr, p.stderr
+        assert rvg.get(dga, RVG) == record and rvg.names(dgb) == [] and not rvg.replica_root(dgb, RVG).exists()
+        volumes.remove(dgb, "v1")
+        volumes.make(dgb, "v1", "320m", fstype="xfs")  # as on the primary, as VVR's procedure makes it
+        volumes.mount(dgb, "v1")
+        p = a.cli("rvg", "addsec", RVG, "127.0.0.1:1", b.addr, check=False)
+        assert p.returncode != 0 and "volume v1 of RVG rvg1 is mounted on this site" in p.stderr, p.stderr
+        assert rvg.get(dga, RVG) == record and rvg.names(dgb) == []
+        volumes.umount(dgb, "v1")
+        # and with the right key, a volume of the primary's shape and unused, it works
         a.cli("rvg", "addsec", RVG, "127.0.0.1:1", b.addr)
         assert rvg.get(dgb, RVG).role == "secondary"
         p = b.cli("rvg", "startrep", RVG, check=False)
