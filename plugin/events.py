@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from plugin.docker_api import DOCKER_ID, Engine
 from plugin.driver import Driver, apply_container_limits, release_prelimit
@@ -21,10 +22,11 @@ class EventFollower(threading.Thread):
     On every (re)connection it first catches up: limits for all running containers, orphans for all.
     """
 
-    def __init__(self, driver: Driver, engine: Engine) -> None:
+    def __init__(self, driver: Driver, engine: Engine, on_lost: Callable[[], None] | None = None) -> None:
         super().__init__(name="iops-enforcer", daemon=True)
         self.driver = driver
         self.engine = engine
+        self.on_lost = on_lost  # told when a connected stream ends: the engine may be gone (the lease keeper)
         self.stopping = threading.Event()
         self.connected = threading.Event()
 
@@ -52,8 +54,11 @@ class EventFollower(threading.Thread):
                         except (VeritasError, OSError) as exc:
                             log.warning("maxiops for container %s: %s", cid[:12], exc)
             except (*Engine.ERRORS, VeritasError) as exc:
-                self.connected.clear()
                 log.debug("event stream unavailable: %s", exc)
+            if self.connected.is_set() and not self.stopping.is_set():
+                self.connected.clear()
+                if self.on_lost is not None:
+                    self.on_lost()
             self.stopping.wait(1.0)
 
     def stop(self) -> None:

@@ -200,6 +200,7 @@ class LeaseKeeper:
         self.peers: set[str] = set()  # other nodes with a lease in the disk group: fencing is for them
         self._stop = threading.Event()
         self._renewed = threading.Event()  # set by each renewal that succeeded, for _follower
+        self._engine_poked = threading.Event()  # set by engine_lost, for _follower
         self._lock = threading.Lock()
         self._catalog: Catalog | None = None
         self._threads: list[threading.Thread] = []
@@ -263,6 +264,9 @@ class LeaseKeeper:
 
     def _follower(self) -> None:
         while not self._stop.is_set():
+            if self._engine_poked.is_set():
+                self._engine_poked.clear()
+                self.note_engine()
             if not self._renewed.wait(timeout=0.25):
                 continue
             self._renewed.clear()
@@ -270,6 +274,18 @@ class LeaseKeeper:
                 self._after_renewal()
             except (VeritasError, OSError) as exc:
                 log.warning("lease: %s", exc)
+
+    def engine_lost(self) -> None:
+        """The engine's event stream ended (dockerd died or restarts): look at the engine within a
+        quarter second rather than at the next renewal, so that the grace starts when the engine went,
+        not up to a lease_interval later. Called from another thread; the look runs on _follower's."""
+        self._engine_poked.set()
+
+    def note_engine(self) -> None:
+        """Start the grace now if the engine does not answer; nothing else (decisions follow renewals)."""
+        if self.engine_down_since is None and not self.engine.reachable():
+            self.engine_down_since = self.clock()
+            log.warning("lease: the Docker engine does not answer; its containers run on")
 
     def _after_renewal(self) -> None:
         with self._lock:

@@ -210,7 +210,7 @@ def _run(config: Config, listener: socketlib.socket, how: str, workers: int | No
     # close_fds=False: Popen would close fd 3 after child_setup made it; Python opens its own fds
     # non-inheritable (PEP 446), so nothing else leaks into gunicorn
     child = subprocess.Popen(argv, env=env, preexec_fn=child_setup, close_fds=False)
-    enforcer = EventFollower(Driver(config, engine), engine)
+    enforcer = EventFollower(Driver(config, engine), engine, on_lost=keeper.engine_lost)
     enforcer.start()
     watcher = snapcache.Watcher(lambda: diskgroup.open_dg(config, config.diskgroup))  # snapshot caches
     watcher.start()

@@ -350,7 +350,10 @@ def test_a_whose_engine_is_gone_kills_what_uses_a_volume_wanted_elsewhere_after_
     assert rc == 0 and out.strip() == "hello", out
     assert not alive(pid)
     assert took >= GRACE - 0.5, f"B had the volume {took:.1f} s after A's engine died: before the grace"
-    assert took < GRACE + 3 * INTERVAL, f"B had the volume only {took:.1f} s after A's engine died"
+    # the grace runs from the end of A's event stream (not from A's next renewal); then quarter-second
+    # looks, the kill, unmount and release, B's 0.2 s retries and B's container run
+    assert took < GRACE + 3 * INTERVAL, (f"B had the volume only {took:.1f} s after A's engine died;"
+                                         f" A's plugin:\n{a.plugin.log.read_text()[-3000:]}")
     assert mounts.mounted_at(a.mountpoint("vol")) is None
     assert "killing what uses them" in a.plugin.log.read_text()
 

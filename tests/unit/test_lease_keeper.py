@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import types
+import unittest.mock as mock
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from plugin import events
 from plugin.lease import LeaseKeeper
 from storage.catalog.base import Catalog, DiskGroupRec, DiskRec, IntentRec, LeaseRec, SubdiskRec, VolumeRec
 from storage.catalog.memory import MemoryCatalog
@@ -231,3 +235,55 @@ def test_an_engine_slow_to_answer_never_holds_renewals_back(tmp_path: Path, cat:
     assert fenced == []
     gaps = [b - a for a, b in zip(renewals, renewals[1:], strict=False)]
     assert len(renewals) >= 15 and max(gaps) < 0.5, gaps
+
+
+def test_the_grace_starts_when_the_event_stream_ends_not_at_the_next_renewal(tmp_path: Path, cat: Failing) -> None:
+    """A lease_interval (here 2 s) could pass between dockerd's death and the renewal that noticed it: a
+    peer waited that much longer than engine_grace. The end of the event stream starts the grace."""
+    clock = Clock()
+    k, fenced = keeper(tmp_path, cat, clock)
+    released: list[set[str]] = []
+    k._release = lambda names, why: released.append(set(names))  # type: ignore[method-assign]
+    engine = k.engine = DeadEngine()  # type: ignore[assignment]
+    engine.up = True
+    cat.renew_lease("nodeB", 10)
+    assert k.renew()
+    cat.attach("v", "nodeA")
+    assert k.renew()
+    k.note_engine()
+    assert k.engine_down_since is None  # an engine that answers starts nothing
+    engine.up = False
+    k.note_engine()  # the stream ended: looked at at once
+    assert k.engine_down_since == clock.now and k.next_wait() == 0.25
+    cat.want("v", "nodeB")
+    clock.now += 1.5
+    k.note_engine()
+    assert k.engine_down_since == clock.now - 1.5  # counted from the first look, not moved
+    clock.now += 3.5  # engine_grace after the stream ended, earlier than a renewal would have begun it
+    assert k.renew()
+    k._after_renewal()
+    assert fenced == [{"v"}] and released == [{"v"}]
+
+
+def test_the_event_follower_tells_the_keeper_once_per_stream_that_ends() -> None:
+    told: list[int] = []
+
+    class Streams:
+        """An engine whose event stream connects, yields nothing and ends, twice; then refuses."""
+
+        ERRORS = (ConnectionError,)
+        n = 0
+
+        def start_events(self, since: int) -> Iterator[dict[str, object]]:
+            self.n += 1
+            if self.n > 2:
+                f.stop()
+                raise ConnectionError("refused")
+            return iter([])
+
+    f = events.EventFollower(types.SimpleNamespace(dg=None), Streams(),  # type: ignore[arg-type]
+                             on_lost=lambda: told.append(1))
+    f.stopping.wait = lambda _t=None: f.stopping.is_set()  # type: ignore[method-assign]
+    with mock.patch.object(events, "apply_container_limits"), mock.patch.object(events, "release_orphans"):
+        f.run()
+    assert told == [1, 1]
