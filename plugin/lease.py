@@ -284,8 +284,11 @@ class LeaseKeeper:
     def note_engine(self) -> None:
         """Start the grace now if the engine does not answer; nothing else (decisions follow renewals)."""
         if self.engine_down_since is None and not self.engine.reachable():
-            self.engine_down_since = self.clock()
-            log.warning("lease: the Docker engine does not answer; its containers run on")
+            self._engine_went(self.clock())
+
+    def _engine_went(self, now: float) -> None:
+        self.engine_down_since = now
+        log.warning("lease: the Docker engine does not answer; its containers run on")
 
     def _after_renewal(self) -> None:
         with self._lock:
@@ -428,8 +431,7 @@ class LeaseKeeper:
             return
         now = self.clock()
         if self.engine_down_since is None:
-            self.engine_down_since = now
-            log.warning("lease: the Docker engine does not answer; its containers run on")
+            self._engine_went(now)
             return
         if now - self.engine_down_since < self.settings.engine_grace:
             return  # within the grace: a restarting engine is left alone

@@ -69,9 +69,9 @@ def make(dg: DiskGroup, source: str, name: str, cachesize: str | int | None = No
                         source, cache, "creating", time.time(), False, identity_pending=True,
                         autogrow=bool(spec.autogrow), provisioning=src.provisioning)  # for display only
         frozen = str(dg.mountpoint(source)) if steps.is_mounted(dg, source) else None
-        entry = mounts.mounted_at(Path(frozen)) if frozen else None
-        intent = IntentRec(name, "snap", {"frozen": frozen, "frozen_dev": entry.major_minor if entry else None,
-                                          "source": source}, time.time())  # recovery locks both
+        dev = mounts.device_at(Path(frozen)) if frozen else None  # recovery thaws only that filesystem
+        intent = IntentRec(name, "snap", {"frozen": frozen, "frozen_dev": dev, "source": source},
+                           time.time())  # recovery locks both
         dg.catalog.create_volume(vol, sds, intent, dg.capacity())
         crash.point("snap.recorded")
         try:

@@ -112,10 +112,8 @@ def thaw_if_same(target: Path, major_minor: str | None, runner: Runner = run) ->
     frozen, by the device number recorded at the freeze: between a killed freeze and its recovery the
     volume may have been unmounted and another filesystem mounted at the same path, frozen by someone
     else. ``None`` (a record from before the number was kept) thaws by path. Whether it thawed."""
-    if major_minor is not None:
-        entry = mounts.mounted_at(target)
-        if entry is None or entry.major_minor != major_minor:
-            return False
+    if major_minor is not None and mounts.device_at(target) != major_minor:
+        return False
     thaw(target, runner)
     return True
 

@@ -57,6 +57,12 @@ def mounted_at(target: Path) -> MountEntry | None:
     return found
 
 
+def device_at(target: Path) -> str | None:
+    """The device number (``major:minor``) of the topmost mount at ``target``, or None."""
+    entry = mounted_at(target)
+    return entry.major_minor if entry else None
+
+
 def targets_of(devices: set[str]) -> list[str]:
     """Mount points whose source is one of ``devices`` (or whose device number is)."""
     nums = set()

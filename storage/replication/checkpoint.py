@@ -150,7 +150,7 @@ def _clone_frozen(dg: DiskGroup, rvg: str, seq: int, refs: list[ImageRef],
     marker = meta_dir(dg, rvg) / "frozen.json"
     targets = [str(dg.mountpoint(v)) for v in mounted]
     if targets:  # with each mount's device: recover thaws a path only while the same filesystem is there
-        devs = [e.major_minor if (e := mounts.mounted_at(Path(t))) else None for t in targets]
+        devs = [mounts.device_at(Path(t)) for t in targets]
         store.write_json(marker, {"mountpoints": targets, "devices": devs, "volumes": mounted})
     frozen: list[Path] = []
     out: list[ImageRef] = []
@@ -177,16 +177,13 @@ def _clone_frozen(dg: DiskGroup, rvg: str, seq: int, refs: list[ImageRef],
 def _thaw_all(dg: DiskGroup, targets: Sequence[Path], devices: Sequence[str | None] | None = None) -> list[Path]:
     """Thaw each of ``targets``, all of them even when one fails; then raise the first failure. With
     ``devices`` (recovery), a target is thawed only while the filesystem of that device is mounted
-    there. The targets thawed."""
+    there (None: by path). The targets thawed."""
     first: VeritasError | OSError | None = None
     devs = list(devices) if devices is not None else [None] * len(targets)
     thawed: list[Path] = []
     for t, dev in reversed(list(zip(targets, devs, strict=True))):
         try:
-            if devices is None:
-                fs.thaw(t, dg.runner)
-                thawed.append(t)
-            elif fs.thaw_if_same(t, dev, dg.runner):
+            if fs.thaw_if_same(t, dev, dg.runner):
                 thawed.append(t)
         except (VeritasError, OSError) as exc:
             log.error("thawing %s: %s", t, exc)

@@ -17,6 +17,7 @@ online). After a takeover with --autofb its rounds retry the fbsync until the ol
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import os
 import shutil
@@ -172,9 +173,7 @@ class _Counting(io.RawIOBase):
 
     def __init__(self, fh: BinaryIO, sizes: Sequence[int], progress: Progress | None) -> None:
         self.fh, self.total, self.done, self.progress = fh, sum(sizes), 0, progress
-        self._ends: list[int] = []
-        for n in sizes:
-            self._ends.append((self._ends[-1] if self._ends else 0) + n)
+        self._ends = list(itertools.accumulate(sizes))  # where each stream ends in the bytes written
         self._tails = [bytearray(min(n, delta.DIGEST)) for n in sizes]
 
     def tails(self) -> list[bytes]:

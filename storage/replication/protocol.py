@@ -85,7 +85,10 @@ def send(fh: BinaryIO, msg: dict[str, Any]) -> None:
 
 def expect(fh: BinaryIO, kind: str) -> dict[str, Any]:
     """The next frame, which must be of type ``kind``; an ``error`` frame raises its message."""
-    msg = decode_frame(fh)
+    return _of_kind(decode_frame(fh), kind)
+
+
+def _of_kind(msg: dict[str, Any], kind: str) -> dict[str, Any]:
     if msg["type"] == "error":
         raise PeerError(f"the peer says: {msg.get('message', 'error')}")
     if msg["type"] != kind:
@@ -179,8 +182,10 @@ class Session:
     Not thread-safe; a connection is used by one thread at a time."""
 
     def __init__(self, key: bytes, client_nonce: str, server_nonce: str, *, client: bool) -> None:
-        c2s = hmac.new(key, b"c2s\0" + client_nonce.encode() + b"\0" + server_nonce.encode(), hashlib.sha256).digest()
-        s2c = hmac.new(key, b"s2c\0" + client_nonce.encode() + b"\0" + server_nonce.encode(), hashlib.sha256).digest()
+        def direction(label: bytes) -> bytes:
+            return hmac.new(key, label + b"\0" + client_nonce.encode() + b"\0" + server_nonce.encode(),
+                            hashlib.sha256).digest()
+        c2s, s2c = direction(b"c2s"), direction(b"s2c")
         self._send_key, self._recv_key = (c2s, s2c) if client else (s2c, c2s)
         self._sent = 0
         self._received = 0
@@ -220,12 +225,7 @@ class Session:
 
     def expect(self, fh: BinaryIO, kind: str) -> dict[str, Any]:
         """The next frame, checked, which must be of type ``kind``; an ``error`` frame raises its message."""
-        msg = self.recv(fh)
-        if msg["type"] == "error":
-            raise PeerError(f"the peer says: {msg.get('message', 'error')}")
-        if msg["type"] != kind:
-            raise ProtocolError(f"expected a {kind} frame, got {msg['type']}")
-        return msg
+        return _of_kind(self.recv(fh), kind)
 
 
 def handshake_client(fh: BinaryIO, key: bytes) -> Session:

@@ -63,15 +63,17 @@ def check_adoptable(dg: DiskGroup, name: str, shapes_in: Mapping[str, Any]) -> N
         if rec.snapshot_of:
             raise InvalidArgument(f"volume {v} exists on this site as a snapshot of {rec.snapshot_of}: it cannot"
                                   f" become RVG {name}'s replicated volume; remove it here first")
-        def shown(f: str, val: Any) -> str:
-            return format_size(val) if f == "size" and isinstance(val, int) else str(val)
-        diffs = [f"{f} {shown(f, getattr(rec, f))} here, {shown(f, shape.get(f))} on the primary"
+        diffs = [f"{f} {_shown(f, getattr(rec, f))} here, {_shown(f, shape.get(f))} on the primary"
                  for f in ("size", "layout", "fstype", "nmirror", "ncol") if getattr(rec, f) != shape.get(f)]
         if diffs:
             raise InvalidArgument(f"volume {v} exists on this site with another shape than the primary's"
                                   f" ({'; '.join(diffs)}): a takeover would replace its images by the primary's."
                                   f" Remove it here (veritas vol rm -g {dg.name} {v}) or make it as on the primary")
     refuse_in_use(dg, name, tuple(shapes_in))
+
+
+def _shown(field: str, val: Any) -> str:
+    return format_size(val) if field == "size" and isinstance(val, int) else str(val)
 
 
 def refuse_in_use(dg: DiskGroup, name: str, volumes: tuple[str, ...]) -> None:
