@@ -13,7 +13,6 @@ import functools
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -29,6 +28,7 @@ import pytest
 
 from tests.integration import netns
 from tests.integration.dockerstack import IMAGE, DockerNode, _pids_with_arg, end_pids, process_tree
+from tests.integration.timeouts import overall_timeout
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD = REPO / "packaging" / "build-managed-plugin.sh"
@@ -39,16 +39,8 @@ TIMINGS: dict[str, float] = {}
 
 @pytest.fixture(autouse=True)
 def _overall_timeout() -> Iterator[None]:
-    def expired(_signum: int, _frame: object) -> None:
-        raise TimeoutError(f"test exceeded {TEST_TIMEOUT} s")
-
-    old = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(TEST_TIMEOUT)
-    try:
+    with overall_timeout(TEST_TIMEOUT):
         yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.debroot import Rootfs, base_tarball, deb_files, rpm_files, unpack
+from tests.integration.timeouts import overall_timeout
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD = REPO / "packaging" / "build-packages.sh"
@@ -37,16 +38,8 @@ TEST_TIMEOUT = 600
 
 @pytest.fixture(autouse=True)
 def _overall_timeout() -> Iterator[None]:
-    def expired(_signum: int, _frame: object) -> None:
-        raise TimeoutError(f"test exceeded {TEST_TIMEOUT} s")
-
-    old = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(TEST_TIMEOUT)
-    try:
+    with overall_timeout(TEST_TIMEOUT):
         yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 @dataclass
