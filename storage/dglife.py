@@ -114,8 +114,11 @@ def open_dg(config: Config, name: str, runner: Runner = run, recover: bool = Tru
     """Open an imported disk group, bring its disks online, and finish any abandoned operation."""
     dg = DiskGroup(config, name, runner, store=store)
     try:
-        dg.ensure_imported_here()
-        dg.online_disks()
+        # under the shared lock, as the import check: a destroy or deport (exclusive) that takes the disks
+        # offline is never undone by this bringing them back, and one that ended is seen
+        with dg.locks.hold():
+            dg.ensure_imported_here()
+            dg.online_disks()
         if recover:
             recovery.recover(dg)
     except BaseException:
@@ -130,7 +133,8 @@ def import_dg(config: Config, name: str, force: bool = False, runner: Runner = r
     rec = dg.catalog.diskgroup()
     if rec.shared and rec.imported_on is not None:  # in use on every node already: only its disks here
         try:
-            dg.online_disks()
+            with dg.locks.hold():  # see open_dg
+                dg.online_disks()
             recovery.recover(dg)
         except BaseException:
             dg.close()
@@ -147,8 +151,14 @@ def import_dg(config: Config, name: str, force: bool = False, runner: Runner = r
     except BaseException:
         dg.close()
         raise
-    dg.online_disks()
-    recovery.recover(dg)
+    try:
+        with dg.locks.hold():  # see open_dg: a deport or destroy since the import is not undone
+            dg.ensure_imported_here()
+            dg.online_disks()
+        recovery.recover(dg)
+    except BaseException:
+        dg.close()
+        raise
     return dg
 
 

@@ -3,6 +3,7 @@ destroy, and mount points claimed across the store's disk groups."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,36 @@ def test_a_mount_point_another_disk_group_claims_is_refused(world: World, tmp_pa
     with pytest.raises(InUse, match="volume a_b of disk group c"):
         volumes.make(b_c, "a", "400m")
     assert b_c.catalog.volumes() == []
+
+
+def test_an_open_racing_a_destroy_never_brings_its_disks_back(world: World) -> None:
+    """A plugin's periodic open (the snapshot-cache watcher) landing while a destroy has taken a disk
+    offline waits for the destroy and then learns the group is gone. Before, it mounted the disk again
+    behind the destroy, which then left that mount (and its loop device) with no group to own it."""
+    volumes.make(world.dg, "v", "400m")
+    disk_dirs = {str(world.dg.disk_dir(d.name)) for d in world.dg.catalog.disks()}
+    world.dg.close()
+    other: list[BaseException | None] = []
+
+    def racing_open() -> None:
+        try:
+            diskgroup.open_dg(world.config, DG, world.kernel, store=world.store).close()
+            other.append(None)
+        except BaseException as exc:  # what the racing open ended with, for the test to check
+            other.append(exc)
+
+    opener = threading.Thread(target=racing_open)
+
+    def runner(argv, **kw):  # type: ignore[no-untyped-def]
+        out = world.kernel(argv, **kw)
+        if argv[0] == "umount" and str(argv[-1]) in disk_dirs and not opener.is_alive() and not other:
+            opener.start()  # the first disk is offline: another process opens the group now
+            opener.join(timeout=1.0)  # without the lock it has mounted the disk again by now
+        return out
+
+    dg = diskgroup.open_dg(world.config, DG, runner, store=world.store)
+    diskgroup.destroy(dg, force=True)
+    opener.join(timeout=10)
+    assert len(other) == 1 and isinstance(other[0], NoSuchDiskGroup), other
+    assert [m.target for m in world.kernel.table() if m.target in disk_dirs] == []
+    assert DG not in world.store.names()
