@@ -209,7 +209,7 @@ def host_engine():  # returns a hostengine.HostState
 
     if not hostengine.host_engine_answers():
         hostengine.start_host_engine()
-    return hostengine.host_state()
+    return hostengine.recorded_state()
 
 
 @dataclass

@@ -4,9 +4,12 @@ on its default bridge."""
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import struct
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -97,6 +100,33 @@ def host_state() -> HostState:
                      volumes=frozenset(v.name for v in c.volumes.list()))
 
 
+STATE_ENV = "VERITAS_TEST_HOST_STATE"  # scripts/test: the file that carries the state across its passes
+
+
+def recorded_state() -> HostState:
+    """The host engine's state before any Docker test. scripts/test runs the suite in two passes (in
+    parallel, then the timing-bound tests alone) and records it once before both, in the file that
+    ``$VERITAS_TEST_HOST_STATE`` names; without it (one pytest run) it is taken now."""
+    path = os.environ.get(STATE_ENV)
+    if not path:
+        return host_state()
+    try:
+        raw = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return record(Path(path))
+    return HostState(pid=raw["pid"], docker0_ifindex=raw["docker0_ifindex"],
+                     networks=frozenset((i, n) for i, n in raw["networks"]), volumes=frozenset(raw["volumes"]))
+
+
+def record(path: Path) -> HostState:
+    state = host_state()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps({"pid": state.pid, "docker0_ifindex": state.docker0_ifindex,
+                               "networks": sorted(state.networks), "volumes": sorted(state.volumes)}))
+    os.replace(tmp, path)  # workers of the first pass may ask at once: each sees a whole file
+    return state
+
+
 def run_on_default_bridge() -> None:
     """``docker run --rm --network bridge IMG true`` on the host's engine, with a busybox image
     imported under a tag of this test's own and removed afterwards."""
@@ -114,3 +144,9 @@ def run_on_default_bridge() -> None:
     finally:
         c.images.remove(f"{repo}:{tag}")
     assert not c.images.list(name=repo), "the test image is still on the host's engine"
+
+
+if __name__ == "__main__":  # scripts/test: record the host engine's state before the first pass
+    if len(sys.argv) != 2:
+        sys.exit("usage: python3 -m tests.integration.hostengine STATE_FILE")
+    record(Path(sys.argv[1]))

@@ -5,9 +5,11 @@ host's engine, its bridge ``docker0``, its networks or its volumes. The suite ma
 runs before any Docker test (``test_host_engine_before_docker_tests``, ordered first by
 tests/integration/conftest.py): if none answers on /var/run/docker.sock, it starts the standard one
 (``dockerd`` with default settings, which creates docker0) and leaves it running, as scripts/run
-would. ``test_host_engine_after_docker_tests`` (ordered last) then checks that it is the same engine,
-with the same docker0 (same interface index: not deleted and re-made), the same networks and volumes,
-and that it still runs a container on its default bridge.
+would. Its state is what it was before the first Docker test: scripts/test records it before either
+of its passes (tests/integration/hostengine.py, ``recorded_state``). ``test_host_engine_after_docker_tests``
+(ordered last, in the pass that runs last) then checks that it is the same engine, with the same
+docker0 (same interface index: not deleted and re-made), the same networks and volumes, and that it
+still runs a container on its default bridge.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from tests.integration.hostengine import (
 
 
 def test_host_engine_before_docker_tests(host_engine: HostState) -> None:
-    """Ordered first: the host's engine runs, and runs a container on its default bridge, before any
-    test engine starts."""
+    """Ordered first (in a one-process run): the host's engine runs, has its docker0, and runs a
+    container on its default bridge."""
     assert alive(host_engine.pid)
     assert host_engine.docker0_ifindex is not None, \
         "the host's engine has no docker0" + engines_in_host_netns(host_engine.pid)
