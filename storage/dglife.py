@@ -109,16 +109,24 @@ def _forget_dir_disk(src: Path, name: str) -> None:
             pass
 
 
+def _online_unless_managed(dg: DiskGroup) -> None:
+    """Bring the disks online under the shared lock, without waiting for it. Whoever holds the exclusive
+    lock (destroy, deport, adddisk) is managing the disks itself: a destroy or deport that took a disk
+    offline must not be undone behind its back (that left a mount and a loop device with no group to
+    own them), and an open is not held up by a long adddisk; the next open brings them online."""
+    with dg.locks.try_hold() as held:
+        if held:
+            dg.ensure_imported_here()  # again, under the lock: a deport may have ended meanwhile
+            dg.online_disks()
+
+
 def open_dg(config: Config, name: str, runner: Runner = run, recover: bool = True,
             store: CatalogStore | None = None) -> DiskGroup:
     """Open an imported disk group, bring its disks online, and finish any abandoned operation."""
     dg = DiskGroup(config, name, runner, store=store)
     try:
-        # under the shared lock, as the import check: a destroy or deport (exclusive) that takes the disks
-        # offline is never undone by this bringing them back, and one that ended is seen
-        with dg.locks.hold():
-            dg.ensure_imported_here()
-            dg.online_disks()
+        dg.ensure_imported_here()
+        _online_unless_managed(dg)
         if recover:
             recovery.recover(dg)
     except BaseException:
@@ -133,8 +141,7 @@ def import_dg(config: Config, name: str, force: bool = False, runner: Runner = r
     rec = dg.catalog.diskgroup()
     if rec.shared and rec.imported_on is not None:  # in use on every node already: only its disks here
         try:
-            with dg.locks.hold():  # see open_dg
-                dg.online_disks()
+            _online_unless_managed(dg)
             recovery.recover(dg)
         except BaseException:
             dg.close()
@@ -152,9 +159,7 @@ def import_dg(config: Config, name: str, force: bool = False, runner: Runner = r
         dg.close()
         raise
     try:
-        with dg.locks.hold():  # see open_dg: a deport or destroy since the import is not undone
-            dg.ensure_imported_here()
-            dg.online_disks()
+        _online_unless_managed(dg)
         recovery.recover(dg)
     except BaseException:
         dg.close()

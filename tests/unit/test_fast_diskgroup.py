@@ -88,8 +88,8 @@ def test_a_mount_point_another_disk_group_claims_is_refused(world: World, tmp_pa
 
 def test_an_open_racing_a_destroy_never_brings_its_disks_back(world: World) -> None:
     """A plugin's periodic open (the snapshot-cache watcher) landing while a destroy has taken a disk
-    offline waits for the destroy and then learns the group is gone. Before, it mounted the disk again
-    behind the destroy, which then left that mount (and its loop device) with no group to own it."""
+    offline leaves the disks to the destroy. Before, it mounted the disk again behind the destroy, which
+    then left that mount (and its loop device) with no group to own it."""
     volumes.make(world.dg, "v", "400m")
     disk_dirs = {str(world.dg.disk_dir(d.name)) for d in world.dg.catalog.disks()}
     world.dg.close()
@@ -114,6 +114,6 @@ def test_an_open_racing_a_destroy_never_brings_its_disks_back(world: World) -> N
     dg = diskgroup.open_dg(world.config, DG, runner, store=world.store)
     diskgroup.destroy(dg, force=True)
     opener.join(timeout=10)
-    assert len(other) == 1 and isinstance(other[0], NoSuchDiskGroup), other
+    assert len(other) == 1 and (other[0] is None or isinstance(other[0], NoSuchDiskGroup)), other
     assert [m.target for m in world.kernel.table() if m.target in disk_dirs] == []
     assert DG not in world.store.names()
