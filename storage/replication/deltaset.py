@@ -51,9 +51,9 @@ def _checkpoints(dg: DiskGroup, rvg: str, from_seq: int, to_seq: int) -> tuple[C
     return old, checkpoint.get(dg, rvg, to_seq)
 
 
-def plan(dg: DiskGroup, rvg: str, from_seq: int, to_seq: int) -> list[ImagePlan]:
+def plan(dg: DiskGroup, rvg: str, from_seq: int, to_seq: int, digest: str = "sha256") -> list[ImagePlan]:
     """The deltas from checkpoint ``from_seq`` (0: none, the initial full sync of allocated extents)
-    to ``to_seq``, from comparing the two checkpoints' extent maps."""
+    to ``to_seq``, from comparing the two checkpoints' extent maps, checksummed with ``digest``."""
     old, new = _checkpoints(dg, rvg, from_seq, to_seq)
     out: list[ImagePlan] = []
     for ref in new.images:
@@ -62,13 +62,13 @@ def plan(dg: DiskGroup, rvg: str, from_seq: int, to_seq: int) -> list[ImagePlan]
         if old is not None and any(i.key == ref.key for i in old.images):
             prev = old.path(dg, old.image(ref.key))
         d = extents.diff(prev, src)
-        h = Header(rvg, ref.volume, ref.idx, from_seq, to_seq, d.size, method=d.method)
+        h = Header(rvg, ref.volume, ref.idx, from_seq, to_seq, d.size, method=d.method, digest=digest)
         out.append(ImagePlan(ref, src, h, d.ranges, _pieces(src, d.ranges, d.size, d.data)))
     return out
 
 
 def plan_ranges(dg: DiskGroup, rvg: str, from_seq: int, to_seq: int,
-                ranges: Mapping[str, Sequence[Range]]) -> list[ImagePlan]:
+                ranges: Mapping[str, Sequence[Range]], digest: str = "sha256") -> list[ImagePlan]:
     """The deltas from ``from_seq`` to ``to_seq`` holding the given changed ranges of each image (a
     DCM's), the data read from checkpoint ``to_seq``; checkpoint ``from_seq`` need not exist any more."""
     new = checkpoint.get(dg, rvg, to_seq)
@@ -79,7 +79,7 @@ def plan_ranges(dg: DiskGroup, rvg: str, from_seq: int, to_seq: int,
         src = new.path(dg, ref)
         size = os.stat(src).st_size
         rs = extents.merge(extents.clip(ranges.get(ref.key, []), size))
-        h = Header(rvg, ref.volume, ref.idx, from_seq, to_seq, size, method="dcm")
+        h = Header(rvg, ref.volume, ref.idx, from_seq, to_seq, size, method="dcm", digest=digest)
         out.append(ImagePlan(ref, src, h, rs, _pieces(src, rs, size)))
     return out
 

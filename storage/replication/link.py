@@ -16,6 +16,7 @@ online). After a takeover with --autofb its rounds retry the fbsync until the ol
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import logging
@@ -92,6 +93,7 @@ class Conn:
         :raises AuthFailed: the peer answers but the keys differ (or it refused our handshake);
         :raises ProtocolError: the peer answers in another protocol or version."""
         self.addr = addr
+        self.peer_digests: list[str] | None = None  # the delta digests the peer reads (its status says)
         host, port = parse_addr(addr)
         try:
             self.sock = socket.create_connection((host, port), timeout=timeout)
@@ -131,11 +133,22 @@ class Conn:
             raise PeerUnreachable(f"link to {self.addr} broke: {exc}") from None
 
     def status(self, name: str) -> dict[str, Any]:
-        return self.call({"type": "status", "rvg": name}, "status")
+        """The secondary's seq and the delta digests it reads (remembered: ``digest``)."""
+        st = self.call({"type": "status", "rvg": name}, "status")
+        got = st.get("digests")
+        self.peer_digests = [str(d) for d in got] if isinstance(got, list) else None
+        return st
+
+    @property
+    def digest(self) -> str:
+        """The digest for deltas encoded for this peer (SHA-256 until its status said more)."""
+        return delta.preferred(self.peer_digests)
 
     def send_plans(self, name: str, from_seq: int, to_seq: int, created: float, plans: Sequence[ImagePlan],
                    progress: Progress | None = None) -> int:
-        """Encode ``plans`` straight onto the link (no spool) and wait for the ack; the secondary's seq."""
+        """Encode ``plans`` straight onto the link (no spool), checksummed with a digest the peer reads,
+        and wait for the ack; the secondary's seq."""
+        plans = [dataclasses.replace(p, header=dataclasses.replace(p.header, digest=self.digest)) for p in plans]
         sizes = [p.encoded_size for p in plans]
         return self._ship(name, from_seq, to_seq, created, sizes,
                           lambda out: [delta.encode(out, p.header, p.source, p.pieces) for p in plans], progress)
@@ -259,16 +272,18 @@ def tick(dg: DiskGroup, r: rvg.Rvg) -> int:
     srl = Srl(rvg.srl_root(dg, r.name), r.srl_size)
     base = _srl_last(srl)
     have = {c.seq for c in checkpoint.list_checkpoints(dg, r.name)}
+    peer = rvg.link_state(dg, r.name).get("peer_digests")  # what the secondary said it reads
+    digest = delta.preferred(peer if isinstance(peer, list) else None)
     ck = checkpoint.take(dg, r.name, r.volumes)
     if srl.dcm_active:
-        plans = deltaset.plan(dg, r.name, base, ck.seq) if base in have else None
+        plans = deltaset.plan(dg, r.name, base, ck.seq, digest) if base in have else None
         srl.dcm_add(ck.seq, {p.ref.key: p.ranges for p in plans} if plans is not None else _full_ranges(dg, ck))
     elif base not in have:
         log.warning("RVG %s: checkpoint %d the SRL ends at is gone: tracking all extents (DCM) to resync",
                     r.name, base)
         srl.to_dcm(ck.seq, _full_ranges(dg, ck))
     else:
-        plans = deltaset.plan(dg, r.name, base, ck.seq)
+        plans = deltaset.plan(dg, r.name, base, ck.seq, digest)
         try:
             srl.append(ck.seq, plans)
         except SrlOverflow as exc:
@@ -290,6 +305,8 @@ def catch_up(dg: DiskGroup, r: rvg.Rvg, conn: Conn) -> int:
     secondary's seq after."""
     srl = Srl(rvg.srl_root(dg, r.name), r.srl_size)
     sec = int(conn.status(r.name)["seq"])
+    if rvg.link_state(dg, r.name).get("peer_digests") != conn.peer_digests:
+        rvg.set_link_state(dg, r.name, peer_digests=conn.peer_digests)  # the next ticks' SRL entries
     if sec > srl.acked and sec <= _srl_last(srl):
         srl.ack(sec)  # an ack lost with the link (the secondary applied it)
     latest = checkpoint.last_consistent(dg, r.name)
@@ -503,7 +520,8 @@ class Service:
             r = self._secondary(name)
             rep = Replica(rvg.replica_root(self.dg, r.name), r.name)
             st = rvg.link_state(self.dg, r.name)
-            return {"type": "status", "seq": rep.seq, "created": st.get("applied_created")}
+            return {"type": "status", "seq": rep.seq, "created": st.get("applied_created"),
+                    "digests": delta.available()}
         if kind == "delta":
             return self._delta(name, msg, fh, session)
         if kind == "role":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import struct
 from pathlib import Path
 
@@ -115,7 +116,7 @@ def _raw(records: list[tuple[bytes, int, int, bytes]], version: int = delta.VERS
 
 def test_structural_checks_with_valid_checksums() -> None:
     d = b"a" * 10
-    with pytest.raises(DeltaVersion, match="version 1; this build reads version 2"):
+    with pytest.raises(DeltaVersion, match="version 1; this build reads versions 2, 3"):
         decode(_raw([], version=1))
     with pytest.raises(DeltaCorrupt, match="record 1 where record 0"):
         decode(_raw([(b"D", 1, 0, d)]))
@@ -147,3 +148,72 @@ def test_a_record_spliced_in_from_another_delta_is_caught_by_the_chain(tmp_path:
     with pytest.raises(DeltaCorrupt, match="delta checksum mismatch"):
         list(r.records())
     assert decode(mine)[1][0] == image(tmp_path, 3).read_bytes()[:100]
+
+
+def _v2(records: list[tuple[int, bytes]]) -> bytes:
+    """A version-2 stream as the previous release wrote it (SHA-256, no digest field in the header):
+    an SRL may hold such entries across an upgrade."""
+    body = json.dumps({"rvg": "rvg1", "volume": "vol1", "idx": 0, "from_seq": 3, "to_seq": 4, "size": SIZE,
+                       "chunk": 4096, "method": "fiemap"}, sort_keys=True, separators=(",", ":")).encode()
+    pre = struct.pack("<8sHI", delta.MAGIC, 2, len(body)) + body
+    out = bytearray(pre + hashlib.sha256(pre).digest())
+    digests = []
+    for i, (off, data) in enumerate(records):
+        rec = struct.pack("<cIQI", b"D", i, off, len(data))
+        digests.append(hashlib.sha256(rec + data).digest())
+        out += rec + data + digests[-1]
+    trl = struct.pack("<cIQQ", b"T", len(records), sum(len(d) for _, d in records), 0)
+    out += trl + delta.chain_digest(hashlib.sha256(pre).digest(), digests, trl)
+    return bytes(out)
+
+
+def test_a_version_2_stream_is_still_read_as_sha256() -> None:
+    h, recs = decode(_v2([(0, b"x" * 100), (4096, b"y" * 10)]))
+    assert h.digest == "sha256" and recs == {0: b"x" * 100, 4096: b"y" * 10}
+    buf = bytearray(_v2([(0, b"x" * 100)]))
+    buf[-80] ^= 1  # in the record's data
+    with pytest.raises(DeltaCorrupt, match="checksum mismatch"):
+        decode(bytes(buf))
+
+
+def test_blake3_is_here_and_preferred_only_when_the_peer_reads_it() -> None:
+    assert delta.available() == ["blake3", "sha256"]  # the test install has the blake3 module
+    assert delta.preferred(None) == "sha256"  # the peer not heard yet: what every site reads
+    assert delta.preferred(["sha256"]) == "sha256"
+    assert delta.preferred(["sha256", "blake3"]) == "blake3"
+
+
+@pytest.mark.parametrize("digest", ["blake3", "sha256"])
+def test_each_digest_round_trips_and_catches_a_flipped_byte(tmp_path: Path, digest: str) -> None:
+    src = image(tmp_path, 2)
+    h = Header("rvg1", "vol1", 0, 3, 4, SIZE, chunk=4096, digest=digest)
+    out = io.BytesIO()
+    delta.encode(out, h, src, [(0, 10000, True), (12288, 4096, False)])
+    assert len(out.getvalue()) == delta.encoded_size(h, [(0, 10000, True), (12288, 4096, False)])
+    got, recs = decode(out.getvalue())
+    assert got.digest == digest and b"".join(recs[o] or b"" for o in (0, 4096, 8192)) == src.read_bytes()[:10000]
+    for pos in (20, 200, 5000, len(out.getvalue()) - 5):  # header, record head, data, trailer digest
+        buf = bytearray(out.getvalue())
+        buf[pos] ^= 1
+        with pytest.raises((DeltaCorrupt, DeltaTruncated)):
+            decode(bytes(buf))
+
+
+def test_a_digest_this_site_lacks_is_refused_saying_what_to_install(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    src = image(tmp_path, 3)
+    out = io.BytesIO()
+    delta.encode(out, Header("rvg1", "vol1", 0, 3, 4, SIZE, chunk=4096, digest="blake3"), src, [(0, 4096, True)])
+    monkeypatch.setattr(delta, "DIGESTS", {"sha256": hashlib.sha256})
+    with pytest.raises(DeltaVersion, match="install the Python module blake3"):
+        decode(out.getvalue())
+    with pytest.raises(DeltaVersion, match="not known here"):
+        delta.encode(io.BytesIO(), Header("rvg1", "vol1", 0, 3, 4, SIZE, digest="blake3"), src, [(0, 4096, True)])
+
+
+def test_a_header_naming_an_unknown_digest_is_damage() -> None:
+    body = json.dumps({"rvg": "rvg1", "volume": "vol1", "idx": 0, "from_seq": 3, "to_seq": 4, "size": SIZE,
+                       "chunk": 4096, "method": "fiemap", "digest": "md5"}).encode()
+    pre = struct.pack("<8sHI", delta.MAGIC, 3, len(body)) + body
+    with pytest.raises(DeltaCorrupt, match="names digest 'md5'"):
+        decode(pre + hashlib.sha256(pre).digest())
