@@ -4,9 +4,9 @@ Layout (integers little-endian)::
 
     header   b"VXRDELTA" | version u16 | n u32 | n bytes of JSON (rvg, volume, idx, from_seq, to_seq,
              size, chunk, method, digest) | the digest of all the header's bytes before it
-    record   b"D" | index u32 | offset u64 | length u32 | length bytes of data | SHA-256 of the record
-             b"Z" | index u32 | offset u64 | length u32 | SHA-256 of the record  (reads as zeros)
-    trailer  b"T" | records u32 | data bytes u64 | zero bytes u64 | SHA-256 of the chain: the header's
+    record   b"D" | index u32 | offset u64 | length u32 | length bytes of data | digest of the record
+             b"Z" | index u32 | offset u64 | length u32 | digest of the record  (reads as zeros)
+    trailer  b"T" | records u32 | data bytes u64 | zero bytes u64 | digest of the chain: the header's
              digest, every record's digest in order, then the trailer's bytes before this digest
 
 Records come in ascending, non-overlapping offset order, numbered from 0, each at most ``chunk`` bytes
@@ -58,7 +58,8 @@ Piece = tuple[int, int, bool]  # offset, length, has data (False: zeros)
 
 
 Hasher = Callable[[], "hashlib._Hash"]
-DIGESTS: dict[str, Hasher] = {"sha256": hashlib.sha256}
+KNOWN_DIGESTS = ("blake3", "sha256")  # what a version-3 header may name, fastest first
+DIGESTS: dict[str, Hasher] = {"sha256": hashlib.sha256}  # those this site has
 try:
     import blake3 as _blake3
 
@@ -72,6 +73,11 @@ def available() -> list[str]:
     return list(DIGESTS)
 
 
+def announced(raw: object) -> list[str] | None:
+    """The digest list a peer's status carried, as sent (None: it sent none, or not a list)."""
+    return [str(d) for d in raw] if isinstance(raw, list) else None
+
+
 def preferred(peer: Sequence[str] | None) -> str:
     """The fastest digest both this site and a peer that announced ``peer`` know (None: not known yet,
     SHA-256, which every version-2 and later site reads)."""
@@ -82,11 +88,12 @@ def preferred(peer: Sequence[str] | None) -> str:
 
 
 def hasher(name: str) -> Hasher:
-    try:
+    """The digest ``name``; a known one this site lacks is refused saying what to install."""
+    if name in DIGESTS:
         return DIGESTS[name]
-    except KeyError:
-        raise DeltaVersion(f"delta digest {name!r} is not known here (this site has {', '.join(DIGESTS)}):"
-                           f" install the Python module blake3 on this site, or upgrade it") from None
+    hint = " install the Python module blake3 on this site," if name in KNOWN_DIGESTS else ""
+    raise DeltaVersion(f"delta digest {name!r} is not known here (this site has {', '.join(DIGESTS)}):"
+                       f"{hint} or upgrade it")
 
 
 @dataclass(frozen=True)
@@ -264,7 +271,7 @@ class Reader:
             h = Header(**raw)
         except (ValueError, TypeError) as exc:
             raise DeltaCorrupt(f"delta header unreadable ({exc}): the stream is damaged") from exc
-        if not isinstance(h.digest, str) or h.digest not in ("sha256", "blake3"):
+        if not isinstance(h.digest, str) or h.digest not in KNOWN_DIGESTS:
             raise DeltaCorrupt(f"delta header names digest {h.digest!r}: the stream is damaged")
         self._new = hasher(h.digest)
         d = self._new()

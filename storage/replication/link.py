@@ -135,8 +135,7 @@ class Conn:
     def status(self, name: str) -> dict[str, Any]:
         """The secondary's seq and the delta digests it reads (remembered: ``digest``)."""
         st = self.call({"type": "status", "rvg": name}, "status")
-        got = st.get("digests")
-        self.peer_digests = [str(d) for d in got] if isinstance(got, list) else None
+        self.peer_digests = delta.announced(st.get("digests"))
         return st
 
     @property
@@ -272,8 +271,8 @@ def tick(dg: DiskGroup, r: rvg.Rvg) -> int:
     srl = Srl(rvg.srl_root(dg, r.name), r.srl_size)
     base = _srl_last(srl)
     have = {c.seq for c in checkpoint.list_checkpoints(dg, r.name)}
-    peer = rvg.link_state(dg, r.name).get("peer_digests")  # what the secondary said it reads
-    digest = delta.preferred(peer if isinstance(peer, list) else None)
+    # what the secondary's last status said it reads
+    digest = delta.preferred(delta.announced(rvg.link_state(dg, r.name).get("peer_digests")))
     ck = checkpoint.take(dg, r.name, r.volumes)
     if srl.dcm_active:
         plans = deltaset.plan(dg, r.name, base, ck.seq, digest) if base in have else None
