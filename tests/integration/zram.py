@@ -33,7 +33,7 @@ class ZramPool:
         return dev
 
     def remove_all(self) -> list[str]:
-        """Remove every device this pool added; what could not be removed (held, or still present)."""
+        """Remove every device this pool added; what could not be removed (held: hot_remove refused)."""
         problems = []
         for num in list(self.numbers):
             try:
@@ -43,9 +43,8 @@ class ZramPool:
                 why = "busy (mounted or held)" if exc.errno == errno.EBUSY else exc.strerror
                 problems.append(f"zram{num}: hot_remove failed: {why}; holders {holders}")
                 continue
-            if sysfs(num).exists():  # removed devices vanish from sysfs at once
-                problems.append(f"zram{num}: still present after hot_remove")
-                continue
+            # hot_remove returns once the kernel has deleted the disk; zram<num> existing afterwards is
+            # another test's device (in the parallel pass a worker's hot_add may get the number at once)
             self.numbers.remove(num)
         return problems
 
