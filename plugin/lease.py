@@ -41,7 +41,7 @@ from storage import diskgroup, ownership, volumes
 from storage.catalog.base import AttachRec, Catalog
 from storage.config import Config
 from storage.diskgroup import DiskGroup
-from storage.errors import InUse, LeaseStale, VeritasError
+from storage.errors import AttachedElsewhere, InUse, LeaseStale, VeritasError
 from storage.group import store_of
 from storage.kernel import mounts
 
@@ -170,7 +170,10 @@ def mount_when_released(dg: DiskGroup, name: str, mount: Callable[[], T], wait: 
         except InUse as exc:
             if clock() >= deadline:
                 raise
-            if not isinstance(exc, LeaseStale):  # waiting on our own renewal is always worth it
+            # waiting on our own renewal, or on a holder refused just now, is always worth it: that
+            # holder's attachment may already be gone when looked at again (its lease ran out or it
+            # released), and then the next try gets the volume
+            if not isinstance(exc, (LeaseStale, AttachedElsewhere)):
                 held = ownership.holder(dg, name)
                 if held is None or held[0].node == dg.node:
                     raise

@@ -82,6 +82,11 @@ class ReplicatedVolume(InUse):
     silently break replication (the secondary keeps the old volume and shape)."""
 
 
+class AttachedElsewhere(InUse):
+    """The volume is attached on another node whose lease is live: it may be released, or that lease
+    may run out, at any moment (by the time the caller looks again, the attachment may be gone)."""
+
+
 class LeaseStale(InUse):
     """This node's own lease has not been renewed lately: it may not attach until its plugin renews."""
 

@@ -144,7 +144,7 @@ def refuse_attach(volume: str, node: str, cur: AttachRec | None, leases: Mapping
     """The compare of attach's compare-and-set, shared so every backend decides and refuses alike:
     the attachment to record, or InUse naming the live holder. Re-attaching on the holder keeps its
     ``since`` and a pending ``wanted_by``: the node that asked still waits."""
-    from storage.errors import InUse
+    from storage.errors import AttachedElsewhere, InUse
 
     if not lease_live(leases, node, now):
         raise InUse(f"node {node} holds no live lease in this disk group, so it cannot attach volume {volume};"
@@ -153,7 +153,7 @@ def refuse_attach(volume: str, node: str, cur: AttachRec | None, leases: Mapping
         return cur
     if cur is not None and lease_live(leases, cur.node, now):
         until = time.strftime("%H:%M:%S", time.localtime(leases[cur.node].expires))
-        raise InUse(f"volume {volume} is attached on node {cur.node} (its lease runs until {until}, renewed"
+        raise AttachedElsewhere(f"volume {volume} is attached on node {cur.node} (its lease runs until {until}, renewed"
                     f" while that node lives); unmount it there first, or wait for that node's lease to expire")
     return AttachRec(volume, node, now)
 

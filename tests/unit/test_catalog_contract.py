@@ -35,7 +35,15 @@ from storage.catalog.memory import MemoryCatalog
 from storage.catalog.memory_store import MemoryStore
 from storage.catalog.sqlite import SqliteCatalog
 from storage.catalog.sqlite_store import SqliteStore
-from storage.errors import AlreadyExists, IntentPending, InUse, NoSpace, NoSuchDiskGroup, NoSuchVolume
+from storage.errors import (
+    AlreadyExists,
+    AttachedElsewhere,
+    IntentPending,
+    InUse,
+    NoSpace,
+    NoSuchDiskGroup,
+    NoSuchVolume,
+)
 from storage.locks import Locks
 from storage.units import GiB, MiB
 
@@ -1244,9 +1252,9 @@ def test_attach_is_exclusive_while_the_holder_lives(timed: Timed) -> None:
     got = cat.attach("v1", "nodeA")
     assert got == AttachRec("v1", "nodeA", pytest.approx(timed.now(), abs=1), None)
     assert cat.attach("v1", "nodeA") == got  # again on the holder: unchanged
-    with pytest.raises(InUse, match="attached on node nodeA") as err:
+    with pytest.raises(AttachedElsewhere, match="attached on node nodeA") as err:
         cat.attach("v1", "nodeB")
-    assert "lease runs until" in str(err.value)
+    assert "lease runs until" in str(err.value) and isinstance(err.value, InUse)  # the plugin waits on this type
     assert cat.attachments() == [got]
     assert cat.attach("v2", "nodeB").node == "nodeB"  # another volume is free
     assert [(a.volume, a.node) for a in cat.attachments()] == [("v1", "nodeA"), ("v2", "nodeB")]

@@ -103,3 +103,25 @@ def test_waits_for_this_nodes_own_renewal(monkeypatch: pytest.MonkeyPatch) -> No
 
     assert mount_when_released(dg, "v", mount, wait=12, clock=clock) == "/mnt/v"  # type: ignore[arg-type]
     assert len(tries) == 3
+
+
+def test_a_holder_gone_between_the_refusal_and_the_next_look_is_waited_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race CI met on etcd: nodeA's lease ran out as nodeB attached (the server still counted it,
+    refusal), and its attachment was revoked before the next look found no holder. The refusal was
+    about a holder, so the Mount tries again, and gets the volume, rather than failing the container."""
+    dg, clock = make_dg(), Clock()
+    monkeypatch.setattr("plugin.lease.time.sleep", lambda s: setattr(clock, "now", clock.now + s))
+    tries: list[float] = []
+
+    def mount() -> str:
+        tries.append(clock.now)
+        try:
+            dg.catalog.attach("v", "nodeB")
+        except InUse:
+            if len(tries) == 1:
+                dg.catalog.detach("v", "nodeA")  # the holder's lease expired just after refusing
+            raise
+        return "/mnt/v"
+
+    assert mount_when_released(dg, "v", mount, wait=12, clock=clock) == "/mnt/v"  # type: ignore[arg-type]
+    assert len(tries) == 2 and dg.catalog.attachments()[0].node == "nodeB"
