@@ -68,7 +68,7 @@ def plan(dg: DiskGroup, rvg: str, from_seq: int, to_seq: int, digest: str = "sha
 
 
 def plan_ranges(dg: DiskGroup, rvg: str, from_seq: int, to_seq: int,
-                ranges: Mapping[str, Sequence[Range]], digest: str = "sha256") -> list[ImagePlan]:
+                ranges: Mapping[str, Sequence[Range]], digest: str = "sha256", method: str = "dcm") -> list[ImagePlan]:
     """The deltas from ``from_seq`` to ``to_seq`` holding the given changed ranges of each image (a
     DCM's), the data read from checkpoint ``to_seq``; checkpoint ``from_seq`` need not exist any more."""
     new = checkpoint.get(dg, rvg, to_seq)
@@ -79,9 +79,21 @@ def plan_ranges(dg: DiskGroup, rvg: str, from_seq: int, to_seq: int,
         src = new.path(dg, ref)
         size = os.stat(src).st_size
         rs = extents.merge(extents.clip(ranges.get(ref.key, []), size))
-        h = Header(rvg, ref.volume, ref.idx, from_seq, to_seq, size, method="dcm", digest=digest)
+        h = Header(rvg, ref.volume, ref.idx, from_seq, to_seq, size, method=method, digest=digest)
         out.append(ImagePlan(ref, src, h, rs, _pieces(src, rs, size)))
     return out
+
+
+def whole_ranges(dg: DiskGroup, ck: Checkpoint) -> dict[str, list[Range]]:
+    """Each image of ``ck`` as one range from offset 0 to its end."""
+    return {i.key: [(0, os.stat(ck.path(dg, i)).st_size)] for i in ck.images}
+
+
+def plan_whole(dg: DiskGroup, rvg: str, from_seq: int, to_seq: int) -> list[ImagePlan]:
+    """The deltas that replace every image of checkpoint ``to_seq`` whole (startrep, a full resync):
+    its data as data records, its holes as zero records, from offset 0 to the image's end."""
+    ranges = whole_ranges(dg, checkpoint.get(dg, rvg, to_seq))
+    return plan_ranges(dg, rvg, from_seq, to_seq, ranges, method=delta.WHOLE)
 
 
 def write(plans: Sequence[ImagePlan], directory: Path) -> list[Path]:

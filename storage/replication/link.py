@@ -244,10 +244,6 @@ class _Bounded(io.RawIOBase):
 # ------------------------------------------------------------------ primary: checkpoint, log, ship
 
 
-def _full_ranges(dg: DiskGroup, ck: checkpoint.Checkpoint) -> dict[str, list[tuple[int, int]]]:
-    return {i.key: [(0, os.stat(ck.path(dg, i)).st_size)] for i in ck.images}
-
-
 def _srl_last(srl: Srl) -> int:
     d = srl.dcm()
     return max([srl.acked, *srl.pending(), d.upto if d else 0])
@@ -276,11 +272,12 @@ def tick(dg: DiskGroup, r: rvg.Rvg) -> int:
     ck = checkpoint.take(dg, r.name, r.volumes)
     if srl.dcm_active:
         plans = deltaset.plan(dg, r.name, base, ck.seq, digest) if base in have else None
-        srl.dcm_add(ck.seq, {p.ref.key: p.ranges for p in plans} if plans is not None else _full_ranges(dg, ck))
+        changed = {p.ref.key: p.ranges for p in plans} if plans is not None else deltaset.whole_ranges(dg, ck)
+        srl.dcm_add(ck.seq, changed)
     elif base not in have:
         log.warning("RVG %s: checkpoint %d the SRL ends at is gone: tracking all extents (DCM) to resync",
                     r.name, base)
-        srl.to_dcm(ck.seq, _full_ranges(dg, ck))
+        srl.to_dcm(ck.seq, deltaset.whole_ranges(dg, ck))
     else:
         plans = deltaset.plan(dg, r.name, base, ck.seq, digest)
         try:
@@ -314,7 +311,7 @@ def catch_up(dg: DiskGroup, r: rvg.Rvg, conn: Conn) -> int:
         # what it holds, so send every allocated extent of the newest checkpoint instead
         log.warning("RVG %s: the secondary holds checkpoint %d, before the acknowledged %d: full resync",
                     r.name, sec, srl.acked)
-        plans = deltaset.plan_ranges(dg, r.name, sec, latest.seq, _full_ranges(dg, latest))
+        plans = deltaset.plan_whole(dg, r.name, sec, latest.seq)
         sec = conn.send_plans(r.name, sec, latest.seq, latest.created, plans)
         srl.ack(sec)
         record_acked(dg, r.name, sec)
@@ -348,7 +345,7 @@ def full_sync(dg: DiskGroup, r: rvg.Rvg, key: bytes, progress: Progress | None =
         with dg.locks.hold(sender_lock(r.name)):
             sec = int(conn.status(r.name)["seq"])
             ck = checkpoint.take(dg, r.name, r.volumes)
-            plans = deltaset.plan_ranges(dg, r.name, sec, ck.seq, _full_ranges(dg, ck))
+            plans = deltaset.plan_whole(dg, r.name, sec, ck.seq)
             conn.send_plans(r.name, sec, ck.seq, ck.created, plans, progress)
             srl = Srl(rvg.srl_root(dg, r.name), r.srl_size)
             if ck.seq >= srl.acked:

@@ -17,7 +17,7 @@ from storage import volumes
 from storage.diskgroup import DiskGroup
 from storage.errors import InvalidArgument, NoSuchVolume
 from storage.kernel import fs, loop, reflink
-from storage.replication import checkpoint, delta, deltaset, extents
+from storage.replication import apply, checkpoint, delta, deltaset, extents
 from storage.replication.apply import Replica
 from storage.replication.checkpoint import Checkpoint
 from storage.replication.errors import AuthFailed, DeltaCorrupt, DeltaMismatch, SrlOverflow
@@ -266,6 +266,45 @@ def test_srl_overflow_to_dcm_then_resync_restores_identity(env: Env, dg: DiskGro
     srl.ack(4)
     assert not srl.dcm_active
     assert_replica_is(dg, rep, checkpoint.get(dg, RVG, 4))
+
+
+def test_a_whole_delta_replaces_the_image_and_one_with_a_gap_is_refused(env: Env, dg: DiskGroup) -> None:
+    """startrep's and a full resync's deltas (method whole) are written into a new file, not over the
+    replica's previous image: what was data there and is a hole now must read as zeros, and a whole
+    delta whose records leave a gap is damage, refused with nothing applied."""
+    volumes.make(dg, "v1", "320m", fstype="xfs")
+    img = dg.image(dg.catalog.subdisks("v1")[0].disk, "v1", 0)
+    checkpoint.take(dg, RVG, ["v1"])
+    rep = Replica.create(replica_root(dg), RVG)
+    apply_files(rep, ship(dg, deltaset.plan(dg, RVG, 0, 1), env.root / "d1"))
+    old = [(40_000 * B, os.urandom(64 * B)), (60_000 * B, os.urandom(8 * B))]
+    write_blocks(img, old)
+    checkpoint.take(dg, RVG, ["v1"])
+    apply_files(rep, ship(dg, deltaset.plan(dg, RVG, 1, 2), env.root / "d2"))
+    fd = os.open(img, os.O_RDWR)
+    try:
+        apply._punch(fd, 40_000 * B, 64 * B)  # data on the replica, a hole in the next checkpoint
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    write_blocks(img, [(70_000 * B, os.urandom(4 * B))])
+    ck3 = checkpoint.take(dg, RVG, ["v1"])
+    whole = deltaset.plan_whole(dg, RVG, 2, 3)
+    assert [p.header.method for p in whole] == [delta.WHOLE]
+    apply_files(rep, ship(dg, whole, env.root / "d3"))
+    assert_replica_is(dg, rep, ck3)
+    with open(rep.image(whole[0].ref.key), "rb") as fh:
+        fh.seek(40_000 * B)
+        assert fh.read(64 * B) == bytes(64 * B), "the old data where the checkpoint has a hole was kept"
+    checkpoint.take(dg, RVG, ["v1"])
+    size = os.stat(img).st_size
+    key = whole[0].ref.key
+    for ranges, msg in (([(0, size - (1 << 20))], "ends at"), ([(1 << 20, size - (1 << 20))], "skips")):
+        gapped = deltaset.plan_ranges(dg, RVG, 3, 4, {key: ranges}, method=delta.WHOLE)
+        with pytest.raises(DeltaCorrupt, match=f"says it is whole but {msg}"):
+            apply_files(rep, ship(dg, gapped, env.root / "d4"))
+        assert_replica_is(dg, rep, ck3)
+        assert sorted(p.name for p in rep.root.iterdir()) == ["3", "consistent.json"]
 
 
 def test_bad_input_changes_nothing(env: Env, dg: DiskGroup) -> None:
