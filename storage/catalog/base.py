@@ -153,8 +153,9 @@ def refuse_attach(volume: str, node: str, cur: AttachRec | None, leases: Mapping
         return cur
     if cur is not None and lease_live(leases, cur.node, now):
         until = time.strftime("%H:%M:%S", time.localtime(leases[cur.node].expires))
-        raise AttachedElsewhere(f"volume {volume} is attached on node {cur.node} (its lease runs until {until}, renewed"
-                    f" while that node lives); unmount it there first, or wait for that node's lease to expire")
+        raise AttachedElsewhere(f"volume {volume} is attached on node {cur.node} (its lease runs until {until},"
+                                f" renewed while that node lives); unmount it there first, or wait for that"
+                                f" node's lease to expire")
     return AttachRec(volume, node, now)
 
 

@@ -26,7 +26,7 @@ from storage.errors import InvalidArgument
 from storage.kernel import reflink
 from storage.replication import pipeline, store
 from storage.replication.delta import WHOLE, Reader
-from storage.replication.errors import DeltaCorrupt, DeltaMismatch, NoSuchCheckpoint
+from storage.replication.errors import DeltaMismatch, NoSuchCheckpoint
 from storage.units import check_name
 
 _FALLOC_FL_KEEP_SIZE = 0x1
@@ -170,22 +170,17 @@ def _write(r: Reader, dst: Path) -> None:
     did it). The records were checked by the reader before they were written; an error the disk reports
     surfaces from pwrite or fsync, and then nothing is committed."""
     h = r.header
-    whole = h.method == WHOLE
+    whole = h.method == WHOLE  # the reader checks that its records tile the image
     if whole:
         # the image is replaced: a new file, not the staged clone of the previous one, whose shared
-        # blocks every write would copy first (the initial sync's bottleneck, twice a plain copy's time)
+        # blocks every write would copy first (storage.replication.delta says what that cost)
         dst.unlink(missing_ok=True)
     fd = os.open(dst, os.O_RDWR | os.O_CREAT | (os.O_EXCL if whole else 0), 0o600)
     try:
         os.ftruncate(fd, h.size)
         behind: collections.deque[tuple[int, int]] = collections.deque()
-        end = 0
         with contextlib.closing(pipeline.ahead(r.records(), depth=4)) as recs:
             for rec in recs:
-                if whole and rec.offset != end:
-                    raise DeltaCorrupt(f"delta of image {h.key} says it is whole but skips {rec.offset - end}"
-                                       f" bytes at offset {end}: the sender is damaged; nothing was applied")
-                end = rec.offset + rec.length
                 if rec.data is None:
                     if not whole:  # a new file reads zeros there already
                         _punch(fd, rec.offset, rec.length)
@@ -200,9 +195,6 @@ def _write(r: Reader, dst: Path) -> None:
                         # ones: the replica's image need not stay in this node's page cache
                         os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
                 crash.point("repl.apply.record")
-        if whole and end != h.size:
-            raise DeltaCorrupt(f"delta of image {h.key} says it is whole but ends at {end} of {h.size} bytes:"
-                               f" the sender is damaged; nothing was applied")
         os.fsync(fd)
         crash.point("repl.apply.written")
     finally:

@@ -320,6 +320,9 @@ class Reader:
                                    f" (ending at {end}): records reordered")
             if off + n > h.size:
                 raise DeltaCorrupt(f"delta record {i} ({off}+{n}) is past the image size {h.size}")
+            if h.method == WHOLE and off != end:
+                raise DeltaCorrupt(f"delta of image {h.key} says it is whole but skips {off - end} bytes at"
+                                   f" offset {end}: the stream is damaged; send it again")
             d = self._new()
             d.update(kind + rest)
             data: bytes | None = None
@@ -345,6 +348,9 @@ class Reader:
             raise DeltaCorrupt("delta checksum mismatch: the stream is damaged; send it again")
         if (count, db, zb) != (index, data_bytes, zero_bytes):
             raise DeltaCorrupt(f"delta trailer counts ({count}, {db}, {zb}) disagree with its records")
+        if h.method == WHOLE and end != h.size:
+            raise DeltaCorrupt(f"delta of image {h.key} says it is whole but ends at {end} of {h.size} bytes:"
+                               f" the stream is damaged; send it again")
         self.chain = expect
         if self._strict and self._fh.read(1):
             raise DeltaCorrupt("bytes after the delta's trailer: the stream is damaged or two were joined")

@@ -217,3 +217,24 @@ def test_a_header_naming_an_unknown_digest_is_damage() -> None:
     pre = struct.pack("<8sHI", delta.MAGIC, 3, len(body)) + body
     with pytest.raises(DeltaCorrupt, match="names digest 'md5'"):
         decode(pre + hashlib.sha256(pre).digest())
+
+
+@pytest.mark.parametrize(("pieces", "msg"), [
+    ([(0, SIZE, True)], None),
+    ([(0, 8192, True), (8192, SIZE - 8192, False)], None),
+    ([(4096, SIZE - 4096, True)], "skips 4096 bytes at offset 0"),
+    ([(0, 4096, True), (8192, SIZE - 8192, True)], "skips 4096 bytes at offset 4096"),
+    ([(0, SIZE - 4096, True)], f"ends at {SIZE - 4096} of {SIZE}"),
+])
+def test_a_whole_delta_must_tile_its_image(tmp_path: Path, pieces: list[tuple[int, int, bool]],
+                                           msg: str | None) -> None:
+    """A delta that says it is whole replaces the image at the receiver (a new file): a range it left
+    out would read as zeros there, so the reader refuses one that does not cover [0, size)."""
+    out = io.BytesIO()
+    delta.encode(out, Header("rvg1", "vol1", 0, 3, 4, SIZE, chunk=4096, method=delta.WHOLE), image(tmp_path, 5), pieces)
+    r = Reader(io.BytesIO(out.getvalue()))
+    if msg is None:
+        assert sum(rec.length for rec in r.records()) == SIZE
+    else:
+        with pytest.raises(DeltaCorrupt, match=f"says it is whole but {msg}"):
+            list(r.records())
